@@ -1,0 +1,3 @@
+from vmstream.cli.main import main
+
+main()

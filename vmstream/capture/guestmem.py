@@ -1,0 +1,94 @@
+"""Reading a QEMU process's guest RAM from outside, without QEMU's help.
+
+The RAM block is the rw mapping of exactly the RAM size in /proc/PID/maps.
+/proc/PID/pagemap tells per page: bit 63 present, bit 61 file-backed or
+shared. Present pages with bit 61 clear are the VM's private pages: all
+touched RAM of a booted VM, or the copy-on-write pages of a clone whose
+other pages still come from its image's memory file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from vmstream.errors import QemuError
+
+PAGE = 4096
+IOV_MAX = 1024
+_PRESENT = np.uint64(1 << 63)
+_FILE_OR_SHARED = np.uint64(1 << 61)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+@dataclass(frozen=True)
+class PageRuns:
+    """Contiguous runs of pages, as (first page, page count) arrays."""
+
+    starts: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def pages(self) -> int:
+        return int(self.counts.sum())
+
+
+def find_ram_mapping(pid: int, size: int) -> int:
+    """Start address of the guest RAM mapping in QEMU's address space."""
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if hi - lo == size and fields[1].startswith("rw"):
+                return lo
+    raise QemuError(f"no guest RAM mapping of {size >> 20} MiB found in QEMU pid {pid}")
+
+
+def private_page_runs(pid: int, addr: int, size: int) -> PageRuns:
+    """Runs of pages that are present and not backed by a file: the VM's own data."""
+    with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+        entries = np.frombuffer(
+            os.pread(pagemap.fileno(), size // PAGE * 8, addr // PAGE * 8), dtype=np.uint64
+        )
+    private = ((entries & _PRESENT) != 0) & ((entries & _FILE_OR_SHARED) == 0)
+    return runs_of(private)
+
+
+def runs_of(mask: np.ndarray) -> PageRuns:
+    """Runs of True in a boolean array, as starts and lengths."""
+    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    return PageRuns(starts, ends - starts)
+
+
+def allocate(nbytes: int) -> mmap.mmap:
+    """A pre-faulted buffer, so filling it later costs no page faults."""
+    return mmap.mmap(-1, max(nbytes, PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+
+
+def read_runs(pid: int, addr: int, runs: PageRuns, buf: mmap.mmap) -> None:
+    """Copy the runs, packed back to back, into buf with process_vm_readv."""
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    offset = 0
+    for i in range(0, len(runs.starts), IOV_MAX):
+        starts, counts = runs.starts[i : i + IOV_MAX], runs.counts[i : i + IOV_MAX]
+        remote = (_IoVec * len(starts))(
+            *(_IoVec(addr + int(s) * PAGE, int(c) * PAGE) for s, c in zip(starts, counts, strict=True))
+        )
+        want = int(counts.sum()) * PAGE
+        local = _IoVec(base + offset, want)
+        got = _libc.process_vm_readv(pid, ctypes.byref(local), 1, remote, len(starts), 0)
+        if got != want:
+            err = ctypes.get_errno()
+            raise QemuError(f"reading guest memory of pid {pid} failed: got {got} of {want} bytes ({os.strerror(err)})")
+        offset += want

@@ -1,0 +1,209 @@
+"""The `vmstream` command line (Typer + rich). Every verb has --json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vmstream.config import data_dir
+from vmstream.errors import VmstreamError
+from vmstream.cli.client import AgentClient
+
+app = typer.Typer(
+    help="Virtual memory streaming: boot once, clone in a fraction of a second.",
+    no_args_is_help=True, pretty_exceptions_enable=False,
+)
+image_app = typer.Typer(help="Live images: create, start clones, list, servers, delete.", no_args_is_help=True)
+guest_app = typer.Typer(help="The demo guest.", no_args_is_help=True)
+agent_app = typer.Typer(help="The per-host agent (runs in the foreground without a subcommand).")
+app.add_typer(image_app, name="live-image")
+app.add_typer(guest_app, name="guest")
+app.add_typer(agent_app, name="agent")
+
+out = Console()
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _client() -> AgentClient:
+    return AgentClient(data_dir())
+
+
+def _emit(obj: Any, as_json: bool, render: Any = None) -> None:
+    if as_json or render is None:
+        print(json.dumps(obj, indent=2, default=str))
+    else:
+        render(obj)
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / (1 << 20):.1f} MiB"
+
+
+def _vm_table(vms: list[dict[str, Any]]) -> None:
+    t = Table("name", "state", "endpoint", "image", "memory", "ready")
+    for v in vms:
+        t.add_row(v["name"], v["state"], v["endpoint"], v["parent_image"] or "-", _mib(v["memory_bytes"]),
+                  f"{v['ready_s']:.2f}s" if v["ready_s"] is not None else "-")
+    out.print(t)
+
+
+@app.command()
+def info(as_json: JsonOpt = False) -> None:
+    """Show the accelerator (and why), QEMU version, data dir and guest."""
+    res = _client().call("GET", "/v1/info")
+    _emit(res, as_json, lambda r: out.print(
+        f"accelerator: [bold]{r['accelerator']}[/bold] ({r['accelerator_reason']})\n"
+        f"qemu: {r['qemu_version']}\ndata dir: {r['data_dir']}\nguest: {r['guest']['key']} (kernel {r['guest']['kernel_release']})"
+    ))
+
+
+@app.command()
+def boot(
+    name: str,
+    memory: Annotated[str, typer.Option(help="Guest RAM, e.g. 256M or 1G.")] = "256M",
+    cpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cold-boot the demo guest; returns when it answers HTTP."""
+    res = _client().call("POST", "/v1/vms", json={"name": name, "memory": memory, "cpus": cpus})
+    _emit(res, as_json, lambda r: out.print(f"{r['name']} is serving at {r['endpoint']} (ready in {r['ready_s']:.2f}s)"))
+
+
+@app.command("list")
+def list_vms(as_json: JsonOpt = False) -> None:
+    """List this host's VMs."""
+    _emit(_client().call("GET", "/v1/vms"), as_json, _vm_table)
+
+
+@app.command()
+def show(name: str, as_json: JsonOpt = False) -> None:
+    """One VM: state, endpoint, parent image and memory footprint."""
+    def render(v: dict[str, Any]) -> None:
+        _vm_table([v])
+        fp = v.get("footprint")
+        if fp:
+            t = Table("resident", "PSS", "private", "shared", "anonymous", "guest RAM written", "guest RAM from image")
+            g = fp.get("guest_ram") or {}
+            t.add_row(*(_mib(fp[k]) for k in ("resident_bytes", "pss_bytes", "private_bytes", "shared_bytes", "anonymous_bytes")),
+                      _mib(g.get("anonymous_bytes")), _mib(g.get("image_bytes")))
+            out.print(t)
+    _emit(_client().call("GET", f"/v1/vms/{name}"), as_json, render)
+
+
+@app.command()
+def destroy(name: str, as_json: JsonOpt = False) -> None:
+    """Stop a VM and remove everything it had on this host."""
+    _emit(_client().call("DELETE", f"/v1/vms/{name}"), as_json, lambda r: out.print(f"destroyed {r['destroyed']}"))
+
+
+@image_app.command("create")
+def image_create(vm: str, image: str, as_json: JsonOpt = False) -> None:
+    """Freeze a running VM into a live image; the VM keeps running."""
+    res = _client().call("POST", "/v1/live-images", json={"vm": vm, "name": image})
+    _emit(res, as_json, lambda r: out.print(
+        f"live image {r['name']} created from {r['source_vm']}: paused {r['pause_ms']:.1f} ms, "
+        f"{_mib(r['memory_bytes_stored'])} of {_mib(r['memory_bytes'])} stored"))
+
+
+@image_app.command("start")
+def image_start(
+    image: str,
+    count: Annotated[int, typer.Option(help="How many clones to start, in parallel.")] = 1,
+    name: Annotated[str | None, typer.Option(help="Name prefix; clones are PREFIX-1, PREFIX-2, ...")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start clones of a live image; each continues from the snapshot point."""
+    res = _client().call("POST", f"/v1/live-images/{image}/start", json={"count": count, "name": name})
+    _emit(res, as_json, lambda r: (_vm_table(r["vms"]), out.print(f"{len(r['vms'])} clone(s) serving in {r['elapsed_s']:.2f}s")))
+
+
+@image_app.command("list")
+def image_list(as_json: JsonOpt = False) -> None:
+    """List live images."""
+    def render(images: list[dict[str, Any]]) -> None:
+        t = Table("name", "from VM", "memory", "stored", "pause", "clones", "created")
+        for i in images:
+            t.add_row(i["name"], i["source_vm"], _mib(i["memory_bytes"]), _mib(i["memory_bytes_stored"]),
+                      f"{i['pause_ms']:.1f} ms", str(i["clones"]), str(i["created_at"])[:19])
+        out.print(t)
+    _emit(_client().call("GET", "/v1/live-images"), as_json, render)
+
+
+@image_app.command("servers")
+def image_servers(image: str, as_json: JsonOpt = False) -> None:
+    """The VMs running as clones of a live image."""
+    _emit(_client().call("GET", f"/v1/live-images/{image}/servers"), as_json, _vm_table)
+
+
+@image_app.command("delete")
+def image_delete(image: str, as_json: JsonOpt = False) -> None:
+    """Delete a live image (refused while clones of it run)."""
+    _emit(_client().call("DELETE", f"/v1/live-images/{image}"), as_json, lambda r: out.print(f"deleted {r['deleted']}"))
+
+
+@guest_app.command("build")
+def guest_build(
+    kernel: Annotated[Path | None, typer.Option(help="Kernel to use (default: newest /boot/vmlinuz-*).")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if cached.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build the demo guest (kernel + busybox initramfs); cached until its inputs change."""
+    body = {"kernel": str(kernel.absolute()) if kernel else None, "force": force}
+    res = _client().call("POST", "/v1/guest/build", json=body)
+    _emit(res, as_json, lambda r: out.print(f"guest {r['key']}: kernel {r['kernel_release']}, initrd {r['initrd']}"))
+
+
+@guest_app.command("ask")
+def guest_ask(
+    vm: str, command: str,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 30.0,
+) -> None:
+    """Send a command to the in-guest agent (ping, status, memcheck-fill MIB SEED, memcheck-verify)."""
+    print(json.dumps(_client().call("POST", f"/v1/vms/{vm}/guest", json={"command": command, "timeout": timeout}), indent=2))
+
+
+@agent_app.callback(invoke_without_command=True)
+def agent(ctx: typer.Context, port: Annotated[int, typer.Option(help="Loopback port (0: any free one).")] = 0) -> None:
+    """Run the host agent in the foreground (the CLI starts one in the background when needed)."""
+    if ctx.invoked_subcommand is None:
+        from vmstream.host.server import run_agent
+
+        run_agent(data_dir(), port)
+
+
+@agent_app.command("stop")
+def agent_stop(
+    destroy_vms: Annotated[bool, typer.Option("--destroy-vms", help="Destroy every VM first.")] = False,
+) -> None:
+    """Stop the background agent. VMs keep running unless --destroy-vms; a new agent adopts them."""
+    stopped = _client().stop_agent(destroy_vms)
+    out.print("agent stopped" if stopped else "no agent was running")
+
+
+@app.command()
+def demo(
+    clones: Annotated[int, typer.Option(help="How many clones to start.")] = 10,
+    memory: Annotated[str, typer.Option(help="Guest RAM.")] = "256M",
+    as_json: JsonOpt = False,
+) -> None:
+    """Boot a VM, freeze it into a live image, start clones, compare, clean up."""
+    from vmstream.cli.demo import render_demo, run_demo
+
+    result = run_demo(_client(), clones, memory, progress=None if as_json else out)
+    _emit(result, as_json, lambda r: render_demo(out, r))
+    if result["clones_serving"] != clones:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except VmstreamError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(exc.exit_code)

@@ -1,0 +1,1 @@
+"""The host agent: owns this host's VMs and live images, serves the REST API."""

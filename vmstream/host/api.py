@@ -1,0 +1,112 @@
+"""The agent's REST API (FastAPI). Every /v1 route needs the bearer token."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from vmstream import __version__
+from vmstream.errors import VmstreamError
+from vmstream.host.manager import HostManager
+from vmstream.host.schemas import (
+    BootRequest, CreateImageRequest, GuestBuildRequest, GuestCommand, HostInfo, ImageInfo,
+    StartRequest, StartResult, VmInfo,
+)
+
+
+def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await manager.reattach()
+        yield
+
+    app = FastAPI(title="vmstream host agent", version=__version__, lifespan=lifespan)
+
+    def auth(authorization: str = Header("")) -> None:
+        if not secrets.compare_digest(authorization, f"Bearer {token}"):
+            raise HTTPException(401, "missing or wrong agent token: the CLI reads it from the data dir")
+
+    @app.exception_handler(VmstreamError)
+    async def vmstream_error(_: Request, exc: VmstreamError) -> JSONResponse:
+        return JSONResponse({"error": type(exc).__name__, "message": str(exc)}, status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": "InvalidInput", "message": f"invalid request: {msgs}"}, status_code=400)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        import os
+
+        return {"ok": True, "pid": os.getpid(), "version": __version__}
+
+    v1 = [Depends(auth)]
+
+    @app.get("/v1/info", dependencies=v1)
+    async def info() -> HostInfo:
+        return await manager.info()
+
+    @app.post("/v1/guest/build", dependencies=v1)
+    async def guest_build(req: GuestBuildRequest) -> dict[str, str]:
+        import asyncio
+
+        g = await asyncio.to_thread(manager.guest, Path(req.kernel) if req.kernel else None, req.force)
+        return {"key": g.key, "kernel": str(g.kernel), "initrd": str(g.initrd), "kernel_release": g.kernel_release}
+
+    @app.get("/v1/vms", dependencies=v1)
+    async def list_vms() -> list[VmInfo]:
+        return manager.list()
+
+    @app.post("/v1/vms", dependencies=v1)
+    async def boot(req: BootRequest) -> VmInfo:
+        return await manager.boot(req.name, req.memory, req.cpus)
+
+    @app.get("/v1/vms/{name}", dependencies=v1)
+    async def show(name: str) -> VmInfo:
+        return manager.show(name)
+
+    @app.delete("/v1/vms/{name}", dependencies=v1)
+    async def destroy(name: str) -> dict[str, str]:
+        await manager.destroy(name)
+        return {"destroyed": name}
+
+    @app.post("/v1/vms/{name}/guest", dependencies=v1)
+    async def ask(name: str, req: GuestCommand) -> dict[str, Any]:
+        return await manager.ask(name, req.command, req.timeout)
+
+    @app.get("/v1/live-images", dependencies=v1)
+    async def list_images() -> list[ImageInfo]:
+        return manager.list_images()
+
+    @app.post("/v1/live-images", dependencies=v1)
+    async def create_image(req: CreateImageRequest) -> ImageInfo:
+        return await manager.create_image(req.vm, req.name)
+
+    @app.get("/v1/live-images/{name}/servers", dependencies=v1)
+    async def servers(name: str) -> list[VmInfo]:
+        return manager.image_servers(name)
+
+    @app.post("/v1/live-images/{name}/start", dependencies=v1)
+    async def start(name: str, req: StartRequest) -> StartResult:
+        return await manager.start_clones(name, req.count, req.name)
+
+    @app.delete("/v1/live-images/{name}", dependencies=v1)
+    async def delete_image(name: str) -> dict[str, str]:
+        await manager.delete_image(name)
+        return {"deleted": name}
+
+    @app.post("/v1/agent/shutdown", dependencies=v1)
+    async def shutdown(destroy_vms: bool = False) -> dict[str, int]:
+        destroyed = await manager.destroy_all() if destroy_vms else 0
+        on_shutdown()
+        return {"destroyed": destroyed}
+
+    return app

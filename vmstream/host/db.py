@@ -1,0 +1,51 @@
+"""The agent's state in SQLite: one row per VM this host owns.
+
+QEMU processes outlive the agent, so this table is how a restarted agent
+finds them again (pid + unique vm_id in the QEMU command line).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import DateTime, Float, Integer, String, create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class VmRecord(Base):
+    __tablename__ = "vms"
+
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    vm_id: Mapped[str] = mapped_column(String, unique=True)
+    state: Mapped[str] = mapped_column(String)  # starting | running | exited
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rundir: Mapped[str] = mapped_column(String)
+    http_port: Mapped[int] = mapped_column(Integer, unique=True)
+    memory_bytes: Mapped[int] = mapped_column(Integer)
+    cpus: Mapped[int] = mapped_column(Integer)
+    kernel: Mapped[str] = mapped_column(String)
+    initrd: Mapped[str] = mapped_column(String)
+    accel: Mapped[str] = mapped_column(String)
+    hostname: Mapped[str] = mapped_column(String)
+    mac: Mapped[str] = mapped_column(String)
+    parent_image: Mapped[str | None] = mapped_column(String, nullable=True, index=True)
+    ready_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=lambda: datetime.now(UTC))
+
+
+def open_db(path: Path) -> sessionmaker:
+    engine: Engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _wal(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        dbapi_conn.execute("PRAGMA journal_mode=WAL")
+        dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+
+    Base.metadata.create_all(engine)
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,373 @@
+"""HostManager: every VM and live-image operation on this host.
+
+It is the one owner of the host's QEMU processes: each VM row in the
+database names a QemuProcess, and every operation that starts one either
+finishes with the VM recorded as running or stops it and removes its row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from qemu.qmp import QMPError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from vmstream import __version__
+from vmstream.capture import capture_vm
+from vmstream.config import check_name, parse_memory
+from vmstream.errors import Conflict, GuestError, InvalidInput, NotFound, QemuError
+from vmstream.guest import GuestArtifacts, build_guest
+from vmstream.guest.channel import ask_guest
+from vmstream.host import footprint
+from vmstream.host.db import VmRecord, open_db
+from vmstream.host.schemas import HostInfo, ImageInfo, StartResult, VmInfo
+from vmstream.image import GuestConfig, ImageRepository, LiveImage
+from vmstream.qemu import AccelChoice, MachineSpec, QemuProcess, choose_accelerator, qemu_version
+
+BOOT_TIMEOUT_S = 240.0
+CLONE_TIMEOUT_S = 90.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _random_mac() -> str:
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+class HostManager:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.run_root = data_dir / "run"
+        self.run_root.mkdir(parents=True, exist_ok=True)
+        self.images = ImageRepository(data_dir / "images")
+        self.session = open_db(data_dir / "state.db")
+        self._procs: dict[str, QemuProcess] = {}
+        self._alloc_lock = asyncio.Lock()
+        self._image_locks: dict[str, asyncio.Lock] = {}
+
+    # ---- guest and accelerator -------------------------------------------------
+
+    def guest(self, kernel: Path | None = None, force: bool = False) -> GuestArtifacts:
+        return build_guest(self.data_dir / "guest", kernel, force)
+
+    def accelerator(self, guest: GuestArtifacts) -> AccelChoice:
+        return choose_accelerator(guest.kernel, self.data_dir / "accel.json")
+
+    async def info(self) -> HostInfo:
+        guest = await asyncio.to_thread(self.guest)
+        accel = await asyncio.to_thread(self.accelerator, guest)
+        return HostInfo(
+            version=__version__, data_dir=str(self.data_dir), qemu_version=qemu_version(),
+            accelerator=accel.accel, accelerator_reason=accel.reason,
+            guest={"key": guest.key, "kernel_release": guest.kernel_release, "kernel": str(guest.kernel), "initrd": str(guest.initrd)},
+        )
+
+    # ---- records ---------------------------------------------------------------
+
+    def _record(self, name: str) -> VmRecord:
+        with self.session() as s:
+            rec = s.get(VmRecord, name)
+        if rec is None:
+            raise NotFound(f"no VM named '{name}': see 'vmstream list'")
+        return rec
+
+    def _records(self, parent_image: str | None = None) -> list[VmRecord]:
+        with self.session() as s:
+            q = select(VmRecord).order_by(VmRecord.created_at)
+            if parent_image is not None:
+                q = q.where(VmRecord.parent_image == parent_image)
+            return list(s.scalars(q))
+
+    def _proc(self, rec: VmRecord) -> QemuProcess:
+        proc = self._procs.get(rec.name)
+        if proc is None or proc.vm_id != rec.vm_id:
+            proc = QemuProcess(rec.vm_id, Path(rec.rundir), rec.pid)
+            self._procs[rec.name] = proc
+        return proc
+
+    def _update(self, name: str, **values: Any) -> None:
+        with self.session() as s:
+            rec = s.get(VmRecord, name)
+            if rec is not None:
+                for k, v in values.items():
+                    setattr(rec, k, v)
+                s.commit()
+
+    def _delete_record(self, name: str) -> None:
+        with self.session() as s:
+            rec = s.get(VmRecord, name)
+            if rec is not None:
+                s.delete(rec)
+                s.commit()
+        self._procs.pop(name, None)
+
+    async def _reserve(self, names: list[str], **common: Any) -> list[VmRecord]:
+        """Insert 'starting' rows for names, all or none: this claims the names and ports."""
+        async with self._alloc_lock:
+            with self.session() as s:
+                taken = set(s.scalars(select(VmRecord.name).where(VmRecord.name.in_(names))))
+                if taken:
+                    raise Conflict(f"a VM named '{sorted(taken)[0]}' already exists: choose another name or destroy it first")
+                used = set(s.scalars(select(VmRecord.http_port)))
+                recs = []
+                for name in names:
+                    port = _free_port()
+                    while port in used:
+                        port = _free_port()
+                    used.add(port)
+                    vm_id = uuid.uuid4().hex[:12]
+                    recs.append(VmRecord(name=name, vm_id=vm_id, state="starting", http_port=port,
+                                         rundir=str(self.run_root / vm_id), **common))
+                s.add_all(recs)
+                try:
+                    s.commit()
+                except IntegrityError as exc:
+                    raise Conflict(f"VM names {names} are already taken") from exc
+                return recs
+
+    def _info(self, rec: VmRecord, with_footprint: bool = False) -> VmInfo:
+        fp = None
+        if with_footprint and rec.pid and rec.state == "running":
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                fp = footprint.measure(rec.pid, rec.memory_bytes)
+        return VmInfo(
+            name=rec.name, state=rec.state, endpoint=f"http://127.0.0.1:{rec.http_port}/", pid=rec.pid,
+            memory_bytes=rec.memory_bytes, cpus=rec.cpus, accel=rec.accel, parent_image=rec.parent_image,
+            ready_s=rec.ready_s, created_at=rec.created_at, footprint=fp,
+        )
+
+    # ---- lifecycle ---------------------------------------------------------------
+
+    async def reattach(self) -> dict[str, int]:
+        """At agent start: adopt VMs still running; remove half-started ones."""
+        adopted = exited = removed = 0
+        for rec in self._records():
+            proc = self._proc(rec)
+            if rec.state == "starting":
+                await proc.stop()
+                self._delete_record(rec.name)
+                removed += 1
+            elif proc.alive():
+                adopted += 1
+            else:
+                self._update(rec.name, state="exited")
+                exited += 1
+        return {"adopted": adopted, "exited": exited, "removed_half_started": removed}
+
+    async def _wait_http(self, rec: VmRecord, proc: QemuProcess, timeout: float) -> dict[str, Any]:
+        """Poll the guest's status page until it answers; fail fast if QEMU dies."""
+        url = f"http://127.0.0.1:{rec.http_port}/status.json"
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while True:
+                try:
+                    r = await client.get(url)
+                    if r.status_code == 200:
+                        body: dict[str, Any] = r.json()
+                        if "counter" in body:
+                            return body
+                except (httpx.HTTPError, ValueError):
+                    pass
+                if not proc.alive():
+                    raise QemuError(f"VM {rec.name}'s QEMU exited before the guest answered HTTP: {proc.log_tail() or 'no output'}")
+                if time.monotonic() > deadline:
+                    raise QemuError(f"VM {rec.name} did not answer HTTP within {timeout:.0f}s; serial log: {proc.serial_path}")
+                await asyncio.sleep(0.01)
+
+    @contextlib.asynccontextmanager
+    async def _starting(self, rec: VmRecord) -> AsyncIterator[QemuProcess]:
+        """Own a starting VM: on any failure (or cancellation) stop it and drop its row."""
+        proc = self._proc(rec)
+        try:
+            yield proc
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(proc.stop())
+            self._delete_record(rec.name)
+            raise
+
+    async def boot(self, name: str, memory: str, cpus: int) -> VmInfo:
+        """Cold-boot the demo guest; return once it answers HTTP."""
+        check_name(name)
+        memory_bytes = parse_memory(memory)
+        t0 = time.perf_counter()
+        guest = await asyncio.to_thread(self.guest)
+        accel = await asyncio.to_thread(self.accelerator, guest)
+        (rec,) = await self._reserve(
+            [name], memory_bytes=memory_bytes, cpus=cpus, kernel=str(guest.kernel), initrd=str(guest.initrd),
+            accel=accel.accel, hostname=name, mac=_random_mac(), parent_image=None,
+        )
+        async with self._starting(rec) as proc:
+            proc.start(self._spec(rec))
+            self._update(name, pid=proc.pid)
+            await self._wait_http(rec, proc, BOOT_TIMEOUT_S)
+            ready = time.perf_counter() - t0
+            self._update(name, state="running", ready_s=ready)
+        return self._info(self._record(name))
+
+    def _spec(self, rec: VmRecord, memory_file: Path | None = None) -> MachineSpec:
+        return MachineSpec(
+            vm_id=rec.vm_id, hostname=rec.hostname, memory_bytes=rec.memory_bytes, cpus=rec.cpus,
+            kernel=Path(rec.kernel), initrd=Path(rec.initrd), accel=rec.accel, http_port=rec.http_port,
+            mac=rec.mac, memory_file=memory_file, incoming=memory_file is not None,
+        )
+
+    async def destroy(self, name: str) -> None:
+        rec = self._record(name)
+        await self._proc(rec).stop()
+        self._delete_record(name)
+
+    async def destroy_all(self) -> int:
+        recs = self._records()
+        await asyncio.gather(*(self.destroy(r.name) for r in recs))
+        return len(recs)
+
+    def list(self) -> list[VmInfo]:
+        return [self._info(r) for r in self._records()]
+
+    def show(self, name: str) -> VmInfo:
+        return self._info(self._record(name), with_footprint=True)
+
+    async def ask(self, name: str, command: str, timeout: float) -> dict[str, Any]:
+        rec = self._record(name)
+        if rec.state != "running":
+            raise Conflict(f"VM {name} is {rec.state}, not running")
+        return await ask_guest(self._proc(rec).agent_path, command, timeout)
+
+    # ---- live images ---------------------------------------------------------------
+
+    def _image_lock(self, name: str) -> asyncio.Lock:
+        return self._image_locks.setdefault(name, asyncio.Lock())
+
+    def _image_info(self, image: LiveImage) -> ImageInfo:
+        return ImageInfo(
+            name=image.name, created_at=image.created_at, source_vm=image.source_vm,
+            parent_image=image.parent_image, memory_bytes=image.guest.memory_bytes,
+            memory_bytes_stored=image.memory_bytes_stored, devstate_bytes=image.devstate_bytes,
+            pause_ms=image.pause_ms, clones=len(self._records(parent_image=image.name)),
+        )
+
+    async def create_image(self, vm: str, name: str) -> ImageInfo:
+        """Capture a running VM into a new live image; the VM keeps running."""
+        check_name(name, "live image")
+        rec = self._record(vm)
+        if rec.state != "running":
+            raise Conflict(f"VM {vm} is {rec.state}: only a running VM can become a live image")
+        proc = self._proc(rec)
+        parent = self.images.get(rec.parent_image) if rec.parent_image else None
+        async with self._image_lock(name):
+            with self.images.staging(name) as stage:
+                result = await capture_vm(
+                    proc, rec.memory_bytes, stage, self.images.memory_path(parent) if parent else None
+                )
+                image = LiveImage(
+                    name=name, created_at=datetime.now(UTC), source_vm=vm, parent_image=rec.parent_image,
+                    guest=GuestConfig(
+                        memory_bytes=rec.memory_bytes, cpus=rec.cpus, kernel=rec.kernel, initrd=rec.initrd,
+                        accel=rec.accel, hostname=rec.hostname, mac=rec.mac, qemu_version=qemu_version(),
+                    ),
+                    pause_ms=result.pause_ms, devstate_bytes=result.devstate_bytes,
+                    memory_bytes_stored=result.memory_bytes_stored, source_private_bytes=result.private_bytes,
+                )
+                self.images.commit(stage, image)
+        return self._image_info(image)
+
+    def list_images(self) -> list[ImageInfo]:
+        return [self._image_info(i) for i in self.images.list()]
+
+    def image_servers(self, name: str) -> list[VmInfo]:
+        self.images.get(name)
+        return [self._info(r) for r in self._records(parent_image=name)]
+
+    async def delete_image(self, name: str) -> None:
+        async with self._image_lock(name):
+            self.images.get(name)
+            clones = self._records(parent_image=name)
+            if clones:
+                names = ", ".join(r.name for r in clones)
+                raise Conflict(
+                    f"live image '{name}' still has {len(clones)} clone(s) ({names}): destroy them first"
+                )
+            await asyncio.to_thread(self.images.delete, name)
+
+    async def start_clones(self, image_name: str, count: int, prefix: str | None) -> StartResult:
+        """Start count clones in parallel; all start, or none is left behind."""
+        t0 = time.perf_counter()
+        image = self.images.get(image_name)
+        prefix = check_name(prefix or image_name, "clone name prefix")
+        g = image.guest
+        for path in (g.kernel, g.initrd):
+            if not Path(path).is_file():
+                raise GuestError(f"live image '{image_name}' needs {path}, which is gone: rebuild the image")
+        if g.qemu_version != qemu_version():
+            raise InvalidInput(
+                f"live image '{image_name}' was made with QEMU {g.qemu_version}, this host has {qemu_version()}"
+            )
+        existing = {r.name for r in self._records()}
+        index, names = 1, []
+        while len(names) < count:
+            if f"{prefix}-{index}" not in existing:
+                names.append(f"{prefix}-{index}")
+            index += 1
+        recs = await self._reserve(
+            names, memory_bytes=g.memory_bytes, cpus=g.cpus, kernel=g.kernel, initrd=g.initrd,
+            accel=g.accel, hostname=g.hostname, mac=g.mac, parent_image=image_name,
+        )
+        results = await asyncio.gather(*(self._start_clone(rec, image, t0) for rec in recs), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await asyncio.gather(*(self.destroy(r.name) for r in recs if self._exists(r.name)), return_exceptions=True)
+            raise errors[0]
+        return StartResult(image=image_name, vms=[self._info(self._record(r.name)) for r in recs],
+                           elapsed_s=time.perf_counter() - t0)
+
+    def _exists(self, name: str) -> bool:
+        with self.session() as s:
+            return s.get(VmRecord, name) is not None
+
+    async def _start_clone(self, rec: VmRecord, image: LiveImage, t0: float) -> None:
+        async with self._starting(rec) as proc:
+            proc.start(self._spec(rec, memory_file=self.images.memory_path(image)))
+            self._update(rec.name, pid=proc.pid)
+            devstate = self.images.devstate_path(image)
+            try:
+                async with proc.qmp() as qmp:
+                    await qmp.execute("migrate-incoming", {"uri": f"exec:cat {devstate}"})
+                    await self._wait_incoming(rec, proc, qmp)
+            except (QMPError, OSError, EOFError) as exc:
+                raise QemuError(f"clone {rec.name} failed while loading its device state: {proc.log_tail() or exc}") from exc
+            await self._wait_http(rec, proc, CLONE_TIMEOUT_S)
+            self._update(rec.name, state="running", ready_s=time.perf_counter() - t0)
+
+    async def _wait_incoming(self, rec: VmRecord, proc: QemuProcess, qmp: Any) -> None:
+        deadline = time.monotonic() + CLONE_TIMEOUT_S
+        while True:
+            status = await qmp.execute("query-status")
+            state = status["status"] if isinstance(status, dict) else ""
+            if state == "running":
+                return
+            if state in ("paused", "postmigrate"):
+                mig = await qmp.execute("query-migrate")
+                if isinstance(mig, dict) and mig.get("status") == "completed":
+                    await qmp.execute("cont")
+                    return
+            if state in ("inmigrate-failed", "internal-error", "guest-panicked", "shutdown") or not proc.alive():
+                raise QemuError(f"clone {rec.name} failed to load its device state ({state}): {proc.log_tail()}")
+            if time.monotonic() > deadline:
+                raise QemuError(f"clone {rec.name} did not finish loading its device state (state {state})")
+            await asyncio.sleep(0.003)

@@ -1,0 +1,77 @@
+"""Request and response bodies of the agent's REST API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from vmstream.host.footprint import Footprint
+
+
+class BootRequest(BaseModel):
+    name: str
+    memory: str = "256M"
+    cpus: int = Field(1, ge=1, le=16)
+
+
+class VmInfo(BaseModel):
+    name: str
+    state: str
+    endpoint: str
+    pid: int | None
+    memory_bytes: int
+    cpus: int
+    accel: str
+    parent_image: str | None
+    ready_s: float | None
+    created_at: datetime
+    footprint: Footprint | None = None
+
+
+class CreateImageRequest(BaseModel):
+    vm: str
+    name: str
+
+
+class ImageInfo(BaseModel):
+    name: str
+    created_at: datetime
+    source_vm: str
+    parent_image: str | None
+    memory_bytes: int
+    memory_bytes_stored: int
+    devstate_bytes: int
+    pause_ms: float
+    clones: int
+
+
+class StartRequest(BaseModel):
+    count: int = Field(1, ge=1, le=256)
+    name: str | None = None
+
+
+class StartResult(BaseModel):
+    image: str
+    vms: list[VmInfo]
+    elapsed_s: float
+
+
+class GuestCommand(BaseModel):
+    command: str
+    timeout: float = Field(30.0, gt=0, le=600)
+
+
+class GuestBuildRequest(BaseModel):
+    kernel: str | None = None
+    force: bool = False
+
+
+class HostInfo(BaseModel):
+    version: str
+    data_dir: str
+    qemu_version: str
+    accelerator: str
+    accelerator_reason: str
+    guest: dict[str, Any] | None

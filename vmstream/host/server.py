@@ -1,0 +1,66 @@
+"""Running the agent: one per data dir, on a loopback port it picks itself.
+
+It writes agent.json (pid, port) once it listens, keeps a token in
+agent.token (mode 0600), and holds agent.lock for its whole life so a
+second agent on the same data dir refuses to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import secrets
+import socket
+from pathlib import Path
+
+import uvicorn
+
+from vmstream.errors import Conflict
+from vmstream.host.api import create_app
+from vmstream.host.manager import HostManager
+
+
+def agent_token(data_dir: Path) -> str:
+    path = data_dir / "agent.token"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+        os.replace(tmp, path)
+    return path.read_text().strip()
+
+
+def run_agent(data_dir: Path, port: int = 0) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(data_dir / "agent.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise Conflict(f"another vmstream agent is already running for {data_dir}") from None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    info_file = data_dir / "agent.json"
+    server: uvicorn.Server | None = None
+
+    def request_exit() -> None:
+        assert server is not None
+        server.should_exit = True
+
+    manager = HostManager(data_dir)
+    app = create_app(manager, agent_token(data_dir), request_exit)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    tmp = info_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "port": sock.getsockname()[1]}))
+    os.replace(tmp, info_file)
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        info_file.unlink(missing_ok=True)
+        sock.close()
+        lock.close()

@@ -1,0 +1,44 @@
+"""The live-image manifest: what a clone needs to continue from the snapshot.
+
+Immutable once committed. In this version memory is one local sparse file;
+the chunk store replaces that with a chunk map behind the same
+`ImageRepository.memory_path` seam.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+
+
+class GuestConfig(BaseModel):
+    """The machine a clone must recreate for the device state to load."""
+
+    model_config = ConfigDict(frozen=True)
+
+    memory_bytes: int
+    cpus: int
+    kernel: str
+    initrd: str
+    accel: str
+    hostname: str
+    mac: str
+    qemu_version: str
+
+
+class LiveImage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    format: int = 1
+    name: str
+    created_at: datetime
+    source_vm: str
+    parent_image: str | None  # the image the source VM was cloned from, if any
+    guest: GuestConfig
+    devstate_file: str = "devstate.bin"
+    memory_file: str = "memory.raw"
+    pause_ms: float
+    devstate_bytes: int
+    memory_bytes_stored: int
+    source_private_bytes: int

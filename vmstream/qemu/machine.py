@@ -1,0 +1,212 @@
+"""QemuProcess: the single owner of one QEMU process and its files.
+
+A VM's files live in its run dir: QMP socket, guest-agent socket, serial
+log, QEMU's own log and a pid file. QEMU runs in its own session so it
+outlives the host agent; a restarted agent adopts it again by pid, after
+checking /proc/PID/cmdline still carries this VM's unique id (so a reused
+pid is never mistaken for ours).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+from qemu.qmp import QMPClient, QMPError
+
+from vmstream.errors import QemuError
+
+QEMU_BINARY = "qemu-system-x86_64"
+
+
+@cache
+def qemu_version() -> str:
+    """'7.2.22', or an error naming the package to install."""
+    binary = shutil.which(QEMU_BINARY)
+    if binary is None:
+        raise QemuError(f"{QEMU_BINARY} not found: apt-get install qemu-system-x86 (make demo does this)")
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    return out.split("version", 1)[1].split()[0]
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """Everything that decides a VM's QEMU command line.
+
+    A clone must use its image's spec, changed only in name, port and
+    memory file: the saved device state only loads into the same machine.
+    """
+
+    vm_id: str
+    hostname: str
+    memory_bytes: int
+    cpus: int
+    kernel: Path
+    initrd: Path
+    accel: str
+    http_port: int
+    mac: str
+    memory_file: Path | None = None  # a live image's memory, mapped MAP_PRIVATE
+    incoming: bool = False  # wait for device state (a clone)
+    extra_append: tuple[str, ...] = field(default_factory=tuple)
+
+    def command(self, rundir: Path) -> list[str]:
+        mib = self.memory_bytes >> 20
+        if self.memory_file is None:
+            backend = f"memory-backend-ram,id=mem,size={mib}M"
+        else:
+            # share=off: the clone's writes stay private; unwritten pages are
+            # shared with every other clone through the host page cache.
+            backend = f"memory-backend-file,id=mem,size={mib}M,mem-path={self.memory_file},share=off"
+        accel = "kvm" if self.accel == "kvm" else "tcg,tb-size=64"
+        append = " ".join(
+            ["console=ttyS0", "quiet", "panic=-1", f"vmstream.hostname={self.hostname}", *self.extra_append]
+        )
+        cmd = [
+            shutil.which(QEMU_BINARY) or QEMU_BINARY,
+            "-name", f"vmstream-{self.vm_id},debug-threads=on",
+            "-nodefaults", "-no-user-config", "-display", "none",
+            "-machine", "pc,memory-backend=mem", "-accel", accel, "-cpu", "qemu64",
+            "-smp", str(self.cpus), "-m", f"{mib}M",
+            "-object", backend,
+            "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", append,
+            "-serial", f"file:{rundir / 'serial.log'}",
+            "-qmp", f"unix:{rundir / 'qmp.sock'},server=on,wait=off",
+            "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.http_port}-:80",
+            "-device", f"virtio-net-pci,netdev=net0,mac={self.mac},romfile=",
+            "-device", "virtio-serial-pci",
+            "-chardev", f"socket,id=agent,path={rundir / 'agent.sock'},server=on,wait=off",
+            "-device", "virtconsole,chardev=agent,name=org.vmstream.agent",
+        ]
+        if self.incoming:
+            cmd += ["-incoming", "defer", "-global", "migration.send-configuration=off"]
+        return cmd
+
+
+def pid_alive(pid: int, marker: str) -> bool:
+    """True if pid is running and is the QEMU whose cmdline carries marker."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z" and marker.encode() in cmdline
+
+
+class QemuProcess:
+    """Owns one QEMU process and its run dir; removes both when stopped."""
+
+    def __init__(self, vm_id: str, rundir: Path, pid: int | None = None) -> None:
+        self.vm_id = vm_id
+        self.rundir = rundir
+        self.pid = pid
+        self._popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def marker(self) -> str:
+        return f"vmstream-{self.vm_id},"
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.rundir / "qmp.sock"
+
+    @property
+    def agent_path(self) -> Path:
+        return self.rundir / "agent.sock"
+
+    @property
+    def log_path(self) -> Path:
+        return self.rundir / "qemu.log"
+
+    @property
+    def serial_path(self) -> Path:
+        return self.rundir / "serial.log"
+
+    def alive(self) -> bool:
+        if self._popen is not None and self._popen.poll() is not None:
+            return False
+        return self.pid is not None and pid_alive(self.pid, self.marker)
+
+    def start(self, spec: MachineSpec) -> None:
+        """Launch QEMU in its own session, its output going to qemu.log."""
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self._popen = subprocess.Popen(
+                spec.command(self.rundir),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True,
+            )
+        self.pid = self._popen.pid
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        keep = [ln for ln in text.splitlines() if "Expected vmdescription" not in ln]
+        return "\n".join(keep[-lines:])
+
+    def _died(self, doing: str) -> QemuError:
+        return QemuError(f"QEMU for VM {self.vm_id} exited while {doing}: {self.log_tail() or 'no output'}")
+
+    async def wait_for_socket(self, path: Path, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if not self.alive():
+                raise self._died(f"starting (waiting for {path.name})")
+            if time.monotonic() > deadline:
+                raise QemuError(f"QEMU for VM {self.vm_id} did not create {path.name} within {timeout:.0f}s")
+            await asyncio.sleep(0.002)
+
+    @contextlib.asynccontextmanager
+    async def qmp(self) -> AsyncIterator[QMPClient]:
+        """A QMP session for the length of the block (QEMU takes one client at a time)."""
+        await self.wait_for_socket(self.qmp_path)
+        client = QMPClient(f"vmstream-{self.vm_id}")
+        try:
+            await client.connect(str(self.qmp_path))
+        except QMPError as exc:
+            raise QemuError(f"cannot talk QMP to VM {self.vm_id}: {exc}") from exc
+        try:
+            yield client
+        finally:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+
+    async def stop(self, soft_timeout: float = 3.0) -> None:
+        """Soft (QMP quit), then hard (SIGTERM, SIGKILL); then remove the run dir."""
+        try:
+            if self.alive():
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(soft_timeout):
+                        async with self.qmp() as qmp:
+                            await qmp.execute("quit")
+                await self._wait_exit(soft_timeout)
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                if not self.alive():
+                    break
+                assert self.pid is not None
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, sig)
+                await self._wait_exit(2.0)
+            if self.alive():
+                raise QemuError(f"QEMU pid {self.pid} for VM {self.vm_id} did not exit after SIGKILL")
+        finally:
+            if not self.alive():
+                shutil.rmtree(self.rundir, ignore_errors=True)
+
+    async def _wait_exit(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
