@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from pathlib import Path
 
 from vmstream.errors import InvalidInput
@@ -54,3 +55,16 @@ def check_name(name: str, what: str = "VM") -> str:
             "and '-', starting with a letter or digit"
         )
     return name
+
+
+def agent_token(data_dir: Path) -> str:
+    """The secret the CLI sends the agent; created (mode 0600) on first use."""
+    path = data_dir / "agent.token"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+        os.replace(tmp, path)
+    return path.read_text().strip()

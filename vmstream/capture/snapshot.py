@@ -17,7 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from vmstream.capture.guestmem import (
-    PAGE, allocate, find_ram_mapping, private_page_runs, read_runs, runs_of,
+    PAGE,
+    allocate,
+    find_ram_mapping,
+    private_page_runs,
+    read_runs,
+    runs_of,
 )
 from vmstream.errors import QemuError
 from vmstream.qemu import QemuProcess

@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 
+from vmstream.config import agent_token
 from vmstream.errors import BY_NAME, AgentUnavailable, VmstreamError
-from vmstream.host.server import agent_token
 
 START_TIMEOUT_S = 30.0
 

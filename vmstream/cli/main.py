@@ -11,9 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vmstream.cli.client import AgentClient
 from vmstream.config import data_dir
 from vmstream.errors import VmstreamError
-from vmstream.cli.client import AgentClient
 
 app = typer.Typer(
     help="Virtual memory streaming: boot once, clone in a fraction of a second.",

@@ -16,8 +16,15 @@ from vmstream import __version__
 from vmstream.errors import VmstreamError
 from vmstream.host.manager import HostManager
 from vmstream.host.schemas import (
-    BootRequest, CreateImageRequest, GuestBuildRequest, GuestCommand, HostInfo, ImageInfo,
-    StartRequest, StartResult, VmInfo,
+    BootRequest,
+    CreateImageRequest,
+    GuestBuildRequest,
+    GuestCommand,
+    HostInfo,
+    ImageInfo,
+    StartRequest,
+    StartResult,
+    VmInfo,
 )
 
 

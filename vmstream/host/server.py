@@ -11,27 +11,15 @@ import asyncio
 import fcntl
 import json
 import os
-import secrets
 import socket
 from pathlib import Path
 
 import uvicorn
 
+from vmstream.config import agent_token
 from vmstream.errors import Conflict
 from vmstream.host.api import create_app
 from vmstream.host.manager import HostManager
-
-
-def agent_token(data_dir: Path) -> str:
-    path = data_dir / "agent.token"
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
-        os.replace(tmp, path)
-    return path.read_text().strip()
 
 
 def run_agent(data_dir: Path, port: int = 0) -> None:

@@ -134,8 +134,10 @@ class QemuProcess:
         return self.rundir / "serial.log"
 
     def alive(self) -> bool:
-        if self._popen is not None and self._popen.poll() is not None:
-            return False
+        if self._popen is not None:
+            # Our own child: its pid cannot be reused before we reap it, and
+            # right after fork its cmdline is still ours, so no marker check.
+            return self._popen.poll() is None
         return self.pid is not None and pid_alive(self.pid, self.marker)
 
     def start(self, spec: MachineSpec) -> None:
