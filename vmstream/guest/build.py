@@ -23,7 +23,7 @@ from vmstream.guest import cpio
 
 # Drivers the guest needs, by module name; dependencies come from modules.dep.
 MODULES = ("virtio_pci", "virtio_net", "virtio_console", "virtio_blk", "virtio_balloon")
-GUEST_FILES = ("init", "counter", "vmstream-agent", "httpd.conf", "memcheck.c")
+GUEST_FILES = ("init", "vmstream-agent", "memcheck.c", "statusd.c")
 BUSYBOX = Path("/bin/busybox")
 
 
@@ -83,18 +83,19 @@ def _module_order(moddir: Path) -> list[str]:
     return order
 
 
-def _compile_memcheck(source: bytes, workdir: Path) -> bytes:
-    src = workdir / "memcheck.c"
+def _compile(name: str, source: bytes, workdir: Path) -> bytes:
+    """A static binary for the guest, which has no libc of its own."""
+    src = workdir / f"{name}.c"
     src.write_bytes(source)
-    out = workdir / "memcheck"
+    out = workdir / name
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
-        raise GuestError("no C compiler found to build the guest's memcheck: apt-get install gcc libc6-dev")
+        raise GuestError(f"no C compiler found to build the guest's {name}: apt-get install gcc libc6-dev")
     proc = subprocess.run(
         [cc, "-static", "-O2", "-o", str(out), str(src)], capture_output=True, text=True
     )
     if proc.returncode != 0:
-        raise GuestError(f"compiling memcheck failed: {proc.stderr.strip()[-500:]}")
+        raise GuestError(f"compiling {name} failed: {proc.stderr.strip()[-500:]}")
     return out.read_bytes()
 
 
@@ -121,15 +122,14 @@ def build_guest(cache_dir: Path, kernel: Path | None = None, force: bool = False
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".build-") as tmp:
         work = Path(tmp)
-        entries = [cpio.directory(d) for d in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "run", "tmp", "www")]
+        entries = [cpio.directory(d) for d in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "run", "tmp")]
         entries += [
             cpio.char_device("dev/console", 5, 1),
             cpio.file("bin/busybox", BUSYBOX.read_bytes(), executable=True),
             cpio.file("init", files["init"], executable=True),
-            cpio.file("bin/counter", files["counter"], executable=True),
+            cpio.file("bin/statusd", _compile("statusd", files["statusd.c"], work), executable=True),
             cpio.file("bin/vmstream-agent", files["vmstream-agent"], executable=True),
-            cpio.file("bin/memcheck", _compile_memcheck(files["memcheck.c"], work), executable=True),
-            cpio.file("etc/httpd.conf", files["httpd.conf"]),
+            cpio.file("bin/memcheck", _compile("memcheck", files["memcheck.c"], work), executable=True),
             cpio.file("etc/modules.order", "".join(Path(m).name + "\n" for m in modules).encode()),
         ]
         entries += [cpio.file("lib/modules/" + Path(m).name, moddir.joinpath(m).read_bytes()) for m in modules]
