@@ -1,0 +1,42 @@
+# Two entry points for a fresh Debian 12 machine (run as root):
+#   make demo   install everything, then run the demo
+#   make test   install everything, then run the test suite
+# Both are idempotent: a second run installs nothing.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+APT_PACKAGES := qemu-system-x86 qemu-utils fuse3 busybox-static linux-image-amd64 gcc libc6-dev cpio iproute2
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test install apt lint clean
+
+demo: install
+	$(VENV)/bin/vmstream demo --clones 10
+
+test: install
+	$(VENV)/bin/pytest
+
+install: apt $(VENV)/.installed
+
+# Installs only what is missing, so it costs a dpkg query when all is there.
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+lint: install
+	$(VENV)/bin/ruff check vmstream tests
+	$(VENV)/bin/mypy vmstream
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,137 @@
+"""Fixtures that boot real QEMU guests through the real agent and CLI.
+
+One agent, one base VM and one live image per session; every other VM a
+test makes is owned by the `vms` factory, which destroys it at teardown.
+At the end of the session nothing of ours may be left: no QEMU process,
+no run dir, no socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+
+@dataclass
+class Cli:
+    home: Path
+
+    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "VMSTREAM_HOME": str(self.home)}
+        return subprocess.run(
+            [sys.executable, "-m", "vmstream", *args], env=env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def json(self, *args: str, timeout: float = 300) -> Any:
+        proc = self.run(*args, "--json", timeout=timeout)
+        assert proc.returncode == 0, f"vmstream {' '.join(args)} failed: {proc.stderr}"
+        return json.loads(proc.stdout)
+
+    def ask(self, vm: str, command: str) -> dict[str, Any]:
+        proc = self.run("guest", "ask", vm, command, "--timeout", "120")
+        assert proc.returncode == 0, proc.stderr
+        answer: dict[str, Any] = json.loads(proc.stdout)
+        return answer
+
+
+def our_qemu_pids(home: Path) -> list[int]:
+    """QEMU processes whose command line points into this session's data dir."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmd and str(home).encode() in cmd:
+                pids.append(int(entry.name))
+    return pids
+
+
+def status(endpoint: str) -> dict[str, Any]:
+    r = httpx.get(endpoint + "status.json", timeout=10)
+    r.raise_for_status()
+    body: dict[str, Any] = r.json()
+    return body
+
+
+@pytest.fixture(scope="session")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
+    home = tmp_path_factory.mktemp("vmstream-home")
+    c = Cli(home)
+    try:
+        yield c
+    finally:
+        c.run("agent", "stop", "--destroy-vms")
+        left = our_qemu_pids(home)
+        assert not left, f"QEMU processes left behind: {left}"
+        run = home / "run"
+        assert not run.exists() or not any(run.iterdir()), f"run dirs left behind: {list(run.iterdir())}"
+
+
+class VmFactory:
+    """Owns the VMs a test makes; destroys each one at teardown."""
+
+    def __init__(self, cli: Cli) -> None:
+        self.cli = cli
+        self.names: list[str] = []
+
+    def clones(self, image: str, count: int = 1, prefix: str | None = None) -> list[dict[str, Any]]:
+        args = ["live-image", "start", image, "--count", str(count)]
+        if prefix:
+            args += ["--name", prefix]
+        vms: list[dict[str, Any]] = self.cli.json(*args)["vms"]
+        self.names += [v["name"] for v in vms]
+        return vms
+
+    def destroy_all(self) -> None:
+        for name in reversed(self.names):
+            self.cli.run("destroy", name)
+        self.names.clear()
+
+
+@pytest.fixture
+def vms(cli: Cli) -> Iterator[VmFactory]:
+    factory = VmFactory(cli)
+    try:
+        yield factory
+    finally:
+        factory.destroy_all()
+
+
+@pytest.fixture(scope="session")
+def base_vm(cli: Cli) -> dict[str, Any]:
+    vm: dict[str, Any] = cli.json("boot", "base", "--memory", "256M")
+    return vm
+
+
+@dataclass
+class BaseImage:
+    name: str
+    info: dict[str, Any]
+    counter: int  # the base VM's counter just before the capture
+    uptime: float
+    memcheck_seed: int
+
+
+@pytest.fixture(scope="session")
+def base_image(cli: Cli, base_vm: dict[str, Any]) -> BaseImage:
+    """The base VM with a filled memcheck region, frozen into a live image."""
+    seed = 4242
+    filled = cli.ask("base", f"memcheck-fill 48 {seed}")
+    assert filled["ok"], filled
+    deadline = time.monotonic() + 30
+    while (st := status(base_vm["endpoint"]))["counter"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    info = cli.json("live-image", "create", "base", "base-img")
+    return BaseImage("base-img", info, st["counter"], float(st["uptime"]), seed)

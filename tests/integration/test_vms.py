@@ -1,0 +1,135 @@
+"""Boot, capture, clone, destroy and re-attach, with real QEMU guests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.integration.conftest import BaseImage, Cli, VmFactory, our_qemu_pids, status
+
+
+def test_info_names_accelerator_and_reason(cli: Cli) -> None:
+    info = cli.json("info")
+    assert info["accelerator"] in ("kvm", "tcg")
+    assert info["accelerator_reason"]
+
+
+def test_boot_serves_http_with_its_hostname(cli: Cli, base_vm: dict) -> None:
+    st = status(base_vm["endpoint"])
+    assert st["hostname"] == "base"
+    later = status(base_vm["endpoint"])
+    time.sleep(1.2)
+    assert status(base_vm["endpoint"])["counter"] > later["counter"]
+    shown = cli.json("show", "base")
+    assert shown["state"] == "running"
+    fp = shown["footprint"]
+    assert fp["pss_bytes"] > 0 and fp["resident_bytes"] >= fp["private_bytes"]
+
+
+def test_openapi_is_served(cli: Cli, base_vm: dict) -> None:
+    port = json.loads((cli.home / "agent.json").read_text())["port"]
+    spec = httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=10).json()
+    assert "/v1/live-images/{name}/start" in spec["paths"]
+    # and the API refuses a request without the token
+    assert httpx.get(f"http://127.0.0.1:{port}/v1/vms", timeout=10).status_code == 401
+
+
+def test_create_keeps_vm_running(cli: Cli, base_vm: dict, base_image: BaseImage) -> None:
+    info = base_image.info
+    assert info["pause_ms"] > 0
+    assert 0 < info["memory_bytes_stored"] <= info["memory_bytes"]
+    before = status(base_vm["endpoint"])["counter"]
+    time.sleep(1.5)
+    assert status(base_vm["endpoint"])["counter"] > before
+    listed = {i["name"]: i for i in cli.json("live-image", "list")}
+    assert listed["base-img"]["source_vm"] == "base"
+    # capture did not disturb the base VM's memory
+    verify = cli.ask("base", "memcheck-verify")
+    assert verify["ok"] and verify["result"]["bad_pages"] == 0, verify
+
+
+def test_clone_continues_from_snapshot(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
+    (clone,) = vms.clones("base-img", prefix="cont")
+    st = status(clone["endpoint"])
+    # a fresh boot would restart the counter at 1 with an uptime of a few seconds
+    assert st["counter"] >= base_image.counter
+    assert float(st["uptime"]) >= base_image.uptime
+    assert st["hostname"] == "base"
+    assert clone["parent_image"] == "base-img"
+    verify = cli.ask(clone["name"], "memcheck-verify")
+    assert verify["ok"], verify
+    assert verify["result"]["bad_pages"] == 0
+    assert verify["result"]["seed"] == base_image.memcheck_seed
+    fp = cli.json("show", clone["name"])["footprint"]
+    # a clone's guest RAM is mostly the image's pages, not its own
+    assert fp["guest_ram"]["image_bytes"] > 0
+    assert fp["guest_ram"]["anonymous_bytes"] < base_image.info["memory_bytes_stored"]
+
+
+def test_many_clones_in_parallel(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
+    clones = vms.clones("base-img", count=4, prefix="many")
+    assert len({c["endpoint"] for c in clones}) == 4
+    for c in clones:
+        assert status(c["endpoint"])["counter"] >= base_image.counter
+    servers = {v["name"] for v in cli.json("live-image", "servers", "base-img")}
+    assert {c["name"] for c in clones} <= servers
+
+
+def test_delete_refused_while_clones_exist(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
+    (clone,) = vms.clones("base-img", prefix="pin")
+    proc = cli.run("live-image", "delete", "base-img")
+    assert proc.returncode == 4
+    assert "clone" in proc.stderr and clone["name"] in proc.stderr
+    assert "base-img" in {i["name"] for i in cli.json("live-image", "list")}
+
+
+def test_image_of_a_clone_and_delete(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
+    (clone,) = vms.clones("base-img", prefix="gen1")
+    cli.json("live-image", "create", clone["name"], "gen1-img")
+    (grandchild,) = vms.clones("gen1-img", prefix="gen2")
+    verify = cli.ask(grandchild["name"], "memcheck-verify")
+    assert verify["ok"] and verify["result"]["bad_pages"] == 0, verify
+    vms.destroy_all()
+    deleted = cli.json("live-image", "delete", "gen1-img")
+    assert deleted == {"deleted": "gen1-img"}
+    assert not (cli.home / "images" / "gen1-img").exists()
+
+
+def test_destroy_leaves_nothing_behind(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
+    (clone,) = vms.clones("base-img", prefix="gone")
+    pid = clone["pid"]
+    rundirs_before = set((cli.home / "run").iterdir())
+    assert pid in our_qemu_pids(cli.home)
+    cli.json("destroy", clone["name"])
+    assert pid not in our_qemu_pids(cli.home)
+    assert not Path(f"/proc/{pid}").exists() or b"qemu" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    gone = rundirs_before - set((cli.home / "run").iterdir())
+    assert len(gone) == 1, "the clone's run dir (sockets, logs) must be removed"
+    assert clone["name"] not in {v["name"] for v in cli.json("list")}
+    try:
+        httpx.get(clone["endpoint"], timeout=2)
+        raise AssertionError("the destroyed clone's endpoint still answers")
+    except httpx.TransportError:
+        pass
+
+
+def test_agent_restart_reattaches(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
+    (clone,) = vms.clones("base-img", prefix="survivor")
+    old_agent = json.loads((cli.home / "agent.json").read_text())["pid"]
+    os.kill(old_agent, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{old_agent}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # the CLI starts a new agent, which adopts the running clone
+    listed = {v["name"]: v for v in cli.json("list")}
+    assert listed[clone["name"]]["state"] == "running"
+    assert listed[clone["name"]]["pid"] == clone["pid"]
+    new_agent = json.loads((cli.home / "agent.json").read_text())["pid"]
+    assert new_agent != old_agent
+    assert status(clone["endpoint"])["counter"] >= base_image.counter
+    assert cli.ask(clone["name"], "ping")["ok"]

@@ -1,0 +1,60 @@
+"""Unit tests of pure logic: sizes, names, page runs, the cpio writer."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vmstream.capture.guestmem import runs_of
+from vmstream.config import check_name, parse_memory, parse_size
+from vmstream.errors import InvalidInput
+from vmstream.guest import cpio
+
+
+@pytest.mark.parametrize(("text", "value"), [("256M", 256 << 20), ("1G", 1 << 30), ("512MiB", 512 << 20), ("128", 128 << 20)])
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["lots", "", "1.5G", "-3M", "12Q"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(InvalidInput, match="is not a memory size"):
+        parse_size(text)
+
+
+def test_parse_memory_range() -> None:
+    with pytest.raises(InvalidInput, match="out of range"):
+        parse_memory("1M")
+    assert parse_memory("64M") == 64 << 20
+
+
+@pytest.mark.parametrize("name", ["Base", "-x", "a_b", "x" * 64, "a.b"])
+def test_bad_names(name: str) -> None:
+    with pytest.raises(InvalidInput):
+        check_name(name)
+
+
+def test_runs_of() -> None:
+    mask = np.array([0, 1, 1, 0, 1, 0, 0, 1, 1, 1], dtype=bool)
+    runs = runs_of(mask)
+    assert runs.starts.tolist() == [1, 4, 7]
+    assert runs.counts.tolist() == [2, 1, 3]
+    assert runs.pages == 6
+    assert runs_of(np.zeros(5, dtype=bool)).pages == 0
+    assert runs_of(np.ones(5, dtype=bool)).counts.tolist() == [5]
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="cpio tool not installed")
+def test_cpio_archive_reads_back(tmp_path: Path) -> None:
+    archive = cpio.write_newc(
+        [cpio.directory("bin"), cpio.file("bin/hello", b"hi there\n", executable=True), cpio.char_device("console", 5, 1)]
+    )
+    listing = subprocess.run(["cpio", "-itv"], input=archive, capture_output=True, check=True).stdout.decode()
+    assert "bin/hello" in listing and "console" in listing
+    subprocess.run(["cpio", "-id", "--no-absolute-filenames", "bin/hello"], input=archive, cwd=tmp_path,
+                   capture_output=True, check=True)
+    assert (tmp_path / "bin" / "hello").read_bytes() == b"hi there\n"
