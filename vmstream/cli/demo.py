@@ -44,7 +44,6 @@ def run_demo(client: AgentClient, clones: int, memory: str, progress: Console | 
     tag = secrets.token_hex(2)
     base, image, prefix = f"demo-{tag}", f"demo-{tag}-img", f"demo-{tag}-clone"
     made_vms: list[str] = []
-    made_image = False
 
     def say(msg: str) -> None:
         if progress is not None:
@@ -65,7 +64,6 @@ def run_demo(client: AgentClient, clones: int, memory: str, progress: Console | 
 
         before = _status(vm["endpoint"])["counter"]
         img = client.call("POST", "/v1/live-images", json={"vm": base, "name": image})
-        made_image = True
         say(f"live image {image}: VM paused {img['pause_ms']:.1f} ms, {img['memory_bytes_stored'] >> 20} MiB stored")
 
         ready: list[float] = []
@@ -104,15 +102,27 @@ def run_demo(client: AgentClient, clones: int, memory: str, progress: Console | 
         }
     finally:
         say("cleaning up")
-        for name in reversed(made_vms):
-            with contextlib.suppress(Exception):
-                client.call("DELETE", f"/v1/vms/{name}")
-        if made_image:
-            with contextlib.suppress(Exception):
-                client.call("DELETE", f"/v1/live-images/{image}")
+        _remove_tagged(client, base)
         if client.started_agent:
             with contextlib.suppress(Exception):
                 client.stop_agent()
+
+
+def _remove_tagged(client: AgentClient, tag: str) -> None:
+    """Destroy every VM and image whose name starts with the demo's tag.
+
+    By name, not by what the demo saw come back: after Ctrl-C a boot or
+    clone may still have been in flight in the agent.
+    """
+    with contextlib.suppress(Exception):
+        for vm in reversed(client.call("GET", "/v1/vms")):
+            if vm["name"] == tag or vm["name"].startswith(tag + "-"):
+                with contextlib.suppress(Exception):
+                    client.call("DELETE", f"/v1/vms/{vm['name']}")
+        for img in client.call("GET", "/v1/live-images"):
+            if img["name"].startswith(tag + "-"):
+                with contextlib.suppress(Exception):
+                    client.call("DELETE", f"/v1/live-images/{img['name']}")
 
 
 def render_demo(out: Console, r: dict[str, Any]) -> None:
