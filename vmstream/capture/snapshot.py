@@ -60,7 +60,7 @@ def _write_pages(fd: int, buf: mmap.mmap, starts: np.ndarray, counts: np.ndarray
     src = 0
     for start, count in zip(starts.tolist(), counts.tolist(), strict=True):
         chunk = np.frombuffer(view[src * PAGE : (src + count) * PAGE], dtype=np.uint64).reshape(count, PAGE // 8)
-        nonzero = chunk.any(axis=1) if not keep_zero else np.ones(count, dtype=bool)
+        nonzero = np.asarray(chunk.any(axis=1)) if not keep_zero else np.ones(count, dtype=bool)
         sub = runs_of(nonzero)
         for s, c in zip(sub.starts.tolist(), sub.counts.tolist(), strict=True):
             os.pwrite(fd, view[(src + s) * PAGE : (src + s + c) * PAGE], (start + s) * PAGE)

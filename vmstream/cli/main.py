@@ -120,7 +120,12 @@ def image_start(
 ) -> None:
     """Start clones of a live image; each continues from the snapshot point."""
     res = _client().call("POST", f"/v1/live-images/{image}/start", json={"count": count, "name": name})
-    _emit(res, as_json, lambda r: (_vm_table(r["vms"]), out.print(f"{len(r['vms'])} clone(s) serving in {r['elapsed_s']:.2f}s")))
+
+    def render(r: dict[str, Any]) -> None:
+        _vm_table(r["vms"])
+        out.print(f"{len(r['vms'])} clone(s) serving in {r['elapsed_s']:.2f}s")
+
+    _emit(res, as_json, render)
 
 
 @image_app.command("list")

@@ -70,7 +70,7 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
 
     @app.get("/v1/vms", dependencies=v1)
     async def list_vms() -> list[VmInfo]:
-        return manager.list()
+        return manager.list_vms()
 
     @app.post("/v1/vms", dependencies=v1)
     async def boot(req: BootRequest) -> VmInfo:

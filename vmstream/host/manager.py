@@ -250,7 +250,7 @@ class HostManager:
         await asyncio.gather(*(self.destroy(r.name) for r in recs))
         return len(recs)
 
-    def list(self) -> list[VmInfo]:
+    def list_vms(self) -> list[VmInfo]:
         return [self._info(r) for r in self._records()]
 
     def show(self, name: str) -> VmInfo:
@@ -332,7 +332,7 @@ class HostManager:
                 f"live image '{image_name}' was made with QEMU {g.qemu_version}, this host has {qemu_version()}"
             )
         existing = {r.name for r in self._records()}
-        index, names = 1, []
+        index, names = 1, list[str]()
         while len(names) < count:
             if f"{prefix}-{index}" not in existing:
                 names.append(f"{prefix}-{index}")
