@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vmstream.cli.bench import bench_app
 from vmstream.cli.client import AgentClient
 from vmstream.config import data_dir
 from vmstream.errors import VmstreamError
@@ -25,6 +26,7 @@ agent_app = typer.Typer(help="The per-host agent (runs in the foreground without
 app.add_typer(image_app, name="live-image")
 app.add_typer(guest_app, name="guest")
 app.add_typer(agent_app, name="agent")
+app.add_typer(bench_app, name="bench")
 
 out = Console()
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
