@@ -1,5 +1,6 @@
-"""live-image-create's capture: device state and guest memory of a running VM."""
+"""Guest memory and device state: capture from a running VM, deltas applied to a clone."""
 
+from vmstream.capture.delta import apply_delta
 from vmstream.capture.snapshot import CaptureResult, capture_vm
 
-__all__ = ["CaptureResult", "capture_vm"]
+__all__ = ["CaptureResult", "apply_delta", "capture_vm"]

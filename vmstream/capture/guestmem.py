@@ -13,6 +13,7 @@ import ctypes
 import mmap
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -78,6 +79,21 @@ def allocate(nbytes: int) -> mmap.mmap:
 
 def read_runs(pid: int, addr: int, runs: PageRuns, buf: mmap.mmap) -> None:
     """Copy the runs, packed back to back, into buf with process_vm_readv."""
+    _transfer(_libc.process_vm_readv, pid, addr, runs, buf, "reading")
+
+
+def write_runs(pid: int, addr: int, runs: PageRuns, buf: mmap.mmap) -> None:
+    """Copy packed pages from buf into the runs of the process's guest RAM.
+
+    On a MAP_PRIVATE mapping each written page becomes the VM's own
+    copy-on-write page; the image file underneath is never modified.
+    """
+    _transfer(_libc.process_vm_writev, pid, addr, runs, buf, "writing")
+
+
+def _transfer(call: Any, pid: int, addr: int, runs: PageRuns, buf: mmap.mmap, doing: str) -> None:
+    if runs.pages == 0:
+        return
     base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     offset = 0
     for i in range(0, len(runs.starts), IOV_MAX):
@@ -87,8 +103,8 @@ def read_runs(pid: int, addr: int, runs: PageRuns, buf: mmap.mmap) -> None:
         )
         want = int(counts.sum()) * PAGE
         local = _IoVec(base + offset, want)
-        got = _libc.process_vm_readv(pid, ctypes.byref(local), 1, remote, len(starts), 0)
+        got = call(pid, ctypes.byref(local), 1, remote, len(starts), 0)
         if got != want:
             err = ctypes.get_errno()
-            raise QemuError(f"reading guest memory of pid {pid} failed: got {got} of {want} bytes ({os.strerror(err)})")
+            raise QemuError(f"{doing} guest memory of pid {pid} failed: {got} of {want} bytes ({os.strerror(err)})")
         offset += want

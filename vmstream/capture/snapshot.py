@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from vmstream.capture.delta import write_delta
 from vmstream.capture.guestmem import (
     PAGE,
+    PageRuns,
     allocate,
     find_ram_mapping,
     private_page_runs,
@@ -35,7 +37,8 @@ class CaptureResult:
     pause_ms: float
     devstate_bytes: int
     private_bytes: int  # what the VM held privately at the snapshot point
-    memory_bytes_stored: int  # non-zero bytes in the written memory file
+    memory_bytes_stored: int  # bytes on disk: the sparse memory file, or the delta
+    layout: str  # "full": memory.raw; "delta": delta over the root the VM maps
 
 
 def _copy_sparse(src: Path, dst_fd: int) -> None:
@@ -70,12 +73,14 @@ def _write_pages(fd: int, buf: mmap.mmap, starts: np.ndarray, counts: np.ndarray
 
 
 async def capture_vm(
-    proc: QemuProcess, memory_bytes: int, out_dir: Path, parent_memory: Path | None
+    proc: QemuProcess, memory_bytes: int, out_dir: Path, root_memory: Path | None, flatten_above: int | None
 ) -> CaptureResult:
-    """Write out_dir/devstate.bin and out_dir/memory.raw for a running VM.
+    """Write out_dir/devstate.bin and the memory of a running VM.
 
-    parent_memory is the memory file a clone maps; its pages the clone has not
-    written are taken from it, so the new image is complete on its own.
+    root_memory is the memory file a clone maps (None for a booted VM). A
+    clone's capture is a delta over it, unless the delta exceeds
+    flatten_above bytes (None: never): then memory.raw is written whole,
+    root pages plus private pages, and the image stands on its own.
     """
     if proc.pid is None or not proc.alive():
         raise QemuError(f"VM {proc.vm_id} is not running, so it cannot be captured")
@@ -101,16 +106,27 @@ async def capture_vm(
                 await qmp.execute("cont")
         pause_ms = (time.perf_counter() - t0) * 1000
 
-    memory_file = out_dir / "memory.raw"
-    fd = os.open(memory_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    private = runs.pages * PAGE
+    try:
+        if root_memory is not None and (flatten_above is None or private <= flatten_above):
+            stored = write_delta(out_dir, runs, buf)
+            layout = "delta"
+        else:
+            stored = _write_full(out_dir / "memory.raw", memory_bytes, root_memory, runs, buf)
+            layout = "full"
+    finally:
+        buf.close()
+    return CaptureResult(round(pause_ms, 2), devstate.stat().st_size, private, stored, layout)
+
+
+def _write_full(path: Path, memory_bytes: int, root_memory: Path | None, runs: PageRuns, buf: mmap.mmap) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, memory_bytes)
-        if parent_memory is not None:
-            _copy_sparse(parent_memory, fd)
-        _write_pages(fd, buf, runs.starts, runs.counts, keep_zero=parent_memory is not None)
+        if root_memory is not None:
+            _copy_sparse(root_memory, fd)
+        _write_pages(fd, buf, runs.starts, runs.counts, keep_zero=root_memory is not None)
         os.fsync(fd)
     finally:
         os.close(fd)
-        buf.close()
-    stored = os.stat(memory_file).st_blocks * 512
-    return CaptureResult(round(pause_ms, 2), devstate.stat().st_size, runs.pages * PAGE, stored)
+    return os.stat(path).st_blocks * 512

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ from rich.table import Table
 from vmstream.cli.bench import bench_app
 from vmstream.cli.client import AgentClient
 from vmstream.config import data_dir
-from vmstream.errors import VmstreamError
+from vmstream.errors import InvalidInput, VmstreamError
+from vmstream.guest.identity import parse_params
 
 app = typer.Typer(
     help="Virtual memory streaming: boot once, clone in a fraction of a second.",
@@ -105,12 +107,19 @@ def destroy(name: str, as_json: JsonOpt = False) -> None:
 
 
 @image_app.command("create")
-def image_create(vm: str, image: str, as_json: JsonOpt = False) -> None:
+def image_create(
+    vm: str, image: str,
+    flatten: Annotated[bool | None, typer.Option(
+        "--flatten/--no-flatten", help="From a clone: store full memory, or only its delta (default: delta unless large)."
+    )] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Freeze a running VM into a live image; the VM keeps running."""
-    res = _client().call("POST", "/v1/live-images", json={"vm": vm, "name": image})
+    res = _client().call("POST", "/v1/live-images", json={"vm": vm, "name": image, "flatten": flatten})
     _emit(res, as_json, lambda r: out.print(
         f"live image {r['name']} created from {r['source_vm']}: paused {r['pause_ms']:.1f} ms, "
-        f"{_mib(r['memory_bytes_stored'])} of {_mib(r['memory_bytes'])} stored"))
+        f"{_mib(r['memory_bytes_stored'])} stored ({r['layout']}"
+        + (f" over {r['memory_root']}" if r["memory_root"] else "") + f") for {_mib(r['memory_bytes'])} of RAM"))
 
 
 @image_app.command("start")
@@ -118,10 +127,19 @@ def image_start(
     image: str,
     count: Annotated[int, typer.Option(help="How many clones to start, in parallel.")] = 1,
     name: Annotated[str | None, typer.Option(help="Name prefix; clones are PREFIX-1, PREFIX-2, ...")] = None,
+    param: Annotated[list[str] | None, typer.Option(
+        help="Guest parameter key=value for the clone hooks (repeatable).")] = None,
+    user_data: Annotated[Path | None, typer.Option(help="File handed to the guest as user data.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Start clones of a live image; each continues from the snapshot point."""
-    res = _client().call("POST", f"/v1/live-images/{image}/start", json={"count": count, "name": name})
+    """Start clones of a live image; each continues from the snapshot point with a new identity."""
+    body: dict[str, Any] = {"count": count, "name": name, "params": parse_params(param or [])}
+    if user_data is not None:
+        try:
+            body["user_data_b64"] = base64.b64encode(user_data.read_bytes()).decode()
+        except OSError as exc:
+            raise InvalidInput(f"cannot read user data file {user_data}: {exc.strerror}") from exc
+    res = _client().call("POST", f"/v1/live-images/{image}/start", json=body)
 
     def render(r: dict[str, Any]) -> None:
         _vm_table(r["vms"])

@@ -23,7 +23,7 @@ from vmstream.guest import cpio
 
 # Drivers the guest needs, by module name; dependencies come from modules.dep.
 MODULES = ("virtio_pci", "virtio_net", "virtio_console", "virtio_blk", "virtio_balloon")
-GUEST_FILES = ("init", "vmstream-agent", "memcheck.c", "statusd.c")
+GUEST_FILES = ("init", "vmstream-agent", "vmstream-hooks", "memcheck.c", "statusd.c", "vmclock.c", "clone.d/50-record-params")
 BUSYBOX = Path("/bin/busybox")
 
 
@@ -122,13 +122,17 @@ def build_guest(cache_dir: Path, kernel: Path | None = None, force: bool = False
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".build-") as tmp:
         work = Path(tmp)
-        entries = [cpio.directory(d) for d in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "run", "tmp")]
+        dirs = ("bin", "dev", "etc", "etc/vmstream", "etc/vmstream/clone.d", "lib", "lib/modules", "proc", "sys", "run", "tmp")
+        entries = [cpio.directory(d) for d in dirs]
         entries += [
             cpio.char_device("dev/console", 5, 1),
             cpio.file("bin/busybox", BUSYBOX.read_bytes(), executable=True),
             cpio.file("init", files["init"], executable=True),
             cpio.file("bin/statusd", _compile("statusd", files["statusd.c"], work), executable=True),
             cpio.file("bin/vmstream-agent", files["vmstream-agent"], executable=True),
+            cpio.file("bin/vmstream-hooks", files["vmstream-hooks"], executable=True),
+            cpio.file("bin/vmclock", _compile("vmclock", files["vmclock.c"], work), executable=True),
+            cpio.file("etc/vmstream/clone.d/50-record-params", files["clone.d/50-record-params"], executable=True),
             cpio.file("bin/memcheck", _compile("memcheck", files["memcheck.c"], work), executable=True),
             cpio.file("etc/modules.order", "".join(Path(m).name + "\n" for m in modules).encode()),
         ]

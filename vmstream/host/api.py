@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -13,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from vmstream import __version__
-from vmstream.errors import VmstreamError
+from vmstream.errors import InvalidInput, VmstreamError
 from vmstream.host.manager import HostManager
 from vmstream.host.schemas import (
     BootRequest,
@@ -33,6 +35,7 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await manager.reattach()
         yield
+        await manager.shutdown()
 
     app = FastAPI(title="vmstream host agent", version=__version__, lifespan=lifespan)
 
@@ -95,7 +98,7 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
 
     @app.post("/v1/live-images", dependencies=v1)
     async def create_image(req: CreateImageRequest) -> ImageInfo:
-        return await manager.create_image(req.vm, req.name)
+        return await manager.create_image(req.vm, req.name, req.flatten)
 
     @app.get("/v1/live-images/{name}/servers", dependencies=v1)
     async def servers(name: str) -> list[VmInfo]:
@@ -103,7 +106,11 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
 
     @app.post("/v1/live-images/{name}/start", dependencies=v1)
     async def start(name: str, req: StartRequest) -> StartResult:
-        return await manager.start_clones(name, req.count, req.name)
+        try:
+            user_data = base64.b64decode(req.user_data_b64, validate=True) if req.user_data_b64 is not None else None
+        except binascii.Error as exc:
+            raise InvalidInput(f"user_data_b64 is not valid base64: {exc}") from exc
+        return await manager.start_clones(name, req.count, req.name, req.params, user_data)
 
     @app.delete("/v1/live-images/{name}", dependencies=v1)
     async def delete_image(name: str) -> dict[str, str]:

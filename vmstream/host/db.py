@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import DateTime, Float, Integer, String, create_engine, event
+from sqlalchemy import DateTime, Float, Integer, String, Text, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -34,8 +34,11 @@ class VmRecord(Base):
     accel: Mapped[str] = mapped_column(String)
     hostname: Mapped[str] = mapped_column(String)
     mac: Mapped[str] = mapped_column(String)
+    vmgenid: Mapped[str] = mapped_column(String)
     parent_image: Mapped[str | None] = mapped_column(String, nullable=True, index=True)
     ready_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    identity_applied_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    hooks: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON from the guest
     created_at: Mapped[datetime] = mapped_column(DateTime, default=lambda: datetime.now(UTC))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import socket
 import time
@@ -24,11 +25,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from vmstream import __version__
-from vmstream.capture import capture_vm
+from vmstream.capture import apply_delta, capture_vm
 from vmstream.config import check_name, parse_memory
 from vmstream.errors import Conflict, GuestError, InvalidInput, NotFound, QemuError
 from vmstream.guest import GuestArtifacts, build_guest
 from vmstream.guest.channel import ask_guest
+from vmstream.guest.identity import CloneIdentity, check_params
 from vmstream.host import footprint
 from vmstream.host.db import VmRecord, open_db
 from vmstream.host.schemas import HostInfo, ImageInfo, StartResult, VmInfo
@@ -37,6 +39,10 @@ from vmstream.qemu import AccelChoice, MachineSpec, QemuProcess, choose_accelera
 
 BOOT_TIMEOUT_S = 240.0
 CLONE_TIMEOUT_S = 90.0
+HOOKS_TIMEOUT_S = 300.0
+# A clone's capture is stored as a delta over its root image unless the delta
+# is larger than this fraction of the root's stored memory; then it is flattened.
+FLATTEN_FRACTION = 0.5
 
 
 async def get_status(port: int, timeout: float = 2.0) -> dict[str, Any]:
@@ -78,6 +84,7 @@ class HostManager:
         self._procs: dict[str, QemuProcess] = {}
         self._alloc_lock = asyncio.Lock()
         self._image_locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ---- guest and accelerator -------------------------------------------------
 
@@ -150,8 +157,10 @@ class HostManager:
                         port = _free_port()
                     used.add(port)
                     vm_id = uuid.uuid4().hex[:12]
+                    # every VM gets its own identity: hostname, MAC, VM Generation ID
                     recs.append(VmRecord(name=name, vm_id=vm_id, state="starting", http_port=port,
-                                         rundir=str(self.run_root / vm_id), **common))
+                                         rundir=str(self.run_root / vm_id), hostname=name, mac=_random_mac(),
+                                         vmgenid=str(uuid.uuid4()), **common))
                 s.add_all(recs)
                 try:
                     s.commit()
@@ -167,7 +176,9 @@ class HostManager:
         return VmInfo(
             name=rec.name, state=rec.state, endpoint=f"http://127.0.0.1:{rec.http_port}/", pid=rec.pid,
             memory_bytes=rec.memory_bytes, cpus=rec.cpus, accel=rec.accel, parent_image=rec.parent_image,
-            ready_s=rec.ready_s, created_at=rec.created_at, footprint=fp,
+            ready_s=rec.ready_s, created_at=rec.created_at, footprint=fp, hostname=rec.hostname, mac=rec.mac,
+            vmgenid=rec.vmgenid, identity_applied_s=rec.identity_applied_s,
+            hooks=json.loads(rec.hooks) if rec.hooks else None,
         )
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -223,7 +234,7 @@ class HostManager:
         accel = await asyncio.to_thread(self.accelerator, guest)
         (rec,) = await self._reserve(
             [name], memory_bytes=memory_bytes, cpus=cpus, kernel=str(guest.kernel), initrd=str(guest.initrd),
-            accel=accel.accel, hostname=name, mac=_random_mac(), parent_image=None,
+            accel=accel.accel, parent_image=None,
         )
         async with self._starting(rec) as proc:
             proc.start(self._spec(rec))
@@ -233,11 +244,13 @@ class HostManager:
             self._update(name, state="running", ready_s=ready)
         return self._info(self._record(name))
 
-    def _spec(self, rec: VmRecord, memory_file: Path | None = None) -> MachineSpec:
+    def _spec(self, rec: VmRecord, image: LiveImage | None = None) -> MachineSpec:
+        """The VM's command line; a clone's is its image's but for port, MAC, vmgenid and memory file."""
         return MachineSpec(
-            vm_id=rec.vm_id, hostname=rec.hostname, memory_bytes=rec.memory_bytes, cpus=rec.cpus,
-            kernel=Path(rec.kernel), initrd=Path(rec.initrd), accel=rec.accel, http_port=rec.http_port,
-            mac=rec.mac, memory_file=memory_file, incoming=memory_file is not None,
+            vm_id=rec.vm_id, hostname=image.guest.hostname if image else rec.hostname, memory_bytes=rec.memory_bytes,
+            cpus=rec.cpus, kernel=Path(rec.kernel), initrd=Path(rec.initrd), accel=rec.accel, http_port=rec.http_port,
+            mac=rec.mac, vmgenid=rec.vmgenid, memory_file=self.images.memory_path(image) if image else None,
+            incoming=image is not None,
         )
 
     async def destroy(self, name: str) -> None:
@@ -273,10 +286,15 @@ class HostManager:
             parent_image=image.parent_image, memory_bytes=image.guest.memory_bytes,
             memory_bytes_stored=image.memory_bytes_stored, devstate_bytes=image.devstate_bytes,
             pause_ms=image.pause_ms, clones=len(self._records(parent_image=image.name)),
+            layout=image.layout, memory_root=image.memory_root, source_private_bytes=image.source_private_bytes,
         )
 
-    async def create_image(self, vm: str, name: str) -> ImageInfo:
-        """Capture a running VM into a new live image; the VM keeps running."""
+    async def create_image(self, vm: str, name: str, flatten: bool | None = None) -> ImageInfo:
+        """Capture a running VM into a new live image; the VM keeps running.
+
+        From a clone the image is a delta over the clone's root image, unless
+        flatten is True, or None and the delta is large (FLATTEN_FRACTION).
+        """
         check_name(name, "live image")
         rec = self._record(vm)
         if rec.state != "running":
@@ -285,14 +303,20 @@ class HostManager:
         parent = self.images.get(rec.parent_image) if rec.parent_image else None
         async with self._image_lock(name):
             with self.images.staging(name) as stage:
-                result = await capture_vm(
-                    proc, rec.memory_bytes, stage, self.images.memory_path(parent) if parent else None
-                )
+                root_memory = self.images.memory_path(parent) if parent else None
+                if flatten is None and root_memory is not None:
+                    flatten_above: int | None = int(FLATTEN_FRACTION * os.stat(root_memory).st_blocks * 512)
+                else:
+                    flatten_above = -1 if flatten else None
+                result = await capture_vm(proc, rec.memory_bytes, stage, root_memory, flatten_above)
+                root = (parent.memory_root or parent.name) if parent and result.layout == "delta" else None
                 image = LiveImage(
                     name=name, created_at=datetime.now(UTC), source_vm=vm, parent_image=rec.parent_image,
+                    layout=result.layout, memory_root=root,
                     guest=GuestConfig(
                         memory_bytes=rec.memory_bytes, cpus=rec.cpus, kernel=rec.kernel, initrd=rec.initrd,
-                        accel=rec.accel, hostname=rec.hostname, mac=rec.mac, qemu_version=qemu_version(),
+                        accel=rec.accel, hostname=rec.hostname, mac=rec.mac, vmgenid=rec.vmgenid,
+                        qemu_version=qemu_version(),
                     ),
                     pause_ms=result.pause_ms, devstate_bytes=result.devstate_bytes,
                     memory_bytes_stored=result.memory_bytes_stored, source_private_bytes=result.private_bytes,
@@ -301,7 +325,7 @@ class HostManager:
         return self._image_info(image)
 
     def list_images(self) -> list[ImageInfo]:
-        return [self._image_info(i) for i in self.images.list()]
+        return [self._image_info(i) for i in self.images.all()]
 
     def image_servers(self, name: str) -> list[VmInfo]:
         self.images.get(name)
@@ -316,11 +340,20 @@ class HostManager:
                 raise Conflict(
                     f"live image '{name}' still has {len(clones)} clone(s) ({names}): destroy them first"
                 )
+            children = self.images.children(name)
+            if children:
+                names = ", ".join(i.name for i in children)
+                raise Conflict(f"live image '{name}' has child images ({names}) made from its clones: delete them first")
             await asyncio.to_thread(self.images.delete, name)
 
-    async def start_clones(self, image_name: str, count: int, prefix: str | None) -> StartResult:
+    async def start_clones(
+        self, image_name: str, count: int, prefix: str | None,
+        params: dict[str, str] | None = None, user_data: bytes | None = None,
+    ) -> StartResult:
         """Start count clones in parallel; all start, or none is left behind."""
         t0 = time.perf_counter()
+        params = params or {}
+        check_params(params)
         image = self.images.get(image_name)
         prefix = check_name(prefix or image_name, "clone name prefix")
         g = image.guest
@@ -339,9 +372,11 @@ class HostManager:
             index += 1
         recs = await self._reserve(
             names, memory_bytes=g.memory_bytes, cpus=g.cpus, kernel=g.kernel, initrd=g.initrd,
-            accel=g.accel, hostname=g.hostname, mac=g.mac, parent_image=image_name,
+            accel=g.accel, parent_image=image_name,
         )
-        results = await asyncio.gather(*(self._start_clone(rec, image, t0) for rec in recs), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._start_clone(rec, image, t0, params, user_data) for rec in recs), return_exceptions=True
+        )
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             await asyncio.gather(*(self.destroy(r.name) for r in recs if self._exists(r.name)), return_exceptions=True)
@@ -353,19 +388,55 @@ class HostManager:
         with self.session() as s:
             return s.get(VmRecord, name) is not None
 
-    async def _start_clone(self, rec: VmRecord, image: LiveImage, t0: float) -> None:
+    async def _start_clone(
+        self, rec: VmRecord, image: LiveImage, t0: float, params: dict[str, str], user_data: bytes | None
+    ) -> None:
+        """QEMU on the image's memory, delta pages written in, device state loaded,
+        new identity applied, and first HTTP answer; then hooks are watched."""
         async with self._starting(rec) as proc:
-            proc.start(self._spec(rec, memory_file=self.images.memory_path(image)))
+            proc.start(self._spec(rec, image))
             self._update(rec.name, pid=proc.pid)
             devstate = self.images.devstate_path(image)
             try:
                 async with proc.qmp() as qmp:
+                    if image.layout == "delta":
+                        assert proc.pid is not None
+                        await asyncio.to_thread(apply_delta, proc.pid, rec.memory_bytes, self.images.image_dir(image))
                     await qmp.execute("migrate-incoming", {"uri": f"exec:cat {devstate}"})
                     await self._wait_incoming(rec, proc, qmp)
             except (QMPError, OSError, EOFError) as exc:
                 raise QemuError(f"clone {rec.name} failed while loading its device state: {proc.log_tail() or exc}") from exc
+            identity = CloneIdentity(rec.hostname, rec.mac, params, user_data)
+            answer = await ask_guest(proc.agent_path, identity.command(), timeout=CLONE_TIMEOUT_S)
+            if not answer.get("ok") or answer.get("hostname") != rec.hostname:
+                raise QemuError(f"clone {rec.name}: the guest agent did not apply the new identity: {answer}")
+            self._update(rec.name, identity_applied_s=time.perf_counter() - t0)
             await self._wait_http(rec, proc, CLONE_TIMEOUT_S)
             self._update(rec.name, state="running", ready_s=time.perf_counter() - t0)
+        self._spawn(self._collect_hooks(rec, proc))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shutdown(self) -> None:
+        """Cancel background work (hook collection); VMs keep running."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _collect_hooks(self, rec: VmRecord, proc: QemuProcess) -> None:
+        """Poll the in-guest agent until the clone hooks have run; keep their results."""
+        deadline = time.monotonic() + HOOKS_TIMEOUT_S
+        while time.monotonic() < deadline and proc.alive():
+            with contextlib.suppress(QemuError):
+                answer = await ask_guest(proc.agent_path, "hooks", timeout=10)
+                result = answer.get("result", {})
+                if result.get("state") == "done":
+                    self._update(rec.name, hooks=json.dumps(result))
+                    return
+            await asyncio.sleep(0.5)
 
     async def _wait_incoming(self, rec: VmRecord, proc: QemuProcess, qmp: Any) -> None:
         deadline = time.monotonic() + CLONE_TIMEOUT_S

@@ -27,12 +27,18 @@ class VmInfo(BaseModel):
     parent_image: str | None
     ready_s: float | None
     created_at: datetime
+    hostname: str
+    mac: str
+    vmgenid: str
+    identity_applied_s: float | None = None  # request to new identity applied in the guest
+    hooks: dict[str, Any] | None = None  # clone hook results, once they have run
     footprint: Footprint | None = None
 
 
 class CreateImageRequest(BaseModel):
     vm: str
     name: str
+    flatten: bool | None = None  # None: delta unless large
 
 
 class ImageInfo(BaseModel):
@@ -45,11 +51,16 @@ class ImageInfo(BaseModel):
     devstate_bytes: int
     pause_ms: float
     clones: int
+    layout: str
+    memory_root: str | None
+    source_private_bytes: int
 
 
 class StartRequest(BaseModel):
     count: int = Field(1, ge=1, le=256)
     name: str | None = None
+    params: dict[str, str] = Field(default_factory=dict)
+    user_data_b64: str | None = None
 
 
 class StartResult(BaseModel):

@@ -24,6 +24,7 @@ class GuestConfig(BaseModel):
     accel: str
     hostname: str
     mac: str
+    vmgenid: str
     qemu_version: str
 
 
@@ -35,6 +36,10 @@ class LiveImage(BaseModel):
     created_at: datetime
     source_vm: str
     parent_image: str | None  # the image the source VM was cloned from, if any
+    # "full": this image's own memory.raw. "delta": the root image's memory.raw
+    # with this image's delta pages applied on top (see capture.delta).
+    layout: str = "full"
+    memory_root: str | None = None  # for "delta": the image whose memory.raw clones map
     guest: GuestConfig
     devstate_file: str = "devstate.bin"
     memory_file: str = "memory.raw"

@@ -37,15 +37,25 @@ class ImageRepository:
         except FileNotFoundError:
             raise NotFound(f"no live image named '{name}': see 'vmstream live-image list'") from None
 
-    def list(self) -> list[LiveImage]:
+    def all(self) -> list[LiveImage]:
         return sorted(
             (self.get(p.name) for p in self.root.iterdir() if not p.name.startswith(".") and self.exists(p.name)),
             key=lambda i: i.created_at,
         )
 
     def memory_path(self, image: LiveImage) -> Path:
-        """The file a clone maps as its RAM (the seam where memfs will plug in)."""
-        return self._dir(image.name) / image.memory_file
+        """The file a clone maps as its RAM (the seam where memfs will plug in).
+
+        For a layered image that is its root's file; its delta goes on top.
+        """
+        return self._dir(image.memory_root or image.name) / image.memory_file
+
+    def image_dir(self, image: LiveImage) -> Path:
+        return self._dir(image.name)
+
+    def children(self, name: str) -> list[LiveImage]:
+        """Images that were made from clones of this one, or map its memory."""
+        return [i for i in self.all() if name in (i.parent_image, i.memory_root)]
 
     def devstate_path(self, image: LiveImage) -> Path:
         return self._dir(image.name) / image.devstate_file

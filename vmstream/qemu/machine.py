@@ -55,6 +55,7 @@ class MachineSpec:
     accel: str
     http_port: int
     mac: str
+    vmgenid: str  # VM Generation ID; a new one on a clone makes the guest reseed its RNG
     memory_file: Path | None = None  # a live image's memory, mapped MAP_PRIVATE
     incoming: bool = False  # wait for device state (a clone)
     extra_append: tuple[str, ...] = field(default_factory=tuple)
@@ -86,6 +87,7 @@ class MachineSpec:
             "-device", "virtio-serial-pci",
             "-chardev", f"socket,id=agent,path={rundir / 'agent.sock'},server=on,wait=off",
             "-device", "virtconsole,chardev=agent,name=org.vmstream.agent",
+            "-device", f"vmgenid,guid={self.vmgenid}",
         ]
         if self.incoming:
             cmd += ["-incoming", "defer", "-global", "migration.send-configuration=off"]

@@ -1,0 +1,65 @@
+"""A clone's new identity, as sent to the in-guest agent after restore.
+
+Clones of one image must not be the same machine: each gets its own
+hostname, MAC, guest parameters and the host's current time (the guest's
+clock otherwise resumes at the moment the image was taken). The VM
+Generation ID is changed by QEMU itself (see MachineSpec.vmgenid); the
+guest kernel reseeds its RNG when it sees the change.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from dataclasses import dataclass, field
+
+from vmstream.errors import InvalidInput
+
+_PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_RESERVED = {"PATH", "HOME", "IFS", "SHELL", "PWD", "ENV", "PS1", "PS4"}
+MAX_USER_DATA = 64 << 10
+
+
+def parse_params(items: list[str]) -> dict[str, str]:
+    """'key=value' strings (the CLI's repeated --param) to a dict, checked."""
+    params: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidInput(f"guest parameter '{item}' has no '=': write it as key=value")
+        params[key] = value
+    check_params(params)
+    return params
+
+
+def check_params(params: dict[str, str]) -> None:
+    for key in params:
+        if not _PARAM_RE.match(key) or key in _RESERVED or key.startswith(("VMSTREAM_", "LD_")):
+            raise InvalidInput(
+                f"guest parameter name '{key}' is not allowed: use letters, digits and '_' (not starting "
+                "with a digit), and not PATH, HOME, IFS, SHELL or names starting VMSTREAM_ or LD_"
+            )
+
+
+@dataclass(frozen=True)
+class CloneIdentity:
+    hostname: str
+    mac: str
+    params: dict[str, str] = field(default_factory=dict)
+    user_data: bytes | None = None
+
+    def command(self, now: float | None = None) -> str:
+        """The agent command line: 'identity <base64 of key-value lines>'."""
+        if self.user_data is not None and len(self.user_data) > MAX_USER_DATA:
+            raise InvalidInput(f"user data is {len(self.user_data)} bytes; the limit is {MAX_USER_DATA}")
+        t = time.time() if now is None else now
+        lines = [f"time {t:.9f}", f"hostname {self.hostname}", f"mac {self.mac}"]
+        lines += [f"param {k} {_b64(v.encode())}" for k, v in self.params.items()]
+        if self.user_data is not None:
+            lines.append(f"userdata {_b64(self.user_data)}")
+        return "identity " + _b64(("\n".join(lines) + "\n").encode())
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
