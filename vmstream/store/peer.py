@@ -1,0 +1,167 @@
+"""Peer hosts: a host agent serves the objects it holds, another host reads them.
+
+peer_router(backend, auth) is a FastAPI router for the host agent to mount
+(e.g. under /v1/store). PeerBackend is its client. Routes:
+
+    GET    /objects/{key}          the object; honours one "Range: bytes=a-b" (206)
+    HEAD   /objects/{key}          200 if present, 404 if not
+    GET    /list?prefix=P          [{"key", "size", "mtime"}], sorted by key
+    PUT    /objects/{key}          store the body      (only with writable=True)
+    DELETE /objects/{key}          delete              (only with writable=True)
+
+Peers are read-mostly: an agent shares what it holds but, by default, lets no
+other host change it. Errors come back as {"error", "message"} with the status of
+the store error, so a 503 on the server is a retryable failure on the client.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from vmstream.errors import VmstreamError
+from vmstream.store.backend import Backend, ObjectInfo, check_key, check_range
+from vmstream.store.errors import BackendUnavailable, ObjectNotFound, StoreError
+
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+def _error_response(exc: VmstreamError) -> JSONResponse:
+    status = exc.http_status if not isinstance(exc, BackendUnavailable) else 503
+    return JSONResponse({"error": type(exc).__name__, "message": str(exc)}, status_code=status)
+
+
+def peer_router(backend: Backend, auth: Callable[..., Any] | None = None, *, writable: bool = False) -> APIRouter:
+    """Serve backend's objects over HTTP; auth is a FastAPI dependency (e.g. the agent's bearer check)."""
+    router = APIRouter(dependencies=[Depends(auth)] if auth else [])
+
+    @router.get("/objects/{key:path}")
+    def get_object(key: str, range: str | None = Header(None)) -> Response:
+        try:
+            check_key(key)
+            if range is None:
+                return Response(backend.get(key), media_type="application/octet-stream")
+            m = _RANGE.match(range.strip())
+            if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+                return JSONResponse({"error": "InvalidInput", "message": f"unsupported Range '{range}': use bytes=a-b"}, 416)
+            start = int(m.group(1))
+            size = int(m.group(2)) - start + 1 if m.group(2) else None
+            data = backend.get(key, start, size)
+            if not data:
+                return Response(status_code=416, headers={"Content-Range": "bytes */*"})
+            headers = {"Content-Range": f"bytes {start}-{start + len(data) - 1}/*"}
+            return Response(data, status_code=206, headers=headers, media_type="application/octet-stream")
+        except VmstreamError as exc:
+            return _error_response(exc)
+
+    @router.head("/objects/{key:path}")
+    def head_object(key: str) -> Response:
+        try:
+            return Response(status_code=200 if backend.exists(check_key(key)) else 404)
+        except VmstreamError as exc:
+            return Response(status_code=_error_response(exc).status_code)
+
+    @router.get("/list")
+    def list_objects(prefix: str = "") -> Response:
+        try:
+            return JSONResponse([{"key": o.key, "size": o.size, "mtime": o.mtime} for o in backend.list(prefix)])
+        except VmstreamError as exc:
+            return _error_response(exc)
+
+    if writable:
+
+        @router.put("/objects/{key:path}")
+        async def put_object(key: str, request: Request) -> Response:
+            data = await request.body()
+            try:
+                await run_in_threadpool(backend.put, check_key(key), data)
+                return Response(status_code=204)
+            except VmstreamError as exc:
+                return _error_response(exc)
+
+        @router.delete("/objects/{key:path}")
+        def delete_object(key: str) -> Response:
+            try:
+                backend.delete(check_key(key))
+                return Response(status_code=204)
+            except VmstreamError as exc:
+                return _error_response(exc)
+
+    return router
+
+
+class PeerBackend(Backend):
+    """Client of another host's peer_router, e.g. PeerBackend("http://10.0.0.2:7070/v1/store", token)."""
+
+    def __init__(self, base_url: str, token: str | None = None, *, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.name = f"peer:{self.base_url}"
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def _request(self, method: str, what: str, key: str, **kwargs: Any) -> httpx.Response:
+        try:
+            r = self.client.request(method, kwargs.pop("url", f"/objects/{check_key(key)}"), **kwargs)
+        except httpx.TransportError as exc:  # refused, timed out, cut off mid-body
+            raise BackendUnavailable(f"{self.name}: {what} '{key}' failed: {type(exc).__name__}: {exc}") from exc
+        if r.status_code < 400 or r.status_code == 416:
+            return r
+        if r.status_code == 404:
+            raise ObjectNotFound(f"{self.name}: no object '{key}'")
+        try:
+            detail = r.json().get("message", r.text)
+        except ValueError:
+            detail = r.text
+        msg = f"{self.name}: {what} '{key}' failed: HTTP {r.status_code}: {detail}"
+        if r.status_code in (429, 502, 503, 504):  # overloaded, restarting or behind a failing proxy
+            raise BackendUnavailable(msg)
+        if r.status_code in (401, 403):
+            raise StoreError(msg + " (is the peer's token right?)")
+        if r.status_code == 405:
+            raise StoreError(msg + " (the peer serves its store read-only)")
+        raise StoreError(msg)
+
+    def put(self, key: str, data: bytes) -> None:
+        self._request("PUT", "put", key, content=data)
+
+    def get(self, key: str, offset: int = 0, size: int | None = None) -> bytes:
+        check_range(offset, size)
+        if size == 0:
+            if not self.exists(key):
+                raise ObjectNotFound(f"{self.name}: no object '{key}'")
+            return b""
+        headers = {}
+        if offset or size is not None:
+            headers["Range"] = f"bytes={offset}-" + ("" if size is None else str(offset + size - 1))
+        r = self._request("GET", "get", key, headers=headers)
+        if r.status_code == 416:
+            return b""
+        if r.status_code == 206:
+            got = r.headers.get("Content-Range", "")
+            if not got.startswith(f"bytes {offset}-"):
+                raise StoreError(f"{self.name}: get '{key}': peer answered range '{got}' for offset {offset}")
+            return r.content
+        return r.content[offset:] if size is None else r.content[offset : offset + size]  # server ignored Range
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._request("HEAD", "exists", key)
+            return True
+        except ObjectNotFound:
+            return False
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        r = self._request("GET", "list", prefix, url="/list", params={"prefix": prefix})
+        return iter(ObjectInfo(o["key"], o["size"], o["mtime"]) for o in r.json())
+
+    def delete(self, key: str) -> None:
+        self._request("DELETE", "delete", key)
+
+    def close(self) -> None:
+        self.client.close()
