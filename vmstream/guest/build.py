@@ -23,7 +23,7 @@ from vmstream.guest import cpio
 
 # Drivers the guest needs, by module name; dependencies come from modules.dep.
 MODULES = ("virtio_pci", "virtio_net", "virtio_console", "virtio_blk", "virtio_balloon")
-GUEST_FILES = ("init", "vmstream-agent", "vmstream-hooks", "memcheck.c", "statusd.c", "vmclock.c", "clone.d/50-record-params")
+GUEST_FILES = ("init", "vmstream-agent.c", "vmstream-agent.sh", "vmstream-hooks", "memcheck.c", "statusd.c", "vmclock.c", "clone.d/50-record-params")
 BUSYBOX = Path("/bin/busybox")
 
 
@@ -129,7 +129,8 @@ def build_guest(cache_dir: Path, kernel: Path | None = None, force: bool = False
             cpio.file("bin/busybox", BUSYBOX.read_bytes(), executable=True),
             cpio.file("init", files["init"], executable=True),
             cpio.file("bin/statusd", _compile("statusd", files["statusd.c"], work), executable=True),
-            cpio.file("bin/vmstream-agent", files["vmstream-agent"], executable=True),
+            cpio.file("bin/vmstream-agent", _compile("vmstream-agent", files["vmstream-agent.c"], work), executable=True),
+            cpio.file("bin/vmstream-agent.sh", files["vmstream-agent.sh"], executable=True),
             cpio.file("bin/vmstream-hooks", files["vmstream-hooks"], executable=True),
             cpio.file("bin/vmclock", _compile("vmclock", files["vmclock.c"], work), executable=True),
             cpio.file("etc/vmstream/clone.d/50-record-params", files["clone.d/50-record-params"], executable=True),

@@ -39,6 +39,7 @@ class VmRecord(Base):
     ready_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     identity_applied_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     hooks: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON from the guest
+    phases: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: start-up phase -> seconds
     created_at: Mapped[datetime] = mapped_column(DateTime, default=lambda: datetime.now(UTC))
 
 

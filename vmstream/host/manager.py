@@ -178,7 +178,7 @@ class HostManager:
             memory_bytes=rec.memory_bytes, cpus=rec.cpus, accel=rec.accel, parent_image=rec.parent_image,
             ready_s=rec.ready_s, created_at=rec.created_at, footprint=fp, hostname=rec.hostname, mac=rec.mac,
             vmgenid=rec.vmgenid, identity_applied_s=rec.identity_applied_s,
-            hooks=json.loads(rec.hooks) if rec.hooks else None,
+            hooks=json.loads(rec.hooks) if rec.hooks else None, phases=json.loads(rec.phases) if rec.phases else None,
         )
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -393,27 +393,53 @@ class HostManager:
     ) -> None:
         """QEMU on the image's memory, delta pages written in, device state loaded,
         new identity applied, and first HTTP answer; then hooks are watched."""
+        phases: dict[str, float] = {}
+
+        def mark(phase: str) -> None:
+            phases[phase] = round(time.perf_counter() - t0, 4)
+
         async with self._starting(rec) as proc:
             proc.start(self._spec(rec, image))
+            mark("qemu_spawned")
             self._update(rec.name, pid=proc.pid)
             devstate = self.images.devstate_path(image)
+            identity_task: asyncio.Task[dict[str, Any]] | None = None
             try:
                 async with proc.qmp() as qmp:
+                    mark("qmp_ready")
                     if image.layout == "delta":
                         assert proc.pid is not None
                         await asyncio.to_thread(apply_delta, proc.pid, rec.memory_bytes, self.images.image_dir(image))
+                        mark("delta_applied")
+                    # The identity is queued on the guest channel before the guest runs, so
+                    # the agent finds it as soon as it resumes. Its clock is set again,
+                    # exactly, once the clone serves (_after_start).
+                    await proc.wait_for_socket(proc.agent_path)
+                    identity = CloneIdentity(rec.hostname, rec.mac, params, user_data)
+                    identity_task = asyncio.create_task(
+                        ask_guest(proc.agent_path, identity.command(), timeout=CLONE_TIMEOUT_S)
+                    )
                     await qmp.execute("migrate-incoming", {"uri": f"exec:cat {devstate}"})
                     await self._wait_incoming(rec, proc, qmp)
+                    mark("running")
+                http_task = asyncio.create_task(self._wait_http(rec, proc, CLONE_TIMEOUT_S))
+                answer = await identity_task
+                mark("identity_applied")
             except (QMPError, OSError, EOFError) as exc:
                 raise QemuError(f"clone {rec.name} failed while loading its device state: {proc.log_tail() or exc}") from exc
-            identity = CloneIdentity(rec.hostname, rec.mac, params, user_data)
-            answer = await ask_guest(proc.agent_path, identity.command(), timeout=CLONE_TIMEOUT_S)
-            if not answer.get("ok") or answer.get("hostname") != rec.hostname:
-                raise QemuError(f"clone {rec.name}: the guest agent did not apply the new identity: {answer}")
-            self._update(rec.name, identity_applied_s=time.perf_counter() - t0)
-            await self._wait_http(rec, proc, CLONE_TIMEOUT_S)
-            self._update(rec.name, state="running", ready_s=time.perf_counter() - t0)
-        self._spawn(self._collect_hooks(rec, proc))
+            finally:
+                if identity_task is not None and not identity_task.done():
+                    identity_task.cancel()
+            try:
+                if not answer.get("ok") or answer.get("hostname") != rec.hostname:
+                    raise QemuError(f"clone {rec.name}: the guest agent did not apply the new identity: {answer}")
+                self._update(rec.name, identity_applied_s=phases["identity_applied"])
+                await http_task
+            finally:
+                http_task.cancel()
+            mark("http_answered")
+            self._update(rec.name, state="running", ready_s=phases["http_answered"], phases=json.dumps(phases))
+        self._spawn(self._after_start(rec, proc))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -426,8 +452,10 @@ class HostManager:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _collect_hooks(self, rec: VmRecord, proc: QemuProcess) -> None:
-        """Poll the in-guest agent until the clone hooks have run; keep their results."""
+    async def _after_start(self, rec: VmRecord, proc: QemuProcess) -> None:
+        """Set the clone's clock exactly, then wait for its hooks and keep their results."""
+        with contextlib.suppress(QemuError):
+            await ask_guest(proc.agent_path, f"clock {time.time():.9f}", timeout=10)
         deadline = time.monotonic() + HOOKS_TIMEOUT_S
         while time.monotonic() < deadline and proc.alive():
             with contextlib.suppress(QemuError):

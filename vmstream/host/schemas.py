@@ -32,6 +32,7 @@ class VmInfo(BaseModel):
     vmgenid: str
     identity_applied_s: float | None = None  # request to new identity applied in the guest
     hooks: dict[str, Any] | None = None  # clone hook results, once they have run
+    phases: dict[str, float] | None = None  # start-up phases, seconds since the request
     footprint: Footprint | None = None
 
 

@@ -177,11 +177,18 @@ class QemuProcess:
     async def qmp(self) -> AsyncIterator[QMPClient]:
         """A QMP session for the length of the block (QEMU takes one client at a time)."""
         await self.wait_for_socket(self.qmp_path)
-        client = QMPClient(f"vmstream-{self.vm_id}")
-        try:
-            await client.connect(str(self.qmp_path))
-        except QMPError as exc:
-            raise QemuError(f"cannot talk QMP to VM {self.vm_id}: {exc}") from exc
+        deadline = time.monotonic() + 10.0
+        while True:
+            client = QMPClient(f"vmstream-{self.vm_id}")
+            try:
+                await client.connect(str(self.qmp_path))
+                break
+            except QMPError as exc:
+                # QEMU binds the socket a moment before it listens: refused means "not yet"
+                refused = isinstance(getattr(exc, "exc", None), ConnectionRefusedError)
+                if not refused or not self.alive() or time.monotonic() > deadline:
+                    raise QemuError(f"cannot talk QMP to VM {self.vm_id}: {exc}") from exc
+                await asyncio.sleep(0.002)
         try:
             yield client
         finally:

@@ -1,7 +1,9 @@
 #!/bin/sh
-# In-guest agent: one JSON line answered per command line on the virtio
-# console /dev/hvc0, which the host reaches through a unix socket.
-PORT=/dev/hvc0
+# vmstream in-guest agent, portable version for real Linux guests (the demo
+# guest runs the C version, vmstream-agent.c, with the same protocol): one
+# JSON line answered per command line on the vmstream virtio console, which
+# the host reaches through the VM's agent.sock. Needs: sh, base64, ip, od.
+PORT=${VMSTREAM_AGENT_PORT:-/dev/hvc0}
 RESULT=/run/memcheck.json
 STATE=/run/vmstream
 
@@ -43,7 +45,7 @@ apply_identity() {
   done < "$STATE/identity"
   mv "$STATE/params.env.tmp" "$STATE/params.env"
   reply "{\"ok\":true,\"hostname\":\"$(hostname)\",\"mac\":\"$(cat /sys/class/net/eth0/address)\",\"time\":$(vmclock get)}"
-  /bin/vmstream-hooks </dev/null >/dev/null 2>&1 &
+  nice -n 19 /bin/vmstream-hooks </dev/null >/dev/null 2>&1 &
 }
 
 handle() {
@@ -54,6 +56,7 @@ handle() {
       read -r up _ < /proc/uptime
       reply "{\"ok\":true,\"hostname\":\"$(hostname)\",\"mac\":\"$(cat /sys/class/net/eth0/address)\",\"time\":$(vmclock get),\"uptime\":$up,\"status\":$(wget -qO- http://127.0.0.1/)}" ;;
     time) reply "{\"ok\":true,\"time\":$(vmclock get)}" ;;
+    clock) vmclock set "$2" && reply "{\"ok\":true,\"time\":$(vmclock get)}" ;;
     random) reply "{\"ok\":true,\"random\":\"$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')\"}" ;;
     identity) apply_identity "$2" ;;
     hooks)

@@ -1,0 +1,326 @@
+/*
+ * vmstream-agent: the demo guest's in-guest agent, on the virtio console
+ * /dev/hvc0 (the host reaches it through the VM's agent.sock).
+ *
+ * Protocol: one command line in, one JSON line out. It is the same protocol
+ * as the portable shell agent (vmstream-agent.sh, for real guests); this one
+ * is C because a clone's identity is applied on its start-up path, and under
+ * TCG every fork and exec right after a restore costs tens of milliseconds.
+ * Applying an identity here is a handful of system calls; only the clone
+ * hooks are run in a child, after the answer.
+ *
+ *   ping | status | time | random | clock S.N
+ *   identity B64       B64 = lines "time S.N", "hostname H", "mac M",
+ *                      "param NAME B64VALUE", "userdata B64"
+ *   hooks              results of the clone.d hooks once they ran
+ *   memcheck-fill MIB SEED | memcheck-verify
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <net/if_arp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/utsname.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PORT "/dev/hvc0"
+#define STATE "/run/vmstream"
+#define MEMCHECK_RESULT "/run/memcheck.json"
+#define MAX_LINE (256 * 1024)
+
+static FILE *out;
+
+static void reply(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void reply(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(out, fmt, ap);
+    va_end(ap);
+    fputc('\n', out);
+    fflush(out);
+}
+
+static double now_realtime(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void read_mac(char *mac, size_t n) {
+    FILE *f = fopen("/sys/class/net/eth0/address", "r");
+    mac[0] = '\0';
+    if (f) {
+        if (fgets(mac, (int)n, f)) mac[strcspn(mac, "\n")] = '\0';
+        fclose(f);
+    }
+}
+
+/* Whole file into a static buffer (JSON files written by our own tools). */
+static const char *slurp(const char *path) {
+    static char buf[131072];
+    FILE *f = fopen(path, "r");
+    if (!f) return NULL;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    buf[strcspn(buf, "\n")] = '\0';
+    return buf;
+}
+
+static int b64val(int c) {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+') return 62;
+    if (c == '/') return 63;
+    return -1;
+}
+
+/* Decode base64 in place-safe fashion into dst; returns length or -1. */
+static long b64decode(const char *src, unsigned char *dst, size_t cap) {
+    size_t n = 0;
+    unsigned acc = 0;
+    int bits = 0;
+    for (; *src && *src != '='; src++) {
+        int v = b64val((unsigned char)*src);
+        if (v < 0) return -1;
+        acc = (acc << 6) | (unsigned)v;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            if (n >= cap) return -1;
+            dst[n++] = (unsigned char)(acc >> bits);
+        }
+    }
+    return (long)n;
+}
+
+static int set_clock(const char *text) {
+    double t = strtod(text, NULL);
+    struct timespec ts = {.tv_sec = (time_t)t, .tv_nsec = (long)((t - (double)(time_t)t) * 1e9)};
+    return clock_settime(CLOCK_REALTIME, &ts);
+}
+
+static int set_mac(const char *text) {
+    unsigned v[6];
+    if (sscanf(text, "%x:%x:%x:%x:%x:%x", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5]) != 6) return -1;
+    struct ifreq ifr = {0};
+    strncpy(ifr.ifr_name, "eth0", IFNAMSIZ - 1);
+    ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+    for (int i = 0; i < 6; i++) ifr.ifr_hwaddr.sa_data[i] = (char)v[i];
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    int rc = ioctl(s, SIOCSIFHWADDR, &ifr);
+    close(s);
+    return rc;
+}
+
+static void run_detached(char *const argv[]) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        setsid();
+        /* lowest priority: the hooks must not delay the clone's first answers */
+        setpriority(PRIO_PROCESS, 0, 19);
+        int devnull = open("/dev/null", O_RDWR);
+        dup2(devnull, 0);
+        dup2(devnull, 1);
+        dup2(devnull, 2);
+        execv(argv[0], argv);
+        _exit(127);
+    }
+}
+
+static void cmd_identity(const char *arg) {
+    static unsigned char payload[MAX_LINE];
+    long n = b64decode(arg, payload, sizeof payload - 1);
+    if (n < 0) {
+        reply("{\"ok\":false,\"error\":\"identity payload is not base64\"}");
+        return;
+    }
+    payload[n] = '\0';
+    mkdir(STATE, 0755);
+    unlink(STATE "/hooks.json");
+    FILE *env = fopen(STATE "/params.env.tmp", "w");
+    if (!env) {
+        reply("{\"ok\":false,\"error\":\"cannot write " STATE "/params.env\"}");
+        return;
+    }
+    const char *error = NULL;
+    for (char *line = strtok((char *)payload, "\n"); line; line = strtok(NULL, "\n")) {
+        char *val = strchr(line, ' ');
+        if (!val) continue;
+        *val++ = '\0';
+        if (strcmp(line, "time") == 0) {
+            if (set_clock(val) != 0) error = "clock_settime failed";
+        } else if (strcmp(line, "hostname") == 0) {
+            if (sethostname(val, strlen(val)) != 0) error = "sethostname failed";
+            fprintf(env, "export VMSTREAM_HOSTNAME='%s'\n", val);
+        } else if (strcmp(line, "mac") == 0) {
+            if (set_mac(val) != 0) error = "setting the MAC address failed";
+            fprintf(env, "export VMSTREAM_MAC='%s'\n", val);
+        } else if (strcmp(line, "param") == 0) {
+            char *b64 = strchr(val, ' ');
+            if (!b64) continue;
+            *b64++ = '\0';
+            /* the value stays base64 until the hook's shell decodes it: never re-parsed */
+            fprintf(env, "export %s=\"$(echo %s | base64 -d)\"\n", val, b64);
+        } else if (strcmp(line, "userdata") == 0) {
+            static unsigned char data[MAX_LINE];
+            long len = b64decode(val, data, sizeof data);
+            FILE *f = fopen(STATE "/user-data", "w");
+            if (f && len >= 0) fwrite(data, 1, (size_t)len, f);
+            if (f) fclose(f);
+            fprintf(env, "export VMSTREAM_USER_DATA=" STATE "/user-data\n");
+        }
+    }
+    fclose(env);
+    rename(STATE "/params.env.tmp", STATE "/params.env");
+    struct utsname u;
+    uname(&u);
+    char mac[32];
+    read_mac(mac, sizeof mac);
+    if (error)
+        reply("{\"ok\":false,\"error\":\"%s\"}", error);
+    else
+        reply("{\"ok\":true,\"hostname\":\"%s\",\"mac\":\"%s\",\"time\":%.6f}", u.nodename, mac, now_realtime());
+    char *hooks[] = {"/bin/vmstream-hooks", NULL};
+    run_detached(hooks);
+}
+
+static pid_t memcheck_pid;
+
+static int memcheck_field(const char *key) {
+    const char *json = slurp(MEMCHECK_RESULT);
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\":", key);
+    const char *p = json ? strstr(json, pat) : NULL;
+    return p ? atoi(p + strlen(pat)) : -1;
+}
+
+static int wait_result(int (*done)(int), int arg) {
+    for (int i = 0; i < 1200; i++) { /* up to 120 s */
+        if (done(arg)) return 1;
+        usleep(100000);
+    }
+    return 0;
+}
+
+static int filled(int unused) {
+    (void)unused;
+    const char *json = slurp(MEMCHECK_RESULT);
+    return json && strstr(json, "\"state\":\"filled\"");
+}
+
+static int verified_after(int before) { return memcheck_field("verifications") > before; }
+
+static void cmd_memcheck_fill(const char *args) {
+    char mib[32] = "16", seed[32] = "1";
+    sscanf(args ? args : "", "%31s %31s", mib, seed);
+    if (memcheck_pid > 0) kill(memcheck_pid, SIGTERM);
+    unlink(MEMCHECK_RESULT);
+    char *argv[] = {"/bin/memcheck", "daemon", mib, seed, NULL};
+    memcheck_pid = fork();
+    if (memcheck_pid == 0) {
+        setsid();
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    if (wait_result(filled, 0))
+        reply("{\"ok\":true,\"result\":%s}", slurp(MEMCHECK_RESULT));
+    else
+        reply("{\"ok\":false,\"error\":\"memcheck did not finish filling\"}");
+}
+
+static void cmd_memcheck_verify(void) {
+    if (memcheck_pid <= 0 || kill(memcheck_pid, 0) != 0) {
+        reply("{\"ok\":false,\"error\":\"no memcheck running: run memcheck-fill first\"}");
+        return;
+    }
+    int before = memcheck_field("verifications");
+    kill(memcheck_pid, SIGUSR1);
+    if (wait_result(verified_after, before))
+        reply("{\"ok\":true,\"result\":%s}", slurp(MEMCHECK_RESULT));
+    else
+        reply("{\"ok\":false,\"error\":\"memcheck did not answer\"}");
+}
+
+static void handle(char *line) {
+    line[strcspn(line, "\r\n")] = '\0';
+    char *arg = strchr(line, ' ');
+    if (arg) *arg++ = '\0';
+    if (line[0] == '\0') return;
+    if (strcmp(line, "ping") == 0) {
+        reply("{\"ok\":true}");
+    } else if (strcmp(line, "status") == 0 || strcmp(line, "time") == 0) {
+        struct utsname u;
+        uname(&u);
+        char mac[32];
+        read_mac(mac, sizeof mac);
+        struct timespec up;
+        clock_gettime(CLOCK_BOOTTIME, &up);
+        reply("{\"ok\":true,\"hostname\":\"%s\",\"mac\":\"%s\",\"time\":%.6f,\"uptime\":%.2f}", u.nodename, mac,
+              now_realtime(), up.tv_sec + up.tv_nsec / 1e9);
+    } else if (strcmp(line, "clock") == 0) {
+        if (set_clock(arg ? arg : "") == 0)
+            reply("{\"ok\":true,\"time\":%.6f}", now_realtime());
+        else
+            reply("{\"ok\":false,\"error\":\"clock_settime failed\"}");
+    } else if (strcmp(line, "random") == 0) {
+        unsigned char r[16];
+        int fd = open("/dev/urandom", O_RDONLY);
+        ssize_t got = read(fd, r, sizeof r);
+        close(fd);
+        char hex[33];
+        for (int i = 0; i < 16; i++) snprintf(hex + 2 * i, 3, "%02x", got == 16 ? r[i] : 0);
+        reply("{\"ok\":true,\"random\":\"%s\"}", hex);
+    } else if (strcmp(line, "identity") == 0) {
+        cmd_identity(arg ? arg : "");
+    } else if (strcmp(line, "hooks") == 0) {
+        const char *json = slurp(STATE "/hooks.json");
+        if (json)
+            reply("{\"ok\":true,\"result\":%s}", json);
+        else if (access(STATE "/params.env", F_OK) == 0)
+            reply("{\"ok\":true,\"result\":{\"state\":\"running\"}}");
+        else
+            reply("{\"ok\":true,\"result\":{\"state\":\"none\"}}");
+    } else if (strcmp(line, "memcheck-fill") == 0) {
+        cmd_memcheck_fill(arg);
+    } else if (strcmp(line, "memcheck-verify") == 0) {
+        cmd_memcheck_verify();
+    } else {
+        reply("{\"ok\":false,\"error\":\"unknown command: %s\"}", line);
+    }
+}
+
+int main(void) {
+    static char line[MAX_LINE];
+    struct sigaction sa = {.sa_handler = SIG_DFL, .sa_flags = SA_NOCLDWAIT};
+    sigaction(SIGCHLD, &sa, NULL); /* children (hooks, memcheck) are reaped by the kernel */
+    for (;;) {
+        int fd = open(PORT, O_RDWR | O_NOCTTY);
+        if (fd < 0) {
+            sleep(1);
+            continue;
+        }
+        struct termios tio;
+        if (tcgetattr(fd, &tio) == 0) {
+            cfmakeraw(&tio);
+            tcsetattr(fd, TCSANOW, &tio);
+        }
+        FILE *in = fdopen(fd, "r");
+        out = fdopen(dup(fd), "w");
+        while (fgets(line, sizeof line, in)) handle(line);
+        fclose(in);
+        fclose(out);
+        sleep(1);
+    }
+}
