@@ -105,9 +105,10 @@ class PeerBackend(Backend):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
-    def _request(self, method: str, what: str, key: str, **kwargs: Any) -> httpx.Response:
+    def _request(self, method: str, what: str, key: str, url: str | None = None, **kwargs: Any) -> httpx.Response:
+        url = url or f"/objects/{check_key(key)}"
         try:
-            r = self.client.request(method, kwargs.pop("url", f"/objects/{check_key(key)}"), **kwargs)
+            r = self.client.request(method, url, **kwargs)
         except httpx.TransportError as exc:  # refused, timed out, cut off mid-body
             raise BackendUnavailable(f"{self.name}: {what} '{key}' failed: {type(exc).__name__}: {exc}") from exc
         if r.status_code < 400 or r.status_code == 416:

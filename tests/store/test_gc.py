@@ -1,0 +1,109 @@
+"""Garbage collection: never a referenced chunk, and safe beside writers that have not committed yet."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.store.conftest import FAST_RETRY
+from tests.store.test_conformance import make_file
+from vmstream.store import ChunkStore, LocalBackend, StoreConflict, collect_garbage
+
+CS = 16 << 10
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ChunkStore:
+    return ChunkStore(LocalBackend(tmp_path / "store"), chunk_size=CS, pack_size=64 << 10, retry=FAST_RETRY)
+
+
+def packs(store: ChunkStore) -> set[str]:
+    return {o.key.removeprefix("packs/") for o in store.backend.list("packs/")}
+
+
+def test_random_images_gc_keeps_every_committed_chunk(store: ChunkStore, tmp_path: Path) -> None:
+    """Images made of a shared pool of blocks; delete some refs, collect, check every survivor in full."""
+    rng = random.Random(3)
+    pool = [os.urandom(CS) for _ in range(24)]
+    contents = {}
+    for n in range(8):
+        regions = [(i * CS, rng.choice(pool)) for i in range(32) if rng.random() < 0.5]
+        contents[f"img{n}"] = make_file(tmp_path / f"img{n}", 32 * CS, regions)
+        store.store_file(tmp_path / f"img{n}", ref=f"img{n}")
+    for name in rng.sample(sorted(contents), 5):
+        store.delete_ref(name)
+        del contents[name]
+    total = len(packs(store))
+    for _ in range(3):
+        collect_garbage(store, grace=0)
+    assert len(packs(store)) < total
+    for name, content in contents.items():
+        cmap = store.get_ref(name)
+        for ref in cmap.stored():
+            store.read_chunk(ref)  # verifies blake3
+        assert store.read_range(cmap, 0, cmap.size) == content
+    used = set().union(*(store.get_ref(n).packs for n in contents))
+    assert packs(store) == used  # and nothing unreferenced is left
+
+
+def test_young_unreferenced_packs_are_kept(store: ChunkStore, tmp_path: Path) -> None:
+    """A writer that wrote packs but has not committed yet: its packs are younger than the grace period."""
+    make_file(tmp_path / "f", 8 * CS, [(0, os.urandom(8 * CS))])
+    uncommitted = store.store_file(tmp_path / "f")  # no ref
+    report = collect_garbage(store)  # default grace: an hour
+    assert report.young_packs == len(uncommitted.packs) and report.condemned == report.deleted == 0
+    store.commit("f", uncommitted)
+    assert store.read_range(uncommitted, 0, uncommitted.size) == (tmp_path / "f").read_bytes()
+
+
+def test_maps_passed_in_are_roots(store: ChunkStore, tmp_path: Path) -> None:
+    make_file(tmp_path / "f", 4 * CS, [(0, os.urandom(4 * CS))])
+    in_flight = store.store_file(tmp_path / "f")
+    for _ in range(2):
+        report = collect_garbage(store, [in_flight], grace=0)
+        assert report.live_packs == len(in_flight.packs) and report.deleted == 0
+    assert packs(store) == in_flight.packs
+
+
+def test_commit_refused_for_condemned_pack_and_store_file_recovers(store: ChunkStore, tmp_path: Path) -> None:
+    """GC condemns an old unreferenced pack while a writer is about to reuse its chunks."""
+    content = os.urandom(4 * CS)
+    make_file(tmp_path / "old", 4 * CS, [(0, content)])
+    old = store.store_file(tmp_path / "old")  # never committed: garbage once it is old
+    writer = ChunkStore(LocalBackend(tmp_path / "store"), chunk_size=CS, retry=FAST_RETRY)  # another host
+    make_file(tmp_path / "new", 4 * CS, [(0, content)])
+    reusing = writer.store_file(tmp_path / "new")  # dedups against the old pack
+    assert reusing.packs == old.packs
+    assert collect_garbage(store, grace=0).condemned == len(old.packs)
+    with pytest.raises(StoreConflict, match="condemned or removed"):
+        writer.commit("new", reusing)
+    # store_file with a ref notices the condemned pack, skips it and writes the chunks anew.
+    fresh = writer.store_file(tmp_path / "new", ref="new")
+    assert not fresh.packs & old.packs
+    collect_garbage(store, grace=0)
+    assert packs(store) == fresh.packs
+    assert writer.read_range(writer.get_ref("new"), 0, 4 * CS) == content
+
+
+def test_pack_used_again_is_rescued(store: ChunkStore, tmp_path: Path) -> None:
+    """A ref that appears after condemnation (its commit passed its check just before) saves the pack."""
+    make_file(tmp_path / "f", 4 * CS, [(0, os.urandom(4 * CS))])
+    cmap = store.store_file(tmp_path / "f")
+    assert collect_garbage(store, grace=0).condemned == len(cmap.packs)
+    store.backend.put("refs/late", cmap.model_dump_json().encode())  # the ref write of that racing commit
+    report = collect_garbage(store, grace=0)
+    assert report.rescued == len(cmap.packs) and report.deleted == 0
+    assert not list(store.backend.list("gc/"))
+    assert collect_garbage(store, grace=0).deleted == 0
+
+
+def test_leftovers_of_crashes_are_collected(store: ChunkStore, tmp_path: Path) -> None:
+    """A pack without index (writer died before the index) and an index without pack (GC died midway)."""
+    store.backend.put("packs/orphan", b"\x00whatever")
+    store.backend.put("index/gone", b'{"format": 1, "pack": "gone", "chunks": []}')
+    collect_garbage(store, grace=0)
+    collect_garbage(store, grace=0)
+    assert not list(store.backend.list(""))
