@@ -10,7 +10,7 @@ import pytest
 
 from tests.store.conftest import FAST_RETRY
 from tests.store.test_conformance import make_file
-from vmstream.store import ChunkStore, LocalBackend, StoreConflict, collect_garbage
+from vmstream.store import ChunkStore, LocalBackend, StoreConflict, StoreError, collect_garbage
 
 CS = 16 << 10
 
@@ -107,3 +107,14 @@ def test_leftovers_of_crashes_are_collected(store: ChunkStore, tmp_path: Path) -
     collect_garbage(store, grace=0)
     collect_garbage(store, grace=0)
     assert not list(store.backend.list(""))
+
+
+def test_unreadable_ref_stops_gc(store: ChunkStore, tmp_path: Path) -> None:
+    """If a root cannot be read, GC cannot know what is live, so it deletes nothing."""
+    make_file(tmp_path / "f", 4 * CS, [(0, os.urandom(4 * CS))])
+    store.store_file(tmp_path / "f")
+    collect_garbage(store, grace=0)  # condemns the unreferenced pack
+    store.backend.put("refs/broken", b"{not json")
+    with pytest.raises(StoreError, match="'broken' is not a valid chunk map"):
+        collect_garbage(store, grace=0)
+    assert packs(store)

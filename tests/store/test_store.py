@@ -122,9 +122,13 @@ def test_sparse_64mib_round_trip(tmp_path: Path) -> None:
 
 def test_ref_names_are_unique(store: ChunkStore, tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"x" * 100)
-    store.store_file(tmp_path / "f", ref="img")
+    cmap = store.store_file(tmp_path / "f", ref="img")
     with pytest.raises(StoreConflict, match="exists already"):
         store.store_file(tmp_path / "f", ref="img")
+    with pytest.raises(StoreConflict, match="exists already"):
+        store.commit("img", cmap)
+    store.commit("img", cmap, replace=True)
+    assert store.get_ref("img") == cmap
 
 
 def test_chunk_map_checks_its_shape() -> None:

@@ -93,6 +93,10 @@ def decode_chunk(blob: bytes, ref: ChunkRef, where: str) -> bytes:
     return data
 
 
+class _PacksGone(StoreConflict):
+    """A map to commit uses a pack GC condemned or removed."""
+
+
 @dataclass
 class _Pack:
     """A pack being filled; chunk refs exist only once it is written."""
@@ -181,7 +185,7 @@ class ChunkStore:
                 try:
                     self.commit(ref, chunk_map)
                     return chunk_map
-                except StoreConflict:
+                except _PacksGone:
                     if attempt == 2:
                         raise
         raise AssertionError("unreachable")
@@ -211,7 +215,7 @@ class ChunkStore:
         data = os.pread(fd, length, index * self.chunk_size)
         if len(data) != length:
             raise StoreError(f"file shrank while being stored (chunk {index})")
-        if data == self._zero[:length] if length < self.chunk_size else data == self._zero:  # memcmp, stops early
+        if data == (self._zero if length == self.chunk_size else bytes(length)):  # a memcmp that stops at the first non-zero
             return None
         cid = chunk_id(data)
         if cid in self._known:
@@ -261,18 +265,21 @@ class ChunkStore:
             for i in waiting.pop(cid):
                 refs[i] = ref
 
-    def commit(self, name: str, chunk_map: ChunkMap) -> None:
+    def commit(self, name: str, chunk_map: ChunkMap, *, replace: bool = False) -> None:
         """Write refs/<name>, the commit point, after checking every pack it needs is there to stay.
 
-        Raises StoreConflict if GC condemned or removed a pack the map uses; store the file again.
+        Raises StoreConflict if the ref exists (unless replace), or if GC condemned or
+        removed a pack the map uses (then store the file again).
         """
         key = REFS + check_key(name)
+        if not replace and self.backend.exists(key):
+            raise StoreConflict(f"{self.backend}: ref '{name}' exists already: delete it first or choose another name")
         needed = chunk_map.packs
         condemned = needed & {o.key[len(CONDEMNED) :] for o in self.backend.list(CONDEMNED)}
         missing = needed - {o.key[len(PACKS) :] for o in self.backend.list(PACKS)}
         if condemned or missing:
             bad = sorted(condemned | missing)
-            raise StoreConflict(
+            raise _PacksGone(
                 f"{self.backend}: cannot commit '{name}': garbage collection condemned or removed "
                 f"{len(bad)} pack(s) it uses ({', '.join(bad[:3])}); store the file again"
             )
@@ -281,7 +288,11 @@ class ChunkStore:
     # ---- refs ----------------------------------------------------------------------------
 
     def get_ref(self, name: str) -> ChunkMap:
-        return ChunkMap.model_validate_json(self.backend.get(REFS + check_key(name)))
+        raw = self.backend.get(REFS + check_key(name))
+        try:
+            return ChunkMap.model_validate_json(raw)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise StoreError(f"{self.backend}: ref '{name}' is not a valid chunk map ({exc.__class__.__name__}): {str(exc)[:200]}") from exc
 
     def list_refs(self) -> list[str]:
         return [o.key[len(REFS) :] for o in self.backend.list(REFS)]
