@@ -1,7 +1,70 @@
-"""`vmstream bench ...`: benchmarks against baselines in the same run."""
+"""`vmstream bench ...`: benchmarks against baselines in the same run.
+
+Each command prints one JSON object on stdout (progress goes to stderr) and
+writes NAME.json, NAME.md and NAME.png into --out. The bench code lives in
+vmstream.bench, imported only when a bench runs so `vmstream --help` stays fast.
+"""
 
 from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
 bench_app = typer.Typer(help="Benchmarks: JSON, a plot and a markdown table per run.", no_args_is_help=True)
+
+OutOpt = Annotated[Path, typer.Option("--out", help="Directory for the JSON, markdown and PNG files.")]
+RunsOpt = Annotated[int, typer.Option("--runs", min=1, help="Repetitions per measured point.")]
+MemOpt = Annotated[int, typer.Option("--memory-mib", min=64, help="Guest RAM in MiB.")]
+SizesOpt = Annotated[str, typer.Option("--sizes", help="Guest RAM sizes in MiB, comma-separated.")]
+DEFAULT_OUT = Path("out/bench")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"'{text}' is not a comma-separated list of whole numbers") from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"'{text}' needs at least one positive number")
+    return values
+
+
+def _run(fn: Callable[..., dict[str, Any]], out: Path, **kw: Any) -> None:
+    """Run one bench with cleanup; stop the agent afterwards if the bench started it."""
+    from vmstream.bench.common import Bench
+    from vmstream.errors import VmstreamError
+
+    bench = Bench(out)
+    try:
+        with bench.session():
+            res = fn(bench, out, **kw)
+    except VmstreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(exc.exit_code if hasattr(exc, "exit_code") else 1) from exc
+    finally:
+        if bench.client.started_agent:
+            bench.client.stop_agent()
+    print(json.dumps(res, indent=2))
+
+
+@bench_app.command()
+def clone(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 5, memory_mib: MemOpt = 256,
+          clone_runs: Annotated[int, typer.Option(min=1, help="Clone starts (cheap, so more than --runs).")] = 10) -> None:
+    """Cold boot vs clone vs QEMU save/restore: time to first HTTP answer."""
+    from vmstream.bench import clone as b
+
+    _run(b.run_and_write, out, mib=memory_mib, runs=runs, clone_runs=clone_runs)
+
+
+@bench_app.command()
+def burst(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 3, memory_mib: MemOpt = 256,
+          counts: Annotated[str, typer.Option(help="Clone counts N, comma-separated.")] = "1,10,32") -> None:
+    """Start N clones at once: time until all answer HTTP."""
+    from vmstream.bench import burst as b
+
+    _run(b.run_and_write, out, mib=memory_mib, counts=_ints(counts), runs=runs)

@@ -72,10 +72,13 @@ def boot(
     name: str,
     memory: Annotated[str, typer.Option(help="Guest RAM, e.g. 256M or 1G.")] = "256M",
     cpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
+    guest_agent: Annotated[str, typer.Option(
+        help="In-guest agent: 'native' (C, fast) or 'portable' (the shell agent real guests use).")] = "native",
     as_json: JsonOpt = False,
 ) -> None:
     """Cold-boot the demo guest; returns when it answers HTTP."""
-    res = _client().call("POST", "/v1/vms", json={"name": name, "memory": memory, "cpus": cpus})
+    body = {"name": name, "memory": memory, "cpus": cpus, "guest_agent": guest_agent}
+    res = _client().call("POST", "/v1/vms", json=body)
     _emit(res, as_json, lambda r: out.print(f"{r['name']} is serving at {r['endpoint']} (ready in {r['ready_s']:.2f}s)"))
 
 
@@ -191,6 +194,22 @@ def guest_ask(
 ) -> None:
     """Send a command to the in-guest agent (ping, status, memcheck-fill MIB SEED, memcheck-verify)."""
     print(json.dumps(_client().call("POST", f"/v1/vms/{vm}/guest", json={"command": command, "timeout": timeout}), indent=2))
+
+
+@guest_app.command("agent-installer")
+def guest_agent_installer(
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """A shell installer for the in-guest agent on a real Linux guest (run it there as root)."""
+    from vmstream.guest.installer import agent_installer
+
+    script = agent_installer()
+    if output is None:
+        sys.stdout.write(script)
+    else:
+        output.write_text(script)
+        output.chmod(0o755)
+        out.print(f"wrote {output}: copy it into the guest and run it as root")
 
 
 @agent_app.callback(invoke_without_command=True)

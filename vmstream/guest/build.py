@@ -23,7 +23,7 @@ from vmstream.guest import cpio
 
 # Drivers the guest needs, by module name; dependencies come from modules.dep.
 MODULES = ("virtio_pci", "virtio_net", "virtio_console", "virtio_blk", "virtio_balloon")
-GUEST_FILES = ("init", "vmstream-agent.c", "vmstream-agent.sh", "vmstream-hooks", "memcheck.c", "statusd.c", "vmclock.c", "clone.d/50-record-params")
+GUEST_FILES = ("init", "vmstream-agent.c", "vmstream-agent.sh", "memcheck.c", "statusd.c", "vmclock.c", "clone.d/50-record-params")
 BUSYBOX = Path("/bin/busybox")
 
 
@@ -131,7 +131,6 @@ def build_guest(cache_dir: Path, kernel: Path | None = None, force: bool = False
             cpio.file("bin/statusd", _compile("statusd", files["statusd.c"], work), executable=True),
             cpio.file("bin/vmstream-agent", _compile("vmstream-agent", files["vmstream-agent.c"], work), executable=True),
             cpio.file("bin/vmstream-agent.sh", files["vmstream-agent.sh"], executable=True),
-            cpio.file("bin/vmstream-hooks", files["vmstream-hooks"], executable=True),
             cpio.file("bin/vmclock", _compile("vmclock", files["vmclock.c"], work), executable=True),
             cpio.file("etc/vmstream/clone.d/50-record-params", files["clone.d/50-record-params"], executable=True),
             cpio.file("bin/memcheck", _compile("memcheck", files["memcheck.c"], work), executable=True),

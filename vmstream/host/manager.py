@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -225,7 +226,7 @@ class HostManager:
             self._delete_record(rec.name)
             raise
 
-    async def boot(self, name: str, memory: str, cpus: int) -> VmInfo:
+    async def boot(self, name: str, memory: str, cpus: int, guest_agent: str = "native") -> VmInfo:
         """Cold-boot the demo guest; return once it answers HTTP."""
         check_name(name)
         memory_bytes = parse_memory(memory)
@@ -237,7 +238,10 @@ class HostManager:
             accel=accel.accel, parent_image=None,
         )
         async with self._starting(rec) as proc:
-            proc.start(self._spec(rec))
+            spec = self._spec(rec)
+            if guest_agent == "portable":
+                spec = dataclasses.replace(spec, extra_append=("vmstream.agent=sh",))
+            proc.start(spec)
             self._update(name, pid=proc.pid)
             await self._wait_http(rec, proc, BOOT_TIMEOUT_S)
             ready = time.perf_counter() - t0

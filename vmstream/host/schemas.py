@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -14,6 +14,7 @@ class BootRequest(BaseModel):
     name: str
     memory: str = "256M"
     cpus: int = Field(1, ge=1, le=16)
+    guest_agent: Literal["native", "portable"] = "native"
 
 
 class VmInfo(BaseModel):

@@ -86,7 +86,7 @@ class MachineSpec:
             "-device", f"virtio-net-pci,netdev=net0,mac={self.mac},romfile=",
             "-device", "virtio-serial-pci",
             "-chardev", f"socket,id=agent,path={rundir / 'agent.sock'},server=on,wait=off",
-            "-device", "virtconsole,chardev=agent,name=org.vmstream.agent",
+            "-device", "virtserialport,chardev=agent,name=org.vmstream.agent",
             "-device", f"vmgenid,guid={self.vmgenid}",
         ]
         if self.incoming:

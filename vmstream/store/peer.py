@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from vmstream.errors import VmstreamError
 from vmstream.store.backend import Backend, ObjectInfo, check_key, check_range
 from vmstream.store.errors import BackendUnavailable, ObjectNotFound, StoreError
+from vmstream.store.store import ChunkStore
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
@@ -37,8 +38,12 @@ def _error_response(exc: VmstreamError) -> JSONResponse:
     return JSONResponse({"error": type(exc).__name__, "message": str(exc)}, status_code=status)
 
 
-def peer_router(backend: Backend, auth: Callable[..., Any] | None = None, *, writable: bool = False) -> APIRouter:
-    """Serve backend's objects over HTTP; auth is a FastAPI dependency (e.g. the agent's bearer check)."""
+def peer_router(source: Backend | ChunkStore, auth: Callable[..., Any] | None = None, *, writable: bool = False) -> APIRouter:
+    """Serve a store's objects over HTTP; auth is a FastAPI dependency (e.g. the agent's bearer check).
+
+    The server does not verify chunks: the reading host does, against the chunk map it holds.
+    """
+    backend = source.backend if isinstance(source, ChunkStore) else source
     router = APIRouter(dependencies=[Depends(auth)] if auth else [])
 
     @router.get("/objects/{key:path}")

@@ -1,6 +1,6 @@
 /*
- * vmstream-agent: the demo guest's in-guest agent, on the virtio console
- * /dev/hvc0 (the host reaches it through the VM's agent.sock).
+ * vmstream-agent: the demo guest's in-guest agent, on the virtio-serial port
+ * org.vmstream.agent (the host reaches it through the VM's agent.sock).
  *
  * Protocol: one command line in, one JSON line out. It is the same protocol
  * as the portable shell agent (vmstream-agent.sh, for real guests); this one
@@ -15,6 +15,7 @@
  *   hooks              results of the clone.d hooks once they ran
  *   memcheck-fill MIB SEED | memcheck-verify
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <net/if.h>
@@ -29,11 +30,10 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/utsname.h>
-#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
-#define PORT "/dev/hvc0"
+#define PORT_NAME "org.vmstream.agent"
 #define STATE "/run/vmstream"
 #define MEMCHECK_RESULT "/run/memcheck.json"
 #define MAX_LINE (256 * 1024)
@@ -192,7 +192,7 @@ static void cmd_identity(const char *arg) {
         reply("{\"ok\":false,\"error\":\"%s\"}", error);
     else
         reply("{\"ok\":true,\"hostname\":\"%s\",\"mac\":\"%s\",\"time\":%.6f}", u.nodename, mac, now_realtime());
-    char *hooks[] = {"/bin/vmstream-hooks", NULL};
+    char *hooks[] = {"/bin/sh", "/bin/vmstream-agent.sh", "run-hooks", NULL};
     run_detached(hooks);
 }
 
@@ -301,26 +301,72 @@ static void handle(char *line) {
     }
 }
 
+/* The virtio-serial port named org.vmstream.agent, as /dev/vportNpM. */
+static int find_port(char *path, size_t n) {
+    DIR *d = opendir("/sys/class/virtio-ports");
+    struct dirent *e;
+    int found = 0;
+    while (d && !found && (e = readdir(d)) != NULL) {
+        char name_file[300], name[128] = "";
+        snprintf(name_file, sizeof name_file, "/sys/class/virtio-ports/%s/name", e->d_name);
+        FILE *f = fopen(name_file, "r");
+        if (!f) continue;
+        if (fgets(name, sizeof name, f)) name[strcspn(name, "\n")] = '\0';
+        fclose(f);
+        if (strcmp(name, PORT_NAME) == 0) {
+            snprintf(path, n, "/dev/%s", e->d_name);
+            found = 1;
+        }
+    }
+    if (d) closedir(d);
+    return found;
+}
+
 int main(void) {
     static char line[MAX_LINE];
     struct sigaction sa = {.sa_handler = SIG_DFL, .sa_flags = SA_NOCLDWAIT};
     sigaction(SIGCHLD, &sa, NULL); /* children (hooks, memcheck) are reaped by the kernel */
+    /* SIGIO comes when the host connects or sends data; it is taken with
+       sigtimedwait, so it stays blocked and never interrupts anything. */
+    sigset_t io;
+    sigemptyset(&io);
+    sigaddset(&io, SIGIO);
+    sigprocmask(SIG_BLOCK, &io, NULL);
+    char path[300];
     for (;;) {
-        int fd = open(PORT, O_RDWR | O_NOCTTY);
+        int fd = find_port(path, sizeof path) ? open(path, O_RDWR) : -1;
         if (fd < 0) {
             sleep(1);
             continue;
         }
-        struct termios tio;
-        if (tcgetattr(fd, &tio) == 0) {
-            cfmakeraw(&tio);
-            tcsetattr(fd, TCSANOW, &tio);
-        }
-        FILE *in = fdopen(fd, "r");
+        fcntl(fd, F_SETOWN, getpid());
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_ASYNC);
         out = fdopen(dup(fd), "w");
-        while (fgets(line, sizeof line, in)) handle(line);
-        fclose(in);
+        size_t len = 0;
+        for (;;) {
+            ssize_t got = read(fd, line + len, sizeof line - 1 - len);
+            if (got < 0 && errno == EINTR) continue;
+            if (got < 0) break;
+            if (got == 0) {
+                /* no host on the other end: a read returns at once, so wait for SIGIO */
+                struct timespec limit = {.tv_sec = 5};
+                sigtimedwait(&io, NULL, &limit);
+                continue;
+            }
+            len += (size_t)got;
+            line[len] = '\0';
+            char *nl;
+            while ((nl = strchr(line, '\n')) != NULL) {
+                *nl = '\0';
+                handle(line);
+                size_t used = (size_t)(nl + 1 - line);
+                memmove(line, nl + 1, len - used + 1);
+                len -= used;
+            }
+            if (len >= sizeof line - 1) len = 0; /* an overlong line is dropped */
+        }
         fclose(out);
+        close(fd);
         sleep(1);
     }
 }

@@ -1,38 +1,58 @@
 #!/bin/sh
-# vmstream in-guest agent, portable version for real Linux guests (the demo
-# guest runs the C version, vmstream-agent.c, with the same protocol): one
-# JSON line answered per command line on the vmstream virtio console, which
-# the host reaches through the VM's agent.sock. Needs: sh, base64, ip, od.
-PORT=${VMSTREAM_AGENT_PORT:-/dev/hvc0}
-RESULT=/run/memcheck.json
+# vmstream in-guest agent, the portable version for real Linux guests. The
+# demo guest runs the C version (vmstream-agent.c) for speed; the protocol is
+# the same: one command line in, one JSON line out, on the virtio-serial port
+# org.vmstream.agent, which the host reaches through the VM's agent.sock.
+#
+#   vmstream-agent.sh             serve the port (run it as a service)
+#   vmstream-agent.sh run-hooks   run /etc/vmstream/clone.d/* (the agent does
+#                                 this after applying a clone's identity)
+#
+# Needs only sh, base64, ip, od, sed and date (busybox or coreutils).
 STATE=/run/vmstream
+HOOKS_DIR=${VMSTREAM_HOOKS_DIR:-/etc/vmstream/clone.d}
+MEMCHECK_RESULT=/run/memcheck.json
+SELF=$(command -v "$0" 2>/dev/null || echo "$0")
+
+now() { if command -v vmclock >/dev/null; then vmclock get; else date +%s; fi; }
+set_clock() { if command -v vmclock >/dev/null; then vmclock set "$1"; else date -s "@${1%%.*}" >/dev/null; fi; }
+mac() { cat /sys/class/net/eth0/address 2>/dev/null; }
+
+find_port() {
+  if [ -e /dev/virtio-ports/org.vmstream.agent ]; then echo /dev/virtio-ports/org.vmstream.agent; return; fi
+  for f in /sys/class/virtio-ports/*/name; do
+    [ "$(cat "$f" 2>/dev/null)" = org.vmstream.agent ] && { d=${f%/name}; echo "/dev/${d##*/}"; return; }
+  done
+}
+
+run_hooks() {
+  . "$STATE/params.env"
+  started=$(now)
+  items=""
+  for hook in "$HOOKS_DIR"/*; do
+    [ -f "$hook" ] && [ -x "$hook" ] || continue
+    output=$("$hook" 2>&1)
+    rc=$?
+    b64=$(printf '%s' "$output" | head -c 65536 | base64 | tr -d '\n')
+    items="$items${items:+,}{\"hook\":\"$(basename "$hook")\",\"rc\":$rc,\"output_b64\":\"$b64\"}"
+  done
+  printf '{"state":"done","started":%s,"finished":%s,"hooks":[%s]}\n' "$started" "$(now)" "$items" > "$STATE/hooks.json.tmp"
+  mv "$STATE/hooks.json.tmp" "$STATE/hooks.json"
+}
 
 reply() { printf '%s\n' "$1" >&3; }
 
-json_field() { # json_field FILE KEY -> numeric value of KEY in a flat JSON file
-  sed -n "s/.*\"$2\":\([0-9-]*\).*/\1/p" "$1" 2>/dev/null
-}
-
-wait_for() { # wait_for KEY VALUE-PREDICATE-CMD: poll RESULT up to 120 s
-  i=0
-  while [ $i -lt 600 ]; do
-    if [ -f "$RESULT" ] && eval "$1"; then return 0; fi
-    sleep 0.2; i=$((i + 1))
-  done
-  return 1
-}
-
-# identity B64: the host's new identity for this clone, one "key value" per
-# line: time, hostname, mac, param NAME B64VALUE, userdata B64. The clock,
-# hostname and MAC are applied before the answer; hooks run afterwards.
+# identity B64: one "key value" per line: time, hostname, mac,
+# param NAME B64VALUE, userdata B64. Clock, hostname and MAC are applied
+# before the answer; the hooks run afterwards, at the lowest priority.
 apply_identity() {
   mkdir -p "$STATE"
   rm -f "$STATE/hooks.json"
-  echo "$1" | base64 -d > "$STATE/identity" || { reply '{"ok":false,"error":"identity payload is not base64"}'; return; }
+  echo "$1" | base64 -d > "$STATE/identity" 2>/dev/null || { reply '{"ok":false,"error":"identity payload is not base64"}'; return; }
   : > "$STATE/params.env.tmp"
   while read -r key val; do
     case "$key" in
-      time) vmclock set "$val" ;;
+      time) set_clock "$val" ;;
       hostname) hostname "$val"; echo "$val" > /etc/hostname
                 echo "export VMSTREAM_HOSTNAME='$val'" >> "$STATE/params.env.tmp" ;;
       mac) ip link set dev eth0 address "$val"
@@ -44,19 +64,29 @@ apply_identity() {
     esac
   done < "$STATE/identity"
   mv "$STATE/params.env.tmp" "$STATE/params.env"
-  reply "{\"ok\":true,\"hostname\":\"$(hostname)\",\"mac\":\"$(cat /sys/class/net/eth0/address)\",\"time\":$(vmclock get)}"
-  nice -n 19 /bin/vmstream-hooks </dev/null >/dev/null 2>&1 &
+  reply "{\"ok\":true,\"hostname\":\"$(hostname)\",\"mac\":\"$(mac)\",\"time\":$(now)}"
+  nice -n 19 sh "$SELF" run-hooks </dev/null >/dev/null 2>&1 &
+}
+
+memcheck_field() { sed -n "s/.*\"$1\":\([0-9-]*\).*/\1/p" "$MEMCHECK_RESULT" 2>/dev/null; }
+
+wait_memcheck() { # wait_memcheck CONDITION: poll up to 120 s
+  i=0
+  while [ $i -lt 600 ]; do
+    if [ -f "$MEMCHECK_RESULT" ] && eval "$1"; then return 0; fi
+    sleep 0.2; i=$((i + 1))
+  done
+  return 1
 }
 
 handle() {
   set -- $1
   case "$1" in
     ping) reply '{"ok":true}' ;;
-    status)
+    status|time)
       read -r up _ < /proc/uptime
-      reply "{\"ok\":true,\"hostname\":\"$(hostname)\",\"mac\":\"$(cat /sys/class/net/eth0/address)\",\"time\":$(vmclock get),\"uptime\":$up,\"status\":$(wget -qO- http://127.0.0.1/)}" ;;
-    time) reply "{\"ok\":true,\"time\":$(vmclock get)}" ;;
-    clock) vmclock set "$2" && reply "{\"ok\":true,\"time\":$(vmclock get)}" ;;
+      reply "{\"ok\":true,\"hostname\":\"$(hostname)\",\"mac\":\"$(mac)\",\"time\":$(now),\"uptime\":$up}" ;;
+    clock) set_clock "$2" && reply "{\"ok\":true,\"time\":$(now)}" ;;
     random) reply "{\"ok\":true,\"random\":\"$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')\"}" ;;
     identity) apply_identity "$2" ;;
     hooks)
@@ -64,36 +94,34 @@ handle() {
       elif [ -f "$STATE/params.env" ]; then reply '{"ok":true,"result":{"state":"running"}}'
       else reply '{"ok":true,"result":{"state":"none"}}'; fi ;;
     memcheck-fill)
-      mib=${2:-16}; seed=${3:-1}
       if [ -f /run/memcheck.pid ]; then kill "$(cat /run/memcheck.pid)" 2>/dev/null; fi
-      rm -f "$RESULT"
-      /bin/memcheck daemon "$mib" "$seed" &
+      rm -f "$MEMCHECK_RESULT"
+      memcheck daemon "${2:-16}" "${3:-1}" &
       echo $! > /run/memcheck.pid
-      if wait_for 'grep -q "\"state\":\"filled\"" "$RESULT"'; then
-        reply "{\"ok\":true,\"result\":$(cat "$RESULT")}"
-      else
-        reply '{"ok":false,"error":"memcheck did not finish filling"}'
-      fi ;;
+      if wait_memcheck 'grep -q "\"state\":\"filled\"" "$MEMCHECK_RESULT"'; then
+        reply "{\"ok\":true,\"result\":$(cat "$MEMCHECK_RESULT")}"
+      else reply '{"ok":false,"error":"memcheck did not finish filling"}'; fi ;;
     memcheck-verify)
       if [ ! -f /run/memcheck.pid ] || ! kill -0 "$(cat /run/memcheck.pid)" 2>/dev/null; then
-        reply '{"ok":false,"error":"no memcheck running: run memcheck-fill first"}'
-        return
+        reply '{"ok":false,"error":"no memcheck running: run memcheck-fill first"}'; return
       fi
-      before=$(json_field "$RESULT" verifications)
+      before=$(memcheck_field verifications)
       kill -USR1 "$(cat /run/memcheck.pid)"
-      if wait_for '[ "$(json_field "$RESULT" verifications)" -gt "$before" ]'; then
-        reply "{\"ok\":true,\"result\":$(cat "$RESULT")}"
-      else
-        reply '{"ok":false,"error":"memcheck did not answer"}'
-      fi ;;
+      if wait_memcheck '[ "$(memcheck_field verifications)" -gt "$before" ]'; then
+        reply "{\"ok\":true,\"result\":$(cat "$MEMCHECK_RESULT")}"
+      else reply '{"ok":false,"error":"memcheck did not answer"}'; fi ;;
     "") ;;
     *) reply "{\"ok\":false,\"error\":\"unknown command: $1\"}" ;;
   esac
 }
 
+if [ "$1" = run-hooks ]; then run_hooks; exit 0; fi
+
+# A read on the port returns at once while no host is connected; then retry
+# every second.
 while :; do
-  if [ -c "$PORT" ] && exec 3<>"$PORT"; then
-    stty -F "$PORT" raw -echo 2>/dev/null
+  port=$(find_port)
+  if [ -n "$port" ] && exec 3<>"$port"; then
     while read -r line <&3; do handle "$line"; done
     exec 3>&-
   fi

@@ -1,0 +1,177 @@
+"""QEMU's own save and restore, driven directly: the baseline clones must beat.
+
+Save: boot the same guest with the same machine, stop it, QMP `migrate` to
+`exec:cat > FILE`. Restore: a new QEMU with `-incoming "exec:cat FILE"`; once
+the state is in, `cont` (the source was stopped, so QEMU leaves it paused),
+then poll HTTP exactly as the agent does for a clone: only after `running`,
+because a probe sent earlier reaches slirp before the guest's NIC is live.
+Every QEMU started here is stopped here (finally blocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import socket
+import time
+import uuid
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, cast
+
+from vmstream.bench.common import Bench, http_answer
+from vmstream.errors import QemuError
+from vmstream.qemu import MachineSpec, QemuProcess
+
+BOOT_TIMEOUT_S = 240.0
+RESTORE_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class IncomingSpec:
+    """A MachineSpec that loads a full QEMU migration stream at start."""
+
+    spec: MachineSpec
+    state_file: Path
+
+    def command(self, rundir: Path) -> list[str]:
+        return [*self.spec.command(rundir), "-incoming", f"exec:cat {self.state_file}"]
+
+
+@dataclass
+class BaselineVm:
+    proc: QemuProcess
+    port: int
+    ready_s: float  # process start to first HTTP answer
+    running_s: float = 0.0  # process start to state 'running'
+
+
+def _spec(bench: Bench, mib: int, ident: dict[str, str]) -> MachineSpec:
+    """The agent's machine for this guest; ident (MAC, VM generation id) is kept across save and restore."""
+    f = bench.facts()
+    values: dict[str, Any] = {
+        "vm_id": "bench-" + secrets.token_hex(5), "hostname": bench.name("qemu"), "memory_bytes": mib << 20,
+        "cpus": 1, "kernel": f.kernel, "initrd": f.initrd, "accel": f.accelerator, "http_port": free_port(),
+    }
+    names = {fl.name for fl in fields(MachineSpec)}
+    values.update({k: v for k, v in ident.items() if k in names})
+    return MachineSpec(**values)
+
+
+def new_identity() -> dict[str, str]:
+    return {"mac": "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3)), "vmgenid": str(uuid.uuid4())}
+
+
+async def _wait_http(proc: QemuProcess, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, TimeoutError, ValueError):
+            await http_answer(port)
+            return
+        if not proc.alive():
+            raise RuntimeError(f"baseline QEMU exited before the guest answered HTTP: {proc.log_tail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"baseline VM did not answer HTTP within {timeout:.0f}s")
+        await asyncio.sleep(0.005)
+
+
+async def _qmp_state(qmp: Any) -> str:
+    status = await qmp.execute("query-status")
+    return str(status["status"]) if isinstance(status, dict) else ""
+
+
+async def _until_running(proc: QemuProcess, qmp: Any, deadline: float) -> None:
+    """Wait for the loaded VM to run; `cont` it if it ends paused (it was saved stopped)."""
+    while True:
+        state = await _qmp_state(qmp)
+        if state == "running":
+            return
+        if state in ("paused", "postmigrate"):
+            mig = await qmp.execute("query-migrate")
+            if isinstance(mig, dict) and mig.get("status") == "completed":
+                await qmp.execute("cont")
+                return
+        if state in ("inmigrate-failed", "internal-error", "shutdown") or not proc.alive():
+            raise RuntimeError(f"QEMU restore failed ({state}): {proc.log_tail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"QEMU restore did not finish in {RESTORE_TIMEOUT_S:.0f}s (state {state})")
+        await asyncio.sleep(0.003)
+
+
+async def boot_and_save(bench: Bench, mib: int, state_file: Path) -> dict[str, Any]:
+    """Cold-boot a VM, stop it, save it in full to state_file; the VM is stopped afterwards."""
+    ident = new_identity()
+    spec = _spec(bench, mib, ident)
+    proc = QemuProcess(spec.vm_id, bench.scratch / "run" / spec.vm_id)
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        proc.start(spec)
+        await _wait_http(proc, spec.http_port, BOOT_TIMEOUT_S)
+        boot_s = time.perf_counter() - t0
+        await asyncio.sleep(1.0)  # same settling as the agent's boot-then-capture path has
+        async with proc.qmp() as qmp:
+            # No bandwidth cap, so the save is as fast as QEMU can write; it is
+            # the restore that is measured, but the save should not be handicapped.
+            await qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+            await qmp.execute("stop")
+            t1 = time.perf_counter()
+            await qmp.execute("migrate", {"uri": f"exec:cat > {state_file}"})
+            while True:
+                mig = await qmp.execute("query-migrate")
+                status = mig.get("status") if isinstance(mig, dict) else None
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled"):
+                    raise RuntimeError(f"QEMU migrate to file failed: {mig}")
+                await asyncio.sleep(0.01)
+            save_s = time.perf_counter() - t1
+        return {"boot_s": boot_s, "save_s": save_s, "state_bytes": state_file.stat().st_size, "ident": ident}
+    finally:
+        await proc.stop()
+
+
+async def restore(bench: Bench, mib: int, ident: dict[str, str], state_file: Path) -> BaselineVm:
+    """Start a QEMU from a full save; returns it serving HTTP. The caller stops it."""
+    spec = _spec(bench, mib, ident)
+    proc = QemuProcess(spec.vm_id, bench.scratch / "run" / spec.vm_id)
+    try:
+        t0 = time.perf_counter()
+        proc.start(cast(MachineSpec, IncomingSpec(spec, state_file)))
+        deadline = time.monotonic() + RESTORE_TIMEOUT_S
+        while True:
+            # QMP refuses connections while QEMU's main loop is busy loading the
+            # stream at start, so retry until it answers.
+            try:
+                async with proc.qmp() as qmp:
+                    await _until_running(proc, qmp, deadline)
+                break
+            except QemuError:
+                if not proc.alive() or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.005)
+        running_s = time.perf_counter() - t0
+        await _wait_http(proc, spec.http_port, RESTORE_TIMEOUT_S)
+        return BaselineVm(proc, spec.http_port, time.perf_counter() - t0, running_s)
+    except BaseException:
+        await asyncio.shield(proc.stop())
+        raise
+
+
+async def restore_times(bench: Bench, mib: int, ident: dict[str, str], state_file: Path, runs: int) -> list[float]:
+    """Restore runs times, one at a time, stopping each VM before the next."""
+    times = []
+    for _ in range(runs):
+        vm = await restore(bench, mib, ident, state_file)
+        try:
+            times.append(vm.ready_s)
+        finally:
+            await vm.proc.stop()
+    return times

@@ -1,0 +1,116 @@
+"""`bench clone`: cold boot vs clone vs QEMU's own restore, to first HTTP answer.
+
+All three are timed the same way: from the request (for QEMU restore: from
+starting the process) to the guest's first HTTP answer. Cold boots and clones
+go through the agent's REST API, so the figure includes what a user waits for
+(API, database, QEMU start, device load, first answer). The QEMU restore is
+driven in-process with no API in the way, which only favours the baseline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from vmstream.bench import baseline
+from vmstream.bench.common import Bench, say
+from vmstream.bench.report import fmt_s, fmt_x, md_table, pyplot, write_outputs
+from vmstream.bench.stats import median, ratio, summary
+
+
+def run(bench: Bench, mib: int = 256, runs: int = 5, clone_runs: int = 10) -> dict[str, Any]:
+    facts = bench.facts()
+    say(f"clone: accelerator {facts.accelerator}, {mib} MiB guest, {runs} cold boots, {clone_runs} clones, {runs} QEMU restores")
+    cold: list[float] = []
+    source = ""
+    for i in range(runs):
+        name = bench.name("cold", i)
+        _, t = bench.boot(name, mib)
+        cold.append(t)
+        say(f"cold boot {i + 1}/{runs}: {t:.2f} s")
+        if source:
+            bench.destroy(source)
+        source = name  # keep the last one: it becomes the live image
+    image = bench.name("img")
+    img = bench.create_image(source, image)
+    bench.destroy(source)
+    say(f"live image {image}: pause {img['pause_ms']:.1f} ms")
+
+    clones: list[float] = []
+    agent_ready: list[float] = []
+    for i in range(clone_runs):
+        vms, t = bench.start(image, 1, bench.name("clone", i))
+        clones.append(t)
+        agent_ready.append(vms[0]["ready_s"])
+        bench.destroy(vms[0]["name"])
+        say(f"clone {i + 1}/{clone_runs}: {t:.3f} s")
+    bench.delete_image(image)
+
+    state = bench.scratch / f"save-{mib}.mig"
+    saved = asyncio.run(baseline.boot_and_save(bench, mib, state))
+    say(f"QEMU save of a booted {mib} MiB VM: {saved['save_s']:.2f} s, {saved['state_bytes'] >> 20} MiB")
+    restores = asyncio.run(baseline.restore_times(bench, mib, saved["ident"], state, runs))
+    say(f"QEMU restores: {', '.join(f'{t:.3f}' for t in restores)} s")
+    state.unlink(missing_ok=True)
+
+    c, b, r = summary(clones), summary(cold), summary(restores)
+    return {
+        "bench": "clone",
+        "accelerator": facts.accelerator,
+        "memory_mib": mib,
+        "cold_boot_s": b["median"],
+        "cold_boot_p90_s": b["p90"],
+        "clone_s": c["median"],
+        "clone_p90_s": c["p90"],
+        "qemu_restore_s": r["median"],
+        "qemu_restore_p90_s": r["p90"],
+        "speedup_vs_boot": ratio(median(cold), median(clones)),
+        "speedup_vs_qemu_restore": ratio(median(restores), median(clones)),
+        "cold_boot": b,
+        "clone": c,
+        "clone_agent_ready": summary(agent_ready),
+        "qemu_restore": r,
+        "qemu_save_s": round(saved["save_s"], 4),
+        "qemu_state_bytes": saved["state_bytes"],
+        "image_pause_ms": img["pause_ms"],
+        "image_stored_bytes": img["memory_bytes_stored"],
+    }
+
+
+def render(res: dict[str, Any]) -> tuple[str, Any]:
+    rows = [
+        ["cold boot", len(res["cold_boot"]["runs"]), fmt_s(res["cold_boot_s"]), fmt_s(res["cold_boot_p90_s"]), "1.0x"],
+        ["QEMU save/restore (migrate to file, -incoming)", len(res["qemu_restore"]["runs"]), fmt_s(res["qemu_restore_s"]),
+         fmt_s(res["qemu_restore_p90_s"]), fmt_x(ratio(res["cold_boot_s"], res["qemu_restore_s"]))],
+        ["vmstream clone (live-image start)", len(res["clone"]["runs"]), fmt_s(res["clone_s"]), fmt_s(res["clone_p90_s"]),
+         fmt_x(res["speedup_vs_boot"])],
+    ]
+    md = (
+        f"Time from request to the guest's first HTTP answer, {res['memory_mib']} MiB guest, {res['accelerator']}.\n\n"
+        + md_table(["start", "runs", "median", "p90", "speed-up vs boot"], rows)
+        + f"\nClone vs QEMU restore: **{fmt_x(res['speedup_vs_qemu_restore'])}**; clone vs cold boot: "
+        f"**{fmt_x(res['speedup_vs_boot'])}**. QEMU's saved state: {res['qemu_state_bytes'] >> 20} MiB "
+        f"(save took {fmt_s(res['qemu_save_s'])}); the live image's pause: {res['image_pause_ms']:.1f} ms.\n"
+    )
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = ["cold boot", "QEMU restore", "vmstream clone"]
+    keys = ["cold_boot", "qemu_restore", "clone"]
+    meds = [res[k]["median"] for k in keys]
+    p90s = [res[k]["p90"] for k in keys]
+    bars = ax.bar(labels, meds, color=["#999999", "#d98c3f", "#3f7fd9"])
+    ax.errorbar(labels, meds, yerr=[[0] * 3, [p - m for p, m in zip(p90s, meds, strict=True)]], fmt="none", ecolor="black", capsize=4)
+    for bar, m in zip(bars, meds, strict=True):
+        ax.annotate(f"{m:.3f} s", (bar.get_x() + bar.get_width() / 2, m), ha="center", va="bottom", xytext=(0, 3),
+                    textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds to first HTTP answer (median, bar to p90)")
+    ax.set_title(f"Start a {res['memory_mib']} MiB guest ({res['accelerator']})")
+    return md, fig
+
+
+def run_and_write(bench: Bench, out: Any, **kw: Any) -> dict[str, Any]:
+    res = run(bench, **kw)
+    md, fig = render(res)
+    res["files"] = write_outputs(out, "clone", res, md, fig)
+    return res
