@@ -27,7 +27,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Header, HTTPException
 
-from vmstream.store import Backend, LocalBackend, PeerBackend, RetryPolicy, S3Backend, peer_router
+from vmstream.store import Backend, ChunkStore, LocalBackend, PeerBackend, RetryPolicy, S3Backend, peer_router
 
 S3_CREDENTIALS: dict[str, Any] = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
 PEER_TOKEN = "peer-test-token"
@@ -83,7 +83,7 @@ def make_bucket(endpoint: str) -> str:
     return name
 
 
-def peer_app(backend: Backend, token: str = PEER_TOKEN, writable: bool = True) -> FastAPI:
+def peer_app(backend: Backend | ChunkStore, token: str = PEER_TOKEN, writable: bool = True) -> FastAPI:
     """An app shaped like the host agent's: the store router under /v1/store, bearer auth."""
     app = FastAPI()
 

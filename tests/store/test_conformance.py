@@ -7,6 +7,7 @@ runs the chunk store itself over each backend: round trip, corruption, GC.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +30,26 @@ def test_put_replaces_whole_object(backend: Backend) -> None:
     backend.put("k", DATA)
     backend.put("k", b"short")
     assert backend.get("k") == b"short"
+
+
+def test_readers_never_see_a_torn_object(backend: Backend) -> None:
+    old, new = b"o" * (1 << 20), b"n" * (1 << 20)
+    backend.put("obj", old)
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        while not stop.is_set():
+            backend.put("obj", new)
+            backend.put("obj", old)
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        for _ in range(30):
+            assert backend.get("obj") in (old, new)
+    finally:
+        stop.set()
+        writer.join()
 
 
 @pytest.mark.parametrize(
