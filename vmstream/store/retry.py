@@ -40,8 +40,10 @@ class RetryPolicy:
                 elapsed = time.monotonic() - start
                 wait = min(delay, self.max_delay) * random.uniform(0.5, 1.0)  # jitter spreads out clients
                 if attempt == self.attempts or elapsed + wait > self.deadline:
+                    # exc names the backend and the key already; `what` is for the rare error that does not.
+                    context = "" if str(exc).startswith(what.partition(":")[0]) else f"{what}: "
                     raise StoreUnavailable(
-                        f"{what} failed after {attempt} attempt(s) over {elapsed:.1f}s: {exc}; "
+                        f"{context}{exc} (gave up after {attempt} attempt(s) over {elapsed:.1f}s); "
                         "check that the store is reachable and retry"
                     ) from exc
                 if self.on_retry:
