@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 import socket
 import time
@@ -105,37 +106,60 @@ async def _until_running(proc: QemuProcess, qmp: Any, deadline: float) -> None:
         await asyncio.sleep(0.003)
 
 
-async def boot_and_save(bench: Bench, mib: int, state_file: Path) -> dict[str, Any]:
-    """Cold-boot a VM, stop it, save it in full to state_file; the VM is stopped afterwards."""
+@dataclass
+class BootedVm:
+    proc: QemuProcess
+    ident: dict[str, str]
+    boot_s: float
+
+
+async def boot(bench: Bench, mib: int) -> BootedVm:
+    """Cold-boot the agent's machine for this guest directly; returns it serving HTTP. The caller stops it."""
     ident = new_identity()
     spec = _spec(bench, mib, ident)
     proc = QemuProcess(spec.vm_id, bench.scratch / "run" / spec.vm_id)
-    state_file.parent.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
         proc.start(spec)
         await _wait_http(proc, spec.http_port, BOOT_TIMEOUT_S)
-        boot_s = time.perf_counter() - t0
-        await asyncio.sleep(1.0)  # same settling as the agent's boot-then-capture path has
-        async with proc.qmp() as qmp:
-            # No bandwidth cap, so the save is as fast as QEMU can write; it is
-            # the restore that is measured, but the save should not be handicapped.
-            await qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
-            await qmp.execute("stop")
-            t1 = time.perf_counter()
-            await qmp.execute("migrate", {"uri": f"exec:cat > {state_file}"})
-            while True:
-                mig = await qmp.execute("query-migrate")
-                status = mig.get("status") if isinstance(mig, dict) else None
-                if status == "completed":
-                    break
-                if status in ("failed", "cancelled"):
-                    raise RuntimeError(f"QEMU migrate to file failed: {mig}")
-                await asyncio.sleep(0.01)
-            save_s = time.perf_counter() - t1
-        return {"boot_s": boot_s, "save_s": save_s, "state_bytes": state_file.stat().st_size, "ident": ident}
+        return BootedVm(proc, ident, time.perf_counter() - t0)
+    except BaseException:
+        await asyncio.shield(proc.stop())
+        raise
+
+
+async def save(vm: BootedVm, state_file: Path, resume: bool = False) -> dict[str, Any]:
+    """Stop the VM and save it in full with QMP migrate; optionally let it run on afterwards."""
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    async with vm.proc.qmp() as qmp:
+        # No bandwidth cap, so the save is as fast as QEMU can write; it is
+        # the restore that is measured, but the save should not be handicapped.
+        await qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+        await qmp.execute("stop")
+        t1 = time.perf_counter()
+        await qmp.execute("migrate", {"uri": f"exec:cat > {state_file}"})
+        while True:
+            mig = await qmp.execute("query-migrate")
+            status = mig.get("status") if isinstance(mig, dict) else None
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise RuntimeError(f"QEMU migrate to file failed: {mig}")
+            await asyncio.sleep(0.01)
+        save_s = time.perf_counter() - t1
+        if resume:
+            await qmp.execute("cont")
+    return {"save_s": save_s, "state_bytes": state_file.stat().st_size, "ident": vm.ident}
+
+
+async def boot_and_save(bench: Bench, mib: int, state_file: Path) -> dict[str, Any]:
+    """Cold-boot a VM, let it settle, save it in full to state_file; the VM is stopped afterwards."""
+    vm = await boot(bench, mib)
+    try:
+        await asyncio.sleep(1.0)
+        return {"boot_s": vm.boot_s, **await save(vm, state_file)}
     finally:
-        await proc.stop()
+        await vm.proc.stop()
 
 
 async def restore(bench: Bench, mib: int, ident: dict[str, str], state_file: Path) -> BaselineVm:
@@ -175,3 +199,21 @@ async def restore_times(bench: Bench, mib: int, ident: dict[str, str], state_fil
         finally:
             await vm.proc.stop()
     return times
+
+
+async def ask_guest(proc: QemuProcess, command: str, timeout: float = 150.0) -> dict[str, Any]:
+    """One command to the in-guest agent of a QEMU started here (JSON line protocol on agent.sock)."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_unix_connection(str(proc.agent_path))
+        try:
+            writer.write(command.encode() + b"\n")
+            await writer.drain()
+            while True:
+                line = await reader.readline()
+                if not line:
+                    raise RuntimeError(f"the guest agent closed the channel during '{command}'")
+                if line.lstrip().startswith(b"{"):
+                    answer: dict[str, Any] = json.loads(line)
+                    return answer
+        finally:
+            writer.close()

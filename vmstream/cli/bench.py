@@ -68,3 +68,20 @@ def burst(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 3, memory_mib: MemOpt = 256
     from vmstream.bench import burst as b
 
     _run(b.run_and_write, out, mib=memory_mib, counts=_ints(counts), runs=runs)
+
+
+@bench_app.command()
+def scale(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 3, sizes: SizesOpt = "256,1024,2048,4096",
+          fill: Annotated[bool, typer.Option(help="Also measure guests that filled 75% of their RAM.")] = True) -> None:
+    """Clone vs QEMU full restore across guest RAM sizes."""
+    from vmstream.bench import scale as b
+
+    _run(b.run_and_write, out, sizes=_ints(sizes), runs=runs, fill=fill)
+
+
+@bench_app.command()
+def capture(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 3, sizes: SizesOpt = "256,1024,2048,4096") -> None:
+    """Live-image create pause vs guest RAM size, for a booted VM and for a clone."""
+    from vmstream.bench import capture as b
+
+    _run(b.run_and_write, out, sizes=_ints(sizes), runs=runs)
