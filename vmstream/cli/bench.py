@@ -85,3 +85,23 @@ def capture(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 3, sizes: SizesOpt = "256
     from vmstream.bench import capture as b
 
     _run(b.run_and_write, out, sizes=_ints(sizes), runs=runs)
+
+
+@bench_app.command()
+def density(out: OutOpt = DEFAULT_OUT, memory_mib: MemOpt = 256,
+            counts: Annotated[str, typer.Option(help="VM counts N, comma-separated (slope fitted over them).")] = "1,2,4,8") -> None:
+    """Host memory for N clones vs N cold-booted vs N QEMU-restored VMs."""
+    from vmstream.bench import density as b
+
+    _run(b.run_and_write, out, mib=memory_mib, counts=_ints(counts))
+
+
+@bench_app.command("all")
+def all_(out: Annotated[Path, typer.Option("--out", help="Directory for every bench's JSON, markdown and PNG.")] = Path("docs/bench"),
+         doc: Annotated[Path, typer.Option("--doc", help="The summary document to write.")] = Path("docs/benchmarks.md"),
+         runs: Annotated[int | None, typer.Option("--runs", min=1, help="Override every bench's default repetitions.")] = None,
+         sizes: SizesOpt = "256,1024,2048,4096") -> None:
+    """Run every bench (baselines included) and write docs/benchmarks.md with tables and plots."""
+    from vmstream.bench import suite
+
+    _run(lambda bench, out, **kw: suite.run_all(bench.client, out, doc, runs, _ints(sizes)), out)

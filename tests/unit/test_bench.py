@@ -1,0 +1,95 @@
+"""Unit tests of the benches' pure logic: quantiles, marginal-bytes fit, target checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from vmstream.bench import targets
+from vmstream.bench.report import md_table
+from vmstream.bench.stats import median, p90, quantile, ratio, slope, summary
+
+
+def test_median_odd_and_even() -> None:
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 2.0, 3.0]) == 2.5
+
+
+def test_p90_interpolates_between_the_slowest_runs() -> None:
+    # numpy's default (linear) method: position (n - 1) * 0.9 = 3.6 between 4.0 and 5.0
+    assert p90([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(4.6)
+    assert p90([7.0]) == 7.0
+
+
+def test_quantile_bounds() -> None:
+    assert quantile([5.0, 1.0], 0.0) == 1.0
+    assert quantile([5.0, 1.0], 1.0) == 5.0
+    with pytest.raises(ValueError, match="no values"):
+        quantile([], 0.5)
+    with pytest.raises(ValueError, match="outside"):
+        quantile([1.0], 1.5)
+
+
+def test_summary_rounds_and_keeps_runs() -> None:
+    s = summary([0.123456, 0.2, 0.3], digits=3)
+    assert s["median"] == 0.2
+    assert s["min"] == 0.123
+    assert s["runs"] == [0.123, 0.2, 0.3]
+
+
+def test_slope_cancels_fixed_cost() -> None:
+    # 100 MiB shared by all VMs plus 40 MiB each: the slope is the 40 MiB
+    ns = [1, 2, 4, 8]
+    totals = [100 + 40 * n for n in ns]
+    assert slope(ns, totals) == pytest.approx(40.0)
+
+
+def test_slope_least_squares_with_noise() -> None:
+    assert slope([1, 2, 3], [10.0, 21.0, 30.0]) == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize(("xs", "ys", "msg"), [([1], [1.0], "two points"), ([2, 2], [1.0, 3.0], "different x"),
+                                               ([1, 2], [1.0], "as many")])
+def test_slope_rejects_degenerate_input(xs: list[int], ys: list[float], msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        slope(xs, ys)
+
+
+def test_ratio() -> None:
+    assert ratio(9.0, 0.3) == 30.0
+    assert ratio(1.0, 0.0) is None
+    assert ratio(None, 2.0) is None
+
+
+def test_md_table_aligns_first_column_left() -> None:
+    text = md_table(["a", "b"], [[1, 2]])
+    assert text.splitlines() == ["| a | b |", "| --- | --: |", "| 1 | 2 |"]
+
+
+def _results() -> dict:
+    size = {"filled": {"speedup_vs_qemu_restore": 6.0}, "idle": {"speedup_vs_qemu_restore": 1.2}}
+    return {
+        "clone": {"speedup_vs_boot": 35.0, "speedup_vs_qemu_restore": 1.1, "memory_mib": 256},
+        "scale": {"sizes": [{"mib": 1024, **size}, {"mib": 4096, **size}]},
+        "burst": {"all_serving_s": {"1": 0.2, "10": 2.5, "32": 8.5}},
+        "density": {"density_ratio": 4.4, "memory_mib": 256},
+        "capture": {"pause_ms_booted_256m": 25.0, "pause_ms_clone": 8.0, "pause_ms_clone_mib": 256},
+    }
+
+
+def test_targets_met_and_missed() -> None:
+    rows = {r["what"]: r for r in targets.check(_results(), total_s=600)}
+    assert rows["`bench all` wall time"]["met"] is True
+    assert rows["clone: speed-up vs cold boot"]["met"] is True
+    assert rows["scale: speed-up vs QEMU restore at 1 GiB, 75% filled"]["met"] is True
+    assert rows["scale: speed-up vs QEMU restore at 4 GiB, 75% filled"]["met"] is False
+    assert rows["scale: speed-up vs QEMU restore at 1 GiB, freshly booted"]["met"] is False
+    assert rows["burst: 10 clones all serving"]["met"] is True
+    assert rows["burst: 32 clones all serving"]["met"] is False
+    assert rows["density: ratio cold / clone (256 MiB)"]["met"] is False
+    assert rows["capture: pause, booted 256 MiB VM"]["met"] is True
+
+
+def test_targets_missing_benches_and_sizes() -> None:
+    rows = targets.check({"scale": {"sizes": [{"mib": 256, "idle": {"speedup_vs_qemu_restore": 1.0}}]}}, total_s=None)
+    assert all(r["value"] is None and r["met"] is None for r in rows)
+    assert "**missed**" not in targets.markdown(rows)

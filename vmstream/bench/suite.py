@@ -1,0 +1,119 @@
+"""`bench all`: every bench in one invocation, and docs/benchmarks.md from the results.
+
+Order matters on a 2-core host: the clone bench (cold boot timing) runs
+first on a quiet host; the memory-heavy scale bench (4 GiB guests) and the
+density bench run last.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from vmstream.bench import burst, capture, clone, density, scale, targets
+from vmstream.bench.common import Bench, meminfo, say
+from vmstream.cli.client import AgentClient
+
+SECTIONS = [
+    ("clone", "Cold boot vs clone vs QEMU save/restore", clone),
+    ("capture", "Live-image create pause", capture),
+    ("burst", "Burst: N clones at once", burst),
+    ("scale", "Start time vs guest RAM size", scale),
+    ("density", "Density: host memory per VM", density),
+]
+
+
+def command_line() -> str:
+    """The command as typed, with the environment that changes what it measures."""
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in ("VMSTREAM_HOME", "VMSTREAM_ACCEL", "PYTHONPATH") if k in os.environ]
+    return " ".join([*env, "vmstream", *map(shlex.quote, sys.argv[1:])])
+
+
+def source_revision() -> str:
+    """git commit of the vmstream source being measured, '+dirty' if it has uncommitted changes."""
+    src = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_all(client: AgentClient, out: Path, doc: Path, runs: int | None, sizes: list[int]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    started = datetime.now(UTC)
+    results: dict[str, Any] = {}
+    durations: dict[str, float] = {}
+    for key, _, mod in SECTIONS:
+        bench = Bench(out, client)
+        kw: dict[str, Any] = {}
+        if key in ("scale", "capture"):
+            kw["sizes"] = sizes
+        if runs is not None and key != "density":
+            kw["runs"] = runs
+        t = time.perf_counter()
+        with bench.session():
+            results[key] = mod.run_and_write(bench, out, **kw)
+        durations[key] = round(time.perf_counter() - t, 1)
+        say(f"{key} took {durations[key]:.0f} s")
+    total = time.perf_counter() - t0
+    rows = targets.check(results, total)
+    facts = Bench(out, client).facts()
+    summary = {
+        "bench": "all",
+        "command": command_line(),
+        "source": source_revision(),
+        "started_at": started.isoformat(timespec="seconds"),
+        "total_s": round(total, 1),
+        "durations_s": durations,
+        "host": {"cpus": facts.cpus, "mem_total_bytes": meminfo()["MemTotal"], "kernel": platform.release(),
+                 "qemu": facts.qemu_version, "accelerator": facts.accelerator, "accelerator_reason": facts.accelerator_reason},
+        "targets": rows,
+        "results": results,
+    }
+    write_doc(doc, out, summary)
+    return summary
+
+
+def write_doc(doc: Path, out: Path, s: dict[str, Any]) -> None:
+    h = s["host"]
+    parts = [
+        "# Benchmarks\n",
+        "Written by `vmstream bench all`; every figure below comes from one run of it, baselines included. "
+        "Do not edit by hand: run it again.\n",
+        f"- command: `{s['command']}`",
+        f"- source: {s['source']}, started {s['started_at']}, took {s['total_s'] / 60:.1f} min "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in s['durations_s'].items())})",
+        f"- host: {h['cpus']} cores, {h['mem_total_bytes'] / (1 << 30):.0f} GiB, Linux {h['kernel']}, QEMU {h['qemu']}, "
+        f"accelerator **{h['accelerator']}** ({h['accelerator_reason']})",
+        "- clones and cold boots go through the agent's REST API (what a user waits for); QEMU's own save/restore is "
+        "driven directly (QMP `migrate` to `exec:cat > FILE` of a stopped VM, then a new QEMU with "
+        "`-incoming exec:cat FILE`), timed from process start to the first HTTP answer, with no API in the way.",
+        "- Raw JSON of each bench sits beside its plot in "
+        f"[{os.path.relpath(out, doc.parent)}/]({os.path.relpath(out, doc.parent)}/).\n",
+        "## Targets\n",
+        targets.markdown(s["targets"]),
+    ]
+    for key, title, _ in SECTIONS:
+        res = s["results"].get(key)
+        if not res:
+            continue
+        files = res["files"]
+        md = Path(files["markdown"]).read_text()
+        png = os.path.relpath(files["plot"], doc.parent)
+        parts += [f"## {title}\n", f"`vmstream bench {key}`\n", md, f"![{title}]({png})\n"]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    tmp = doc.with_suffix(".tmp")
+    tmp.write_text("\n".join(parts))
+    os.replace(tmp, doc)
+    say(f"wrote {doc}")

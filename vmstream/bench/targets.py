@@ -1,0 +1,65 @@
+"""The issue's "done when" lines, checked against bench results (pure, for unit tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+LIMIT_ALL_S = 20 * 60
+
+
+def _row(what: str, target: str, value: float | None, ok: bool | None, unit: str = "") -> dict[str, Any]:
+    return {"what": what, "target": target, "value": value, "unit": unit, "met": ok}
+
+
+def _size(scale: dict[str, Any], mib: int) -> dict[str, Any] | None:
+    return next((s for s in scale.get("sizes", []) if s["mib"] == mib), None)
+
+
+def check(results: dict[str, Any], total_s: float | None) -> list[dict[str, Any]]:
+    """One row per target; value None (and met None) where the bench did not run or the size is missing."""
+    rows = []
+    if total_s is not None:
+        rows.append(_row("`bench all` wall time", "< 20 min", round(total_s / 60, 1), total_s < LIMIT_ALL_S, "min"))
+    clone = results.get("clone")
+    if clone:
+        v = clone.get("speedup_vs_boot")
+        rows.append(_row("clone: speed-up vs cold boot", ">= 30x", v, v is not None and v >= 30, "x"))
+        v = clone.get("speedup_vs_qemu_restore")
+        rows.append(_row(f"clone: speed-up vs QEMU restore ({clone['memory_mib']} MiB, freshly booted)", "(no target)", v, None, "x"))
+    scale = results.get("scale")
+    if scale:
+        for mib, need in ((1024, 5.0), (4096, 20.0)):
+            s = _size(scale, mib)
+            for state in ("filled", "idle"):
+                v = s[state]["speedup_vs_qemu_restore"] if s and state in s else None
+                label = "75% filled" if state == "filled" else "freshly booted"
+                rows.append(_row(f"scale: speed-up vs QEMU restore at {mib // 1024} GiB, {label}", f">= {need:.0f}x", v,
+                                 None if v is None else v >= need, "x"))
+    burst = results.get("burst")
+    if burst:
+        for n, limit in ((10, 3.0), (32, 8.0)):
+            v = burst["all_serving_s"].get(str(n))
+            rows.append(_row(f"burst: {n} clones all serving", f"<= {limit:.0f} s", v, None if v is None else v <= limit, "s"))
+    density = results.get("density")
+    if density:
+        v = density.get("density_ratio")
+        rows.append(_row(f"density: ratio cold / clone ({density['memory_mib']} MiB)", ">= 6x", v,
+                         None if v is None else v >= 6, "x"))
+    capture = results.get("capture")
+    if capture:
+        v = capture.get("pause_ms_booted_256m")
+        rows.append(_row("capture: pause, booted 256 MiB VM", "<= 100 ms", v, None if v is None else v <= 100, "ms"))
+        v = capture.get("pause_ms_clone")
+        rows.append(_row(f"capture: pause, clone ({capture['pause_ms_clone_mib']} MiB)", "<= 30 ms", v,
+                         None if v is None else v <= 30, "ms"))
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    from vmstream.bench.report import md_table
+
+    def cell(r: dict[str, Any]) -> str:
+        return "-" if r["value"] is None else f"{r['value']} {r['unit']}".strip()
+
+    verdict = {True: "met", False: "**missed**", None: "-"}
+    return md_table(["done when", "target", "measured", ""], [[r["what"], r["target"], cell(r), verdict[r["met"]]] for r in rows])
