@@ -122,6 +122,7 @@ class BaseImage:
     counter: int  # the base VM's counter just before the capture
     uptime: float
     memcheck_seed: int
+    created: float  # host time when the image was taken
 
 
 @pytest.fixture(scope="session")
@@ -134,4 +135,4 @@ def base_image(cli: Cli, base_vm: dict[str, Any]) -> BaseImage:
     while (st := status(base_vm["endpoint"]))["counter"] < 3 and time.monotonic() < deadline:
         time.sleep(0.5)
     info = cli.json("live-image", "create", "base", "base-img")
-    return BaseImage("base-img", info, st["counter"], float(st["uptime"]), seed)
+    return BaseImage("base-img", info, st["counter"], float(st["uptime"]), seed, time.time())

@@ -88,18 +88,6 @@ def test_delete_refused_while_clones_exist(cli: Cli, base_image: BaseImage, vms:
     assert "base-img" in {i["name"] for i in cli.json("live-image", "list")}
 
 
-def test_image_of_a_clone_and_delete(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
-    (clone,) = vms.clones("base-img", prefix="gen1")
-    cli.json("live-image", "create", clone["name"], "gen1-img")
-    (grandchild,) = vms.clones("gen1-img", prefix="gen2")
-    verify = cli.ask(grandchild["name"], "memcheck-verify")
-    assert verify["ok"] and verify["result"]["bad_pages"] == 0, verify
-    vms.destroy_all()
-    deleted = cli.json("live-image", "delete", "gen1-img")
-    assert deleted == {"deleted": "gen1-img"}
-    assert not (cli.home / "images" / "gen1-img").exists()
-
-
 def test_destroy_leaves_nothing_behind(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
     (clone,) = vms.clones("base-img", prefix="gone")
     pid = clone["pid"]

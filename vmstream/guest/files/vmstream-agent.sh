@@ -65,7 +65,8 @@ apply_identity() {
   done < "$STATE/identity"
   mv "$STATE/params.env.tmp" "$STATE/params.env"
   reply "{\"ok\":true,\"hostname\":\"$(hostname)\",\"mac\":\"$(mac)\",\"time\":$(now)}"
-  nice -n 19 sh "$SELF" run-hooks </dev/null >/dev/null 2>&1 &
+  lowest=""; command -v nice >/dev/null && lowest="nice -n 19"  # busybox may lack nice
+  $lowest sh "$SELF" run-hooks </dev/null >/dev/null 2>&1 &
 }
 
 memcheck_field() { sed -n "s/.*\"$1\":\([0-9-]*\).*/\1/p" "$MEMCHECK_RESULT" 2>/dev/null; }
@@ -117,13 +118,10 @@ handle() {
 
 if [ "$1" = run-hooks ]; then run_hooks; exit 0; fi
 
-# A read on the port returns at once while no host is connected; then retry
-# every second.
+# The port stays open: the guest driver drops what the host sends while it is
+# closed. A read returns at once (end of file) while no host is connected, so
+# then wait a little and read again.
+until port=$(find_port) && [ -n "$port" ] && exec 3<>"$port"; do sleep 1; done
 while :; do
-  port=$(find_port)
-  if [ -n "$port" ] && exec 3<>"$port"; then
-    while read -r line <&3; do handle "$line"; done
-    exec 3>&-
-  fi
-  sleep 1
+  if read -r line <&3; then handle "$line"; else sleep 0.3; fi
 done
