@@ -37,8 +37,10 @@ def command_line() -> str:
 
 
 def source_revision() -> str:
-    """git commit of the vmstream source being measured, '+dirty' if it has uncommitted changes."""
-    src = Path(__file__).resolve().parents[2]
+    """git commit of the vmstream source being measured (where vmstream.qemu is), '+dirty' if it has uncommitted changes."""
+    import vmstream.qemu
+
+    src = Path(vmstream.qemu.__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              check=True).stdout.strip()

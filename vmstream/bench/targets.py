@@ -59,7 +59,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     from vmstream.bench.report import md_table
 
     def cell(r: dict[str, Any]) -> str:
-        return "-" if r["value"] is None else f"{r['value']} {r['unit']}".strip()
+        if r["value"] is None:
+            return "-"
+        v = float(r["value"])
+        return f"{v:.3g} {r['unit']}".strip() if v < 100 else f"{v:.0f} {r['unit']}".strip()
 
     verdict = {True: "met", False: "**missed**", None: "-"}
     return md_table(["done when", "target", "measured", ""], [[r["what"], r["target"], cell(r), verdict[r["met"]]] for r in rows])
