@@ -39,6 +39,27 @@ def qemu_version() -> str:
 
 
 @dataclass(frozen=True)
+class TapNic:
+    """A bridged NIC instead of slirp: QEMU attaches to an existing tap device.
+
+    The guest gets a static address on the kernel command line
+    (vmstream.ip/netmask/gw), so it keeps it when the VM migrates to another
+    host on the same L2 segment. netns: the network namespace the tap lives
+    in; QEMU is started inside it (nsenter), since a tap is found by name.
+    """
+
+    ifname: str
+    ip: str
+    netmask: str = "255.255.255.0"
+    gateway: str | None = None
+    netns: str | None = None
+
+    def append(self) -> list[str]:
+        args = [f"vmstream.ip={self.ip}", f"vmstream.netmask={self.netmask}"]
+        return [*args, f"vmstream.gw={self.gateway}"] if self.gateway else args
+
+
+@dataclass(frozen=True)
 class MachineSpec:
     """Everything that decides a VM's QEMU command line.
 
@@ -59,6 +80,7 @@ class MachineSpec:
     memory_file: Path | None = None  # a live image's memory, mapped MAP_PRIVATE
     incoming: bool = False  # wait for device state (a clone)
     extra_append: tuple[str, ...] = field(default_factory=tuple)
+    tap: TapNic | None = None  # None: slirp with a host port forward (the single-host default)
 
     def command(self, rundir: Path) -> list[str]:
         mib = self.memory_bytes >> 20
@@ -70,8 +92,13 @@ class MachineSpec:
             backend = f"memory-backend-file,id=mem,size={mib}M,mem-path={self.memory_file},share=off"
         accel = "kvm" if self.accel == "kvm" else "tcg,tb-size=64"
         append = " ".join(
-            ["console=ttyS0", "quiet", "panic=-1", f"vmstream.hostname={self.hostname}", *self.extra_append]
+            ["console=ttyS0", "quiet", "panic=-1", f"vmstream.hostname={self.hostname}", *self.extra_append,
+             *(self.tap.append() if self.tap else [])]
         )
+        if self.tap is None:
+            netdev = f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.http_port}-:80"
+        else:
+            netdev = f"tap,id=net0,ifname={self.tap.ifname},script=no,downscript=no"
         cmd = [
             shutil.which(QEMU_BINARY) or QEMU_BINARY,
             "-name", f"vmstream-{self.vm_id},debug-threads=on",
@@ -82,7 +109,7 @@ class MachineSpec:
             "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", append,
             "-serial", f"file:{rundir / 'serial.log'}",
             "-qmp", f"unix:{rundir / 'qmp.sock'},server=on,wait=off",
-            "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.http_port}-:80",
+            "-netdev", netdev,
             "-device", f"virtio-net-pci,netdev=net0,mac={self.mac},romfile=",
             "-device", "virtio-serial-pci",
             "-chardev", f"socket,id=agent,path={rundir / 'agent.sock'},server=on,wait=off",
@@ -91,6 +118,9 @@ class MachineSpec:
         ]
         if self.incoming:
             cmd += ["-incoming", "defer", "-global", "migration.send-configuration=off"]
+        if self.tap is not None and self.tap.netns is not None:
+            # nsenter execs QEMU in place: same pid, and /proc/PID/cmdline keeps the marker
+            cmd = ["nsenter", f"--net=/run/netns/{self.tap.netns}", "--", *cmd]
         return cmd
 
 

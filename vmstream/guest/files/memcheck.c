@@ -8,8 +8,14 @@
  *   memcheck daemon MIB SEED   fill MIB MiB, then wait; SIGUSR1 verifies
  *                              every page and writes /run/memcheck.json
  *
+ *   memcheck dirty MIB RATE    rewrite pages of a MIB MiB region at RATE MB/s
+ *                              (10^6 bytes) until killed: the "guest writing
+ *                              20 MB/s" load for migration benchmarks;
+ *                              progress in /run/memdirty.json
+ *
  * The agent starts the daemon ("memcheck-fill") and sends SIGUSR1
- * ("memcheck-verify"). Results are one JSON object per line.
+ * ("memcheck-verify"); "memcheck-dirty MIB RATE" / "memcheck-dirty-stop"
+ * run the writer. Results are one JSON object per line.
  */
 #include <signal.h>
 #include <stdint.h>
@@ -41,9 +47,45 @@ static void write_result(const char *json) {
     rename(RESULT ".tmp", RESULT);
 }
 
+/* Rewrite whole pages round-robin, RATE MB/s in 10 ms steps, until killed. */
+static int dirty(uint64_t mib, uint64_t rate_mb) {
+    uint64_t pages = mib * 1024 * 1024 / PAGE;
+    unsigned char *mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE,
+                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (mem == MAP_FAILED || pages == 0) return 1;
+    double per_tick = rate_mb * 1e6 / 100.0 / PAGE; /* pages per 10 ms */
+    double owed = 0;
+    uint64_t next = 0, written = 0, ticks = 0;
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    for (;;) {
+        owed += per_tick;
+        while (owed >= 1.0) {
+            memset(mem + next * PAGE, (int)(written & 0xff) | 1, PAGE);
+            next = (next + 1) % pages;
+            written++;
+            owed -= 1.0;
+        }
+        if (++ticks % 100 == 0) {
+            FILE *f = fopen("/run/memdirty.json.tmp", "w");
+            if (f) {
+                fprintf(f, "{\"state\":\"dirtying\",\"rate_mb_s\":%llu,\"pages_written\":%llu}\n",
+                        (unsigned long long)rate_mb, (unsigned long long)written);
+                fclose(f);
+                rename("/run/memdirty.json.tmp", "/run/memdirty.json");
+            }
+        }
+        t.tv_nsec += 10000000;
+        if (t.tv_nsec >= 1000000000) { t.tv_nsec -= 1000000000; t.tv_sec++; }
+        clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &t, NULL);
+    }
+}
+
 int main(int argc, char **argv) {
+    if (argc == 4 && strcmp(argv[1], "dirty") == 0)
+        return dirty(strtoull(argv[2], NULL, 10), strtoull(argv[3], NULL, 10));
     if (argc != 4 || strcmp(argv[1], "daemon") != 0) {
-        fprintf(stderr, "usage: memcheck daemon MIB SEED\n");
+        fprintf(stderr, "usage: memcheck daemon MIB SEED | memcheck dirty MIB RATE_MB_S\n");
         return 2;
     }
     uint64_t mib = strtoull(argv[2], NULL, 10);

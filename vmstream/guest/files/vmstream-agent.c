@@ -14,6 +14,8 @@
  *                      "param NAME B64VALUE", "userdata B64"
  *   hooks              results of the clone.d hooks once they ran
  *   memcheck-fill MIB SEED | memcheck-verify
+ *   memcheck-dirty MIB RATE    rewrite a MIB MiB region at RATE MB/s until
+ *   memcheck-dirty-stop        stopped (a migration load)
  */
 #include <dirent.h>
 #include <errno.h>
@@ -253,6 +255,29 @@ static void cmd_memcheck_verify(void) {
         reply("{\"ok\":false,\"error\":\"memcheck did not answer\"}");
 }
 
+static pid_t dirty_pid;
+
+static void cmd_memcheck_dirty(const char *args) {
+    char mib[32] = "64", rate[32] = "20";
+    sscanf(args ? args : "", "%31s %31s", mib, rate);
+    if (dirty_pid > 0) kill(dirty_pid, SIGTERM);
+    char *argv[] = {"/bin/memcheck", "dirty", mib, rate, NULL};
+    dirty_pid = fork();
+    if (dirty_pid == 0) {
+        setsid();
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    reply("{\"ok\":true,\"pid\":%d,\"mib\":%s,\"rate_mb_s\":%s}", (int)dirty_pid, mib, rate);
+}
+
+static void cmd_memcheck_dirty_stop(void) {
+    int was = dirty_pid > 0 && kill(dirty_pid, SIGTERM) == 0;
+    dirty_pid = 0;
+    const char *json = slurp("/run/memdirty.json");
+    reply("{\"ok\":true,\"stopped\":%s,\"result\":%s}", was ? "true" : "false", json ? json : "null");
+}
+
 static void handle(char *line) {
     line[strcspn(line, "\r\n")] = '\0';
     char *arg = strchr(line, ' ');
@@ -296,6 +321,10 @@ static void handle(char *line) {
         cmd_memcheck_fill(arg);
     } else if (strcmp(line, "memcheck-verify") == 0) {
         cmd_memcheck_verify();
+    } else if (strcmp(line, "memcheck-dirty") == 0) {
+        cmd_memcheck_dirty(arg);
+    } else if (strcmp(line, "memcheck-dirty-stop") == 0) {
+        cmd_memcheck_dirty_stop();
     } else {
         reply("{\"ok\":false,\"error\":\"unknown command: %s\"}", line);
     }

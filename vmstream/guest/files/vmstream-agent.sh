@@ -111,6 +111,16 @@ handle() {
       if wait_memcheck '[ "$(memcheck_field verifications)" -gt "$before" ]'; then
         reply "{\"ok\":true,\"result\":$(cat "$MEMCHECK_RESULT")}"
       else reply '{"ok":false,"error":"memcheck did not answer"}'; fi ;;
+    memcheck-dirty) # rewrite a region at a given rate until stopped: a migration load
+      if [ -f /run/memdirty.pid ]; then kill "$(cat /run/memdirty.pid)" 2>/dev/null; fi
+      memcheck dirty "${2:-64}" "${3:-20}" </dev/null >/dev/null 2>&1 &
+      echo $! > /run/memdirty.pid
+      reply "{\"ok\":true,\"pid\":$!,\"mib\":${2:-64},\"rate_mb_s\":${3:-20}}" ;;
+    memcheck-dirty-stop)
+      stopped=false
+      if [ -f /run/memdirty.pid ] && kill "$(cat /run/memdirty.pid)" 2>/dev/null; then stopped=true; fi
+      rm -f /run/memdirty.pid
+      reply "{\"ok\":true,\"stopped\":$stopped,\"result\":$(cat /run/memdirty.json 2>/dev/null || echo null)}" ;;
     "") ;;
     *) reply "{\"ok\":false,\"error\":\"unknown command: $1\"}" ;;
   esac
