@@ -59,7 +59,7 @@ def test_clone_continues_from_snapshot(cli: Cli, base_image: BaseImage, vms: VmF
     # a fresh boot would restart the counter at 1 with an uptime of a few seconds
     assert st["counter"] >= base_image.counter
     assert float(st["uptime"]) >= base_image.uptime
-    assert st["hostname"] == "base"
+    assert st["hostname"] == clone["name"]  # a new identity, not the base VM's
     assert clone["parent_image"] == "base-img"
     verify = cli.ask(clone["name"], "memcheck-verify")
     assert verify["ok"], verify

@@ -41,8 +41,12 @@ class CaptureResult:
     layout: str  # "full": memory.raw; "delta": delta over the root the VM maps
 
 
-def _copy_sparse(src: Path, dst_fd: int) -> None:
-    """Copy src's data extents into dst at the same offsets, keeping holes."""
+def _copy_sparse(src: Path, dst_fd: int, block: int = 1 << 20) -> None:
+    """Copy src's non-zero blocks into dst at the same offsets, keeping holes.
+
+    src may be a memfs file, which reports no holes: zero blocks are found by
+    content too, so the copy stays sparse either way.
+    """
     with open(src, "rb") as f:
         fd, end = f.fileno(), os.fstat(f.fileno()).st_size
         pos = 0
@@ -53,7 +57,12 @@ def _copy_sparse(src: Path, dst_fd: int) -> None:
                 break
             hole = os.lseek(fd, pos, os.SEEK_HOLE)
             while pos < hole:
-                pos += os.copy_file_range(fd, dst_fd, hole - pos, pos, pos)
+                data = os.pread(fd, min(block, hole - pos), pos)
+                if not data:
+                    break
+                if data.count(0) != len(data):
+                    os.pwrite(dst_fd, data, pos)
+                pos += len(data)
 
 
 def _write_pages(fd: int, buf: mmap.mmap, starts: np.ndarray, counts: np.ndarray, keep_zero: bool) -> int:

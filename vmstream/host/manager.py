@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 
 from vmstream import __version__
 from vmstream.capture import apply_delta, capture_vm
-from vmstream.config import check_name, parse_memory
+from vmstream.config import check_name, parse_memory, parse_size
 from vmstream.errors import Conflict, GuestError, InvalidInput, NotFound, QemuError
 from vmstream.guest import GuestArtifacts, build_guest
 from vmstream.guest.channel import ask_guest
@@ -36,11 +36,17 @@ from vmstream.host import footprint
 from vmstream.host.db import VmRecord, open_db
 from vmstream.host.schemas import HostInfo, ImageInfo, StartResult, VmInfo
 from vmstream.image import GuestConfig, ImageRepository, LiveImage
+from vmstream.memfs import memory_ref
+from vmstream.memfs.mount import MemfsMount
 from vmstream.qemu import AccelChoice, MachineSpec, QemuProcess, choose_accelerator, qemu_version
+from vmstream.store import ChunkStore, StoreError
+from vmstream.store.spec import open_backend
 
 BOOT_TIMEOUT_S = 240.0
 CLONE_TIMEOUT_S = 90.0
 HOOKS_TIMEOUT_S = 300.0
+WORKING_SET_RECORD_S = 2.0  # how long after a clone answers its chunk touches are recorded
+WORKING_SET = "workingset.json"
 # A clone's capture is stored as a delta over its root image unless the delta
 # is larger than this fraction of the root's stored memory; then it is flattened.
 FLATTEN_FRACTION = 0.5
@@ -80,7 +86,11 @@ class HostManager:
         self.data_dir = data_dir
         self.run_root = data_dir / "run"
         self.run_root.mkdir(parents=True, exist_ok=True)
-        self.images = ImageRepository(data_dir / "images")
+        store_spec = os.environ.get("VMSTREAM_STORE") or str(data_dir / "store")
+        self.store = ChunkStore(open_backend(store_spec))
+        self.memfs = MemfsMount(data_dir, store_spec, parse_size(os.environ.get("VMSTREAM_CACHE_SIZE", "8G")))
+        self.images = ImageRepository(data_dir / "images", self.memfs.mountpoint)
+        self._recording: set[str] = set()
         self.session = open_db(data_dir / "state.db")
         self._procs: dict[str, QemuProcess] = {}
         self._alloc_lock = asyncio.Lock()
@@ -187,6 +197,8 @@ class HostManager:
     async def reattach(self) -> dict[str, int]:
         """At agent start: adopt VMs still running; remove half-started ones."""
         adopted = exited = removed = 0
+        if any(r.parent_image for r in self._records()):
+            await self.memfs.ensure()  # clones' memory: a no-op if the daemon outlived the agent
         for rec in self._records():
             proc = self._proc(rec)
             if rec.state == "starting":
@@ -265,6 +277,7 @@ class HostManager:
     async def destroy_all(self) -> int:
         recs = self._records()
         await asyncio.gather(*(self.destroy(r.name) for r in recs))
+        await self.memfs.stop()
         return len(recs)
 
     def list_vms(self) -> list[VmInfo]:
@@ -314,9 +327,13 @@ class HostManager:
                     flatten_above = -1 if flatten else None
                 result = await capture_vm(proc, rec.memory_bytes, stage, root_memory, flatten_above)
                 root = (parent.memory_root or parent.name) if parent and result.layout == "delta" else None
+                ref = None
+                if result.layout == "full":
+                    ref = memory_ref(name)
+                    await asyncio.to_thread(self._store_memory, stage / "memory.raw", ref)
                 image = LiveImage(
                     name=name, created_at=datetime.now(UTC), source_vm=vm, parent_image=rec.parent_image,
-                    layout=result.layout, memory_root=root,
+                    layout=result.layout, memory_root=root, memory_ref=ref,
                     guest=GuestConfig(
                         memory_bytes=rec.memory_bytes, cpus=rec.cpus, kernel=rec.kernel, initrd=rec.initrd,
                         accel=rec.accel, hostname=rec.hostname, mac=rec.mac, vmgenid=rec.vmgenid,
@@ -325,8 +342,22 @@ class HostManager:
                     pause_ms=result.pause_ms, devstate_bytes=result.devstate_bytes,
                     memory_bytes_stored=result.memory_bytes_stored, source_private_bytes=result.private_bytes,
                 )
-                self.images.commit(stage, image)
+                try:
+                    self.images.commit(stage, image)
+                except BaseException:
+                    if ref is not None:
+                        await asyncio.to_thread(self.store.delete_ref, ref)
+                    raise
+        self._spawn(self.memfs.ensure())  # mounted before the first clone asks, not on its clock
         return self._image_info(image)
+
+    def _store_memory(self, path: Path, ref: str) -> None:
+        """Chunk an image's memory into the store; the local copy goes (memfs serves it)."""
+        try:
+            self.store.store_file(path, ref=ref)
+        except StoreError as exc:
+            raise QemuError(f"storing the image memory failed: {exc}") from exc
+        path.unlink()
 
     def list_images(self) -> list[ImageInfo]:
         return [self._image_info(i) for i in self.images.all()]
@@ -348,7 +379,14 @@ class HostManager:
             if children:
                 names = ", ".join(i.name for i in children)
                 raise Conflict(f"live image '{name}' has child images ({names}) made from its clones: delete them first")
+            image = self.images.get(name)
             await asyncio.to_thread(self.images.delete, name)
+            if image.memory_ref is not None:
+                with contextlib.suppress(StoreError):
+                    await asyncio.to_thread(self.store.delete_ref, image.memory_ref)
+            if self.memfs.pid() is not None:
+                with contextlib.suppress(Exception):
+                    await self.memfs.request("forget", image=name)
 
     async def start_clones(
         self, image_name: str, count: int, prefix: str | None,
@@ -378,15 +416,51 @@ class HostManager:
             names, memory_bytes=g.memory_bytes, cpus=g.cpus, kernel=g.kernel, initrd=g.initrd,
             accel=g.accel, parent_image=image_name,
         )
+        await self.memfs.ensure()
+        record = await self._prepare_memory(image)
         results = await asyncio.gather(
             *(self._start_clone(rec, image, t0, params, user_data) for rec in recs), return_exceptions=True
         )
+        if record:
+            self._spawn(self._record_working_set(image, stop_after=WORKING_SET_RECORD_S))
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             await asyncio.gather(*(self.destroy(r.name) for r in recs if self._exists(r.name)), return_exceptions=True)
             raise errors[0]
         return StartResult(image=image_name, vms=[self._info(self._record(r.name)) for r in recs],
                            elapsed_s=time.perf_counter() - t0)
+
+    async def _prepare_memory(self, image: LiveImage) -> bool:
+        """Prefetch the image's recorded working set if the host lacks it (REAP);
+        with no working set yet, start recording one. Returns True if recording."""
+        root = image.memory_root or image.name
+        profile = self.images.image_dir(self.images.get(root)) / WORKING_SET
+        if profile.exists():
+            chunks = json.loads(profile.read_text())["chunks"]
+            missing = await self.memfs.request("missing", image=root, chunks=chunks)
+            if missing.get("missing"):
+                await self.memfs.request("prefetch", image=root, chunks=chunks, wait=False)
+            return False
+        if root in self._recording:
+            return False
+        self._recording.add(root)
+        await self.memfs.request("record-start", image=root)
+        return True
+
+    async def _record_working_set(self, image: LiveImage, stop_after: float) -> None:
+        """Keep, with the root image, the chunks its first clone touched early on."""
+        root = image.memory_root or image.name
+        try:
+            await asyncio.sleep(stop_after)
+            answer = await self.memfs.request("record-stop", image=root)
+            chunks = answer.get("chunks", [])
+            if answer.get("ok") and chunks and self.images.exists(root):
+                path = self.images.image_dir(self.images.get(root)) / WORKING_SET
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"chunks": chunks, "recorded_s": stop_after}))
+                os.replace(tmp, path)
+        finally:
+            self._recording.discard(root)
 
     def _exists(self, name: str) -> bool:
         with self.session() as s:
@@ -455,6 +529,9 @@ class HostManager:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if not any(r.state != "exited" for r in self._records()):
+            await self.memfs.stop()  # nothing maps image memory any more
+        self.store.close()
 
     async def _after_start(self, rec: VmRecord, proc: QemuProcess) -> None:
         """Set the clone's clock exactly, then wait for its hooks and keep their results."""

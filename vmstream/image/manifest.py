@@ -42,7 +42,7 @@ class LiveImage(BaseModel):
     memory_root: str | None = None  # for "delta": the image whose memory.raw clones map
     guest: GuestConfig
     devstate_file: str = "devstate.bin"
-    memory_file: str = "memory.raw"
+    memory_ref: str | None = None  # store ref of a "full" image's memory
     pause_ms: float
     devstate_bytes: int
     memory_bytes_stored: int

@@ -1,5 +1,8 @@
 """ImageRepository: live images on the local disk, one directory each.
 
+The directory holds the manifest, the device state and a layered image's
+delta; memory lives in the chunk store, and memfs presents it as a file.
+
 An image is built in a hidden staging directory and appears by one rename,
 the commit point, so a crash or failure never leaves a half-written image
 under its name. Deleting renames it away first for the same reason.
@@ -21,8 +24,9 @@ MANIFEST = "manifest.json"
 
 
 class ImageRepository:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, memory_dir: Path) -> None:
         self.root = root
+        self.memory_dir = memory_dir  # where memfs presents each image's memory as a file
         root.mkdir(parents=True, exist_ok=True)
 
     def _dir(self, name: str) -> Path:
@@ -48,7 +52,7 @@ class ImageRepository:
 
         For a layered image that is its root's file; its delta goes on top.
         """
-        return self._dir(image.memory_root or image.name) / image.memory_file
+        return self.memory_dir / (image.memory_root or image.name)
 
     def image_dir(self, image: LiveImage) -> Path:
         return self._dir(image.name)

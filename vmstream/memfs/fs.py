@@ -1,0 +1,233 @@
+"""The FUSE operations: a flat directory, one read-only file per image memory.
+
+A file is named after its image and backed by the store ref
+images/<name>/memory. QEMU 7.2 opens its mem-path read-write even for a
+private mapping, so write opens are accepted; writes themselves are refused
+(MAP_PRIVATE never writes back). A chunk that cannot be fetched or verified
+makes the read fail with EIO: never wrong or zero bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyfuse3
+import trio
+
+from vmstream.memfs import memory_ref
+from vmstream.memfs.cache import ChunkCache
+from vmstream.store import ChunkMap, ChunkRef, ChunkStore, ObjectNotFound, StoreError
+
+log = logging.getLogger("vmstream.memfs")
+
+
+@dataclass
+class ImageFile:
+    name: str
+    inode: int
+    chunk_map: ChunkMap
+    fetched_bytes: int = 0  # from the store (uncompressed)
+    fetched_chunks: int = 0
+    cache_hits: int = 0  # chunk reads served by the host cache
+    cache_misses: int = 0
+    read_bytes: int = 0  # served to the kernel
+    errors: int = 0
+    last_error: str | None = None
+    recording: dict[int, float] | None = None  # chunk index -> first touch, while recording
+    record_start: float = 0.0
+    prefetch: dict[str, Any] = field(default_factory=dict)
+
+    def stats(self) -> dict[str, Any]:
+        hits, misses = self.cache_hits, self.cache_misses
+        return {
+            "size": self.chunk_map.size,
+            "chunk_size": self.chunk_map.chunk_size,
+            "nonzero_bytes": self.chunk_map.nonzero_bytes,
+            "fetched_bytes": self.fetched_bytes,
+            "fetched_chunks": self.fetched_chunks,
+            "cache_hits": hits,
+            "cache_misses": misses,
+            "cache_hit_ratio": hits / (hits + misses) if hits + misses else None,
+            "read_bytes": self.read_bytes,
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "recording": self.recording is not None,
+            "prefetch": self.prefetch,
+        }
+
+
+class MemFs(pyfuse3.Operations):
+    def __init__(self, store: ChunkStore, cache: ChunkCache) -> None:
+        super().__init__()
+        self.store = store
+        self.cache = cache
+        self.files: dict[str, ImageFile] = {}
+        self.by_inode: dict[int, ImageFile] = {}
+        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self._inflight: dict[str, trio.Event] = {}
+        self._fetch_limit = trio.CapacityLimiter(16)
+        self._zero = bytes(4 << 20)  # zero chunks are served from here (chunks are at most 4 MiB)
+
+    # ---- images --------------------------------------------------------------------
+
+    async def image(self, name: str) -> ImageFile:
+        """The image's file, loading its chunk map from the store on first use."""
+        found = self.files.get(name)
+        if found is not None:
+            return found
+        try:
+            chunk_map = await trio.to_thread.run_sync(self.store.get_ref, memory_ref(name))
+        except ObjectNotFound:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except StoreError as exc:
+            log.error("cannot load the chunk map of %s: %s", name, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+        found = self.files.get(name)  # another task may have loaded it meanwhile
+        if found is None:
+            found = ImageFile(name, self._next_inode, chunk_map)
+            self._next_inode += 1
+            self.files[name] = found
+            self.by_inode[found.inode] = found
+        return found
+
+    def forget_image(self, name: str) -> None:
+        f = self.files.pop(name, None)
+        if f is not None:
+            self.by_inode.pop(f.inode, None)
+
+    def _attr(self, inode: int, size: int, mode: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.st_mode = mode
+        a.st_nlink = 1
+        a.st_size = size
+        a.st_uid = os.getuid()
+        a.st_gid = os.getgid()
+        a.st_blksize = 4096
+        a.st_blocks = (size + 511) // 512
+        a.attr_timeout = 3600  # images are immutable
+        a.entry_timeout = 3600
+        return a
+
+    # ---- FUSE operations -------------------------------------------------------------
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if inode == pyfuse3.ROOT_INODE:
+            return self._attr(inode, 0, stat.S_IFDIR | 0o755)
+        f = self.by_inode.get(inode)
+        if f is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(inode, f.chunk_map.size, stat.S_IFREG | 0o644)
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if parent_inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        f = await self.image(os.fsdecode(name))
+        return self._attr(f.inode, f.chunk_map.size, stat.S_IFREG | 0o644)
+
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        refs = await trio.to_thread.run_sync(self.store.list_refs)
+        names = sorted(r.split("/")[1] for r in refs if r.startswith("images/") and r.endswith("/memory"))
+        for i, name in enumerate(names[start_id:], start_id + 1):
+            f = await self.image(name)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), await self.getattr(f.inode), i):
+                break
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if inode not in self.by_inode:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        fi = pyfuse3.FileInfo(fh=inode)
+        fi.keep_cache = True  # the page cache copy is shared by every clone of the image
+        return fi
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        f = self.by_inode[fh]
+        cm = f.chunk_map
+        end = min(off + size, cm.size)
+        if off >= end:
+            return b""
+        cs = cm.chunk_size
+        parts = []
+        for index in range(off // cs, (end - 1) // cs + 1):
+            lo = max(off, index * cs) - index * cs
+            hi = min(end, (index + 1) * cs) - index * cs
+            ref = cm.chunks[index]
+            if ref is None:
+                parts.append(self._zero[lo:hi])
+                continue
+            if f.recording is not None and index not in f.recording:
+                f.recording[index] = time.monotonic() - f.record_start
+            data = await self.chunk(f, ref)
+            parts.append(data[lo:hi])
+        out = b"".join(parts)
+        f.read_bytes += len(out)
+        return out
+
+    # ---- chunks ------------------------------------------------------------------------
+
+    async def chunk(self, f: ImageFile, ref: ChunkRef, counted: bool = True) -> bytes:
+        """A verified chunk: from the host cache, else fetched once however many ask."""
+        while True:
+            data = self.cache.get(ref.id)
+            if data is not None:
+                if counted:
+                    f.cache_hits += 1
+                return data
+            waiting = self._inflight.get(ref.id)
+            if waiting is None:
+                break
+            await waiting.wait()
+            if ref.id not in self.cache:  # the fetch failed: surface the error here too
+                raise pyfuse3.FUSEError(errno.EIO)
+        if counted:
+            f.cache_misses += 1
+        done = self._inflight[ref.id] = trio.Event()
+        try:
+            async with self._fetch_limit:
+                data = await trio.to_thread.run_sync(self.store.read_chunk, ref)
+            await trio.to_thread.run_sync(self.cache.put, ref.id, data)
+            f.fetched_bytes += len(data)
+            f.fetched_chunks += 1
+            return data
+        except StoreError as exc:
+            f.errors += 1
+            f.last_error = str(exc)
+            log.error("image %s: chunk %s: %s", f.name, ref.id[:16], exc)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+        finally:
+            del self._inflight[ref.id]
+            done.set()
+
+    async def prefetch(self, f: ImageFile, indexes: list[int]) -> None:
+        """Fetch the given chunks into the host cache, in parallel (the REAP idea)."""
+        t0 = time.monotonic()
+        refs = {}
+        for i in indexes:
+            if 0 <= i < len(f.chunk_map.chunks) and (r := f.chunk_map.chunks[i]) is not None and r.id not in self.cache:
+                refs[r.id] = r
+        f.prefetch = {"state": "running", "chunks": len(refs)}
+
+        async def one(r: ChunkRef) -> None:
+            try:
+                await self.chunk(f, r, counted=False)
+            except pyfuse3.FUSEError:
+                pass  # recorded in f.last_error; the clone's own read will fail clearly
+
+        async with trio.open_nursery() as nursery:
+            for r in refs.values():
+                nursery.start_soon(one, r)
+        f.prefetch = {"state": "done", "chunks": len(refs), "seconds": round(time.monotonic() - t0, 3)}

@@ -1,0 +1,128 @@
+"""MemfsMount: the agent's handle on this host's memfs daemon.
+
+One owner: it starts the daemon (own session, so clones keep their memory
+if the agent dies), adopts a running one after an agent restart, talks to
+its control socket, and stops it, unmounting, when no VM needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vmstream.errors import VmstreamError
+
+START_TIMEOUT_S = 20.0
+
+
+class MemfsError(VmstreamError):
+    http_status = 503
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(path.absolute())
+    with open("/proc/mounts") as mounts:
+        return any(line.split()[1] == target for line in mounts)
+
+
+class MemfsMount:
+    def __init__(self, data_dir: Path, store_spec: str, cache_bytes: int) -> None:
+        self.mountpoint = data_dir / "memfs"
+        self.cache_dir = data_dir / "cache"
+        self.control = data_dir / "memfs.sock"
+        self.pid_file = data_dir / "memfs.pid"
+        self.log_file = data_dir / "memfs.log"
+        self.store_spec = store_spec
+        self.cache_bytes = cache_bytes
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._lock = asyncio.Lock()
+
+    def pid(self) -> int | None:
+        """The daemon's pid, if it runs and serves our mountpoint."""
+        if self._popen is not None and self._popen.poll() is None:
+            return self._popen.pid
+        try:
+            pid = int(self.pid_file.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            return None
+        return pid if b"vmstream.memfs.daemon" in cmdline and str(self.mountpoint).encode() in cmdline else None
+
+    async def ensure(self) -> None:
+        """Running and mounted, starting it if need be."""
+        async with self._lock:
+            if self.pid() is not None and is_mounted(self.mountpoint):
+                return
+            await asyncio.to_thread(self._unmount_stale)
+            self.mountpoint.mkdir(parents=True, exist_ok=True)
+            with open(self.log_file, "ab") as log:
+                self._popen = subprocess.Popen(
+                    [sys.executable, "-m", "vmstream.memfs.daemon", "--mount", str(self.mountpoint),
+                     "--store", self.store_spec, "--cache", str(self.cache_dir),
+                     "--cache-bytes", str(self.cache_bytes), "--control", str(self.control)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            self.pid_file.write_text(str(self._popen.pid))
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not (is_mounted(self.mountpoint) and self.control.exists()):
+                if self._popen.poll() is not None:
+                    tail = self.log_file.read_text(errors="replace").strip().splitlines()[-3:]
+                    raise MemfsError(f"the memory filesystem (memfs) failed to start: {' / '.join(tail)}")
+                if time.monotonic() > deadline:
+                    raise MemfsError(f"memfs did not mount {self.mountpoint} within {START_TIMEOUT_S:.0f}s")
+                await asyncio.sleep(0.02)
+
+    def _unmount_stale(self) -> None:
+        """A mount whose daemon died ('transport endpoint is not connected') blocks a new one."""
+        if is_mounted(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
+
+    async def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(self.control))
+        except OSError as exc:
+            raise MemfsError(f"memfs is not answering on {self.control}: {exc}") from exc
+        try:
+            writer.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            await writer.drain()
+            answer: dict[str, Any] = json.loads(await reader.readline())
+            return answer
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        """Unmount and end the daemon: politely, then by signal, then a lazy unmount."""
+        pid = self.pid()
+        if pid is not None:
+            with contextlib.suppress(MemfsError, OSError, ValueError):
+                await self.request("shutdown")
+            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+                if sig is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+                for _ in range(100):
+                    if self._exited(pid):
+                        break
+                    await asyncio.sleep(0.05)
+                if self._exited(pid):
+                    break
+        await asyncio.to_thread(self._unmount_stale)
+        self.pid_file.unlink(missing_ok=True)
+        self._popen = None
+
+    def _exited(self, pid: int) -> bool:
+        if self._popen is not None and self._popen.pid == pid:
+            return self._popen.poll() is not None
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return True
+        return state == "Z"
