@@ -98,6 +98,8 @@ def write_doc(doc: Path, out: Path, s: dict[str, Any]) -> None:
         f"({', '.join(f'{k} {v:.0f} s' for k, v in s['durations_s'].items())})",
         f"- host: {h['cpus']} cores, {h['mem_total_bytes'] / (1 << 30):.0f} GiB, Linux {h['kernel']}, QEMU {h['qemu']}, "
         f"accelerator **{h['accelerator']}** ({h['accelerator_reason']})",
+        *(["- PYTHONPATH points the command at a clean `git clone` of the source revision above, so the figures belong "
+            "to that commit and not to uncommitted edits in a shared working tree."] if "PYTHONPATH=" in s["command"] else []),
         "- clones and cold boots go through the agent's REST API (what a user waits for); QEMU's own save/restore is "
         "driven directly (QMP `migrate` to `exec:cat > FILE` of a stopped VM, then a new QEMU with "
         "`-incoming exec:cat FILE`), timed from process start to the first HTTP answer, with no API in the way.",

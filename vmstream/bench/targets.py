@@ -32,7 +32,7 @@ def check(results: dict[str, Any], total_s: float | None) -> list[dict[str, Any]
             s = _size(scale, mib)
             for state in ("filled", "idle"):
                 v = s[state]["speedup_vs_qemu_restore"] if s and state in s else None
-                label = "75% filled" if state == "filled" else "freshly booted"
+                label = "freshly booted" if state == "idle" else f"{s[state]['fill_mib']} MiB filled" if s and state in s else state
                 rows.append(_row(f"scale: speed-up vs QEMU restore at {mib // 1024} GiB, {label}", f">= {need:.0f}x", v,
                                  None if v is None else v >= need, "x"))
     burst = results.get("burst")
