@@ -25,9 +25,10 @@ import pytest
 @dataclass
 class Cli:
     home: Path
+    env: dict[str, str] | None = None  # more environment, e.g. another host's store
 
     def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "VMSTREAM_HOME": str(self.home)}
+        env = {**os.environ, "VMSTREAM_HOME": str(self.home), **(self.env or {})}
         return subprocess.run(
             [sys.executable, "-m", "vmstream", *args], env=env, capture_output=True, text=True, timeout=timeout
         )
@@ -58,6 +59,11 @@ def our_qemu_pids(home: Path) -> list[int]:
     return pids
 
 
+def fuse_mounts(home: Path) -> list[str]:
+    with open("/proc/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[1].startswith(str(home))]
+
+
 def status(endpoint: str) -> dict[str, Any]:
     r = httpx.get(endpoint + "status.json", timeout=10)
     r.raise_for_status()
@@ -75,6 +81,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
         c.run("agent", "stop", "--destroy-vms")
         left = our_qemu_pids(home)
         assert not left, f"QEMU processes left behind: {left}"
+        assert not fuse_mounts(home), f"FUSE mounts left behind: {fuse_mounts(home)}"
         run = home / "run"
         assert not run.exists() or not any(run.iterdir()), f"run dirs left behind: {list(run.iterdir())}"
 

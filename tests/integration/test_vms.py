@@ -121,3 +121,6 @@ def test_agent_restart_reattaches(cli: Cli, base_image: BaseImage, vms: VmFactor
     assert new_agent != old_agent
     assert status(clone["endpoint"])["counter"] >= base_image.counter
     assert cli.ask(clone["name"], "ping")["ok"]
+    # its memory is served by memfs, which outlived the agent: still every page right
+    verify = cli.ask(clone["name"], "memcheck-verify")
+    assert verify["ok"] and verify["result"]["bad_pages"] == 0, verify

@@ -109,6 +109,27 @@ def destroy(name: str, as_json: JsonOpt = False) -> None:
     _emit(_client().call("DELETE", f"/v1/vms/{name}"), as_json, lambda r: out.print(f"destroyed {r['destroyed']}"))
 
 
+@app.command()
+def host(as_json: JsonOpt = False) -> None:
+    """This host: memory, VM totals, the chunk cache and per-image streaming counters."""
+    def render(h: dict[str, Any]) -> None:
+        out.print(f"memory: {_mib(h['mem_available_bytes'])} available of {_mib(h['mem_total_bytes'])}; "
+                  f"{h['running_vms']} VM(s) running, PSS {_mib(h['vm_pss_bytes'])}, "
+                  f"private {_mib(h['vm_private_bytes'])}, guest RAM shared from images {_mib(h['guest_ram_from_images_bytes'])}")
+        out.print(f"store: {h['store']}")
+        m = h["memfs"]
+        if not m.get("running"):
+            out.print("memfs: not running")
+            return
+        out.print(f"chunk cache: {_mib(m['cache_bytes'])} of {_mib(m['cache_capacity'])}")
+        t = Table("image", "memory", "non-zero", "fetched from store", "cache hit ratio", "errors")
+        for name, i in m["images"].items():
+            ratio = "-" if i["cache_hit_ratio"] is None else f"{i['cache_hit_ratio']:.2f}"
+            t.add_row(name, _mib(i["size"]), _mib(i["nonzero_bytes"]), _mib(i["fetched_bytes"]), ratio, str(i["errors"]))
+        out.print(t)
+    _emit(_client().call("GET", "/v1/host"), as_json, render)
+
+
 @image_app.command("create")
 def image_create(
     vm: str, image: str,

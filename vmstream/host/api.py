@@ -28,6 +28,7 @@ from vmstream.host.schemas import (
     StartResult,
     VmInfo,
 )
+from vmstream.store import peer_router
 
 
 def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]) -> FastAPI:
@@ -59,6 +60,12 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
         return {"ok": True, "pid": os.getpid(), "version": __version__}
 
     v1 = [Depends(auth)]
+    # other hosts stream this host's chunks (PeerBackend), with the same token
+    app.include_router(peer_router(manager.store, auth), prefix="/v1/store")
+
+    @app.get("/v1/host", dependencies=v1)
+    async def host() -> dict[str, Any]:
+        return await manager.host_info()
 
     @app.get("/v1/info", dependencies=v1)
     async def info() -> HostInfo:

@@ -89,7 +89,7 @@ class HostManager:
         store_spec = os.environ.get("VMSTREAM_STORE") or str(data_dir / "store")
         self.store = ChunkStore(open_backend(store_spec))
         self.memfs = MemfsMount(data_dir, store_spec, parse_size(os.environ.get("VMSTREAM_CACHE_SIZE", "8G")))
-        self.images = ImageRepository(data_dir / "images", self.memfs.mountpoint)
+        self.images = ImageRepository(data_dir / "images", self.memfs.mountpoint, self.store.backend)
         self._recording: set[str] = set()
         self.session = open_db(data_dir / "state.db")
         self._procs: dict[str, QemuProcess] = {}
@@ -180,6 +180,9 @@ class HostManager:
                 return recs
 
     def _info(self, rec: VmRecord, with_footprint: bool = False) -> VmInfo:
+        if rec.state == "running" and not self._proc(rec).alive():
+            self._update(rec.name, state="exited")  # it died under us: say so, keep the row for destroy
+            rec.state = "exited"
         fp = None
         if with_footprint and rec.pid and rec.state == "running":
             with contextlib.suppress(FileNotFoundError, ProcessLookupError):
@@ -421,6 +424,9 @@ class HostManager:
         results = await asyncio.gather(
             *(self._start_clone(rec, image, t0, params, user_data) for rec in recs), return_exceptions=True
         )
+        if any(isinstance(r, BaseException) for r in results) and (why := await self._memfs_error(image)):
+            results = [QemuError(f"clones of '{image_name}' cannot run: reading the image memory failed ({why}); "
+                                 "the clone was stopped and never ran on wrong memory")]
         if record:
             self._spawn(self._record_working_set(image, stop_after=WORKING_SET_RECORD_S))
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -455,12 +461,41 @@ class HostManager:
             answer = await self.memfs.request("record-stop", image=root)
             chunks = answer.get("chunks", [])
             if answer.get("ok") and chunks and self.images.exists(root):
-                path = self.images.image_dir(self.images.get(root)) / WORKING_SET
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"chunks": chunks, "recorded_s": stop_after}))
-                os.replace(tmp, path)
+                profile = json.dumps({"chunks": chunks, "recorded_s": stop_after}).encode()
+                with contextlib.suppress(StoreError):
+                    await asyncio.to_thread(self.images.add_file, self.images.get(root), WORKING_SET, profile)
         finally:
             self._recording.discard(root)
+
+    async def host_info(self) -> dict[str, Any]:
+        """Per host: memory, the host chunk cache, per-image streaming counters, VM totals."""
+        meminfo = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, value = line.split(":", 1)
+                meminfo[key] = int(value.split()[0]) * 1024
+        vms = [self._info(r, with_footprint=True) for r in self._records()]
+        fps = [v.footprint for v in vms if v.footprint is not None]
+        memfs: dict[str, Any] = {"running": False}
+        if self.memfs.pid() is not None:
+            with contextlib.suppress(Exception):
+                memfs = {"running": True, **(await self.memfs.request("stats"))}
+        return {
+            "mem_total_bytes": meminfo["MemTotal"], "mem_available_bytes": meminfo["MemAvailable"],
+            "vms": len(vms), "running_vms": sum(v.state == "running" for v in vms),
+            "vm_pss_bytes": sum(f.pss_bytes for f in fps),
+            "vm_private_bytes": sum(f.anonymous_bytes for f in fps),
+            "guest_ram_from_images_bytes": sum(f.guest_ram.image_bytes for f in fps if f.guest_ram),
+            "store": str(self.store.backend), "memfs": memfs,
+        }
+
+    async def _memfs_error(self, image: LiveImage) -> str | None:
+        """Why memfs failed to read an image's memory, if it did: the clone died of it."""
+        with contextlib.suppress(Exception):
+            stats = await self.memfs.request("stats")
+            err = stats.get("images", {}).get(image.memory_root or image.name, {}).get("last_error")
+            return str(err) if err else None
+        return None
 
     def _exists(self, name: str) -> bool:
         with self.session() as s:

@@ -19,39 +19,69 @@ from pathlib import Path
 
 from vmstream.errors import Conflict, NotFound
 from vmstream.image.manifest import LiveImage
+from vmstream.store import Backend
 
 MANIFEST = "manifest.json"
+META = "meta/images/"
 
 
 class ImageRepository:
-    def __init__(self, root: Path, memory_dir: Path) -> None:
+    """Images in the store (the catalog every host shares), cached in local dirs.
+
+    The store holds each image's small files under meta/images/<name>/ with
+    the manifest written last: that put is the commit point. A host that
+    lacks an image locally fetches those files on first use; the memory
+    itself is streamed by memfs, chunk by chunk.
+    """
+
+    def __init__(self, root: Path, memory_dir: Path, backend: Backend | None = None) -> None:
         self.root = root
         self.memory_dir = memory_dir  # where memfs presents each image's memory as a file
+        self.backend = backend
         root.mkdir(parents=True, exist_ok=True)
 
     def _dir(self, name: str) -> Path:
         return self.root / name
 
-    def exists(self, name: str) -> bool:
+    def _meta(self, name: str, file: str = "") -> str:
+        return f"{META}{name}/{file}"
+
+    def _local(self, name: str) -> bool:
         return (self._dir(name) / MANIFEST).is_file()
 
+    def exists(self, name: str) -> bool:
+        return self._local(name) or (self.backend is not None and self.backend.exists(self._meta(name, MANIFEST)))
+
     def get(self, name: str) -> LiveImage:
+        if not self._local(name):
+            self._fetch(name)
+        return LiveImage.model_validate_json((self._dir(name) / MANIFEST).read_text())
+
+    def _fetch(self, name: str) -> None:
+        """Copy an image's files from the store into the local cache dir."""
+        if self.backend is None or not self.backend.exists(self._meta(name, MANIFEST)):
+            raise NotFound(f"no live image named '{name}': see 'vmstream live-image list'")
+        stage = self.root / f".fetching-{name}-{uuid.uuid4().hex[:8]}"
+        stage.mkdir()
         try:
-            return LiveImage.model_validate_json((self._dir(name) / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise NotFound(f"no live image named '{name}': see 'vmstream live-image list'") from None
+            for obj in self.backend.list(self._meta(name)):
+                (stage / obj.key.rsplit("/", 1)[1]).write_bytes(self.backend.get(obj.key))
+            with contextlib.suppress(OSError):  # another request fetched it meanwhile: same content
+                os.rename(stage, self._dir(name))
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def names(self) -> set[str]:
+        local = {p.name for p in self.root.iterdir() if not p.name.startswith(".") and self._local(p.name)}
+        if self.backend is not None:
+            local |= {o.key.split("/")[2] for o in self.backend.list(META) if o.key.endswith("/" + MANIFEST)}
+        return local
 
     def all(self) -> list[LiveImage]:
-        return sorted(
-            (self.get(p.name) for p in self.root.iterdir() if not p.name.startswith(".") and self.exists(p.name)),
-            key=lambda i: i.created_at,
-        )
+        return sorted((self.get(n) for n in self.names()), key=lambda i: i.created_at)
 
     def memory_path(self, image: LiveImage) -> Path:
-        """The file a clone maps as its RAM (the seam where memfs will plug in).
-
-        For a layered image that is its root's file; its delta goes on top.
-        """
+        """The file a clone maps as its RAM: memfs's file of the image, or of its root."""
         return self.memory_dir / (image.memory_root or image.name)
 
     def image_dir(self, image: LiveImage) -> Path:
@@ -63,9 +93,6 @@ class ImageRepository:
 
     def devstate_path(self, image: LiveImage) -> Path:
         return self._dir(image.name) / image.devstate_file
-
-    def stored_bytes(self, name: str) -> int:
-        return sum(p.stat().st_blocks * 512 for p in self._dir(name).iterdir())
 
     @contextlib.contextmanager
     def staging(self, name: str) -> Iterator[Path]:
@@ -80,19 +107,44 @@ class ImageRepository:
             shutil.rmtree(stage, ignore_errors=True)
 
     def commit(self, stage: Path, image: LiveImage) -> None:
-        """Write the manifest last, then make the image visible by one rename."""
+        """Files to the store, the manifest last (the commit point), then the local rename."""
         tmp = stage / (MANIFEST + ".tmp")
         tmp.write_text(image.model_dump_json(indent=2))
         with open(tmp) as f:
             os.fsync(f.fileno())
         os.replace(tmp, stage / MANIFEST)
+        if self.backend is not None:
+            files = sorted(p for p in stage.iterdir() if p.name != MANIFEST)
+            try:
+                for path in [*files, stage / MANIFEST]:
+                    self.backend.put(self._meta(image.name, path.name), path.read_bytes())
+            except BaseException:
+                self._delete_meta(image.name)
+                raise
         try:
             os.rename(stage, self._dir(image.name))
         except OSError as exc:
             raise Conflict(f"a live image named '{image.name}' already exists") from exc
 
+    def add_file(self, image: LiveImage, file: str, data: bytes) -> None:
+        """A file learnt after the commit (the working-set profile), kept with the image."""
+        path = self._dir(image.name) / file
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        if self.backend is not None:
+            self.backend.put(self._meta(image.name, file), data)
+
+    def _delete_meta(self, name: str) -> None:
+        assert self.backend is not None
+        self.backend.delete(self._meta(name, MANIFEST))  # un-commit first
+        for obj in list(self.backend.list(self._meta(name))):
+            self.backend.delete(obj.key)
+
     def delete(self, name: str) -> None:
         self.get(name)
+        if self.backend is not None:
+            self._delete_meta(name)
         trash = self.root / f".deleting-{name}-{uuid.uuid4().hex[:8]}"
         os.rename(self._dir(name), trash)
         shutil.rmtree(trash)

@@ -1,0 +1,93 @@
+"""Live images in the chunk store, streamed by memfs: integrity, peers, a store that is down."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import BaseImage, Cli, VmFactory, fuse_mounts, our_qemu_pids
+
+
+def _chunk_map(home: Path, image: str) -> dict:
+    return json.loads((home / "store" / "refs" / "images" / image / "memory").read_text())
+
+
+def test_clone_maps_memfs_and_host_counts_streaming(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
+    (clone,) = vms.clones("base-img", prefix="stream")
+    maps = Path(f"/proc/{clone['pid']}/maps").read_text()
+    assert str(cli.home / "memfs" / "base-img") in maps, "the clone's RAM is the memfs file of its image"
+    host = cli.json("host")
+    assert host["memfs"]["running"]
+    stats = host["memfs"]["images"]["base-img"]
+    assert 0 < stats["fetched_bytes"] <= stats["nonzero_bytes"]
+    assert stats["errors"] == 0
+    assert host["guest_ram_from_images_bytes"] > 0
+    # the image's files are in the store, the manifest last: any host can find it
+    assert (cli.home / "store" / "meta" / "images" / "base-img" / "manifest.json").is_file()
+
+
+def test_corrupted_chunk_is_detected(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
+    (clone,) = vms.clones("base-img", prefix="tamper")
+    cli.json("live-image", "create", clone["name"], "tamper-img", "--flatten")
+    vms.destroy_all()
+    base_packs = {c["pack"] for c in _chunk_map(cli.home, "base-img")["chunks"] if c}
+    own = [c for c in _chunk_map(cli.home, "tamper-img")["chunks"] if c and c["pack"] not in base_packs]
+    assert own, "the flattened image has chunks of its own"
+    for c in own:  # damage every chunk only this image has
+        pack = cli.home / "store" / "packs" / c["pack"]
+        with open(pack, "r+b") as f:
+            f.seek(c["offset"] + c["length"] // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    before = our_qemu_pids(cli.home)
+    proc = cli.run("live-image", "start", "tamper-img", "--name", "tampered")
+    assert proc.returncode == 6, (proc.stdout, proc.stderr)
+    message = " ".join(proc.stderr.split())
+    assert "reading the image memory failed" in message and "blake3" in message, message
+    assert "tampered-1" not in {v["name"] for v in cli.json("list")}
+    assert our_qemu_pids(cli.home) == before, "the failed clone's QEMU was removed"
+    cli.json("live-image", "delete", "tamper-img")
+
+
+@pytest.fixture
+def peer_host(cli: Cli, tmp_path: Path) -> Iterator[Cli]:
+    """A second host (its own data dir and agent) whose store is this host's agent."""
+    port = json.loads((cli.home / "agent.json").read_text())["port"]
+    token = (cli.home / "agent.token").read_text().strip()
+    other = Cli(tmp_path / "host-b", {"VMSTREAM_STORE": f"peer:http://127.0.0.1:{port}/v1/store",
+                                      "VMSTREAM_PEER_TOKEN": token})
+    try:
+        yield other
+    finally:
+        other.run("agent", "stop", "--destroy-vms")
+        assert not our_qemu_pids(other.home) and not fuse_mounts(other.home)
+
+
+def test_peer_host_streams_an_image(cli: Cli, base_image: BaseImage, peer_host: Cli) -> None:
+    assert "base-img" in {i["name"] for i in peer_host.json("live-image", "list")}
+    (clone,) = peer_host.json("live-image", "start", "base-img", "--name", "far")["vms"]
+    verify = peer_host.ask(clone["name"], "memcheck-verify")
+    assert verify["ok"] and verify["result"]["bad_pages"] == 0, verify
+    stats = peer_host.json("host")["memfs"]["images"]["base-img"]
+    assert stats["fetched_bytes"] > 0, "host B fetched chunks from host A over HTTP"
+    peer_host.json("destroy", clone["name"])
+
+
+def test_store_down_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = Cli(tmp_path / "host-c", {"VMSTREAM_STORE": f"peer:http://127.0.0.1:{port}"})
+    try:
+        proc = down.run("live-image", "list")
+        assert proc.returncode != 0
+        message = " ".join(proc.stderr.split())
+        assert "gave up after" in message and f"127.0.0.1:{port}" in message, message
+        assert "Traceback" not in proc.stderr
+    finally:
+        down.run("agent", "stop", "--destroy-vms")
