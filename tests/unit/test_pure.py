@@ -58,3 +58,16 @@ def test_cpio_archive_reads_back(tmp_path: Path) -> None:
     subprocess.run(["cpio", "-id", "--no-absolute-filenames", "bin/hello"], input=archive, cwd=tmp_path,
                    capture_output=True, check=True)
     assert (tmp_path / "bin" / "hello").read_bytes() == b"hi there\n"
+
+
+def test_transfer_batches_split_big_runs() -> None:
+    from vmstream.capture.guestmem import IOV_MAX, MAX_CALL_BYTES, PAGE, _batches
+
+    limit = MAX_CALL_BYTES // PAGE
+    runs = runs_of(np.ones(3 * limit + 5, dtype=bool))
+    batches = list(_batches(runs))
+    assert [sum(c for _, c in b) for b in batches] == [limit, limit, limit, 5]
+    assert batches[1][0] == (limit, limit)
+    many = runs_of(np.tile(np.array([1, 0], dtype=bool), IOV_MAX + 10))
+    sizes = [len(b) for b in _batches(many)]
+    assert sizes == [IOV_MAX, 10]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,10 @@ _PRESENT = np.uint64(1 << 63)
 _FILE_OR_SHARED = np.uint64(1 << 61)
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# ssize_t results: the default int would wrap past 2 GiB
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_writev.restype = ctypes.c_ssize_t
+MAX_CALL_BYTES = 256 << 20  # per system call, so one result never nears the int limits
 
 
 class _IoVec(ctypes.Structure):
@@ -91,19 +96,35 @@ def write_runs(pid: int, addr: int, runs: PageRuns, buf: mmap.mmap) -> None:
     _transfer(_libc.process_vm_writev, pid, addr, runs, buf, "writing")
 
 
+def _batches(runs: PageRuns) -> Iterator[list[tuple[int, int]]]:
+    """(first page, count) pieces, at most IOV_MAX and MAX_CALL_BYTES per system call."""
+    batch: list[tuple[int, int]] = []
+    pages = 0
+    limit = MAX_CALL_BYTES // PAGE
+    for start, count in zip(runs.starts.tolist(), runs.counts.tolist(), strict=True):
+        while count:
+            take = min(count, limit - pages)
+            batch.append((start, take))
+            pages += take
+            start += take
+            count -= take
+            if len(batch) == IOV_MAX or pages == limit:
+                yield batch
+                batch, pages = [], 0
+    if batch:
+        yield batch
+
+
 def _transfer(call: Any, pid: int, addr: int, runs: PageRuns, buf: mmap.mmap, doing: str) -> None:
     if runs.pages == 0:
         return
     base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     offset = 0
-    for i in range(0, len(runs.starts), IOV_MAX):
-        starts, counts = runs.starts[i : i + IOV_MAX], runs.counts[i : i + IOV_MAX]
-        remote = (_IoVec * len(starts))(
-            *(_IoVec(addr + int(s) * PAGE, int(c) * PAGE) for s, c in zip(starts, counts, strict=True))
-        )
-        want = int(counts.sum()) * PAGE
+    for batch in _batches(runs):
+        remote = (_IoVec * len(batch))(*(_IoVec(addr + s * PAGE, c * PAGE) for s, c in batch))
+        want = sum(c for _, c in batch) * PAGE
         local = _IoVec(base + offset, want)
-        got = call(pid, ctypes.byref(local), 1, remote, len(starts), 0)
+        got = call(pid, ctypes.byref(local), 1, remote, len(batch), 0)
         if got != want:
             err = ctypes.get_errno()
             raise QemuError(f"{doing} guest memory of pid {pid} failed: {got} of {want} bytes ({os.strerror(err)})")
