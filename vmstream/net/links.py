@@ -50,6 +50,11 @@ def unique_prefix(base: str = "vm") -> str:
     return f"{base}{secrets.token_hex(2)}"
 
 
+def random_mac(first: str = "52") -> str:
+    """A random unicast MAC; '02' makes it locally administered."""
+    return f"{first}:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
+
+
 class _Owned:
     """A resource made in __enter__ and removed in close(), also on failure."""
 
@@ -108,8 +113,11 @@ class Bridge(_Owned):
         self._made = False
 
     def create(self) -> None:
-        # forward_delay 0 and no STP: a port forwards at once when a tap or veth joins
-        run(["ip", "link", "add", self.name, "type", "bridge", "stp_state", "0", "forward_delay", "0"], self.netns)
+        # forward_delay 0 and no STP: a port forwards at once when a tap or veth joins.
+        # A fixed MAC: otherwise the bridge takes its lowest port's, which changes as
+        # VM taps come and go, and peers keep sending to the old one for seconds.
+        run(["ip", "link", "add", self.name, "address", random_mac("02"), "type", "bridge", "stp_state", "0",
+             "forward_delay", "0"], self.netns)
         self._made = True
         if self.address:
             run(["ip", "addr", "add", self.address, "dev", self.name], self.netns)

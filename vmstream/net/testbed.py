@@ -22,7 +22,7 @@ import subprocess
 from dataclasses import dataclass
 from types import TracebackType
 
-from vmstream.net.links import Bridge, NetError, Netns, Tap, Veth, in_netns, namespaces_with_prefix
+from vmstream.net.links import Bridge, NetError, Netns, Tap, Veth, in_netns, namespaces_with_prefix, run
 
 SUBNET = "10.77.0"
 PREFIX_LEN = 24
@@ -108,10 +108,19 @@ class TestBed:
     # ---- VM taps ----------------------------------------------------------------
 
     def add_tap(self, host: str, name: str) -> Tap:
-        """A tap on host's bridge; owned by the test bed until remove_tap or close."""
+        """A tap on host's bridge; owned by the test bed until remove_tap or close.
+
+        Its queue holds 10000 frames: frames for a VM arriving while it
+        migrates in wait there until its QEMU runs.
+        """
         h = self.hosts[host]
         tap = Tap(name, h.netns, h.bridge)
         tap.__enter__()
+        try:
+            run(["ip", "link", "set", name, "txqueuelen", "10000"], h.netns)
+        except BaseException:
+            tap.close()
+            raise
         self._taps[(host, name)] = tap
         return tap
 
@@ -122,36 +131,9 @@ class TestBed:
 
     # ---- switching ------------------------------------------------------------------
 
-    def _fdb(self, mac: str, src: str, dst: str, dst_tap: str, op: str) -> list[tuple[list[str], str]]:
-        s, d = self.hosts[src], self.hosts[dst]
-        extra = ["master", "static"] if op == "replace" else ["master"]
-        return [
-            (["bridge", "fdb", op, mac, "dev", d.fabric_port, *extra], self.fabric),
-            (["bridge", "fdb", op, mac, "dev", UPLINK, *extra], s.netns),
-            (["bridge", "fdb", op, mac, "dev", dst_tap, *extra], d.netns),
-        ]
-
-    def move_mac(self, mac: str, src: str, dst: str, dst_tap: str) -> None:
-        """Point mac at dst's tap in every bridge (static entries), all three at once."""
-        self._parallel(self._fdb(mac, src, dst, dst_tap, "replace"), check=True)
-
-    def release_mac(self, mac: str, src: str, dst: str, dst_tap: str) -> None:
-        """Drop the static entries again; the bridges relearn from the VM's own frames."""
-        self._parallel(self._fdb(mac, src, dst, dst_tap, "del"), check=False)
-
-    @staticmethod
-    def _parallel(cmds: list[tuple[list[str], str]], check: bool) -> None:
-        procs = []
-        for args, ns in cmds:
-            procs.append((subprocess.Popen([args[0], "-n", ns, *args[1:]], stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.PIPE, text=True), args))
-        errors = []
-        for p, args in procs:
-            _, err = p.communicate()
-            if p.returncode != 0:
-                errors.append(f"'{' '.join(args)}': {err.strip()}")
-        if check and errors:
-            raise NetError("switching the VM's MAC failed: " + "; ".join(errors))
+    def switch(self, mac: str, src: str, dst: str, dst_tap: str) -> FabricSwitch:
+        """The network side of moving the VM with this MAC from host src to dst's tap."""
+        return FabricSwitch(self, mac, src, dst, dst_tap)
 
     def connect(self, ip: str, port: int, from_ns: str | None = None, timeout: float = 2.0) -> socket.socket:
         """A TCP connection to ip:port made from from_ns (default: the client namespace)."""
@@ -164,3 +146,50 @@ class TestBed:
             sock.close()
             raise
         return sock
+
+
+def _batch(netns: str, lines: list[str], check: bool) -> None:
+    """Several bridge commands in one process (one fork, ~3 ms) inside netns."""
+    proc = subprocess.run(["bridge", "-n", netns, "-force", "-batch", "-"], input="\n".join(lines) + "\n",
+                          capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise NetError(f"bridge commands in {netns} failed ({'; '.join(lines)}): {proc.stderr.strip()}")
+
+
+class FabricSwitch:
+    """Moves one VM's MAC between hosts without losing a frame.
+
+    open(): before the source stops, the fabric floods the VM's frames to
+    every host (learning off on the source host's port, its entry flushed)
+    and the destination's bridge sends them to the destination tap, where
+    they wait until the destination QEMU runs. The source still gets them
+    while it runs; the destination gets each one again, and TCP drops the
+    duplicates. So a frame arriving during the switch-over is never lost.
+    commit(): the destination runs; learning comes back on, and the VM's own
+    frames (QEMU's announce) teach every bridge its new port.
+    abort(): the migration failed; back to the source.
+    """
+
+    def __init__(self, bed: TestBed, mac: str, src: str, dst: str, dst_tap: str) -> None:
+        self.bed, self.mac, self.dst_tap = bed, mac, dst_tap
+        self.src, self.dst = bed.hosts[src], bed.hosts[dst]
+        self.opened = False
+
+    def open(self) -> None:
+        _batch(self.dst.netns, [f"fdb replace {self.mac} dev {self.dst_tap} master static"], check=True)
+        _batch(self.bed.fabric, [f"link set dev {self.src.fabric_port} learning off",
+                                 f"fdb del {self.mac} dev {self.src.fabric_port} master"], check=False)
+        self.opened = True
+
+    def commit(self) -> None:
+        self._restore()
+
+    def abort(self) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if not self.opened:
+            return
+        _batch(self.bed.fabric, [f"link set dev {self.src.fabric_port} learning on"], check=False)
+        _batch(self.dst.netns, [f"fdb del {self.mac} dev {self.dst_tap} master"], check=False)
+        self.opened = False

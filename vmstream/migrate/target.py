@@ -1,0 +1,98 @@
+"""The destination half of a migration: a QEMU waiting for the VM.
+
+It is started with the source's MachineSpec (changed only in vm_id, tap and
+its namespace) plus `-incoming defer`. Any failure before it runs the VM
+stops it and removes its run dir, so a failed migration leaves nothing on
+the destination host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from vmstream.migrate.types import MigrationError
+from vmstream.net.links import in_netns
+from vmstream.qemu.machine import MachineSpec, QemuProcess
+
+
+@dataclasses.dataclass(frozen=True)
+class IncomingSpec(MachineSpec):
+    """A MachineSpec started as a live-migration target.
+
+    MachineSpec(incoming=True) is for clones loading device state only, and
+    it turns QEMU's configuration section off. A live-migration target must
+    expect exactly what the source sends: the section is on unless the
+    source itself was started as a clone.
+    """
+
+    send_configuration: bool = True
+
+    def command(self, rundir: Path) -> list[str]:
+        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(MachineSpec)}
+        base["incoming"] = False
+        cmd = MachineSpec(**base).command(rundir)
+        cmd += ["-incoming", "defer"]
+        if not self.send_configuration:
+            cmd += ["-global", "migration.send-configuration=off"]
+        return cmd
+
+
+def sends_configuration(spec: MachineSpec) -> bool:
+    """Whether a running VM of this spec sends QEMU's configuration section when migrated."""
+    if isinstance(spec, IncomingSpec):
+        return spec.send_configuration
+    return not spec.incoming
+
+
+def live_target_spec(source: MachineSpec, **changes: Any) -> IncomingSpec:
+    """The destination's spec for a live migration of a VM running with `source`."""
+    base = {f.name: getattr(source, f.name) for f in dataclasses.fields(MachineSpec)}
+    base.update(incoming=False, **changes)
+    return IncomingSpec(**base, send_configuration=sends_configuration(source))
+
+
+def free_port(ip: str, netns: str | None) -> int:
+    """A free TCP port on ip inside netns (the destination host's migration port)."""
+    ctx = in_netns(netns) if netns else contextlib.nullcontext()
+    with ctx:
+        sock = socket.socket()
+    with sock:
+        sock.bind((ip, 0))
+        return int(sock.getsockname()[1])
+
+
+async def status(proc: QemuProcess, qmp: Any) -> str:
+    st = await qmp.execute("query-status")
+    return str(st["status"]) if isinstance(st, dict) else ""
+
+
+async def wait_running(proc: QemuProcess, qmp: Any, timeout: float, what: str) -> None:
+    """Until the VM runs on proc; `cont` if the migration completed but left it paused."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = await status(proc, qmp)
+        if state == "running":
+            return
+        if state in ("paused", "postmigrate"):
+            mig = await qmp.execute("query-migrate")
+            if isinstance(mig, dict) and mig.get("status") == "completed":
+                await qmp.execute("cont")
+                return
+        if state in ("inmigrate-failed", "internal-error", "guest-panicked", "shutdown") or not proc.alive():
+            raise MigrationError(f"the destination failed to take over the VM during {what} ({state}): "
+                                 f"{proc.log_tail() or 'no output'}")
+        if time.monotonic() > deadline:
+            raise MigrationError(f"the destination did not run the VM within {timeout:.0f}s of {what} (state {state})")
+        await asyncio.sleep(0.002)
+
+
+async def remove_target(proc: QemuProcess) -> None:
+    """Stop a half-started destination QEMU and remove its files, whatever state it is in."""
+    with contextlib.suppress(Exception):
+        await asyncio.shield(proc.stop(soft_timeout=1.0))
