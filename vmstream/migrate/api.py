@@ -84,7 +84,7 @@ async def migrate(
         keep_file = spec.memory_file is not None and (dest_has_image or (lambda p: p.exists()))(spec.memory_file)
         dspec = live_target_spec(spec, vm_id=dest.proc.vm_id, tap=dest.tap,
                                  memory_file=spec.memory_file if keep_file else None)
-        postcopy = opts.postcopy if opts.postcopy is not None else dspec.memory_file is None
+        postcopy = (opts.postcopy is None or opts.postcopy) and dspec.memory_file is None
         assert isinstance(dspec, IncomingSpec)
         uri = await prepare_live_target(dest.proc, dspec, dest.listen_ip, dest.netns, postcopy)
         result = await migrate_live(src, dest.proc, uri, postcopy=postcopy, switch=switch, options=opts,

@@ -138,6 +138,9 @@ class LoadClient:
             self._stop.wait(self.interval_s)
         if sock is not None:
             sock.close()
+        now = time.monotonic()  # a stream that stopped answering counts up to the end
+        if (now - last) * 1000 > st.max_gap_ms:
+            st.max_gap_ms, st.max_gap_at = (now - last) * 1000, now
 
     def gap_around(self, t: float) -> dict[str, tuple[float, float]]:
         """Per stream: (last answer before t, first answer after t), relative to t in ms."""
@@ -161,6 +164,7 @@ class LoadClient:
         return self.snapshot()
 
     def snapshot(self) -> ClientStats:
+        """Figures so far (a running stream's current wait counts only once stop() ends it)."""
         sts = list(self.stats.values())
         return ClientStats(
             requests=sum(s.requests for s in sts), failed_requests=sum(s.failed_requests for s in sts),
