@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmstream.bench import burst, capture, clone, density, scale, targets
+from vmstream.bench import burst, capture, clone, density, scale, stream, targets
 from vmstream.bench.common import Bench, meminfo, say
 from vmstream.cli.client import AgentClient
 
@@ -27,6 +27,7 @@ SECTIONS = [
     ("burst", "Burst: N clones at once", burst),
     ("scale", "Start time vs guest RAM size", scale),
     ("density", "Density: host memory per VM", density),
+    ("stream", "Streaming memory: cold and warm hosts, prefetch, RAM size", stream),
 ]
 
 

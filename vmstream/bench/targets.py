@@ -52,6 +52,14 @@ def check(results: dict[str, Any], total_s: float | None) -> list[dict[str, Any]
         v = capture.get("pause_ms_clone")
         rows.append(_row(f"capture: pause, clone ({capture['pause_ms_clone_mib']} MiB)", "<= 30 ms", v,
                          None if v is None else v <= 30, "ms"))
+    stream = results.get("stream")
+    if stream:  # the streaming issue's targets
+        for key, what, op, limit in (("size_flatness", "stream: clone 2 GiB / 256 MiB", "<=", 1.3),
+                                     ("prefetch_speedup", "stream: cold start speed-up from prefetch", ">=", 2.0),
+                                     ("fetched_fraction", "stream: bytes an idle clone fetched / image", "<=", 0.3)):
+            v = stream.get(key)
+            ok = None if v is None else (v <= limit if op == "<=" else v >= limit)
+            rows.append(_row(what, f"{op} {limit}", v, ok))
     return rows
 
 

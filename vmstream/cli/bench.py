@@ -96,6 +96,14 @@ def density(out: OutOpt = DEFAULT_OUT, memory_mib: MemOpt = 256,
     _run(b.run_and_write, out, mib=memory_mib, counts=_ints(counts))
 
 
+@bench_app.command()
+def stream(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 5) -> None:
+    """Clones streaming memory from another host's store: warm, cold, cold with prefetch; 256 MiB vs 2 GiB."""
+    from vmstream.bench import stream as b
+
+    _run(b.run_and_write, out, runs=runs)
+
+
 @bench_app.command("all")
 def all_(out: Annotated[Path, typer.Option("--out", help="Directory for every bench's JSON, markdown and PNG.")] = Path("docs/bench"),
          doc: Annotated[Path, typer.Option("--doc", help="The summary document to write.")] = Path("docs/benchmarks.md"),

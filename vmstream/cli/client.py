@@ -20,8 +20,9 @@ START_TIMEOUT_S = 30.0
 
 
 class AgentClient:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
+        self.env = env or {}  # for an agent this client starts, e.g. VMSTREAM_STORE of another host
         self.started_agent = False  # True if this client launched the agent
         self._http: httpx.Client | None = None
         self._agent_proc: subprocess.Popen[bytes] | None = None
@@ -63,7 +64,7 @@ class AgentClient:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "vmstream", "agent"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, env={**os.environ, "VMSTREAM_HOME": str(self.data_dir)},
+                start_new_session=True, env={**os.environ, **self.env, "VMSTREAM_HOME": str(self.data_dir)},
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:

@@ -63,6 +63,11 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
     # other hosts stream this host's chunks (PeerBackend), with the same token
     app.include_router(peer_router(manager.store, auth), prefix="/v1/store")
 
+    @app.post("/v1/host/cache/drop", dependencies=v1)
+    async def drop_cache() -> dict[str, Any]:
+        """Empty this host's chunk cache and memfs page cache (cold-start benchmarks)."""
+        return await manager.drop_caches()
+
     @app.get("/v1/host", dependencies=v1)
     async def host() -> dict[str, Any]:
         return await manager.host_info()
@@ -117,7 +122,7 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
             user_data = base64.b64decode(req.user_data_b64, validate=True) if req.user_data_b64 is not None else None
         except binascii.Error as exc:
             raise InvalidInput(f"user_data_b64 is not valid base64: {exc}") from exc
-        return await manager.start_clones(name, req.count, req.name, req.params, user_data)
+        return await manager.start_clones(name, req.count, req.name, req.params, user_data, req.prefetch)
 
     @app.delete("/v1/live-images/{name}", dependencies=v1)
     async def delete_image(name: str) -> dict[str, str]:

@@ -47,6 +47,9 @@ CLONE_TIMEOUT_S = 90.0
 HOOKS_TIMEOUT_S = 300.0
 WORKING_SET_RECORD_S = 2.0  # how long after a clone answers its chunk touches are recorded
 WORKING_SET = "workingset.json"
+# Memory chunks of 64 KiB: a page fault on a cold host fetches 16 pages, not 64
+# (an idle 256 MiB clone touches scattered pages), and 16 GiB is 256 K chunks.
+MEMORY_CHUNK = 64 << 10
 # A clone's capture is stored as a delta over its root image unless the delta
 # is larger than this fraction of the root's stored memory; then it is flattened.
 FLATTEN_FRACTION = 0.5
@@ -87,7 +90,7 @@ class HostManager:
         self.run_root = data_dir / "run"
         self.run_root.mkdir(parents=True, exist_ok=True)
         store_spec = os.environ.get("VMSTREAM_STORE") or str(data_dir / "store")
-        self.store = ChunkStore(open_backend(store_spec))
+        self.store = ChunkStore(open_backend(store_spec), chunk_size=MEMORY_CHUNK)
         self.memfs = MemfsMount(data_dir, store_spec, parse_size(os.environ.get("VMSTREAM_CACHE_SIZE", "8G")))
         self.images = ImageRepository(data_dir / "images", self.memfs.mountpoint, self.store.backend)
         self._recording: set[str] = set()
@@ -393,7 +396,7 @@ class HostManager:
 
     async def start_clones(
         self, image_name: str, count: int, prefix: str | None,
-        params: dict[str, str] | None = None, user_data: bytes | None = None,
+        params: dict[str, str] | None = None, user_data: bytes | None = None, prefetch: bool = True,
     ) -> StartResult:
         """Start count clones in parallel; all start, or none is left behind."""
         t0 = time.perf_counter()
@@ -420,7 +423,7 @@ class HostManager:
             accel=g.accel, parent_image=image_name,
         )
         await self.memfs.ensure()
-        record = await self._prepare_memory(image)
+        record = await self._prepare_memory(image, prefetch)
         results = await asyncio.gather(
             *(self._start_clone(rec, image, t0, params, user_data) for rec in recs), return_exceptions=True
         )
@@ -436,7 +439,7 @@ class HostManager:
         return StartResult(image=image_name, vms=[self._info(self._record(r.name)) for r in recs],
                            elapsed_s=time.perf_counter() - t0)
 
-    async def _prepare_memory(self, image: LiveImage) -> bool:
+    async def _prepare_memory(self, image: LiveImage, prefetch: bool) -> bool:
         """Prefetch the image's recorded working set if the host lacks it (REAP);
         with no working set yet, start recording one. Returns True if recording."""
         root = image.memory_root or image.name
@@ -444,7 +447,7 @@ class HostManager:
         if profile.exists():
             chunks = json.loads(profile.read_text())["chunks"]
             missing = await self.memfs.request("missing", image=root, chunks=chunks)
-            if missing.get("missing"):
+            if prefetch and missing.get("missing"):
                 await self.memfs.request("prefetch", image=root, chunks=chunks, wait=False)
             return False
         if root in self._recording:
@@ -488,6 +491,17 @@ class HostManager:
             "guest_ram_from_images_bytes": sum(f.guest_ram.image_bytes for f in fps if f.guest_ram),
             "store": str(self.store.backend), "memfs": memfs,
         }
+
+    async def drop_caches(self) -> dict[str, Any]:
+        """Forget every image chunk this host holds: the chunk cache, and the page
+        cache of memfs files no clone maps (a mapped one cannot be dropped)."""
+        if self.memfs.pid() is None:
+            return {"dropped": False}
+        await self.memfs.request("drop-cache")
+        in_use = {(self.images.get(r.parent_image).memory_root or r.parent_image) for r in self._records() if r.parent_image}
+        for name in self.images.names() - in_use:
+            await self.memfs.request("invalidate", image=name)
+        return {"dropped": True, "kept_page_cache_of": sorted(in_use)}
 
     async def _memfs_error(self, image: LiveImage) -> str | None:
         """Why memfs failed to read an image's memory, if it did: the clone died of it."""

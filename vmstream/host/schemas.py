@@ -63,6 +63,7 @@ class StartRequest(BaseModel):
     name: str | None = None
     params: dict[str, str] = Field(default_factory=dict)
     user_data_b64: str | None = None
+    prefetch: bool = True  # fetch the image's recorded working set if this host lacks it
 
 
 class StartResult(BaseModel):

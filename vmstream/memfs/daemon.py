@@ -91,8 +91,8 @@ class Daemon:
             f.recording = None
             return {"ok": True, "chunks": sorted(touched, key=touched.__getitem__)}
         if cmd == "invalidate":
-            with contextlib.suppress(OSError):
-                pyfuse3.invalidate_inode(f.inode, attr_only=False)
+            with contextlib.suppress(OSError):  # from a thread: inline it can deadlock with the kernel
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, f.inode, False)
             return {"ok": True}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
@@ -125,6 +125,7 @@ class Daemon:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
+            self.fs.nursery = nursery
             with trio.CancelScope() as scope:
                 self.cancel = scope
                 await nursery.start(self.serve_control)

@@ -9,11 +9,14 @@ makes the read fail with EIO: never wrong or zero bytes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +28,8 @@ from vmstream.memfs.cache import ChunkCache
 from vmstream.store import ChunkMap, ChunkRef, ChunkStore, ObjectNotFound, StoreError
 
 log = logging.getLogger("vmstream.memfs")
+READ_AHEAD_CHUNKS = int(os.environ.get("VMSTREAM_MEMFS_READ_AHEAD_CHUNKS", "8"))
+READ_AHEAD_AFTER = 4  # consecutive missed chunks that make a read sequential
 
 
 @dataclass
@@ -40,6 +45,8 @@ class ImageFile:
     errors: int = 0
     last_error: str | None = None
     recording: dict[int, float] | None = None  # chunk index -> first touch, while recording
+    last_miss: int = -2  # chunk index of the last cache miss, to see sequential reads
+    run: int = 0  # consecutive chunks missed in order
     record_start: float = 0.0
     prefetch: dict[str, Any] = field(default_factory=dict)
 
@@ -72,6 +79,7 @@ class MemFs(pyfuse3.Operations):
         self._next_inode = pyfuse3.ROOT_INODE + 1
         self._inflight: dict[str, trio.Event] = {}
         self._fetch_limit = trio.CapacityLimiter(16)
+        self.nursery: trio.Nursery | None = None  # for background fetches; set by the daemon
         self._zero = bytes(4 << 20)  # zero chunks are served from here (chunks are at most 4 MiB)
 
     # ---- images --------------------------------------------------------------------
@@ -171,7 +179,7 @@ class MemFs(pyfuse3.Operations):
                 continue
             if f.recording is not None and index not in f.recording:
                 f.recording[index] = time.monotonic() - f.record_start
-            data = await self.chunk(f, ref)
+            data = await self.chunk(f, ref, on_miss=functools.partial(self._read_ahead, f, index))
             parts.append(data[lo:hi])
         out = b"".join(parts)
         f.read_bytes += len(out)
@@ -179,7 +187,27 @@ class MemFs(pyfuse3.Operations):
 
     # ---- chunks ------------------------------------------------------------------------
 
-    async def chunk(self, f: ImageFile, ref: ChunkRef, counted: bool = True) -> bytes:
+    def _read_ahead(self, f: ImageFile, index: int) -> None:
+        """On misses at consecutive chunks (a sequential read), fetch the next few ahead."""
+        f.run = f.run + 1 if f.last_miss == index - 1 else 1
+        f.last_miss = index
+        if f.run >= READ_AHEAD_AFTER and READ_AHEAD_CHUNKS and self.nursery is not None:
+            ahead = list(range(index + 1, min(index + 1 + READ_AHEAD_CHUNKS, len(f.chunk_map.chunks))))
+            self.nursery.start_soon(self.fetch_quietly, f, ahead)
+
+    async def fetch_quietly(self, f: ImageFile, indexes: list[int]) -> None:
+        for i in indexes:
+            ref = f.chunk_map.chunks[i]
+            if ref is not None and ref.id not in self.cache and ref.id not in self._inflight:
+                self.nursery.start_soon(self._fetch_ignoring_errors, f, ref)  # type: ignore[union-attr]
+
+    async def _fetch_ignoring_errors(self, f: ImageFile, ref: ChunkRef) -> None:
+        with contextlib.suppress(pyfuse3.FUSEError):
+            await self.chunk(f, ref, counted=False)
+
+    async def chunk(
+        self, f: ImageFile, ref: ChunkRef, counted: bool = True, on_miss: Callable[[], None] | None = None
+    ) -> bytes:
         """A verified chunk: from the host cache, else fetched once however many ask."""
         while True:
             data = self.cache.get(ref.id)
@@ -195,6 +223,8 @@ class MemFs(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EIO)
         if counted:
             f.cache_misses += 1
+        if on_miss is not None:
+            on_miss()
         done = self._inflight[ref.id] = trio.Event()
         try:
             async with self._fetch_limit:
