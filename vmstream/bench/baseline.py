@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 import socket
 import time
@@ -23,6 +22,7 @@ from typing import Any, cast
 
 from vmstream.bench.common import Bench, http_answer
 from vmstream.errors import QemuError
+from vmstream.guest import channel
 from vmstream.qemu import MachineSpec, QemuProcess
 
 BOOT_TIMEOUT_S = 240.0
@@ -90,20 +90,7 @@ async def _qmp_state(qmp: Any) -> str:
 
 async def _until_running(proc: QemuProcess, qmp: Any, deadline: float) -> None:
     """Wait for the loaded VM to run; `cont` it if it ends paused (it was saved stopped)."""
-    while True:
-        state = await _qmp_state(qmp)
-        if state == "running":
-            return
-        if state in ("paused", "postmigrate"):
-            mig = await qmp.execute("query-migrate")
-            if isinstance(mig, dict) and mig.get("status") == "completed":
-                await qmp.execute("cont")
-                return
-        if state in ("inmigrate-failed", "internal-error", "shutdown") or not proc.alive():
-            raise RuntimeError(f"QEMU restore failed ({state}): {proc.log_tail()}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"QEMU restore did not finish in {RESTORE_TIMEOUT_S:.0f}s (state {state})")
-        await asyncio.sleep(0.003)
+    await proc.wait_incoming(qmp, max(0.0, deadline - time.monotonic()))
 
 
 @dataclass
@@ -202,18 +189,5 @@ async def restore_times(bench: Bench, mib: int, ident: dict[str, str], state_fil
 
 
 async def ask_guest(proc: QemuProcess, command: str, timeout: float = 150.0) -> dict[str, Any]:
-    """One command to the in-guest agent of a QEMU started here (JSON line protocol on agent.sock)."""
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_unix_connection(str(proc.agent_path))
-        try:
-            writer.write(command.encode() + b"\n")
-            await writer.drain()
-            while True:
-                line = await reader.readline()
-                if not line:
-                    raise RuntimeError(f"the guest agent closed the channel during '{command}'")
-                if line.lstrip().startswith(b"{"):
-                    answer: dict[str, Any] = json.loads(line)
-                    return answer
-        finally:
-            writer.close()
+    """One command to the in-guest agent of a QEMU started here."""
+    return await channel.ask_guest(proc.agent_path, command, timeout)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import secrets
 import sys
 import time
@@ -15,6 +13,7 @@ from typing import Any
 
 from vmstream.cli.client import AgentClient
 from vmstream.config import data_dir
+from vmstream.guest.status import get_status
 
 MIB = 1 << 20
 
@@ -63,20 +62,7 @@ def pss(pid: int) -> int:
 
 async def http_answer(port: int, timeout: float = 1.0) -> dict[str, Any]:
     """GET the demo guest's /status.json over a bare socket (no httpx client set-up cost)."""
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(b"GET /status.json HTTP/1.0\r\nHost: guest\r\n\r\n")
-            raw = await reader.read()
-        finally:
-            writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    if b" 200 " not in head.split(b"\r\n", 1)[0]:
-        raise ValueError("not an HTTP 200 answer")
-    result: dict[str, Any] = json.loads(body)
-    if "counter" not in result:
-        raise ValueError("not the demo guest's status")
-    return result
+    return await get_status(port, timeout=timeout)
 
 
 class Bench:

@@ -32,6 +32,7 @@ from vmstream.errors import Conflict, GuestError, InvalidInput, NotFound, QemuEr
 from vmstream.guest import GuestArtifacts, build_guest
 from vmstream.guest.channel import ask_guest
 from vmstream.guest.identity import CloneIdentity, check_params
+from vmstream.guest.status import get_status
 from vmstream.host import footprint
 from vmstream.host.db import VmRecord, open_db
 from vmstream.host.schemas import HostInfo, ImageInfo, StartResult, VmInfo
@@ -53,25 +54,6 @@ MEMORY_CHUNK = 64 << 10
 # A clone's capture is stored as a delta over its root image unless the delta
 # is larger than this fraction of the root's stored memory; then it is flattened.
 FLATTEN_FRACTION = 0.5
-
-
-async def get_status(port: int, timeout: float = 2.0) -> dict[str, Any]:
-    """GET the guest's status JSON over a bare socket.
-
-    Not httpx: creating its client costs ~25 ms, a sixth of a clone's start.
-    """
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(b"GET /status.json HTTP/1.0\r\nHost: guest\r\n\r\n")
-            raw = await reader.read()
-        finally:
-            writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n", 1)[0]:
-        raise ValueError("not an HTTP 200 answer")
-    result: dict[str, Any] = json.loads(body)
-    return result
 
 
 def _free_port() -> int:
@@ -547,7 +529,7 @@ class HostManager:
                         ask_guest(proc.agent_path, identity.command(), timeout=CLONE_TIMEOUT_S)
                     )
                     await qmp.execute("migrate-incoming", {"uri": f"exec:cat {devstate}"})
-                    await self._wait_incoming(rec, proc, qmp)
+                    await proc.wait_incoming(qmp, CLONE_TIMEOUT_S)
                     mark("running")
                 http_task = asyncio.create_task(self._wait_http(rec, proc, CLONE_TIMEOUT_S))
                 answer = await identity_task
@@ -596,20 +578,3 @@ class HostManager:
                     return
             await asyncio.sleep(0.5)
 
-    async def _wait_incoming(self, rec: VmRecord, proc: QemuProcess, qmp: Any) -> None:
-        deadline = time.monotonic() + CLONE_TIMEOUT_S
-        while True:
-            status = await qmp.execute("query-status")
-            state = status["status"] if isinstance(status, dict) else ""
-            if state == "running":
-                return
-            if state in ("paused", "postmigrate"):
-                mig = await qmp.execute("query-migrate")
-                if isinstance(mig, dict) and mig.get("status") == "completed":
-                    await qmp.execute("cont")
-                    return
-            if state in ("inmigrate-failed", "internal-error", "guest-panicked", "shutdown") or not proc.alive():
-                raise QemuError(f"clone {rec.name} failed to load its device state ({state}): {proc.log_tail()}")
-            if time.monotonic() > deadline:
-                raise QemuError(f"clone {rec.name} did not finish loading its device state (state {state})")
-            await asyncio.sleep(0.003)

@@ -12,10 +12,10 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
+from vmstream.errors import QemuError
 from vmstream.migrate.types import MigrationError
 from vmstream.net.links import in_netns
 from vmstream.qemu.machine import MachineSpec, QemuProcess
@@ -74,22 +74,10 @@ async def status(proc: QemuProcess, qmp: Any) -> str:
 
 async def wait_running(proc: QemuProcess, qmp: Any, timeout: float, what: str) -> None:
     """Until the VM runs on proc; `cont` if the migration completed but left it paused."""
-    deadline = time.monotonic() + timeout
-    while True:
-        state = await status(proc, qmp)
-        if state == "running":
-            return
-        if state in ("paused", "postmigrate"):
-            mig = await qmp.execute("query-migrate")
-            if isinstance(mig, dict) and mig.get("status") == "completed":
-                await qmp.execute("cont")
-                return
-        if state in ("inmigrate-failed", "internal-error", "guest-panicked", "shutdown") or not proc.alive():
-            raise MigrationError(f"the destination failed to take over the VM during {what} ({state}): "
-                                 f"{proc.log_tail() or 'no output'}")
-        if time.monotonic() > deadline:
-            raise MigrationError(f"the destination did not run the VM within {timeout:.0f}s of {what} (state {state})")
-        await asyncio.sleep(0.002)
+    try:
+        await proc.wait_incoming(qmp, timeout, poll=0.002)
+    except QemuError as exc:
+        raise MigrationError(f"the destination failed to take over the VM during {what}: {exc}") from exc
 
 
 async def remove_target(proc: QemuProcess) -> None:

@@ -225,6 +225,26 @@ class QemuProcess:
             with contextlib.suppress(Exception):
                 await client.disconnect()
 
+    async def wait_incoming(self, qmp: QMPClient, timeout: float, poll: float = 0.003) -> None:
+        """Until a VM started with -incoming runs: `cont` if the migration completed but
+        left it paused (the state was saved from a stopped VM). QemuError on failure."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = await qmp.execute("query-status")
+            state = str(status["status"]) if isinstance(status, dict) else ""
+            if state == "running":
+                return
+            if state in ("paused", "postmigrate"):
+                mig = await qmp.execute("query-migrate")
+                if isinstance(mig, dict) and mig.get("status") == "completed":
+                    await qmp.execute("cont")
+                    return
+            if state in ("inmigrate-failed", "internal-error", "guest-panicked", "shutdown") or not self.alive():
+                raise QemuError(f"VM {self.vm_id} failed to load its state ({state}): {self.log_tail() or 'no output'}")
+            if time.monotonic() > deadline:
+                raise QemuError(f"VM {self.vm_id} did not finish loading its state within {timeout:.0f}s (state {state})")
+            await asyncio.sleep(poll)
+
     async def stop(self, soft_timeout: float = 3.0) -> None:
         """Soft (QMP quit), then hard (SIGTERM, SIGKILL); then remove the run dir."""
         try:
