@@ -71,3 +71,23 @@ def test_transfer_batches_split_big_runs() -> None:
     many = runs_of(np.tile(np.array([1, 0], dtype=bool), IOV_MAX + 10))
     sizes = [len(b) for b in _batches(many)]
     assert sizes == [IOV_MAX, 10]
+
+
+def test_old_state_db_gets_new_columns(tmp_path: Path) -> None:
+    """A state.db written before a column existed still opens, with the column added."""
+    import sqlite3
+
+    from sqlalchemy import inspect
+
+    from vmstream.host.db import VmRecord, open_db
+
+    db = tmp_path / "state.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE vms (name VARCHAR PRIMARY KEY, vm_id VARCHAR, state VARCHAR)")
+        conn.execute("INSERT INTO vms VALUES ('old', 'abc', 'exited')")
+    session = open_db(db)
+    with session() as s:
+        rec = s.get(VmRecord, "old")
+        assert rec is not None and rec.state == "exited" and rec.vmgenid == ""
+        cols = {c["name"] for c in inspect(s.get_bind()).get_columns("vms")}
+    assert {"vmgenid", "phases", "hooks", "identity_applied_s"} <= cols

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,8 +77,10 @@ class AgentClient:
             if proc.poll() is not None:
                 break
             time.sleep(0.05)
-        tail = (self.data_dir / "agent.log").read_text(errors="replace").strip().splitlines()[-3:]
-        raise AgentUnavailable(f"the vmstream agent did not start: {' / '.join(tail) or 'no output'}")
+        lines = (self.data_dir / "agent.log").read_text(errors="replace").strip().splitlines()
+        errors = [ln for ln in lines[-40:] if re.match(r"^[\w.]+(Error|Exception|Conflict|Input): ", ln)]
+        why = errors[-1] if errors else " / ".join(lines[-3:]) or "no output"
+        raise AgentUnavailable(f"the vmstream agent did not start: {why} (full log: {self.data_dir / 'agent.log'})")
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         http = self.connect()

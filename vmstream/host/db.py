@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import DateTime, Float, Integer, String, Text, create_engine, event
+from sqlalchemy import DateTime, Float, Integer, String, Text, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -52,4 +52,28 @@ def open_db(path: Path) -> sessionmaker:
         dbapi_conn.execute("PRAGMA synchronous=NORMAL")
 
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Bring a state.db from an older vmstream up to date: add the columns it lacks.
+
+    Columns only ever get added, so ALTER TABLE ... ADD COLUMN is the whole
+    migration; rows that predate a column get its SQL default ('' or NULL).
+    """
+    have = {c["name"] for c in inspect(engine).get_columns(VmRecord.__tablename__)}
+    with engine.begin() as conn:
+        for column in VmRecord.__table__.columns:
+            if column.name in have:
+                continue
+            kind = column.type.compile(dialect=engine.dialect)
+            if column.nullable:
+                default = ""
+            elif kind.startswith(("VARCHAR", "TEXT")):
+                default = " NOT NULL DEFAULT ''"
+            elif kind.startswith("DATETIME"):
+                default = " NOT NULL DEFAULT '1970-01-01 00:00:00.000000'"
+            else:
+                default = " NOT NULL DEFAULT 0"
+            conn.execute(text(f'ALTER TABLE {VmRecord.__tablename__} ADD COLUMN "{column.name}" {kind}{default}'))
