@@ -318,7 +318,7 @@ class HostManager:
                 ref = None
                 if result.layout == "full":
                     ref = memory_ref(name)
-                    await asyncio.to_thread(self._store_memory, stage / "memory.raw", ref)
+                    await self._store_memory(stage / "memory.raw", ref, name)
                 image = LiveImage(
                     name=name, created_at=datetime.now(UTC), source_vm=vm, parent_image=rec.parent_image,
                     layout=result.layout, memory_root=root, memory_ref=ref,
@@ -336,15 +336,18 @@ class HostManager:
                     if ref is not None:
                         await asyncio.to_thread(self.store.delete_ref, ref)
                     raise
-        self._spawn(self.memfs.ensure())  # mounted before the first clone asks, not on its clock
         return self._image_info(image)
 
-    def _store_memory(self, path: Path, ref: str) -> None:
-        """Chunk an image's memory into the store; the local copy goes (memfs serves it)."""
+    async def _store_memory(self, path: Path, ref: str, image: str) -> None:
+        """Chunk an image's memory into the store, and into this host's chunk cache
+        while the local copy is at hand (the first clone here then starts warm)."""
         try:
-            self.store.store_file(path, ref=ref)
+            await asyncio.to_thread(self.store.store_file, path, ref=ref)
         except StoreError as exc:
             raise QemuError(f"storing the image memory failed: {exc}") from exc
+        with contextlib.suppress(Exception):  # only an optimisation: memfs fetches what is missing
+            await self.memfs.ensure()
+            await self.memfs.request("warm", image=image, path=str(path))
         path.unlink()
 
     def list_images(self) -> list[ImageInfo]:

@@ -9,6 +9,7 @@ Control protocol: one JSON object per line in, one per line out:
     {"cmd": "record-start", "image": I}      log first touches of chunks
     {"cmd": "record-stop", "image": I}       -> {"chunks": [indexes in touch order]}
     {"cmd": "missing", "image": I, "chunks": [...]} -> how many are not cached
+    {"cmd": "warm", "image": I, "path": P}   fill the cache from a local copy of the memory
     {"cmd": "forget", "image": I}            drop an image (after it is deleted)
     {"cmd": "drop-cache"}                    empty the host chunk cache (benchmarks)
     {"cmd": "invalidate", "image": I}        drop the kernel's page cache of it
@@ -79,6 +80,9 @@ class Daemon:
             else:
                 self.nursery.start_soon(fs.prefetch, f, chunks)
             return {"ok": True}
+        if cmd == "warm":
+            warmed = await trio.to_thread.run_sync(fs.warm, f, Path(str(req.get("path", ""))))
+            return {"ok": True, "chunks": warmed}
         if cmd == "missing":
             cm = f.chunk_map
             refs = [cm.chunks[i] for i in req.get("chunks", []) if 0 <= i < len(cm.chunks)]
