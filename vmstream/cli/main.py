@@ -110,8 +110,13 @@ def destroy(name: str, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
-def host(as_json: JsonOpt = False) -> None:
+def host(
+    drop_cache: Annotated[bool, typer.Option("--drop-cache", help="First empty the chunk cache (cold-start tests).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """This host: memory, VM totals, the chunk cache and per-image streaming counters."""
+    if drop_cache:
+        _client().call("POST", "/v1/host/cache/drop")
     def render(h: dict[str, Any]) -> None:
         out.print(f"memory: {_mib(h['mem_available_bytes'])} available of {_mib(h['mem_total_bytes'])}; "
                   f"{h['running_vms']} VM(s) running, PSS {_mib(h['vm_pss_bytes'])}, "
