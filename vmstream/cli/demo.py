@@ -1,8 +1,8 @@
 """The demo: cold boot vs clones of a live image, measured in one run.
 
-Clones are started one request at a time so each figure is one clone's own
-time from request to first HTTP answer; they then all run side by side for
-the footprint comparison. Everything the demo made is removed at the end,
+Clones are started one request at a time, each once the previous one has
+settled, so each figure is one clone's own time from request to first HTTP
+answer; they then all run side by side for the footprint comparison. Everything the demo made is removed at the end,
 also on failure or Ctrl-C, and the agent too if the demo started it.
 """
 
@@ -76,6 +76,7 @@ def run_demo(client: AgentClient, clones: int, memory: str, progress: Console | 
             made_vms.append(clone["name"])
             endpoints[clone["name"]] = clone["endpoint"]
             say(f"clone {i + 1}/{clones} {clone['name']} answered HTTP after {ready[-1]:.3f}s")
+            _settle(client, clone["name"])
 
         serving, counters = 0, []
         for endpoint in endpoints.values():
@@ -106,6 +107,15 @@ def run_demo(client: AgentClient, clones: int, memory: str, progress: Console | 
         if client.started_agent:
             with contextlib.suppress(Exception):
                 client.stop_agent()
+
+
+def _settle(client: AgentClient, name: str, timeout: float = 15.0) -> None:
+    """Wait until a new clone's hooks have run, so the next clone's start is timed on a
+    quiet host (as the cold boot is): under TCG a clone's first second of background
+    work would otherwise compete with the next start for the 2 cores."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not client.call("GET", f"/v1/vms/{name}").get("hooks"):
+        time.sleep(0.1)
 
 
 def _remove_tagged(client: AgentClient, tag: str) -> None:
