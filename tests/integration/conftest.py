@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.procs import qemu_pids_under
+
 
 @dataclass
 class Cli:
@@ -47,16 +49,7 @@ class Cli:
 
 def our_qemu_pids(home: Path) -> list[int]:
     """QEMU processes whose command line points into this session's data dir."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"qemu-system" in cmd and str(home).encode() in cmd:
-                pids.append(int(entry.name))
-    return pids
+    return qemu_pids_under(home)
 
 
 def fuse_mounts(home: Path) -> list[str]:

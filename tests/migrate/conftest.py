@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.procs import qemu_pids_under
 from vmstream.guest import build_guest
 from vmstream.migrate.bed import BedVm, Fleet
 from vmstream.net import TestBed, namespaces_with_prefix, unique_prefix
@@ -24,17 +25,6 @@ from vmstream.net.links import root_links_with_prefix
 MEMCHECK_SEED = 7
 
 
-def qemu_pids_under(root: Path) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"qemu-system" in cmd and str(root).encode() in cmd:
-                pids.append(int(entry.name))
-    return pids
 
 
 @dataclass

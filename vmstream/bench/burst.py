@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vmstream.bench.common import Bench, say
-from vmstream.bench.report import fmt_s, md_table, pyplot, write_outputs
+from vmstream.bench.report import fmt_s, md_table, pyplot
 from vmstream.bench.stats import summary
 
 TARGETS_S = {10: 3.0, 32: 8.0}  # from the issue: all serving within
@@ -80,10 +80,3 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
     ax.legend()
     ax.grid(alpha=0.3)
     return md, fig
-
-
-def run_and_write(bench: Bench, out: Any, **kw: Any) -> dict[str, Any]:
-    res = run(bench, **kw)
-    md, fig = render(res)
-    res["files"] = write_outputs(out, "burst", res, md, fig)
-    return res

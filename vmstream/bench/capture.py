@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vmstream.bench.common import Bench, say
-from vmstream.bench.report import md_table, pyplot, write_outputs
+from vmstream.bench.report import md_table, pyplot
 from vmstream.bench.stats import summary
 
 TARGETS_MS = {"booted_256": 100.0, "clone": 30.0}  # from the issue
@@ -90,10 +90,3 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
     ax.grid(alpha=0.3)
     ax.legend()
     return md, fig
-
-
-def run_and_write(bench: Bench, out: Any, **kw: Any) -> dict[str, Any]:
-    res = run(bench, **kw)
-    md, fig = render(res)
-    res["files"] = write_outputs(out, "capture", res, md, fig)
-    return res

@@ -14,7 +14,7 @@ from typing import Any
 
 from vmstream.bench import baseline
 from vmstream.bench.common import Bench, say
-from vmstream.bench.report import fmt_s, fmt_x, md_table, pyplot, write_outputs
+from vmstream.bench.report import fmt_s, fmt_x, md_table, pyplot
 from vmstream.bench.stats import median, ratio, summary
 
 
@@ -116,10 +116,3 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
     ax.set_ylabel("seconds to first HTTP answer (median, bar to p90)")
     ax.set_title(f"Start a {res['memory_mib']} MiB guest ({res['accelerator']})")
     return md, fig
-
-
-def run_and_write(bench: Bench, out: Any, **kw: Any) -> dict[str, Any]:
-    res = run(bench, **kw)
-    md, fig = render(res)
-    res["files"] = write_outputs(out, "clone", res, md, fig)
-    return res

@@ -19,7 +19,7 @@ from typing import Any
 
 from vmstream.bench import baseline
 from vmstream.bench.common import MIB, Bench, mem_available, pss, say
-from vmstream.bench.report import fmt_mib, fmt_x, md_table, pyplot, write_outputs
+from vmstream.bench.report import fmt_mib, fmt_x, md_table, pyplot
 from vmstream.bench.stats import ratio, slope
 from vmstream.cli.client import AgentClient
 
@@ -188,10 +188,3 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
         ax.legend()
     fig.suptitle(f"Host memory vs number of {res['memory_mib']} MiB VMs ({res['accelerator']})")
     return md, fig
-
-
-def run_and_write(bench: Bench, out: Any, **kw: Any) -> dict[str, Any]:
-    res = run(bench, **kw)
-    md, fig = render(res)
-    res["files"] = write_outputs(out, "density", res, md, fig)
-    return res

@@ -56,3 +56,11 @@ def write_outputs(out: Path, name: str, result: dict[str, Any], markdown: str, f
     pyplot().close(fig)
     say(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
     return {k: str(v) for k, v in paths.items()}
+
+
+def run_and_write(bench_module: Any, bench: Any, out: Path, **kw: Any) -> dict[str, Any]:
+    """Run one bench module (its run() and render()) and write its JSON, table and plot."""
+    res: dict[str, Any] = bench_module.run(bench, **kw)
+    md, fig = bench_module.render(res)
+    res["files"] = write_outputs(out, bench_module.__name__.rsplit(".", 1)[-1], res, md, fig)
+    return res

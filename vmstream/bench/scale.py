@@ -16,7 +16,7 @@ from typing import Any
 
 from vmstream.bench import baseline
 from vmstream.bench.common import Bench, say
-from vmstream.bench.report import fmt_s, fmt_x, md_table, pyplot, write_outputs
+from vmstream.bench.report import fmt_s, fmt_x, md_table, pyplot
 from vmstream.bench.stats import median, ratio, summary
 from vmstream.cli.client import AgentClient
 
@@ -176,10 +176,3 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
     ax.grid(alpha=0.3)
     ax.legend()
     return md, fig
-
-
-def run_and_write(bench: Bench, out: Any, **kw: Any) -> dict[str, Any]:
-    res = run(bench, **kw)
-    md, fig = render(res)
-    res["files"] = write_outputs(out, "scale", res, md, fig)
-    return res

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vmstream.bench.common import Bench, say
-from vmstream.bench.report import fmt_s, fmt_x, md_table, pyplot, write_outputs
+from vmstream.bench.report import fmt_s, fmt_x, md_table, pyplot
 from vmstream.bench.stats import ratio, summary
 from vmstream.cli.client import AgentClient
 
@@ -206,10 +206,3 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
     ax.set_title(f"Streaming clones ({res['accelerator']}): cache state and RAM size")
     ax.grid(axis="y", alpha=0.3)
     return md, fig
-
-
-def run_and_write(bench: Bench, out: Any, **kw: Any) -> dict[str, Any]:
-    res = run(bench, **kw)
-    md, fig = render(res)
-    res["files"] = write_outputs(out, "stream", res, md, fig)
-    return res

@@ -19,6 +19,7 @@ from typing import Any
 
 from vmstream.bench import burst, capture, clone, density, scale, stream, targets
 from vmstream.bench.common import Bench, meminfo, say
+from vmstream.bench.report import run_and_write
 from vmstream.cli.client import AgentClient
 
 SECTIONS = [
@@ -66,7 +67,7 @@ def run_all(client: AgentClient, out: Path, doc: Path, runs: int | None, sizes: 
             kw["runs"] = runs
         t = time.perf_counter()
         with bench.session():
-            results[key] = mod.run_and_write(bench, out, **kw)
+            results[key] = run_and_write(mod, bench, out, **kw)
         durations[key] = round(time.perf_counter() - t, 1)
         say(f"{key} took {durations[key]:.0f} s")
     total = time.perf_counter() - t0

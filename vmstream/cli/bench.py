@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,15 +33,17 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _run(fn: Callable[..., dict[str, Any]], out: Path, **kw: Any) -> None:
+def _run(bench_module: Any, out: Path, **kw: Any) -> None:
     """Run one bench with cleanup; stop the agent afterwards if the bench started it."""
     from vmstream.bench.common import Bench
+    from vmstream.bench.report import run_and_write
     from vmstream.errors import VmstreamError
 
     bench = Bench(out)
     try:
         with bench.session():
-            res = fn(bench, out, **kw)
+            # a bench module (run + render), or a function doing its own writing (`all`)
+            res = bench_module(bench, out, **kw) if callable(bench_module) else run_and_write(bench_module, bench, out, **kw)
     except VmstreamError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(exc.exit_code if hasattr(exc, "exit_code") else 1) from exc
@@ -58,7 +59,7 @@ def clone(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 5, memory_mib: MemOpt = 256
     """Cold boot vs clone vs QEMU save/restore: time to first HTTP answer."""
     from vmstream.bench import clone as b
 
-    _run(b.run_and_write, out, mib=memory_mib, runs=runs, clone_runs=clone_runs)
+    _run(b, out, mib=memory_mib, runs=runs, clone_runs=clone_runs)
 
 
 @bench_app.command()
@@ -67,7 +68,7 @@ def burst(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 3, memory_mib: MemOpt = 256
     """Start N clones at once: time until all answer HTTP."""
     from vmstream.bench import burst as b
 
-    _run(b.run_and_write, out, mib=memory_mib, counts=_ints(counts), runs=runs)
+    _run(b, out, mib=memory_mib, counts=_ints(counts), runs=runs)
 
 
 @bench_app.command()
@@ -76,7 +77,7 @@ def scale(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 3, sizes: SizesOpt = "256,1
     """Clone vs QEMU full restore across guest RAM sizes."""
     from vmstream.bench import scale as b
 
-    _run(b.run_and_write, out, sizes=_ints(sizes), runs=runs, fill=fill)
+    _run(b, out, sizes=_ints(sizes), runs=runs, fill=fill)
 
 
 @bench_app.command()
@@ -84,7 +85,7 @@ def capture(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 3, sizes: SizesOpt = "256
     """Live-image create pause vs guest RAM size, for a booted VM and for a clone."""
     from vmstream.bench import capture as b
 
-    _run(b.run_and_write, out, sizes=_ints(sizes), runs=runs)
+    _run(b, out, sizes=_ints(sizes), runs=runs)
 
 
 @bench_app.command()
@@ -93,7 +94,7 @@ def density(out: OutOpt = DEFAULT_OUT, memory_mib: MemOpt = 256,
     """Host memory for N clones vs N cold-booted vs N QEMU-restored VMs."""
     from vmstream.bench import density as b
 
-    _run(b.run_and_write, out, mib=memory_mib, counts=_ints(counts))
+    _run(b, out, mib=memory_mib, counts=_ints(counts))
 
 
 @bench_app.command()
@@ -101,7 +102,7 @@ def stream(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 5) -> None:
     """Clones streaming memory from another host's store: warm, cold, cold with prefetch; 256 MiB vs 2 GiB."""
     from vmstream.bench import stream as b
 
-    _run(b.run_and_write, out, runs=runs)
+    _run(b, out, runs=runs)
 
 
 @bench_app.command("all")
