@@ -516,6 +516,7 @@ class HostManager:
             self._update(rec.name, pid=proc.pid)
             devstate = self.images.devstate_path(image)
             identity_task: asyncio.Task[dict[str, Any]] | None = None
+            http_task: asyncio.Task[dict[str, Any]] | None = None
             try:
                 async with proc.qmp() as qmp:
                     mark("qmp_ready")
@@ -537,18 +538,16 @@ class HostManager:
                 http_task = asyncio.create_task(self._wait_http(rec, proc, CLONE_TIMEOUT_S))
                 answer = await identity_task
                 mark("identity_applied")
-            except (QMPError, OSError, EOFError) as exc:
-                raise QemuError(f"clone {rec.name} failed while loading its device state: {proc.log_tail() or exc}") from exc
-            finally:
-                if identity_task is not None and not identity_task.done():
-                    identity_task.cancel()
-            try:
                 if not answer.get("ok") or answer.get("hostname") != rec.hostname:
                     raise QemuError(f"clone {rec.name}: the guest agent did not apply the new identity: {answer}")
                 self._update(rec.name, identity_applied_s=phases["identity_applied"])
                 await http_task
+            except (QMPError, OSError, EOFError) as exc:
+                raise QemuError(f"clone {rec.name} failed while loading its device state: {proc.log_tail() or exc}") from exc
             finally:
-                http_task.cancel()
+                for task in (identity_task, http_task):  # on failure, nothing keeps probing a stopped VM
+                    if task is not None and not task.done():
+                        task.cancel()
             mark("http_answered")
             self._update(rec.name, state="running", ready_s=phases["http_answered"], phases=json.dumps(phases))
         self._spawn(self._after_start(rec, proc))
