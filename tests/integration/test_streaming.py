@@ -33,6 +33,28 @@ def test_clone_maps_memfs_and_host_counts_streaming(cli: Cli, base_image: BaseIm
     assert (cli.home / "store" / "meta" / "images" / "base-img" / "manifest.json").is_file()
 
 
+def _vmflags(pid: int, path_part: str) -> list[str]:
+    """VmFlags of the first mapping in /proc/PID/smaps whose line contains path_part."""
+    found = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if not found and path_part in line and "-" in line.split()[0]:
+            found = True
+        elif found and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping of {path_part} in /proc/{pid}/smaps")
+
+
+def test_clone_memory_is_faulted_in_page_by_page(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
+    """No huge-page hint on the clone's RAM (which makes the kernel read 4 MiB around
+    each fault) and no kernel read-ahead on memfs: a clone pulls the chunks it touches."""
+    (clone,) = vms.clones("base-img", prefix="pages")
+    flags = _vmflags(clone["pid"], str(cli.home / "memfs" / "base-img"))
+    assert "hg" not in flags and "nh" in flags, flags
+    mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+    (dev,) = [ln.split()[2] for ln in mountinfo if ln.split()[4] == str(cli.home / "memfs")]
+    assert Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text().strip() == "0"
+
+
 def test_corrupted_chunk_is_detected(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
     (clone,) = vms.clones("base-img", prefix="tamper")
     cli.json("live-image", "create", clone["name"], "tamper-img", "--flatten")

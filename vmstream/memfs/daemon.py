@@ -145,6 +145,28 @@ async def _on_signals(stop: Callable[[], Awaitable[None] | None]) -> None:
             return
 
 
+def _no_kernel_read_around(mount: Path) -> None:
+    """Set the mount's kernel read-ahead to 0.
+
+    Clones fault their memory in page by page, and each fault that misses would
+    otherwise read 128 KiB around it, so an idle clone pulled ~30% more chunks
+    than it touched. The daemon's own sequential read-ahead (whole chunks) is kept.
+    Found through /proc/self/mountinfo: stat() on the mount would wait for this
+    daemon, which is not serving yet.
+    """
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == str(mount.absolute()):
+                knob = Path(f"/sys/class/bdi/{fields[2]}/read_ahead_kb")
+                try:
+                    knob.write_text("0")
+                except OSError as exc:
+                    log.warning("could not turn off kernel read-ahead on %s (%s): clones fetch more", mount, exc)
+                return
+    log.warning("mount %s not found in /proc/self/mountinfo; kernel read-ahead left on", mount)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="vmstream-memfs")
     p.add_argument("--mount", type=Path, required=True)
@@ -162,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     options = set(pyfuse3.default_options) | {"fsname=vmstream-memfs"}
     pyfuse3.init(fs, str(args.mount), options)
     log.info("mounted %s (pid %d)", args.mount, os.getpid())
+    _no_kernel_read_around(args.mount)
     try:
         trio.run(Daemon(fs, args.control).run)
     finally:

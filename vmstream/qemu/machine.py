@@ -24,6 +24,7 @@ from pathlib import Path
 from qemu.qmp import QMPClient, QMPError
 
 from vmstream.errors import QemuError
+from vmstream.qemu.preload import nothp_library
 
 QEMU_BINARY = "qemu-system-x86_64"
 
@@ -173,13 +174,18 @@ class QemuProcess:
         return self.pid is not None and pid_alive(self.pid, self.marker)
 
     def start(self, spec: MachineSpec) -> None:
-        """Launch QEMU in its own session, its output going to qemu.log."""
+        """Launch QEMU in its own session, its output going to qemu.log.
+
+        A VM on an image's memory file runs with the no-huge-pages shim."""
         self.rundir.mkdir(parents=True, exist_ok=True)
+        env = None
+        if spec.memory_file is not None and (shim := nothp_library()) is not None:
+            env = {**os.environ, "LD_PRELOAD": str(shim)}
         with open(self.log_path, "ab") as log:
             self._popen = subprocess.Popen(
                 spec.command(self.rundir),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True,
+                start_new_session=True, close_fds=True, env=env,
             )
         self.pid = self._popen.pid
 
