@@ -36,11 +36,15 @@ def free_port() -> int:
 
 
 @dataclass(frozen=True)
-class IncomingSpec:
+class FullRestoreSpec:
     """A MachineSpec that loads a full QEMU migration stream at start."""
 
     spec: MachineSpec
     state_file: Path
+
+    @property
+    def memory_file(self) -> Path | None:
+        return self.spec.memory_file
 
     def command(self, rundir: Path) -> list[str]:
         return [*self.spec.command(rundir), "-incoming", f"exec:cat {self.state_file}"]
@@ -155,7 +159,7 @@ async def restore(bench: Bench, mib: int, ident: dict[str, str], state_file: Pat
     proc = QemuProcess(spec.vm_id, bench.scratch / "run" / spec.vm_id)
     try:
         t0 = time.perf_counter()
-        proc.start(cast(MachineSpec, IncomingSpec(spec, state_file)))
+        proc.start(cast(MachineSpec, FullRestoreSpec(spec, state_file)))
         deadline = time.monotonic() + RESTORE_TIMEOUT_S
         while True:
             # QMP refuses connections while QEMU's main loop is busy loading the

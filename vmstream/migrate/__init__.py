@@ -5,11 +5,11 @@ from vmstream.migrate.api import Destination, choose_mode, migrate
 from vmstream.migrate.client import ClientStats, LoadClient
 from vmstream.migrate.delta import DeltaTarget, migrate_delta
 from vmstream.migrate.live import LiveOptions, migrate_live, prepare_live_target
-from vmstream.migrate.target import IncomingSpec, live_target_spec
-from vmstream.migrate.types import MigrationCancelled, MigrationError, MigrationResult, NetworkSwitch, NoSwitch, Progress
+from vmstream.migrate.target import IncomingSpec, LocalTarget, live_target_spec
+from vmstream.migrate.types import MigrationCancelled, MigrationError, MigrationResult, NetworkSwitch, NoSwitch, Progress, Target
 
 __all__ = [
-    "ClientStats", "DeltaTarget", "Destination", "IncomingSpec", "LiveOptions", "LoadClient", "MigrationCancelled",
-    "MigrationError", "MigrationResult", "NetworkSwitch", "NoSwitch", "Progress", "choose_mode", "live_target_spec",
+    "ClientStats", "DeltaTarget", "Destination", "IncomingSpec", "LiveOptions", "LoadClient", "LocalTarget", "MigrationCancelled",
+    "MigrationError", "MigrationResult", "NetworkSwitch", "NoSwitch", "Progress", "Target", "choose_mode", "live_target_spec",
     "migrate", "migrate_delta", "migrate_live", "prepare_live_target",
 ]

@@ -16,7 +16,7 @@ from pathlib import Path
 from vmstream.errors import InvalidInput
 from vmstream.migrate.delta import DeltaTarget, migrate_delta
 from vmstream.migrate.live import LiveOptions, migrate_live, prepare_live_target
-from vmstream.migrate.target import IncomingSpec, live_target_spec
+from vmstream.migrate.target import IncomingSpec, LocalTarget, live_target_spec
 from vmstream.migrate.types import MigrationResult, NetworkSwitch, ProgressCallback
 from vmstream.qemu.machine import MachineSpec, QemuProcess, TapNic
 
@@ -87,7 +87,7 @@ async def migrate(
         postcopy = (opts.postcopy is None or opts.postcopy) and dspec.memory_file is None
         assert isinstance(dspec, IncomingSpec)
         uri = await prepare_live_target(dest.proc, dspec, dest.listen_ip, dest.netns, postcopy)
-        result = await migrate_live(src, dest.proc, uri, postcopy=postcopy, switch=switch, options=opts,
+        result = await migrate_live(src, LocalTarget(dest.proc), uri, postcopy=postcopy, switch=switch, options=opts,
                                     progress=progress, cancel=cancel)
     if stop_source:
         await src.stop()

@@ -34,8 +34,8 @@ from collections.abc import Callable
 import numpy as np
 
 from vmstream.capture.guestmem import PAGE, PageRuns, allocate, find_ram_mapping, private_page_runs, read_runs, runs_of, write_runs
-from vmstream.migrate.live import ANNOUNCE, ensure_running
-from vmstream.migrate.target import remove_target, wait_running
+from vmstream.migrate.live import ensure_running
+from vmstream.migrate.target import ANNOUNCE, remove_target, wait_running
 from vmstream.migrate.types import MigrationError, MigrationResult, NetworkSwitch, NoSwitch, Progress, ProgressCallback
 from vmstream.net.links import in_netns
 from vmstream.qemu.machine import MachineSpec, QemuProcess

@@ -24,7 +24,7 @@ from typing import Any
 
 from qemu.qmp import QMPError
 
-from vmstream.migrate.target import IncomingSpec, free_port, remove_target, status, wait_running
+from vmstream.migrate.target import IncomingSpec, free_port, remove_target, status
 from vmstream.migrate.types import (
     MigrationCancelled,
     MigrationError,
@@ -33,10 +33,9 @@ from vmstream.migrate.types import (
     NoSwitch,
     Progress,
     ProgressCallback,
+    Target,
 )
 from vmstream.qemu.machine import QemuProcess
-
-ANNOUNCE = {"initial": 5, "max": 100, "rounds": 3, "step": 50}
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,7 @@ class LiveOptions:
     max_precopy_s: float = 20.0
     open_margin_bytes: int = 48 << 20  # open the network switch once this little RAM remains
     poll_s: float = 0.005
+    alive_check_s: float = 0.0  # how often the destination is checked (each poll; a remote one less often)
     timeout_s: float = 300.0
 
 
@@ -88,7 +88,7 @@ def _progress(info: dict[str, Any], elapsed: float, postcopy: bool) -> Progress:
 
 
 async def migrate_live(
-    src: QemuProcess, dst: QemuProcess, uri: str, *, postcopy: bool, switch: NetworkSwitch | None = None,
+    src: QemuProcess, dst: Target, uri: str, *, postcopy: bool, switch: NetworkSwitch | None = None,
     options: LiveOptions | None = None, progress: ProgressCallback | None = None,
     cancel: asyncio.Event | None = None,
 ) -> MigrationResult:
@@ -105,8 +105,9 @@ async def migrate_live(
     open_time = 0.0
     last: dict[str, Any] = {}
     switched_over = False  # from here on the VM's state lives on the destination
+    next_alive_check = 0.0
     try:
-        async with src.qmp() as sq, dst.qmp() as dq:
+        async with src.qmp() as sq:
             await sq.execute("migrate-set-capabilities",
                               {"capabilities": [{"capability": "postcopy-ram", "state": postcopy},
                                                 {"capability": "auto-converge", "state": not postcopy}]})
@@ -128,8 +129,10 @@ async def migrate_live(
                     break
                 if cancel is not None and cancel.is_set():
                     raise MigrationCancelled("migration cancelled on request")
-                if not dst.alive():
-                    raise MigrationError(f"the destination QEMU exited during the migration: {dst.log_tail() or 'no output'}")
+                if time.perf_counter() >= next_alive_check:
+                    if not await dst.alive():
+                        raise MigrationError(f"the destination QEMU exited during the migration: {await dst.exit_reason()}")
+                    next_alive_check = time.perf_counter() + opts.alive_check_s
                 if elapsed > opts.timeout_s:
                     raise MigrationError(f"the migration did not finish within {opts.timeout_s:.0f}s")
                 ram = info.get("ram", {})
@@ -150,12 +153,11 @@ async def migrate_live(
                 await asyncio.to_thread(switch.open)
                 opened = True
             t_switch = time.monotonic()
-            await wait_running(dst, dq, 60.0, "the switch-over")
+            await dst.wait_running(60.0)
             t_run = time.perf_counter()
             t_running = time.monotonic()
             await asyncio.to_thread(switch.commit)
-            with contextlib.suppress(QMPError):
-                await dq.execute("announce-self", ANNOUNCE)
+            await dst.announce()
             switch_ms = (time.perf_counter() - t_run) * 1000
             # post-copy: the source keeps serving page requests until every page is over
             while (state := str(last.get("status", ""))) != "completed":
@@ -190,7 +192,7 @@ async def migrate_live(
     )
 
 
-async def _roll_back(src: QemuProcess, dst: QemuProcess, switch: NetworkSwitch, opened: bool) -> None:
+async def _roll_back(src: QemuProcess, dst: Target, switch: NetworkSwitch, opened: bool) -> None:
     """The VM stays on the source: cancel, remove the destination, make sure the source runs."""
     with contextlib.suppress(Exception):
         async with asyncio.timeout(10):
@@ -203,7 +205,8 @@ async def _roll_back(src: QemuProcess, dst: QemuProcess, switch: NetworkSwitch, 
                         if not isinstance(info, dict) or info.get("status") in ("failed", "cancelled", "completed"):
                             break
                         await asyncio.sleep(0.01)
-    await remove_target(dst)
+    with contextlib.suppress(Exception):
+        await dst.remove()
     if opened:
         with contextlib.suppress(Exception):
             await asyncio.to_thread(switch.abort)

@@ -15,6 +15,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp import QMPError
+
 from vmstream.errors import QemuError
 from vmstream.migrate.types import MigrationError
 from vmstream.net.links import in_netns
@@ -84,3 +86,32 @@ async def remove_target(proc: QemuProcess) -> None:
     """Stop a half-started destination QEMU and remove its files, whatever state it is in."""
     with contextlib.suppress(Exception):
         await asyncio.shield(proc.stop(soft_timeout=1.0))
+
+
+ANNOUNCE = {"initial": 5, "max": 100, "rounds": 3, "step": 50}
+
+
+class LocalTarget:
+    """A destination QEMU owned by this process (tests, bench, the destination agent)."""
+
+    def __init__(self, proc: QemuProcess) -> None:
+        self.proc = proc
+
+    async def alive(self) -> bool:
+        return self.proc.alive()
+
+    async def exit_reason(self) -> str:
+        return self.proc.log_tail() or "no output"
+
+    async def wait_running(self, timeout: float) -> None:
+        async with self.proc.qmp() as qmp:
+            await wait_running(self.proc, qmp, timeout, "the switch-over")
+
+    async def announce(self) -> None:
+        """Gratuitous ARP/RARP from the VM's new place, so switches learn where it is."""
+        with contextlib.suppress(QMPError, QemuError, OSError):
+            async with self.proc.qmp() as qmp:
+                await qmp.execute("announce-self", ANNOUNCE)
+
+    async def remove(self) -> None:
+        await remove_target(self.proc)

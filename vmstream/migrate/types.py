@@ -71,6 +71,24 @@ class NetworkSwitch(Protocol):
     def abort(self) -> None: ...
 
 
+class Target(Protocol):
+    """The destination QEMU of a live migration, as the source side sees it.
+
+    LocalTarget wraps a QemuProcess in this process; a host agent migrating to
+    another host uses one that asks the destination's agent over HTTP.
+    """
+
+    async def alive(self) -> bool: ...
+
+    async def exit_reason(self) -> str: ...
+
+    async def wait_running(self, timeout: float) -> None: ...
+
+    async def announce(self) -> None: ...
+
+    async def remove(self) -> None: ...
+
+
 class NoSwitch:
     """For VMs whose network needs no moving (slirp, or QEMU's announce is enough)."""
 
