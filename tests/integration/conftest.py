@@ -37,7 +37,7 @@ class Cli:
 
     def json(self, *args: str, timeout: float = 300) -> Any:
         proc = self.run(*args, "--json", timeout=timeout)
-        assert proc.returncode == 0, f"vmstream {' '.join(args)} failed: {proc.stderr}"
+        assert proc.returncode == 0, f"vmstream {' '.join(args)} failed: {proc.stderr or proc.stdout}"
         return json.loads(proc.stdout)
 
     def ask(self, vm: str, command: str) -> dict[str, Any]:
@@ -136,3 +136,18 @@ def base_image(cli: Cli, base_vm: dict[str, Any]) -> BaseImage:
         time.sleep(0.5)
     info = cli.json("live-image", "create", "base", "base-img")
     return BaseImage("base-img", info, st["counter"], float(st["uptime"]), seed, time.time())
+
+
+@pytest.fixture
+def peer_host(cli: Cli, tmp_path: Path) -> Iterator[Cli]:
+    """A second host (its own data dir and agent) whose store is this host's agent."""
+    cli.json("list")  # this host's agent runs
+    port = json.loads((cli.home / "agent.json").read_text())["port"]
+    token = (cli.home / "agent.token").read_text().strip()
+    other = Cli(tmp_path / "host-b", {"VMSTREAM_STORE": f"peer:http://127.0.0.1:{port}/v1/store",
+                                      "VMSTREAM_PEER_TOKEN": token})
+    try:
+        yield other
+    finally:
+        other.run("agent", "stop", "--destroy-vms")
+        assert not our_qemu_pids(other.home) and not fuse_mounts(other.home)

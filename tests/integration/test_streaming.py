@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.integration.conftest import BaseImage, Cli, VmFactory, fuse_mounts, our_qemu_pids
+from tests.integration.conftest import BaseImage, Cli, VmFactory, our_qemu_pids
 
 
 def _chunk_map(home: Path, image: str) -> dict:
@@ -78,20 +75,6 @@ def test_corrupted_chunk_is_detected(cli: Cli, base_image: BaseImage, vms: VmFac
     assert "tampered-1" not in {v["name"] for v in cli.json("list")}
     assert our_qemu_pids(cli.home) == before, "the failed clone's QEMU was removed"
     cli.json("live-image", "delete", "tamper-img")
-
-
-@pytest.fixture
-def peer_host(cli: Cli, tmp_path: Path) -> Iterator[Cli]:
-    """A second host (its own data dir and agent) whose store is this host's agent."""
-    port = json.loads((cli.home / "agent.json").read_text())["port"]
-    token = (cli.home / "agent.token").read_text().strip()
-    other = Cli(tmp_path / "host-b", {"VMSTREAM_STORE": f"peer:http://127.0.0.1:{port}/v1/store",
-                                      "VMSTREAM_PEER_TOKEN": token})
-    try:
-        yield other
-    finally:
-        other.run("agent", "stop", "--destroy-vms")
-        assert not our_qemu_pids(other.home) and not fuse_mounts(other.home)
 
 
 def test_peer_host_streams_an_image(cli: Cli, base_image: BaseImage, peer_host: Cli) -> None:

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from vmstream.cli.bench import bench_app
 from vmstream.cli.client import AgentClient
+from vmstream.cli.migrate import migrate, peer_app
 from vmstream.config import data_dir
 from vmstream.errors import InvalidInput, VmstreamError
 from vmstream.guest.identity import parse_params
@@ -29,6 +30,8 @@ app.add_typer(image_app, name="live-image")
 app.add_typer(guest_app, name="guest")
 app.add_typer(agent_app, name="agent")
 app.add_typer(bench_app, name="bench")
+app.add_typer(peer_app, name="peer")
+app.command()(migrate)
 
 out = Console()
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]

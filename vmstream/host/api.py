@@ -24,6 +24,13 @@ from vmstream.host.schemas import (
     GuestCommand,
     HostInfo,
     ImageInfo,
+    IncomingAnswer,
+    IncomingRequest,
+    IncomingStatus,
+    MigrateRequest,
+    MigrationInfo,
+    PeerInfo,
+    PeerRequest,
     StartRequest,
     StartResult,
     VmInfo,
@@ -128,6 +135,56 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
     async def delete_image(name: str) -> dict[str, str]:
         await manager.delete_image(name)
         return {"deleted": name}
+
+    # ---- migration: peers, the source's jobs, the destination's incoming VMs ----
+    mig = manager.migrations
+
+    @app.get("/v1/peers", dependencies=v1)
+    async def peers() -> list[PeerInfo]:
+        return mig.peers()
+
+    @app.put("/v1/peers/{name}", dependencies=v1)
+    async def add_peer(name: str, req: PeerRequest) -> PeerInfo:
+        return await mig.add_peer(name, req.url, req.token)
+
+    @app.delete("/v1/peers/{name}", dependencies=v1)
+    async def remove_peer(name: str) -> dict[str, str]:
+        mig.remove_peer(name)
+        return {"removed": name}
+
+    @app.post("/v1/vms/{name}/migrate", dependencies=v1, status_code=202)
+    async def migrate(name: str, req: MigrateRequest) -> MigrationInfo:
+        return await mig.start(name, req.to, req.mode, req.max_bandwidth_mbps)
+
+    @app.get("/v1/vms/{name}/migration", dependencies=v1)
+    async def migration(name: str) -> MigrationInfo:
+        return mig.status(name)
+
+    @app.delete("/v1/vms/{name}/migration", dependencies=v1)
+    async def cancel_migration(name: str) -> MigrationInfo:
+        return mig.cancel(name)
+
+    @app.post("/v1/migrations/incoming", dependencies=v1)
+    async def incoming(req: IncomingRequest) -> IncomingAnswer:
+        return await mig.prepare_incoming(req)
+
+    @app.get("/v1/migrations/incoming/{name}", dependencies=v1)
+    async def incoming_status(name: str) -> IncomingStatus:
+        return await mig.incoming_status(name)
+
+    @app.post("/v1/migrations/incoming/{name}/running", dependencies=v1)
+    async def incoming_running(name: str, timeout: float = 60.0) -> VmInfo:
+        return await mig.incoming_running(name, timeout)
+
+    @app.post("/v1/migrations/incoming/{name}/announce", dependencies=v1)
+    async def incoming_announce(name: str) -> dict[str, str]:
+        await mig.incoming_announce(name)
+        return {"announced": name}
+
+    @app.delete("/v1/migrations/incoming/{name}", dependencies=v1)
+    async def remove_incoming(name: str) -> dict[str, str]:
+        await mig.remove_incoming(name)
+        return {"removed": name}
 
     @app.post("/v1/agent/shutdown", dependencies=v1)
     async def shutdown(destroy_vms: bool = False) -> dict[str, int]:

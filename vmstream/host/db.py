@@ -41,6 +41,21 @@ class VmRecord(Base):
     hooks: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON from the guest
     phases: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: start-up phase -> seconds
     created_at: Mapped[datetime] = mapped_column(DateTime, default=lambda: datetime.now(UTC))
+    # A VM that arrived by migration: its QEMU machine as JSON (the source's, with
+    # this host's vm_id, port and guest files), since it differs from a booted VM's.
+    spec: Mapped[str | None] = mapped_column(Text, nullable=True)
+    migrated_from: Mapped[str | None] = mapped_column(String, nullable=True)
+
+
+class PeerRecord(Base):
+    """Another host's agent this one can migrate VMs to."""
+
+    __tablename__ = "peers"
+
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    url: Mapped[str] = mapped_column(String)
+    token: Mapped[str] = mapped_column(String)
+    added_at: Mapped[datetime] = mapped_column(DateTime, default=lambda: datetime.now(UTC))
 
 
 def open_db(path: Path) -> sessionmaker:

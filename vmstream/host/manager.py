@@ -35,6 +35,8 @@ from vmstream.guest.identity import CloneIdentity, check_params
 from vmstream.guest.status import get_status
 from vmstream.host import footprint
 from vmstream.host.db import VmRecord, open_db
+from vmstream.host.machines import machine_from_json
+from vmstream.host.migration import Migrations
 from vmstream.host.schemas import HostInfo, ImageInfo, StartResult, VmInfo
 from vmstream.image import GuestConfig, ImageRepository, LiveImage
 from vmstream.memfs import memory_ref
@@ -51,6 +53,10 @@ WORKING_SET = "workingset.json"
 # Memory chunks of 64 KiB: a page fault on a cold host fetches 16 pages, not 64
 # (an idle 256 MiB clone touches scattered pages), and 16 GiB is 256 K chunks.
 MEMORY_CHUNK = 64 << 10
+# TCG translation cache of a clone. An idle clone fills ~19 MiB of a 64 MiB cache
+# within seconds of resuming, all of it private: with 8 MiB a clone's own memory
+# is ~33 MiB instead of ~45 (bench density). Booted VMs keep 64 MiB for boot speed.
+CLONE_TB_MIB = int(os.environ.get("VMSTREAM_CLONE_TB_MIB", "8"))
 # A clone's capture is stored as a delta over its root image unless the delta
 # is larger than this fraction of the root's stored memory; then it is flattened.
 FLATTEN_FRACTION = 0.5
@@ -81,6 +87,7 @@ class HostManager:
         self._alloc_lock = asyncio.Lock()
         self._image_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.migrations = Migrations(self)
 
     # ---- guest and accelerator -------------------------------------------------
 
@@ -138,8 +145,12 @@ class HostManager:
                 s.commit()
         self._procs.pop(name, None)
 
-    async def _reserve(self, names: list[str], **common: Any) -> list[VmRecord]:
-        """Insert 'starting' rows for names, all or none: this claims the names and ports."""
+    async def _reserve(
+        self, names: list[str], *, identity: dict[str, str] | None = None, state: str = "starting", **common: Any
+    ) -> list[VmRecord]:
+        """Insert rows for names ('starting', or 'incoming' for a VM migrating here),
+        all or none: this claims the names and ports. identity (hostname, mac,
+        vmgenid) is kept for a migrating VM; others get a new one."""
         async with self._alloc_lock:
             with self.session() as s:
                 taken = set(s.scalars(select(VmRecord.name).where(VmRecord.name.in_(names))))
@@ -154,9 +165,9 @@ class HostManager:
                     used.add(port)
                     vm_id = uuid.uuid4().hex[:12]
                     # every VM gets its own identity: hostname, MAC, VM Generation ID
-                    recs.append(VmRecord(name=name, vm_id=vm_id, state="starting", http_port=port,
-                                         rundir=str(self.run_root / vm_id), hostname=name, mac=_random_mac(),
-                                         vmgenid=str(uuid.uuid4()), **common))
+                    ident = identity or {"hostname": name, "mac": _random_mac(), "vmgenid": str(uuid.uuid4())}
+                    recs.append(VmRecord(name=name, vm_id=vm_id, state=state, http_port=port,
+                                         rundir=str(self.run_root / vm_id), **ident, **common))
                 s.add_all(recs)
                 try:
                     s.commit()
@@ -176,7 +187,7 @@ class HostManager:
             name=rec.name, state=rec.state, endpoint=f"http://127.0.0.1:{rec.http_port}/", pid=rec.pid,
             memory_bytes=rec.memory_bytes, cpus=rec.cpus, accel=rec.accel, parent_image=rec.parent_image,
             ready_s=rec.ready_s, created_at=rec.created_at, footprint=fp, hostname=rec.hostname, mac=rec.mac,
-            vmgenid=rec.vmgenid, identity_applied_s=rec.identity_applied_s,
+            vmgenid=rec.vmgenid, identity_applied_s=rec.identity_applied_s, migrated_from=rec.migrated_from,
             hooks=json.loads(rec.hooks) if rec.hooks else None, phases=json.loads(rec.phases) if rec.phases else None,
         )
 
@@ -189,7 +200,7 @@ class HostManager:
             await self.memfs.ensure()  # clones' memory: a no-op if the daemon outlived the agent
         for rec in self._records():
             proc = self._proc(rec)
-            if rec.state == "starting":
+            if rec.state in ("starting", "incoming"):
                 await proc.stop()
                 self._delete_record(rec.name)
                 removed += 1
@@ -249,12 +260,15 @@ class HostManager:
         return self._info(self._record(name))
 
     def _spec(self, rec: VmRecord, image: LiveImage | None = None) -> MachineSpec:
-        """The VM's command line; a clone's is its image's but for port, MAC, vmgenid and memory file."""
+        """The VM's command line; a clone's is its image's but for port, MAC, vmgenid and memory file.
+        A VM that migrated here runs with the machine it came with."""
+        if rec.spec:
+            return machine_from_json(rec.spec)
         return MachineSpec(
             vm_id=rec.vm_id, hostname=image.guest.hostname if image else rec.hostname, memory_bytes=rec.memory_bytes,
             cpus=rec.cpus, kernel=Path(rec.kernel), initrd=Path(rec.initrd), accel=rec.accel, http_port=rec.http_port,
             mac=rec.mac, vmgenid=rec.vmgenid, memory_file=self.images.memory_path(image) if image else None,
-            incoming=image is not None,
+            incoming=image is not None, tb_mib=CLONE_TB_MIB if image else MachineSpec.tb_mib,
         )
 
     async def destroy(self, name: str) -> None:
@@ -558,7 +572,8 @@ class HostManager:
         task.add_done_callback(self._tasks.discard)
 
     async def shutdown(self) -> None:
-        """Cancel background work (hook collection); VMs keep running."""
+        """Cancel background work (hook collection, migrations); VMs keep running."""
+        await self.migrations.shutdown()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -35,6 +35,7 @@ class VmInfo(BaseModel):
     hooks: dict[str, Any] | None = None  # clone hook results, once they have run
     phases: dict[str, float] | None = None  # start-up phases, seconds since the request
     footprint: Footprint | None = None
+    migrated_from: str | None = None  # the peer this VM came from, if it arrived by migration
 
 
 class CreateImageRequest(BaseModel):
@@ -89,3 +90,62 @@ class HostInfo(BaseModel):
     accelerator: str
     accelerator_reason: str
     guest: dict[str, Any] | None
+
+
+class PeerRequest(BaseModel):
+    url: str = Field(description="the peer agent's base URL, e.g. http://10.0.0.2:8400")
+    token: str = Field(min_length=1)
+
+
+class PeerInfo(BaseModel):
+    name: str
+    url: str
+    added_at: datetime
+
+
+class MigrateRequest(BaseModel):
+    to: str = Field(description="a peer host's name (see 'vmstream peer list')")
+    mode: Literal["auto", "live", "delta"] = "auto"
+    max_bandwidth_mbps: float | None = Field(None, gt=0, description="live mode: cap the stream at this many MB/s")
+
+
+class MigrationInfo(BaseModel):
+    """One migration as the source host sees it; kept after it ends."""
+
+    vm: str
+    to: str
+    requested_mode: str
+    mode: str | None = None  # the one chosen, once the destination answered
+    state: Literal["preparing", "running", "completed", "failed", "cancelled"]
+    progress: dict[str, Any] | None = None  # the latest vmstream.migrate.Progress
+    result: dict[str, Any] | None = None  # vmstream.migrate.MigrationResult once completed
+    error: str | None = None
+    started_at: datetime
+    elapsed_s: float
+
+
+class IncomingRequest(BaseModel):
+    """Source agent -> destination agent: get ready to receive this VM."""
+
+    name: str
+    from_host: str
+    mode: Literal["auto", "live", "delta"]
+    machine: dict[str, Any]  # the source's MachineSpec fields (JSON-safe), see host.migration
+    send_configuration: bool
+    parent_image: str | None
+    identity: dict[str, str]  # hostname, mac, vmgenid: the VM keeps them when it moves
+    guest_key: str  # the guest build's key (a hash of its inputs): both hosts must have the same guest
+
+
+class IncomingAnswer(BaseModel):
+    mode: Literal["live", "delta"]
+    uri: str | None = None  # live: QEMU's migration URI
+    host: str | None = None  # delta: where the delta receiver listens
+    port: int | None = None
+
+
+class IncomingStatus(BaseModel):
+    name: str
+    state: str
+    alive: bool
+    reason: str = ""

@@ -82,6 +82,7 @@ class MachineSpec:
     incoming: bool = False  # wait for device state (a clone)
     extra_append: tuple[str, ...] = field(default_factory=tuple)
     tap: TapNic | None = None  # None: slirp with a host port forward (the single-host default)
+    tb_mib: int = 64  # TCG translation cache; its used part is private memory of each VM
 
     def command(self, rundir: Path) -> list[str]:
         mib = self.memory_bytes >> 20
@@ -91,7 +92,7 @@ class MachineSpec:
             # share=off: the clone's writes stay private; unwritten pages are
             # shared with every other clone through the host page cache.
             backend = f"memory-backend-file,id=mem,size={mib}M,mem-path={self.memory_file},share=off"
-        accel = "kvm" if self.accel == "kvm" else "tcg,tb-size=64"
+        accel = "kvm" if self.accel == "kvm" else f"tcg,tb-size={self.tb_mib}"
         append = " ".join(
             ["console=ttyS0", "quiet", "panic=-1", f"vmstream.hostname={self.hostname}", *self.extra_append,
              *(self.tap.append() if self.tap else [])]
