@@ -123,7 +123,10 @@ async def migrate_live(
                 if progress:
                     progress(_progress(info, elapsed, started_postcopy))
                 if state in ("failed", "cancelled"):
-                    raise MigrationError(f"QEMU migration {state}: {info.get('error-desc', 'no reason given')}")
+                    why = f"QEMU migration {state}: {info.get('error-desc', 'no reason given')}"
+                    if not await dst.alive():  # say which side broke
+                        why = f"the destination QEMU exited during the migration ({await dst.exit_reason()}); {why}"
+                    raise MigrationError(why)
                 if state in ("device", "completed", "postcopy-active"):
                     switched_over = True
                     break

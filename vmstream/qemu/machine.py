@@ -22,6 +22,7 @@ from functools import cache
 from pathlib import Path
 
 from qemu.qmp import QMPClient, QMPError
+from qemu.qmp.qmp_client import NegotiationError
 
 from vmstream.errors import QemuError
 from vmstream.qemu.preload import nothp_library
@@ -221,9 +222,11 @@ class QemuProcess:
                 await client.connect(str(self.qmp_path))
                 break
             except QMPError as exc:
-                # QEMU binds the socket a moment before it listens: refused means "not yet"
-                refused = isinstance(getattr(exc, "exc", None), ConnectionRefusedError)
-                if not refused or not self.alive() or time.monotonic() > deadline:
+                # QEMU binds the socket a moment before it listens: refused means "not yet".
+                # Right after another client left, or while QEMU loads an incoming
+                # migration, the handshake can fail: that too is worth another try.
+                transient = isinstance(getattr(exc, "exc", None), (ConnectionRefusedError, NegotiationError, EOFError))
+                if not transient or not self.alive() or time.monotonic() > deadline:
                     raise QemuError(f"cannot talk QMP to VM {self.vm_id}: {exc}") from exc
                 await asyncio.sleep(0.002)
         try:
