@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmstream.bench import burst, capture, clone, density, scale, stream, targets
+from vmstream.bench import burst, capture, clone, density, migrate, scale, stream, targets
 from vmstream.bench.common import Bench, meminfo, say
 from vmstream.bench.report import run_and_write
 from vmstream.cli.client import AgentClient
@@ -29,6 +29,7 @@ SECTIONS = [
     ("scale", "Start time vs guest RAM size", scale),
     ("density", "Density: host memory per VM", density),
     ("stream", "Streaming memory: cold and warm hosts, prefetch, RAM size", stream),
+    ("migrate", "Migration between hosts", migrate),
 ]
 
 
@@ -63,7 +64,7 @@ def run_all(client: AgentClient, out: Path, doc: Path, runs: int | None, sizes: 
         kw: dict[str, Any] = {}
         if key in ("scale", "capture"):
             kw["sizes"] = sizes
-        if runs is not None and key != "density":
+        if runs is not None and key not in ("density", "migrate"):
             kw["runs"] = runs
         t = time.perf_counter()
         with bench.session():

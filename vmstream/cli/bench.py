@@ -105,6 +105,14 @@ def stream(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 5) -> None:
     _run(b, out, runs=runs)
 
 
+@bench_app.command()
+def migrate(out: OutOpt = DEFAULT_OUT, memory_mib: MemOpt = 256) -> None:
+    """Live and delta migration between test-bed hosts: downtime, client gap, bytes sent."""
+    from vmstream.bench import migrate as b
+
+    _run(b, out, memory_mib=memory_mib)
+
+
 @bench_app.command("all")
 def all_(out: Annotated[Path, typer.Option("--out", help="Directory for every bench's JSON, markdown and PNG.")] = Path("docs/bench"),
          doc: Annotated[Path, typer.Option("--doc", help="The summary document to write.")] = Path("docs/benchmarks.md"),
