@@ -181,7 +181,7 @@ class QemuProcess:
         A VM on an image's memory file runs with the no-huge-pages shim."""
         self.rundir.mkdir(parents=True, exist_ok=True)
         env = None
-        if spec.memory_file is not None and (shim := nothp_library()) is not None:
+        if spec.memory_file is not None and os.environ.get("VMSTREAM_CLONE_NOTHP", "1") != "0" and (shim := nothp_library()) is not None:
             env = {**os.environ, "LD_PRELOAD": str(shim)}
         with open(self.log_path, "ab") as log:
             self._popen = subprocess.Popen(
