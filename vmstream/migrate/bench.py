@@ -47,6 +47,7 @@ async def _one(fleet: Fleet, vm: BedVm, mode: str, rate: int) -> dict[str, Any]:
         "reset_connections": stats.reset_connections, "requests": stats.requests, "rounds": result.rounds,
         "postcopy": result.postcopy, "private_bytes": result.private_bytes,
         "memcheck_bad_pages": verify.get("result", {}).get("bad_pages") if verify.get("ok") else None,
+        "pause_breakdown_ms": result.details.get("pause_ms"),
     }
 
 

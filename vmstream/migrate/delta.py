@@ -72,6 +72,38 @@ async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, view
         got += n
 
 
+def _differ(v1: np.ndarray, v2: np.ndarray, rows1: np.ndarray, rows2: np.ndarray, block: int = 256) -> np.ndarray:
+    """For each i: does page v1[rows1[i]] differ from page v2[rows2[i]]?
+
+    Runs in the pause, so it is made fast: rows are matched in contiguous runs and
+    compared as slices in cache-sized blocks (10 ms for 67 MiB), not gathered with
+    fancy indexing (which copies both sides: 200 ms)."""
+    out = np.empty(len(rows2), dtype=bool)
+    if not len(rows2):
+        return out
+    breaks = np.flatnonzero((np.diff(rows1) != 1) | (np.diff(rows2) != 1)) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(rows2)]))
+    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        r1, r2 = int(rows1[a]), int(rows2[a])
+        for k in range(0, b - a, block):
+            m = min(block, b - a - k)
+            out[a + k:a + k + m] = (v1[r1 + k:r1 + k + m] != v2[r2 + k:r2 + k + m]).any(axis=1)
+    return out
+
+
+async def _recv_line(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    """One line from the peer, without its newline; b"" if it closed first. Reads a byte
+    at a time: the answers are a few bytes, and nothing after the line may be consumed."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = await loop.sock_recv(sock, 1)
+        if not byte:
+            break
+        line += byte
+    return line.strip()
+
+
 class DeltaTarget:
     """The destination half: QEMU on the image's memory, and a port to receive the delta on."""
 
@@ -125,6 +157,9 @@ class DeltaTarget:
                             write_runs(self.dst.pid, addr, runs, buf)
                         finally:
                             buf.close()
+                        # the source waits for this before it pauses the VM, so the
+                        # copy-on-write faults of writing round 1 are not downtime
+                        await loop.sock_sendall(conn, b"ACK\n")
                     elif kind == b"DEVS":
                         data = bytearray(nbytes)
                         await _recv_exact(loop, conn, memoryview(data))
@@ -183,6 +218,7 @@ async def migrate_delta(
     devstate = src.rundir / DEVSTATE
     buf1: mmap.mmap | None = None
     buf2: mmap.mmap | None = None
+    spare: mmap.mmap | None = None
 
     def report(status: str, rounds: int, remaining: int) -> None:
         if progress:
@@ -207,10 +243,16 @@ async def migrate_delta(
             buf1 = allocate(runs1.pages * PAGE)
             read_runs(pid, addr, runs1, buf1)
             sent += await _send(loop, sock, b"PAGE", runs1, memoryview(buf1)[: runs1.pages * PAGE])
+            async with asyncio.timeout(60):
+                ack = await _recv_line(loop, sock)
+            if ack != b"ACK":
+                raise MigrationError(f"the destination did not take round 1: {ack.decode(errors='replace') or 'connection closed'}")
             report("copied", 1, 0)
             if cancel is not None and cancel.is_set():
                 raise MigrationError("migration cancelled on request")
             pages1 = _pages_of(runs1)
+            # round 2's buffer is made (and pre-faulted, ~0.5 ms/MiB) while the VM still runs
+            spare = allocate(runs1.pages * PAGE * 5 // 4 + (8 << 20))
             async with src.qmp() as sq:
                 await asyncio.to_thread(switch.open)
                 opened = True
@@ -218,14 +260,20 @@ async def migrate_delta(
                 await sq.execute("stop")
                 paused = True
                 await sq.execute("xen-save-devices-state", {"filename": str(devstate), "live": False})
+                marks = {"devstate_saved": time.perf_counter()}
                 runs_now = private_page_runs(pid, addr, memory_bytes)
                 mask = np.zeros(memory_bytes // PAGE, dtype=bool)
                 mask[_pages_of(runs_now)] = True
                 private_bytes = runs_now.pages * PAGE
                 mask[pages1] = True  # pages round 1 sent must be re-checked even if no longer private
                 union = runs_of(mask)
-                buf2 = allocate(union.pages * PAGE)
+                if union.pages * PAGE <= len(spare):
+                    buf2, spare = spare, None
+                else:
+                    buf2 = allocate(union.pages * PAGE)
+                marks["pagemap_read"] = time.perf_counter()
                 read_runs(pid, addr, union, buf2)
+                marks["pages_read"] = time.perf_counter()
                 pages2 = _pages_of(union)
                 changed = np.ones(len(pages2), dtype=bool)
                 pos = np.searchsorted(pages1, pages2)
@@ -235,8 +283,9 @@ async def migrate_delta(
                     v1 = np.frombuffer(buf1, dtype=np.uint64, count=len(pages1) * (PAGE // 8)).reshape(-1, PAGE // 8)
                     v2 = np.frombuffer(buf2, dtype=np.uint64, count=len(pages2) * (PAGE // 8)).reshape(-1, PAGE // 8)
                     idx2 = np.flatnonzero(seen)
-                    changed[idx2] = (v1[pos[idx2]] != v2[idx2]).any(axis=1)
+                    changed[idx2] = _differ(v1, v2, pos[idx2], idx2)
                     del v1, v2
+                marks["compared"] = time.perf_counter()
                 cmask = np.zeros(memory_bytes // PAGE, dtype=bool)
                 cmask[pages2[changed]] = True
                 cruns = runs_of(cmask)
@@ -245,15 +294,13 @@ async def migrate_delta(
                 del packed
                 dev = devstate.read_bytes()
                 sent += await _send(loop, sock, b"DEVS", None, dev)
+                marks["sent"] = time.perf_counter()
                 report("paused", 2, 0)
-                answer = b""
                 async with asyncio.timeout(60):
-                    while not answer.endswith(b"\n"):
-                        chunk = await loop.sock_recv(sock, 4096)
-                        if not chunk:
-                            break
-                        answer += chunk
-                if answer.strip() != b"OK":
+                    answer = await _recv_line(loop, sock)
+                    while answer == b"ACK":  # round 2's pages were written
+                        answer = await _recv_line(loop, sock)
+                if answer != b"OK":
                     reason = answer.decode(errors="replace").strip() or "the destination closed the connection"
                     raise MigrationError(f"the destination did not take over the VM: {reason}")
                 done = True
@@ -279,7 +326,7 @@ async def migrate_delta(
             raise MigrationError(f"{exc}; the VM keeps running on the source") from exc
         raise
     finally:
-        for b in (buf1, buf2):
+        for b in (buf1, buf2, spare):
             if b is not None:
                 with contextlib.suppress(BufferError):
                     b.close()
@@ -287,5 +334,7 @@ async def migrate_delta(
     return MigrationResult(
         mode="delta", total_s=round(time.perf_counter() - t0, 3), downtime_ms=round(downtime_ms, 2),
         bytes_sent=sent, rounds=2, private_bytes=private_bytes,
-        details={"round1_bytes": runs1.pages * PAGE, "round2_bytes": cruns.pages * PAGE, "devstate_bytes": len(dev)},
+        details={"round1_bytes": runs1.pages * PAGE, "round2_bytes": cruns.pages * PAGE, "devstate_bytes": len(dev),
+                 # where the pause went: ms from the stop to each step (then the destination's answer)
+                 "pause_ms": {k: round((v - t_pause) * 1000, 1) for k, v in marks.items()}},
     )
