@@ -100,3 +100,21 @@ def test_store_down_is_a_clear_error(tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr
     finally:
         down.run("agent", "stop", "--destroy-vms")
+
+
+def test_store_gc_removes_a_deleted_images_packs_only(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
+    (clone,) = vms.clones("base-img", prefix="gc")
+    cli.json("live-image", "create", clone["name"], "gc-img", "--flatten")
+    vms.destroy_all()
+    first = cli.json("host", "--gc", "--grace", "0")  # sweeps leftovers of earlier tests; gc-img is in use
+    assert first["roots"] >= 2 and first["live_packs"] >= 1
+    cli.json("live-image", "delete", "gc-img")
+    condemned = cli.json("host", "--gc", "--grace", "0")
+    assert condemned["condemned"] >= 1, "gc-img's own packs are condemned first"
+    deleted = cli.json("host", "--gc", "--grace", "0")
+    assert deleted["deleted"] >= condemned["condemned"] and deleted["deleted_bytes"] > 0
+    # what the remaining image uses is still there: a clone runs on intact memory
+    cli.run("host", "--drop-cache")
+    (after,) = vms.clones("base-img", prefix="gc-after")
+    verify = cli.ask(after["name"], "memcheck-verify")
+    assert verify["ok"] and verify["result"]["bad_pages"] == 0, verify

@@ -57,6 +57,7 @@ def source_revision() -> str:
 def run_all(client: AgentClient, out: Path, doc: Path, runs: int | None, sizes: list[int]) -> dict[str, Any]:
     t0 = time.perf_counter()
     started = datetime.now(UTC)
+    source = source_revision()  # before the run writes its own outputs into the tree
     results: dict[str, Any] = {}
     durations: dict[str, float] = {}
     for key, _, mod in SECTIONS:
@@ -77,7 +78,7 @@ def run_all(client: AgentClient, out: Path, doc: Path, runs: int | None, sizes: 
     summary = {
         "bench": "all",
         "command": command_line(),
-        "source": source_revision(),
+        "source": source,
         "started_at": started.isoformat(timespec="seconds"),
         "total_s": round(total, 1),
         "durations_s": durations,

@@ -115,9 +115,17 @@ def destroy(name: str, as_json: JsonOpt = False) -> None:
 @app.command()
 def host(
     drop_cache: Annotated[bool, typer.Option("--drop-cache", help="First empty the chunk cache (cold-start tests).")] = False,
+    gc: Annotated[bool, typer.Option("--gc", help="Garbage-collect the store now and show what it did.")] = False,
+    grace: Annotated[float, typer.Option(help="--gc: seconds an unused pack stays condemned before it is deleted.")] = 3600.0,
     as_json: JsonOpt = False,
 ) -> None:
     """This host: memory, VM totals, the chunk cache and per-image streaming counters."""
+    if gc:
+        report = _client().call("POST", "/v1/host/store/gc", params={"grace": grace})
+        _emit(report, as_json, lambda r: out.print(
+            f"store GC: {r['roots']} image(s) in use, {r['packs']} packs, {r['condemned']} newly condemned, "
+            f"{r['deleted']} deleted ({_mib(r['deleted_bytes'])}), {r['young_packs']} too young to judge"))
+        return
     if drop_cache:
         _client().call("POST", "/v1/host/cache/drop")
     def render(h: dict[str, Any]) -> None:

@@ -75,6 +75,13 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
         """Empty this host's chunk cache and memfs page cache (cold-start benchmarks)."""
         return await manager.drop_caches()
 
+    @app.post("/v1/host/store/gc", dependencies=v1)
+    async def store_gc(grace: float = 3600.0) -> dict[str, Any]:
+        """Garbage-collect the store now; a pack goes on the first run >= grace seconds after it was condemned."""
+        if grace < 0:
+            raise InvalidInput("grace must be >= 0 seconds")
+        return await manager.collect_garbage(grace)
+
     @app.get("/v1/host", dependencies=v1)
     async def host() -> dict[str, Any]:
         return await manager.host_info()

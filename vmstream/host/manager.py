@@ -42,7 +42,9 @@ from vmstream.image import GuestConfig, ImageRepository, LiveImage
 from vmstream.memfs import memory_ref
 from vmstream.memfs.mount import MemfsMount
 from vmstream.qemu import AccelChoice, MachineSpec, QemuProcess, choose_accelerator, qemu_version
-from vmstream.store import ChunkStore, StoreError
+from vmstream.store import ChunkStore, StoreError, collect_garbage
+from vmstream.store.gc import DEFAULT_GRACE
+from vmstream.store.peer import PeerBackend
 from vmstream.store.spec import open_backend
 
 BOOT_TIMEOUT_S = 240.0
@@ -60,6 +62,9 @@ CLONE_TB_MIB = int(os.environ.get("VMSTREAM_CLONE_TB_MIB", "8"))
 # A clone's capture is stored as a delta over its root image unless the delta
 # is larger than this fraction of the root's stored memory; then it is flattened.
 FLATTEN_FRACTION = 0.5
+# Store garbage collection: how often the agent runs it (0: never; `vmstream host --gc` runs it
+# by hand). A pack is deleted two runs apart, at least GC_GRACE_S after it was condemned.
+GC_INTERVAL_S = float(os.environ.get("VMSTREAM_GC_INTERVAL_S", "3600"))
 
 
 def _free_port() -> int:
@@ -196,6 +201,7 @@ class HostManager:
     async def reattach(self) -> dict[str, int]:
         """At agent start: adopt VMs still running; remove half-started ones."""
         adopted = exited = removed = 0
+        self._spawn(self.gc_loop())
         if any(r.parent_image for r in self._records()):
             await self.memfs.ensure()  # clones' memory: a no-op if the daemon outlived the agent
         for rec in self._records():
@@ -501,6 +507,22 @@ class HostManager:
         for name in self.images.names() - in_use:
             await self.memfs.request("invalidate", image=name)
         return {"dropped": True, "kept_page_cache_of": sorted(in_use)}
+
+    async def collect_garbage(self, grace: float = DEFAULT_GRACE) -> dict[str, Any]:
+        """Mark and sweep the store's packs (see vmstream.store.gc): deleted images' memory goes."""
+        if isinstance(self.store.backend, PeerBackend):
+            raise InvalidInput("this host streams from a peer's store: run the GC on the host that owns it")
+        report = await asyncio.to_thread(collect_garbage, self.store, grace=grace)
+        return dataclasses.asdict(report)
+
+    async def gc_loop(self) -> None:
+        """Run the store GC every GC_INTERVAL_S (a store shared by hosts may run it on each)."""
+        if GC_INTERVAL_S <= 0 or isinstance(self.store.backend, PeerBackend):
+            return
+        while True:
+            await asyncio.sleep(GC_INTERVAL_S)
+            with contextlib.suppress(StoreError, OSError):
+                await self.collect_garbage()
 
     async def _memfs_error(self, image: LiveImage) -> str | None:
         """Why memfs failed to read an image's memory, if it did: the clone died of it."""
