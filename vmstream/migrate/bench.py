@@ -23,6 +23,13 @@ from vmstream.net import TestBed, namespaces_with_prefix, unique_prefix
 LOADS = {"idle": 0, "write20": 20}
 
 
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no serial log: {exc})"
+
+
 async def _one(fleet: Fleet, vm: BedVm, mode: str, rate: int) -> dict[str, Any]:
     if rate:
         answer = await vm.ask(f"memcheck-dirty 64 {rate}")
@@ -41,7 +48,10 @@ async def _one(fleet: Fleet, vm: BedVm, mode: str, rate: int) -> dict[str, Any]:
         if rate:
             await vm.ask("memcheck-dirty-stop")
     verify = await vm.ask("memcheck-verify")
+    broken = not verify.get("ok") or verify.get("result", {}).get("bad_pages") or stats.client_gap_ms > 2000
     return {
+        # a guest that failed after the move: its console, to see why (a panic shows here)
+        "serial_tail": _tail(vm.proc.serial_path) if broken else None,
         "downtime_ms": result.downtime_ms, "client_gap_ms": stats.client_gap_ms, "total_s": result.total_s,
         "bytes_sent": result.bytes_sent, "failed_requests": stats.failed_requests,
         "reset_connections": stats.reset_connections, "requests": stats.requests, "rounds": result.rounds,
