@@ -11,8 +11,10 @@ from __future__ import annotations
 import mmap
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +84,8 @@ def _write_pages(fd: int, buf: mmap.mmap, starts: np.ndarray, counts: np.ndarray
 
 
 async def capture_vm(
-    proc: QemuProcess, memory_bytes: int, out_dir: Path, root_memory: Path | None, flatten_above: int | None
+    proc: QemuProcess, memory_bytes: int, out_dir: Path, root_memory: Path | None, flatten_above: int | None,
+    while_paused: Callable[[Any], Awaitable[None]] | None = None,
 ) -> CaptureResult:
     """Write out_dir/devstate.bin and the memory of a running VM.
 
@@ -90,6 +93,7 @@ async def capture_vm(
     clone's capture is a delta over it, unless the delta exceeds
     flatten_above bytes (None: never): then memory.raw is written whole,
     root pages plus private pages, and the image stands on its own.
+    while_paused(qmp) runs in the pause, for what must match the memory (a disk).
     """
     if proc.pid is None or not proc.alive():
         raise QemuError(f"VM {proc.vm_id} is not running, so it cannot be captured")
@@ -106,6 +110,8 @@ async def capture_vm(
         await qmp.execute("stop")
         try:
             await qmp.execute("xen-save-devices-state", {"filename": str(devstate), "live": False})
+            if while_paused is not None:
+                await while_paused(qmp)
             runs = private_page_runs(pid, addr, memory_bytes)
             if runs.pages * PAGE > len(buf):
                 buf = allocate(runs.pages * PAGE)  # the guest outran the estimate: slower but correct

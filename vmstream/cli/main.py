@@ -77,10 +77,13 @@ def boot(
     cpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
     guest_agent: Annotated[str, typer.Option(
         help="In-guest agent: 'native' (C, fast) or 'portable' (the shell agent real guests use).")] = "native",
+    disk: Annotated[str | None, typer.Option(
+        help="Boot a real Linux guest from this disk image (raw or qcow2; never written), or 'debian' for the "
+             "Debian guest vmstream builds (see 'vmstream guest rootfs').")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Cold-boot the demo guest; returns when it answers HTTP."""
-    body = {"name": name, "memory": memory, "cpus": cpus, "guest_agent": guest_agent}
+    """Cold-boot the demo guest (or a disk guest); returns when it answers HTTP."""
+    body: dict[str, Any] = {"name": name, "memory": memory, "cpus": cpus, "guest_agent": guest_agent, "disk": disk}
     res = _client().call("POST", "/v1/vms", json=body)
     _emit(res, as_json, lambda r: out.print(f"{r['name']} is serving at {r['endpoint']} (ready in {r['ready_s']:.2f}s)"))
 
@@ -231,6 +234,32 @@ def guest_ask(
 ) -> None:
     """Send a command to the in-guest agent (ping, status, memcheck-fill MIB SEED, memcheck-verify)."""
     print(json.dumps(_client().call("POST", f"/v1/vms/{vm}/guest", json={"command": command, "timeout": timeout}), indent=2))
+
+
+@guest_app.command("rootfs")
+def guest_rootfs(
+    force: Annotated[bool, typer.Option("--force", help="Build it again even if it exists.")] = False,
+) -> None:
+    """Build the Debian disk guest (debootstrap; about a minute): systemd, the vmstream agent, qemu-guest-agent."""
+    from vmstream.guest.rootfs import build_rootfs
+
+    path = build_rootfs(data_dir() / "guest" / "rootfs", force, say=lambda m: Console(stderr=True).print(m))
+    out.print(f"{path}\nboot it with: vmstream boot NAME --disk debian --memory 512M")
+
+
+@guest_app.command("qga")
+def guest_qga(
+    vm: str, execute: str,
+    arguments: Annotated[str | None, typer.Option("--arguments", help="The command's arguments as JSON.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 10.0,
+) -> None:
+    """Run a qemu-guest-agent command in a disk guest (e.g. guest-info, guest-get-time)."""
+    try:
+        args = json.loads(arguments) if arguments else None
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"--arguments is not JSON: {exc}") from exc
+    body = {"execute": execute, "arguments": args, "timeout": timeout}
+    print(json.dumps(_client().call("POST", f"/v1/vms/{vm}/qga", json=body, timeout=timeout + 10), indent=2))
 
 
 @guest_app.command("agent-installer")

@@ -22,7 +22,7 @@ from vmstream.errors import GuestError
 from vmstream.guest import cpio
 
 # Drivers the guest needs, by module name; dependencies come from modules.dep.
-MODULES = ("virtio_pci", "virtio_net", "virtio_console", "virtio_blk", "virtio_balloon")
+MODULES = ("virtio_pci", "virtio_net", "virtio_console", "virtio_blk", "virtio_balloon", "crc32c_generic", "ext4")
 GUEST_FILES = ("init", "vmstream-agent.c", "vmstream-agent.sh", "memcheck.c", "statusd.c", "vmclock.c", "clone.d/50-record-params")
 BUSYBOX = Path("/bin/busybox")
 
@@ -83,7 +83,7 @@ def _module_order(moddir: Path) -> list[str]:
     return order
 
 
-def _compile(name: str, source: bytes, workdir: Path) -> bytes:
+def compile_static(name: str, source: bytes, workdir: Path) -> bytes:
     """A static binary for the guest, which has no libc of its own."""
     src = workdir / f"{name}.c"
     src.write_bytes(source)
@@ -128,12 +128,12 @@ def build_guest(cache_dir: Path, kernel: Path | None = None, force: bool = False
             cpio.char_device("dev/console", 5, 1),
             cpio.file("bin/busybox", BUSYBOX.read_bytes(), executable=True),
             cpio.file("init", files["init"], executable=True),
-            cpio.file("bin/statusd", _compile("statusd", files["statusd.c"], work), executable=True),
-            cpio.file("bin/vmstream-agent", _compile("vmstream-agent", files["vmstream-agent.c"], work), executable=True),
+            cpio.file("bin/statusd", compile_static("statusd", files["statusd.c"], work), executable=True),
+            cpio.file("bin/vmstream-agent", compile_static("vmstream-agent", files["vmstream-agent.c"], work), executable=True),
             cpio.file("bin/vmstream-agent.sh", files["vmstream-agent.sh"], executable=True),
-            cpio.file("bin/vmclock", _compile("vmclock", files["vmclock.c"], work), executable=True),
+            cpio.file("bin/vmclock", compile_static("vmclock", files["vmclock.c"], work), executable=True),
             cpio.file("etc/vmstream/clone.d/50-record-params", files["clone.d/50-record-params"], executable=True),
-            cpio.file("bin/memcheck", _compile("memcheck", files["memcheck.c"], work), executable=True),
+            cpio.file("bin/memcheck", compile_static("memcheck", files["memcheck.c"], work), executable=True),
             cpio.file("etc/modules.order", "".join(Path(m).name + "\n" for m in modules).encode()),
         ]
         entries += [cpio.file("lib/modules/" + Path(m).name, moddir.joinpath(m).read_bytes()) for m in modules]

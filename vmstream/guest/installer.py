@@ -23,12 +23,17 @@ install -d /usr/local/sbin /etc/vmstream/clone.d
 cat > /usr/local/sbin/vmstream-agent <<'VMSTREAM_AGENT_EOF'
 {_file("vmstream-agent.sh")}VMSTREAM_AGENT_EOF
 chmod 755 /usr/local/sbin/vmstream-agent
-if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+if command -v systemctl >/dev/null 2>&1; then
   cat > /etc/systemd/system/vmstream-agent.service <<'VMSTREAM_UNIT_EOF'
 {_file("vmstream-agent.service")}VMSTREAM_UNIT_EOF
-  systemctl daemon-reload
-  systemctl enable --now vmstream-agent.service
-  echo "vmstream-agent installed and started (systemd)"
+  if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    systemctl enable --now vmstream-agent.service
+    echo "vmstream-agent installed and started (systemd)"
+  else  # an image being built (chroot): it starts at the next boot
+    systemctl enable vmstream-agent.service
+    echo "vmstream-agent installed and enabled for the next boot (systemd is not running here)"
+  fi
 else
   echo "vmstream-agent installed; no systemd here: start '/bin/sh /usr/local/sbin/vmstream-agent &' at boot"
 fi

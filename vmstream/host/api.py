@@ -31,6 +31,7 @@ from vmstream.host.schemas import (
     MigrationInfo,
     PeerInfo,
     PeerRequest,
+    QgaCommand,
     StartRequest,
     StartResult,
     VmInfo,
@@ -103,7 +104,7 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
 
     @app.post("/v1/vms", dependencies=v1)
     async def boot(req: BootRequest) -> VmInfo:
-        return await manager.boot(req.name, req.memory, req.cpus, req.guest_agent)
+        return await manager.boot(req.name, req.memory, req.cpus, req.guest_agent, req.disk)
 
     @app.get("/v1/vms/{name}", dependencies=v1)
     async def show(name: str) -> VmInfo:
@@ -117,6 +118,10 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
     @app.post("/v1/vms/{name}/guest", dependencies=v1)
     async def ask(name: str, req: GuestCommand) -> dict[str, Any]:
         return await manager.ask(name, req.command, req.timeout)
+
+    @app.post("/v1/vms/{name}/qga", dependencies=v1)
+    async def qga(name: str, req: QgaCommand) -> dict[str, Any]:
+        return {"return": await manager.qga(name, req.execute, req.arguments, req.timeout)}
 
     @app.get("/v1/live-images", dependencies=v1)
     async def list_images() -> list[ImageInfo]:

@@ -32,8 +32,10 @@ from vmstream.errors import Conflict, GuestError, InvalidInput, NotFound, QemuEr
 from vmstream.guest import GuestArtifacts, build_guest
 from vmstream.guest.channel import ask_guest
 from vmstream.guest.identity import CloneIdentity, check_params
+from vmstream.guest.qga import qga
+from vmstream.guest.rootfs import build_rootfs
 from vmstream.guest.status import get_status
-from vmstream.host import footprint
+from vmstream.host import disks, footprint
 from vmstream.host.db import VmRecord, open_db
 from vmstream.host.machines import machine_from_json
 from vmstream.host.migration import Migrations
@@ -192,7 +194,7 @@ class HostManager:
             name=rec.name, state=rec.state, endpoint=f"http://127.0.0.1:{rec.http_port}/", pid=rec.pid,
             memory_bytes=rec.memory_bytes, cpus=rec.cpus, accel=rec.accel, parent_image=rec.parent_image,
             ready_s=rec.ready_s, created_at=rec.created_at, footprint=fp, hostname=rec.hostname, mac=rec.mac,
-            vmgenid=rec.vmgenid, identity_applied_s=rec.identity_applied_s, migrated_from=rec.migrated_from,
+            vmgenid=rec.vmgenid, identity_applied_s=rec.identity_applied_s, migrated_from=rec.migrated_from, disk=rec.disk,
             hooks=json.loads(rec.hooks) if rec.hooks else None, phases=json.loads(rec.phases) if rec.phases else None,
         )
 
@@ -243,11 +245,12 @@ class HostManager:
             self._delete_record(rec.name)
             raise
 
-    async def boot(self, name: str, memory: str, cpus: int, guest_agent: str = "native") -> VmInfo:
-        """Cold-boot the demo guest; return once it answers HTTP."""
+    async def boot(self, name: str, memory: str, cpus: int, guest_agent: str = "native", disk: str | None = None) -> VmInfo:
+        """Cold-boot the demo guest, or a disk guest; return once it answers HTTP."""
         check_name(name)
         memory_bytes = parse_memory(memory)
         t0 = time.perf_counter()
+        base = await self._disk_base(disk) if disk else None
         guest = await asyncio.to_thread(self.guest)
         accel = await asyncio.to_thread(self.accelerator, guest)
         (rec,) = await self._reserve(
@@ -255,6 +258,9 @@ class HostManager:
             accel=accel.accel, parent_image=None,
         )
         async with self._starting(rec) as proc:
+            if base is not None:
+                rec.disk, rec.disk_base = str(await disks.overlay(base, Path(rec.rundir))), str(base)
+                self._update(name, disk=rec.disk, disk_base=rec.disk_base)
             spec = self._spec(rec)
             if guest_agent == "portable":
                 spec = dataclasses.replace(spec, extra_append=("vmstream.agent=sh",))
@@ -270,12 +276,27 @@ class HostManager:
         A VM that migrated here runs with the machine it came with."""
         if rec.spec:
             return machine_from_json(rec.spec)
-        return MachineSpec(
+        return MachineSpec(disk=Path(rec.disk) if rec.disk else None,
             vm_id=rec.vm_id, hostname=image.guest.hostname if image else rec.hostname, memory_bytes=rec.memory_bytes,
             cpus=rec.cpus, kernel=Path(rec.kernel), initrd=Path(rec.initrd), accel=rec.accel, http_port=rec.http_port,
             mac=rec.mac, vmgenid=rec.vmgenid, memory_file=self.images.memory_path(image) if image else None,
             incoming=image is not None, tb_mib=CLONE_TB_MIB if image else MachineSpec.tb_mib,
         )
+
+    async def _disk_base(self, disk: str) -> Path:
+        """The image a disk guest boots from: a path, or 'debian' (built on first use)."""
+        if disk == "debian":
+            return await asyncio.to_thread(build_rootfs, self.data_dir / "guest" / "rootfs")
+        path = Path(disk).absolute()
+        if not path.is_file():
+            raise InvalidInput(f"disk image {disk} not found: give a raw or qcow2 file, or 'debian' for the built Debian guest")
+        return path
+
+    async def qga(self, name: str, execute: str, arguments: dict[str, Any] | None, timeout: float) -> Any:
+        rec = self._record(name)
+        if not rec.disk:
+            raise InvalidInput(f"VM {name} is not a disk guest: qemu-guest-agent runs in disk guests only")
+        return await qga(self._proc(rec).rundir / "qga.sock", execute, arguments, timeout)
 
     async def destroy(self, name: str) -> None:
         rec = self._record(name)
@@ -333,7 +354,13 @@ class HostManager:
                     flatten_above: int | None = int(FLATTEN_FRACTION * os.stat(root_memory).st_blocks * 512)
                 else:
                     flatten_above = -1 if flatten else None
-                result = await capture_vm(proc, rec.memory_bytes, stage, root_memory, flatten_above)
+                frozen: list[Path] = []
+                paused = (lambda qmp: disks.freeze(qmp, Path(rec.rundir), frozen)) if rec.disk else None
+                result = await capture_vm(proc, rec.memory_bytes, stage, root_memory, flatten_above, paused)
+                if frozen:  # the disk as it was in the pause; the VM now writes to a new overlay
+                    self._update(vm, disk=str(frozen[1]))
+                    assert rec.disk_base is not None
+                    await disks.layer(frozen[0], Path(rec.disk_base), stage / disks.LAYER)
                 root = (parent.memory_root or parent.name) if parent and result.layout == "delta" else None
                 ref = None
                 if result.layout == "full":
@@ -345,7 +372,7 @@ class HostManager:
                     guest=GuestConfig(
                         memory_bytes=rec.memory_bytes, cpus=rec.cpus, kernel=rec.kernel, initrd=rec.initrd,
                         accel=rec.accel, hostname=rec.hostname, mac=rec.mac, vmgenid=rec.vmgenid,
-                        qemu_version=qemu_version(),
+                        qemu_version=qemu_version(), disk=bool(rec.disk),
                     ),
                     pause_ms=result.pause_ms, devstate_bytes=result.devstate_bytes,
                     memory_bytes_stored=result.memory_bytes_stored, source_private_bytes=result.private_bytes,
@@ -547,6 +574,10 @@ class HostManager:
             phases[phase] = round(time.perf_counter() - t0, 4)
 
         async with self._starting(rec) as proc:
+            if image.guest.disk:  # its own overlay on the image's disk layer
+                layer = self.images.image_dir(image) / disks.LAYER
+                rec.disk, rec.disk_base = str(await disks.overlay(layer, Path(rec.rundir))), str(layer)
+                self._update(rec.name, disk=rec.disk, disk_base=rec.disk_base)
             proc.start(self._spec(rec, image))
             mark("qemu_spawned")
             self._update(rec.name, pid=proc.pid)
@@ -607,6 +638,9 @@ class HostManager:
         """Set the clone's clock exactly, then wait for its hooks and keep their results."""
         with contextlib.suppress(QemuError):
             await ask_guest(proc.agent_path, f"clock {time.time():.9f}", timeout=10)
+        if rec.disk:  # where the guest has qemu-guest-agent, it sets the clock too
+            with contextlib.suppress(QemuError):
+                await qga(proc.rundir / "qga.sock", "guest-set-time", {"time": time.time_ns()}, timeout=10)
         deadline = time.monotonic() + HOOKS_TIMEOUT_S
         while time.monotonic() < deadline and proc.alive():
             with contextlib.suppress(QemuError):

@@ -237,6 +237,8 @@ class Migrations:
         rec = self.m._record(vm)
         if rec.state != "running":
             raise Conflict(f"VM {vm} is {rec.state}: only a running VM can be migrated")
+        if rec.disk:
+            raise InvalidInput(f"VM {vm} is a disk guest: its disk is local to this host, and moving disks is not supported yet")
         old = self.jobs.get(vm)
         if old is not None and old.state in ("preparing", "running"):
             raise Conflict(f"VM {vm} is already migrating to '{old.to}': see 'vmstream migrate {vm} --status'")

@@ -15,6 +15,7 @@ class BootRequest(BaseModel):
     memory: str = "256M"
     cpus: int = Field(1, ge=1, le=16)
     guest_agent: Literal["native", "portable"] = "native"
+    disk: str | None = Field(None, description="boot a disk guest: a raw/qcow2 image path, or 'debian' for the built one")
 
 
 class VmInfo(BaseModel):
@@ -36,6 +37,7 @@ class VmInfo(BaseModel):
     phases: dict[str, float] | None = None  # start-up phases, seconds since the request
     footprint: Footprint | None = None
     migrated_from: str | None = None  # the peer this VM came from, if it arrived by migration
+    disk: str | None = None  # a disk guest's current qcow2 overlay
 
 
 class CreateImageRequest(BaseModel):
@@ -71,6 +73,12 @@ class StartResult(BaseModel):
     image: str
     vms: list[VmInfo]
     elapsed_s: float
+
+
+class QgaCommand(BaseModel):
+    execute: str
+    arguments: dict[str, Any] | None = None
+    timeout: float = Field(10.0, gt=0, le=600)
 
 
 class GuestCommand(BaseModel):

@@ -26,6 +26,7 @@ class GuestConfig(BaseModel):
     mac: str
     vmgenid: str
     qemu_version: str
+    disk: bool = False  # a disk guest: the image has a disk layer (disk.qcow2) clones run on
 
 
 class LiveImage(BaseModel):

@@ -84,6 +84,7 @@ class MachineSpec:
     extra_append: tuple[str, ...] = field(default_factory=tuple)
     tap: TapNic | None = None  # None: slirp with a host port forward (the single-host default)
     tb_mib: int = 64  # TCG translation cache; its used part is private memory of each VM
+    disk: Path | None = None  # a disk guest's root file system: this VM's own qcow2 overlay
 
     def command(self, rundir: Path) -> list[str]:
         mib = self.memory_bytes >> 20
@@ -95,7 +96,8 @@ class MachineSpec:
             backend = f"memory-backend-file,id=mem,size={mib}M,mem-path={self.memory_file},share=off"
         accel = "kvm" if self.accel == "kvm" else f"tcg,tb-size={self.tb_mib}"
         append = " ".join(
-            ["console=ttyS0", "quiet", "panic=-1", f"vmstream.hostname={self.hostname}", *self.extra_append,
+            ["console=ttyS0", "quiet", "panic=-1", f"vmstream.hostname={self.hostname}",
+             *(["vmstream.root=/dev/vda", f"systemd.hostname={self.hostname}"] if self.disk else []), *self.extra_append,
              *(self.tap.append() if self.tap else [])]
         )
         if self.tap is None:
@@ -119,6 +121,14 @@ class MachineSpec:
             "-device", "virtserialport,chardev=agent,name=org.vmstream.agent",
             "-device", f"vmgenid,guid={self.vmgenid}",
         ]
+        if self.disk is not None:
+            cmd += [
+                "-drive", f"file={self.disk},if=none,id=disk0,format=qcow2,cache=writeback,discard=unmap",
+                "-device", "virtio-blk-pci,drive=disk0",
+                # qemu-guest-agent, used where the guest has it (disk guests)
+                "-chardev", f"socket,id=qga,path={rundir / 'qga.sock'},server=on,wait=off",
+                "-device", "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
+            ]
         if self.incoming:
             cmd += ["-incoming", "defer", "-global", "migration.send-configuration=off"]
         if self.tap is not None and self.tap.netns is not None:

@@ -1,0 +1,52 @@
+"""qemu-guest-agent over its virtio-serial channel (disk guests have it).
+
+The protocol is QMP-like JSON without a greeting; guest-sync with a random id
+first discards anything a previous client left unread in the channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+from vmstream.errors import QemuError
+
+
+async def qga(socket_path: Path, execute: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
+    """Run one qemu-guest-agent command; its 'return' value, or QemuError."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(str(socket_path))
+            try:
+                sync_id = secrets.randbelow(1 << 31)
+                writer.write(json.dumps({"execute": "guest-sync", "arguments": {"id": sync_id}}).encode() + b"\n")
+                await writer.drain()
+                while True:  # skip stale answers until our sync comes back
+                    line = await reader.readline()
+                    if not line:
+                        raise QemuError("qemu-guest-agent closed the channel")
+                    try:
+                        if json.loads(line).get("return") == sync_id:
+                            break
+                    except (ValueError, AttributeError):
+                        continue
+                cmd: dict[str, Any] = {"execute": execute}
+                if arguments:
+                    cmd["arguments"] = arguments
+                writer.write(json.dumps(cmd).encode() + b"\n")
+                await writer.drain()
+                if execute in ("guest-shutdown", "guest-suspend-disk", "guest-suspend-ram"):
+                    return None  # these do not answer on success
+                answer = json.loads(await reader.readline())
+            finally:
+                writer.close()
+    except TimeoutError as exc:
+        raise QemuError(f"qemu-guest-agent did not answer {execute} within {timeout:.0f}s (is it installed and running?)") from exc
+    except OSError as exc:
+        raise QemuError(f"cannot reach qemu-guest-agent at {socket_path}: {exc}") from exc
+    if "error" in answer:
+        raise QemuError(f"qemu-guest-agent {execute}: {answer['error'].get('desc', answer['error'])}")
+    return answer.get("return")
