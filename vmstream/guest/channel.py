@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vmstream.errors import QemuError
 
 
-async def ask_guest(socket_path: Path, command: str, timeout: float = 10.0) -> dict[str, Any]:
-    """Send one command line to the in-guest agent and return its JSON answer."""
+async def ask_guest(
+    socket_path: Path, command: str, timeout: float = 10.0, expect: Callable[[dict[str, Any]], bool] | None = None
+) -> dict[str, Any]:
+    """Send one command line to the in-guest agent and return its JSON answer.
+
+    expect: skip answers it rejects. A clone's channel can still hold an answer its
+    source VM's agent wrote just before the capture (e.g. to a hooks query)."""
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_unix_connection(str(socket_path))
@@ -26,7 +32,8 @@ async def ask_guest(socket_path: Path, command: str, timeout: float = 10.0) -> d
                     text = line.decode(errors="replace").strip()
                     if text.startswith("{"):
                         answer: dict[str, Any] = json.loads(text)
-                        return answer
+                        if expect is None or expect(answer):
+                            return answer
             finally:
                 writer.close()
     except TimeoutError as exc:

@@ -597,7 +597,8 @@ class HostManager:
                     await proc.wait_for_socket(proc.agent_path)
                     identity = CloneIdentity(rec.hostname, rec.mac, params, user_data)
                     identity_task = asyncio.create_task(
-                        ask_guest(proc.agent_path, identity.command(), timeout=CLONE_TIMEOUT_S)
+                        ask_guest(proc.agent_path, identity.command(), timeout=CLONE_TIMEOUT_S,
+                                  expect=lambda a: "hostname" in a or not a.get("ok", True))
                     )
                     await qmp.execute("migrate-incoming", {"uri": f"exec:cat {devstate}"})
                     await proc.wait_incoming(qmp, CLONE_TIMEOUT_S)
