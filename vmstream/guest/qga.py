@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from vmstream.errors import QemuError
+from vmstream.guest.channel import channel_errors
 
 
 async def qga(socket_path: Path, execute: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
     """Run one qemu-guest-agent command; its 'return' value, or QemuError."""
-    try:
+    with channel_errors("qemu-guest-agent", socket_path, execute, timeout, " (is it installed and running?)"):
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_unix_connection(str(socket_path))
             try:
@@ -43,10 +44,6 @@ async def qga(socket_path: Path, execute: str, arguments: dict[str, Any] | None 
                 answer = json.loads(await reader.readline())
             finally:
                 writer.close()
-    except TimeoutError as exc:
-        raise QemuError(f"qemu-guest-agent did not answer {execute} within {timeout:.0f}s (is it installed and running?)") from exc
-    except OSError as exc:
-        raise QemuError(f"cannot reach qemu-guest-agent at {socket_path}: {exc}") from exc
     if "error" in answer:
         raise QemuError(f"qemu-guest-agent {execute}: {answer['error'].get('desc', answer['error'])}")
     return answer.get("return")
