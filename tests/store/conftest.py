@@ -99,6 +99,7 @@ def peer_app(backend: Backend | ChunkStore, token: str = PEER_TOKEN, writable: b
 def serve(app: FastAPI) -> Iterator[str]:
     """Run app under uvicorn on a loopback socket in a thread; yields the base URL."""
     sock = socket.socket()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the agent does
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
