@@ -606,6 +606,8 @@ class HostManager:
                 http_task = asyncio.create_task(self._wait_http(rec, proc, CLONE_TIMEOUT_S))
                 answer = await identity_task
                 mark("identity_applied")
+                if isinstance(answer.get("us"), dict):  # the guest's own time, waking up and applying it
+                    phases["identity_in_guest"] = round(sum(answer["us"].values()) / 1e6, 4)
                 if not answer.get("ok") or answer.get("hostname") != rec.hostname:
                     raise QemuError(f"clone {rec.name}: the guest agent did not apply the new identity: {answer}")
                 self._update(rec.name, identity_applied_s=phases["identity_applied"])

@@ -52,6 +52,14 @@ static void reply(const char *fmt, ...) {
     fflush(out);
 }
 
+/* Monotonic microseconds: the identity answer says where its time went. */
+static long long woke_us;
+static long long mono_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000LL + ts.tv_nsec / 1000;
+}
+
 static double now_realtime(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
@@ -126,6 +134,19 @@ static int set_mac(const char *text) {
     return rc;
 }
 
+/* eth0's MAC through the same ioctl path that set it (no sysfs file walk). */
+static void ioctl_mac(char *mac, size_t n) {
+    struct ifreq ifr = {0};
+    strncpy(ifr.ifr_name, "eth0", IFNAMSIZ - 1);
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    mac[0] = '\0';
+    if (s >= 0 && ioctl(s, SIOCGIFHWADDR, &ifr) == 0) {
+        const unsigned char *m = (const unsigned char *)ifr.ifr_hwaddr.sa_data;
+        snprintf(mac, n, "%02x:%02x:%02x:%02x:%02x:%02x", m[0], m[1], m[2], m[3], m[4], m[5]);
+    }
+    if (s >= 0) close(s);
+}
+
 static void run_detached(char *const argv[]) {
     pid_t pid = fork();
     if (pid == 0) {
@@ -141,41 +162,26 @@ static void run_detached(char *const argv[]) {
     }
 }
 
-static void cmd_identity(const char *arg) {
-    static unsigned char payload[MAX_LINE];
-    long n = b64decode(arg, payload, sizeof payload - 1);
-    if (n < 0) {
-        reply("{\"ok\":false,\"error\":\"identity payload is not base64\"}");
-        return;
-    }
-    payload[n] = '\0';
+/* Where the guest parameters and user data go for the hooks (after the answer). */
+static void write_hook_inputs(char **keys, char **vals, int n) {
     mkdir(STATE, 0755);
     unlink(STATE "/hooks.json");
     FILE *env = fopen(STATE "/params.env.tmp", "w");
-    if (!env) {
-        reply("{\"ok\":false,\"error\":\"cannot write " STATE "/params.env\"}");
-        return;
-    }
-    const char *error = NULL;
-    for (char *line = strtok((char *)payload, "\n"); line; line = strtok(NULL, "\n")) {
-        char *val = strchr(line, ' ');
-        if (!val) continue;
-        *val++ = '\0';
-        if (strcmp(line, "time") == 0) {
-            if (set_clock(val) != 0) error = "clock_settime failed";
-        } else if (strcmp(line, "hostname") == 0) {
-            if (sethostname(val, strlen(val)) != 0) error = "sethostname failed";
+    if (!env) return; /* the hooks then run without parameters; hooks.json says what they saw */
+    for (int i = 0; i < n; i++) {
+        const char *key = keys[i];
+        char *val = vals[i];
+        if (strcmp(key, "hostname") == 0) {
             fprintf(env, "export VMSTREAM_HOSTNAME='%s'\n", val);
-        } else if (strcmp(line, "mac") == 0) {
-            if (set_mac(val) != 0) error = "setting the MAC address failed";
+        } else if (strcmp(key, "mac") == 0) {
             fprintf(env, "export VMSTREAM_MAC='%s'\n", val);
-        } else if (strcmp(line, "param") == 0) {
+        } else if (strcmp(key, "param") == 0) {
             char *b64 = strchr(val, ' ');
             if (!b64) continue;
             *b64++ = '\0';
             /* the value stays base64 until the hook's shell decodes it: never re-parsed */
             fprintf(env, "export %s=\"$(echo %s | base64 -d)\"\n", val, b64);
-        } else if (strcmp(line, "userdata") == 0) {
+        } else if (strcmp(key, "userdata") == 0) {
             static unsigned char data[MAX_LINE];
             long len = b64decode(val, data, sizeof data);
             FILE *f = fopen(STATE "/user-data", "w");
@@ -186,14 +192,50 @@ static void cmd_identity(const char *arg) {
     }
     fclose(env);
     rename(STATE "/params.env.tmp", STATE "/params.env");
+}
+
+/* Clock, hostname and MAC are a few system calls and are answered at once; the
+ * files for the hooks are written after the answer. Under TCG every code path a
+ * restored guest runs for the first time is translated anew, and the file
+ * system calls cost ~50 ms of that. The host's next command is read only after
+ * this returns, so it never sees the files half-written. */
+static void cmd_identity(const char *arg) {
+    static unsigned char payload[MAX_LINE];
+    static char *keys[MAX_LINE / 8], *vals[MAX_LINE / 8];
+    long long t_start = mono_us();
+    long n = b64decode(arg, payload, sizeof payload - 1);
+    if (n < 0) {
+        reply("{\"ok\":false,\"error\":\"identity payload is not base64\"}");
+        return;
+    }
+    payload[n] = '\0';
+    int count = 0;
+    const char *error = NULL;
+    for (char *line = strtok((char *)payload, "\n"); line && count < (int)(sizeof keys / sizeof *keys);
+         line = strtok(NULL, "\n")) {
+        char *val = strchr(line, ' ');
+        if (!val) continue;
+        *val++ = '\0';
+        keys[count] = line;
+        vals[count++] = val;
+        if (strcmp(line, "time") == 0) {
+            if (set_clock(val) != 0) error = "clock_settime failed";
+        } else if (strcmp(line, "hostname") == 0) {
+            if (sethostname(val, strlen(val)) != 0) error = "sethostname failed";
+        } else if (strcmp(line, "mac") == 0) {
+            if (set_mac(val) != 0) error = "setting the MAC address failed";
+        }
+    }
     struct utsname u;
     uname(&u);
     char mac[32];
-    read_mac(mac, sizeof mac);
+    ioctl_mac(mac, sizeof mac);
     if (error)
         reply("{\"ok\":false,\"error\":\"%s\"}", error);
     else
-        reply("{\"ok\":true,\"hostname\":\"%s\",\"mac\":\"%s\",\"time\":%.6f}", u.nodename, mac, now_realtime());
+        reply("{\"ok\":true,\"hostname\":\"%s\",\"mac\":\"%s\",\"time\":%.6f,\"us\":{\"woke\":%lld,\"applied\":%lld}}",
+              u.nodename, mac, now_realtime(), woke_us ? t_start - woke_us : -1, mono_us() - t_start);
+    write_hook_inputs(keys, vals, count);
     char *hooks[] = {"/bin/sh", "/bin/vmstream-agent.sh", "run-hooks", NULL};
     run_detached(hooks);
 }
@@ -380,6 +422,7 @@ int main(void) {
                 /* no host on the other end: a read returns at once, so wait for SIGIO */
                 struct timespec limit = {.tv_sec = 5};
                 sigtimedwait(&io, NULL, &limit);
+                woke_us = mono_us();
                 continue;
             }
             len += (size_t)got;
