@@ -91,3 +91,21 @@ def test_old_state_db_gets_new_columns(tmp_path: Path) -> None:
         assert rec is not None and rec.state == "exited" and rec.vmgenid == ""
         cols = {c["name"] for c in inspect(s.get_bind()).get_columns("vms")}
     assert {"vmgenid", "phases", "hooks", "identity_applied_s"} <= cols
+
+
+def test_identity_command_lines() -> None:
+    """What the in-guest agents parse: one 'key value' per line, hooks deferred only when asked."""
+    import base64
+
+    from vmstream.guest.identity import CloneIdentity
+
+    def lines(ident: CloneIdentity) -> list[str]:
+        verb, payload = ident.command(now=12.5).split(" ", 1)
+        assert verb == "identity"
+        return base64.b64decode(payload).decode().splitlines()
+
+    plain = lines(CloneIdentity("h1", "52:54:00:00:00:01", {"A": "x y"}))
+    assert plain[:3] == ["time 12.500000000", "hostname h1", "mac 52:54:00:00:00:01"]
+    assert plain[3] == "param A " + base64.b64encode(b"x y").decode()
+    assert "hooks deferred" not in plain
+    assert lines(CloneIdentity("h1", "52:54:00:00:00:01", defer_hooks=True))[-1] == "hooks deferred"

@@ -48,6 +48,7 @@ class CloneIdentity:
     mac: str
     params: dict[str, str] = field(default_factory=dict)
     user_data: bytes | None = None
+    defer_hooks: bool = False  # the clone.d hooks wait for 'start-hooks' (see HostManager)
 
     def command(self, now: float | None = None) -> str:
         """The agent command line: 'identity <base64 of key-value lines>'."""
@@ -58,6 +59,8 @@ class CloneIdentity:
         lines += [f"param {k} {_b64(v.encode())}" for k, v in self.params.items()]
         if self.user_data is not None:
             lines.append(f"userdata {_b64(self.user_data)}")
+        if self.defer_hooks:
+            lines.append("hooks deferred")
         return "identity " + _b64(("\n".join(lines) + "\n").encode())
 
 

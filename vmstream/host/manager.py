@@ -66,6 +66,8 @@ CLONE_TB_MIB = int(os.environ.get("VMSTREAM_CLONE_TB_MIB", "8"))
 FLATTEN_FRACTION = 0.5
 # Store garbage collection: how often the agent runs it (0: never; `vmstream host --gc` runs it
 # by hand). A pack is deleted two runs apart, at least GC_GRACE_S after it was condemned.
+# Clones started together run their clone.d hooks once all of them serve; 0 turns this off.
+DEFER_HOOKS = os.environ.get("VMSTREAM_BATCH_DEFER_HOOKS", "1") != "0"
 GC_INTERVAL_S = float(os.environ.get("VMSTREAM_GC_INTERVAL_S", "3600"))
 
 
@@ -77,6 +79,20 @@ def _free_port() -> int:
 
 def _random_mac() -> str:
     return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+class _Batch:
+    """Clones started by one request. Under TCG a clone's hooks cost several times
+    its start (1.5 CPU-s for the demo hook against 0.25 s: every fork and exec in a
+    restored guest is translated anew). Run while siblings are still resuming,
+    they take the CPU those need, so a batch's hooks start once all of it serves."""
+
+    def __init__(self, size: int) -> None:
+        self.defer_hooks = size > 1 and DEFER_HOOKS
+        self.done = asyncio.Event()
+
+    def finish(self) -> None:
+        self.done.set()
 
 
 class HostManager:
@@ -214,6 +230,8 @@ class HostManager:
                 removed += 1
             elif proc.alive():
                 adopted += 1
+                if rec.parent_image and not rec.hooks:  # its batch's hooks may still wait for the agent that died
+                    self._spawn(self._start_hooks(proc))
             else:
                 self._update(rec.name, state="exited")
                 exited += 1
@@ -456,20 +474,25 @@ class HostManager:
         )
         await self.memfs.ensure()
         record = await self._prepare_memory(image, prefetch)
-        results = await asyncio.gather(
-            *(self._start_clone(rec, image, t0, params, user_data) for rec in recs), return_exceptions=True
-        )
-        if any(isinstance(r, BaseException) for r in results) and (why := await self._memfs_error(image)):
-            results = [QemuError(f"clones of '{image_name}' cannot run: reading the image memory failed ({why}); "
-                                 "the clone was stopped and never ran on wrong memory")]
-        if record:
-            self._spawn(self._record_working_set(image, stop_after=WORKING_SET_RECORD_S))
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            await asyncio.gather(*(self.destroy(r.name) for r in recs if self._exists(r.name)), return_exceptions=True)
-            raise errors[0]
-        return StartResult(image=image_name, vms=[self._info(self._record(r.name)) for r in recs],
-                           elapsed_s=time.perf_counter() - t0)
+        batch = _Batch(len(recs))
+        try:
+            results = await asyncio.gather(
+                *(self._start_clone(rec, image, t0, params, user_data, batch) for rec in recs), return_exceptions=True
+            )
+            if any(isinstance(r, BaseException) for r in results) and (why := await self._memfs_error(image)):
+                results = [QemuError(f"clones of '{image_name}' cannot run: reading the image memory failed ({why}); "
+                                     "the clone was stopped and never ran on wrong memory")]
+            if record:
+                self._spawn(self._record_working_set(image, stop_after=WORKING_SET_RECORD_S))
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                await asyncio.gather(*(self.destroy(r.name) for r in recs if self._exists(r.name)), return_exceptions=True)
+                raise errors[0]
+            # built while the served clones still yield the CPU: the answer is not held up by them
+            return StartResult(image=image_name, vms=[self._info(self._record(r.name)) for r in recs],
+                               elapsed_s=time.perf_counter() - t0)
+        finally:
+            batch.finish()
 
     async def _prepare_memory(self, image: LiveImage, prefetch: bool) -> bool:
         """Prefetch the image's recorded working set if the host lacks it (REAP);
@@ -564,7 +587,8 @@ class HostManager:
             return s.get(VmRecord, name) is not None
 
     async def _start_clone(
-        self, rec: VmRecord, image: LiveImage, t0: float, params: dict[str, str], user_data: bytes | None
+        self, rec: VmRecord, image: LiveImage, t0: float, params: dict[str, str], user_data: bytes | None,
+        batch: _Batch,
     ) -> None:
         """QEMU on the image's memory, delta pages written in, device state loaded,
         new identity applied, and first HTTP answer; then hooks are watched."""
@@ -595,7 +619,7 @@ class HostManager:
                     # the agent finds it as soon as it resumes. Its clock is set again,
                     # exactly, once the clone serves (_after_start).
                     await proc.wait_for_socket(proc.agent_path)
-                    identity = CloneIdentity(rec.hostname, rec.mac, params, user_data)
+                    identity = CloneIdentity(rec.hostname, rec.mac, params, user_data, defer_hooks=batch.defer_hooks)
                     identity_task = asyncio.create_task(
                         ask_guest(proc.agent_path, identity.command(), timeout=CLONE_TIMEOUT_S,
                                   expect=lambda a: "hostname" in a or not a.get("ok", True))
@@ -620,7 +644,7 @@ class HostManager:
                         task.cancel()
             mark("http_answered")
             self._update(rec.name, state="running", ready_s=phases["http_answered"], phases=json.dumps(phases))
-        self._spawn(self._after_start(rec, proc))
+        self._spawn(self._after_start(rec, proc, batch))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -637,10 +661,20 @@ class HostManager:
             await self.memfs.stop()  # nothing maps image memory any more
         self.store.close()
 
-    async def _after_start(self, rec: VmRecord, proc: QemuProcess) -> None:
-        """Set the clone's clock exactly, then wait for its hooks and keep their results."""
+    @staticmethod
+    async def _start_hooks(proc: QemuProcess) -> None:
+        """Run a clone's deferred hooks (a no-op where they already ran)."""
+        with contextlib.suppress(QemuError):
+            await ask_guest(proc.agent_path, "start-hooks", timeout=10, expect=lambda a: "started" in a or not a.get("ok", True))
+
+    async def _after_start(self, rec: VmRecord, proc: QemuProcess, batch: _Batch) -> None:
+        """Set the clone's clock exactly, start its hooks when its batch serves, then
+        wait for them and keep their results."""
         with contextlib.suppress(QemuError):
             await ask_guest(proc.agent_path, f"clock {time.time():.9f}", timeout=10)
+        if batch.defer_hooks:
+            await batch.done.wait()
+            await self._start_hooks(proc)
         if rec.disk:  # where the guest has qemu-guest-agent, it sets the clock too
             with contextlib.suppress(QemuError):
                 await qga(proc.rundir / "qga.sock", "guest-set-time", {"time": time.time_ns()}, timeout=10)

@@ -11,7 +11,9 @@
  *
  *   ping | status | time | random | clock S.N
  *   identity B64       B64 = lines "time S.N", "hostname H", "mac M",
- *                      "param NAME B64VALUE", "userdata B64"
+ *                      "param NAME B64VALUE", "userdata B64", and
+ *                      "hooks deferred": the hooks wait for start-hooks
+ *   start-hooks        run the deferred hooks now
  *   hooks              results of the clone.d hooks once they ran
  *   memcheck-fill MIB SEED | memcheck-verify
  *   memcheck-dirty MIB RATE    rewrite a MIB MiB region at RATE MB/s until
@@ -162,10 +164,17 @@ static void run_detached(char *const argv[]) {
     }
 }
 
+static void start_hooks(void) {
+    unlink(STATE "/hooks.deferred");
+    char *hooks[] = {"/bin/sh", "/bin/vmstream-agent.sh", "run-hooks", NULL};
+    run_detached(hooks);
+}
+
 /* Where the guest parameters and user data go for the hooks (after the answer). */
-static void write_hook_inputs(char **keys, char **vals, int n) {
+static void write_hook_inputs(char **keys, char **vals, int n, int deferred) {
     mkdir(STATE, 0755);
     unlink(STATE "/hooks.json");
+    if (deferred) close(open(STATE "/hooks.deferred", O_WRONLY | O_CREAT | O_TRUNC, 0644));
     FILE *env = fopen(STATE "/params.env.tmp", "w");
     if (!env) return; /* the hooks then run without parameters; hooks.json says what they saw */
     for (int i = 0; i < n; i++) {
@@ -209,7 +218,7 @@ static void cmd_identity(const char *arg) {
         return;
     }
     payload[n] = '\0';
-    int count = 0;
+    int count = 0, deferred = 0;
     const char *error = NULL;
     for (char *line = strtok((char *)payload, "\n"); line && count < (int)(sizeof keys / sizeof *keys);
          line = strtok(NULL, "\n")) {
@@ -224,6 +233,8 @@ static void cmd_identity(const char *arg) {
             if (sethostname(val, strlen(val)) != 0) error = "sethostname failed";
         } else if (strcmp(line, "mac") == 0) {
             if (set_mac(val) != 0) error = "setting the MAC address failed";
+        } else if (strcmp(line, "hooks") == 0) {
+            deferred = strcmp(val, "deferred") == 0;
         }
     }
     struct utsname u;
@@ -235,9 +246,8 @@ static void cmd_identity(const char *arg) {
     else
         reply("{\"ok\":true,\"hostname\":\"%s\",\"mac\":\"%s\",\"time\":%.6f,\"us\":{\"woke\":%lld,\"applied\":%lld}}",
               u.nodename, mac, now_realtime(), woke_us ? t_start - woke_us : -1, mono_us() - t_start);
-    write_hook_inputs(keys, vals, count);
-    char *hooks[] = {"/bin/sh", "/bin/vmstream-agent.sh", "run-hooks", NULL};
-    run_detached(hooks);
+    write_hook_inputs(keys, vals, count, deferred);
+    if (!deferred) start_hooks();
 }
 
 static pid_t memcheck_pid;
@@ -351,10 +361,16 @@ static void handle(char *line) {
         reply("{\"ok\":true,\"random\":\"%s\"}", hex);
     } else if (strcmp(line, "identity") == 0) {
         cmd_identity(arg ? arg : "");
+    } else if (strcmp(line, "start-hooks") == 0) {
+        int pending = access(STATE "/hooks.deferred", F_OK) == 0;
+        if (pending) start_hooks();
+        reply("{\"ok\":true,\"started\":%s}", pending ? "true" : "false");
     } else if (strcmp(line, "hooks") == 0) {
         const char *json = slurp(STATE "/hooks.json");
         if (json)
             reply("{\"ok\":true,\"result\":%s}", json);
+        else if (access(STATE "/hooks.deferred", F_OK) == 0)
+            reply("{\"ok\":true,\"result\":{\"state\":\"pending\"}}");
         else if (access(STATE "/params.env", F_OK) == 0)
             reply("{\"ok\":true,\"result\":{\"state\":\"running\"}}");
         else

@@ -43,11 +43,13 @@ run_hooks() {
 reply() { printf '%s\n' "$1" >&3; }
 
 # identity B64: one "key value" per line: time, hostname, mac,
-# param NAME B64VALUE, userdata B64. Clock, hostname and MAC are applied
-# before the answer; the hooks run afterwards, at the lowest priority.
+# param NAME B64VALUE, userdata B64, and "hooks deferred" (wait for start-hooks).
+# Clock, hostname and MAC are applied before the answer; the hooks run
+# afterwards, at the lowest priority.
 apply_identity() {
   mkdir -p "$STATE"
-  rm -f "$STATE/hooks.json"
+  rm -f "$STATE/hooks.json" "$STATE/hooks.deferred"
+  deferred=""
   echo "$1" | base64 -d > "$STATE/identity" 2>/dev/null || { reply '{"ok":false,"error":"identity payload is not base64"}'; return; }
   : > "$STATE/params.env.tmp"
   while read -r key val; do
@@ -61,10 +63,16 @@ apply_identity() {
              printf 'export %s="$(echo %s | base64 -d)"\n' "${val%% *}" "${val#* }" >> "$STATE/params.env.tmp" ;;
       userdata) echo "$val" | base64 -d > "$STATE/user-data"
                 echo "export VMSTREAM_USER_DATA=$STATE/user-data" >> "$STATE/params.env.tmp" ;;
+      hooks) [ "$val" = deferred ] && deferred=1 && : > "$STATE/hooks.deferred" ;;
     esac
   done < "$STATE/identity"
   mv "$STATE/params.env.tmp" "$STATE/params.env"
   reply "{\"ok\":true,\"hostname\":\"$(hostname)\",\"mac\":\"$(mac)\",\"time\":$(now)}"
+  [ -n "$deferred" ] || start_hooks
+}
+
+start_hooks() {
+  rm -f "$STATE/hooks.deferred"
   lowest=""; command -v nice >/dev/null && lowest="nice -n 19"  # busybox may lack nice
   $lowest sh "$SELF" run-hooks </dev/null >/dev/null 2>&1 &
 }
@@ -90,8 +98,12 @@ handle() {
     clock) set_clock "$2" && reply "{\"ok\":true,\"time\":$(now)}" ;;
     random) reply "{\"ok\":true,\"random\":\"$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')\"}" ;;
     identity) apply_identity "$2" ;;
+    start-hooks)
+      if [ -f "$STATE/hooks.deferred" ]; then start_hooks; reply '{"ok":true,"started":true}'
+      else reply '{"ok":true,"started":false}'; fi ;;
     hooks)
       if [ -f "$STATE/hooks.json" ]; then reply "{\"ok\":true,\"result\":$(cat "$STATE/hooks.json")}"
+      elif [ -f "$STATE/hooks.deferred" ]; then reply '{"ok":true,"result":{"state":"pending"}}'
       elif [ -f "$STATE/params.env" ]; then reply '{"ok":true,"result":{"state":"running"}}'
       else reply '{"ok":true,"result":{"state":"none"}}'; fi ;;
     memcheck-fill)
