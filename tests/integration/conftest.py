@@ -52,6 +52,13 @@ def our_qemu_pids(home: Path) -> list[int]:
     return qemu_pids_under(home)
 
 
+def vm_qemu_pids(cli: Cli) -> set[int]:
+    """Our QEMU processes but the agent's clone pool (QEMUs started ahead, which come and go)."""
+    pids = cli.json("host", "--json")["clone_pool"]["pids"]
+    pooled = {pid for per_image in pids.values() for pid in per_image}
+    return set(our_qemu_pids(cli.home)) - pooled
+
+
 def fuse_mounts(home: Path) -> list[str]:
     with open("/proc/mounts") as f:
         return [line.split()[1] for line in f if line.split()[1].startswith(str(home))]

@@ -6,7 +6,7 @@ import json
 import socket
 from pathlib import Path
 
-from tests.integration.conftest import BaseImage, Cli, VmFactory, our_qemu_pids
+from tests.integration.conftest import BaseImage, Cli, VmFactory, vm_qemu_pids
 
 
 def _chunk_map(home: Path, image: str) -> dict:
@@ -67,13 +67,13 @@ def test_corrupted_chunk_is_detected(cli: Cli, base_image: BaseImage, vms: VmFac
             f.seek(-1, 1)
             f.write(bytes([byte[0] ^ 0xFF]))
     cli.json("host", "--drop-cache")  # the create left verified copies in the host cache
-    before = our_qemu_pids(cli.home)
+    before = vm_qemu_pids(cli)
     proc = cli.run("live-image", "start", "tamper-img", "--name", "tampered")
     assert proc.returncode == 6, (proc.stdout, proc.stderr)
     message = " ".join(proc.stderr.split())
     assert "reading the image memory failed" in message and "the stored copy is damaged" in message, message
     assert "tampered-1" not in {v["name"] for v in cli.json("list")}
-    assert our_qemu_pids(cli.home) == before, "the failed clone's QEMU was removed"
+    assert vm_qemu_pids(cli) == before, "the failed clone's QEMU was removed"
     cli.json("live-image", "delete", "tamper-img")
 
 

@@ -106,8 +106,53 @@ def test_destroy_leaves_nothing_behind(cli: Cli, base_image: BaseImage, vms: VmF
         pass
 
 
+def _pool(cli: Cli, image: str, timeout: float = 60) -> list[int]:
+    """The pids of the agent's pooled QEMUs, once it has one ready for image."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pool = cli.json("host", "--json")["clone_pool"]
+        if pool["ready"].get(image):
+            return list(pool["pids"][image])
+        time.sleep(0.2)
+    raise AssertionError(f"no pooled QEMU for {image} after {timeout}s")
+
+
+def _qemu_alive(pid: int) -> bool:
+    try:
+        return b"qemu" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+
+
+def test_clone_taken_from_the_pool(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
+    (first,) = vms.clones("base-img", prefix="warm")  # a start leaves a paused QEMU ready for the next
+    pooled = _pool(cli, "base-img")
+    (clone,) = vms.clones("base-img", prefix="pooled")
+    assert "pool_taken" in clone["phases"] and clone["pid"] in pooled, clone["phases"]
+    # its own identity, not the pooled QEMU's placeholder nor its sibling's
+    assert clone["vmgenid"] != first["vmgenid"] and clone["mac"] != first["mac"]
+    st = cli.ask(clone["name"], "status")
+    assert st["hostname"] == clone["name"] and st["mac"] == clone["mac"]
+    assert status(clone["endpoint"])["hostname"] == clone["name"]
+    assert cli.ask(clone["name"], "memcheck-verify")["result"]["bad_pages"] == 0
+    assert cli.ask(clone["name"], "random")["random"] != cli.ask(first["name"], "random")["random"]
+    # pooled QEMUs are not VMs: not listed; an image's go with it
+    names = {v["name"] for v in cli.json("list")}
+    assert not any(n.startswith(".") for n in names)
+    cli.json("live-image", "create", clone["name"], "pool-img")
+    (child,) = vms.clones("pool-img", prefix="pchild")
+    cli.json("destroy", child["name"])
+    vms.names.remove(child["name"])
+    its_pool = _pool(cli, "pool-img")
+    assert its_pool and all(_qemu_alive(p) for p in its_pool)
+    cli.json("live-image", "delete", "pool-img")
+    assert not any(_qemu_alive(p) for p in its_pool), "the image's pooled QEMUs went with it"
+    assert "pool-img" not in cli.json("host", "--json")["clone_pool"]["pids"]
+
+
 def test_agent_restart_reattaches(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
     (clone,) = vms.clones("base-img", prefix="survivor")
+    pooled = _pool(cli, "base-img")
     old_agent = json.loads((cli.home / "agent.json").read_text())["pid"]
     os.kill(old_agent, signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -119,6 +164,7 @@ def test_agent_restart_reattaches(cli: Cli, base_image: BaseImage, vms: VmFactor
     assert listed[clone["name"]]["pid"] == clone["pid"]
     new_agent = json.loads((cli.home / "agent.json").read_text())["pid"]
     assert new_agent != old_agent
+    assert not any(_qemu_alive(p) for p in pooled), "the new agent stopped the old one's pooled QEMUs"
     assert status(clone["endpoint"])["counter"] >= base_image.counter
     assert cli.ask(clone["name"], "ping")["ok"]
     # its memory is served by memfs, which outlived the agent: still every page right

@@ -136,6 +136,9 @@ def host(
                   f"{h['running_vms']} VM(s) running, PSS {_mib(h['vm_pss_bytes'])}, "
                   f"private {_mib(h['vm_private_bytes'])}, guest RAM shared from images {_mib(h['guest_ram_from_images_bytes'])}")
         out.print(f"store: {h['store']}")
+        if h.get("clone_pool", {}).get("ready"):
+            out.print("clone pool (QEMUs started ahead, paused): "
+                      + ", ".join(f"{k} {v}" for k, v in h["clone_pool"]["ready"].items()))
         m = h["memfs"]
         if not m.get("running"):
             out.print("memfs: not running")

@@ -66,6 +66,12 @@ CLONE_TB_MIB = int(os.environ.get("VMSTREAM_CLONE_TB_MIB", "8"))
 FLATTEN_FRACTION = 0.5
 # Store garbage collection: how often the agent runs it (0: never; `vmstream host --gc` runs it
 # by hand). A pack is deleted two runs apart, at least GC_GRACE_S after it was condemned.
+# Per live image, this many clone QEMUs are kept started, their device state loaded and
+# paused, so a clone start skips QEMU's own start and the state load; 0 turns it off.
+POOL_SIZE = int(os.environ.get("VMSTREAM_CLONE_POOL", "1"))
+POOL_IMAGES = int(os.environ.get("VMSTREAM_CLONE_POOL_IMAGES", "4"))  # images with a pool, most recently started
+POOL_WAIT_S = 2.0  # a start waits this long for a pooled QEMU being prepared (it is further along than a new one)
+POOL_PREFIX = ".pool-"  # pooled rows' names: never a valid VM name, so never listed or taken by a user
 # Clones started together run their clone.d hooks once all of them serve; 0 turns this off.
 DEFER_HOOKS = os.environ.get("VMSTREAM_BATCH_DEFER_HOOKS", "1") != "0"
 GC_INTERVAL_S = float(os.environ.get("VMSTREAM_GC_INTERVAL_S", "3600"))
@@ -110,6 +116,9 @@ class HostManager:
         self._alloc_lock = asyncio.Lock()
         self._image_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pool: dict[str, list[str]] = {}  # image -> names of its pooled rows, ready to take
+        self._pool_fills: dict[str, asyncio.Task[None]] = {}
+        self._pool_added = asyncio.Condition()
         self.migrations = Migrations(self)
 
     # ---- guest and accelerator -------------------------------------------------
@@ -134,13 +143,16 @@ class HostManager:
     def _record(self, name: str) -> VmRecord:
         with self.session() as s:
             rec = s.get(VmRecord, name)
-        if rec is None:
+        if rec is None or rec.state == "pooled":
             raise NotFound(f"no VM named '{name}': see 'vmstream list'")
         return rec
 
-    def _records(self, parent_image: str | None = None) -> list[VmRecord]:
+    def _records(self, parent_image: str | None = None, pooled: bool = False) -> list[VmRecord]:
+        """The VMs; pooled=True also the pool's paused QEMUs (which map image memory too)."""
         with self.session() as s:
             q = select(VmRecord).order_by(VmRecord.created_at)
+            if not pooled:
+                q = q.where(VmRecord.state != "pooled")
             if parent_image is not None:
                 q = q.where(VmRecord.parent_image == parent_image)
             return list(s.scalars(q))
@@ -220,11 +232,11 @@ class HostManager:
         """At agent start: adopt VMs still running; remove half-started ones."""
         adopted = exited = removed = 0
         self._spawn(self.gc_loop())
-        if any(r.parent_image for r in self._records()):
+        if any(r.parent_image for r in self._records(pooled=True)):
             await self.memfs.ensure()  # clones' memory: a no-op if the daemon outlived the agent
-        for rec in self._records():
+        for rec in self._records(pooled=True):
             proc = self._proc(rec)
-            if rec.state in ("starting", "incoming"):
+            if rec.state in ("starting", "incoming", "pooled"):
                 await proc.stop()
                 self._delete_record(rec.name)
                 removed += 1
@@ -323,6 +335,7 @@ class HostManager:
 
     async def destroy_all(self) -> int:
         recs = self._records()
+        await self.drain_pool()
         await asyncio.gather(*(self.destroy(r.name) for r in recs))
         await self.memfs.stop()
         return len(recs)
@@ -436,6 +449,7 @@ class HostManager:
                 names = ", ".join(i.name for i in children)
                 raise Conflict(f"live image '{name}' has child images ({names}) made from its clones: delete them first")
             image = self.images.get(name)
+            await self.drain_pool(name)
             await asyncio.to_thread(self.images.delete, name)
             if image.memory_ref is not None:
                 with contextlib.suppress(StoreError):
@@ -475,9 +489,13 @@ class HostManager:
         await self.memfs.ensure()
         record = await self._prepare_memory(image, prefetch)
         batch = _Batch(len(recs))
+        await self._pool_wait(image_name, len(recs))
+        taken = [self._take_pooled(rec, image_name) for rec in recs]
+        recs = [rec for rec, _ in taken]
         try:
             results = await asyncio.gather(
-                *(self._start_clone(rec, image, t0, params, user_data, batch) for rec in recs), return_exceptions=True
+                *(self._start_clone(rec, image, t0, params, user_data, batch, pooled) for rec, pooled in taken),
+                return_exceptions=True,
             )
             if any(isinstance(r, BaseException) for r in results) and (why := await self._memfs_error(image)):
                 results = [QemuError(f"clones of '{image_name}' cannot run: reading the image memory failed ({why}); "
@@ -488,7 +506,7 @@ class HostManager:
             if errors:
                 await asyncio.gather(*(self.destroy(r.name) for r in recs if self._exists(r.name)), return_exceptions=True)
                 raise errors[0]
-            # built while the served clones still yield the CPU: the answer is not held up by them
+            self.fill_pool(image_name)
             return StartResult(image=image_name, vms=[self._info(self._record(r.name)) for r in recs],
                                elapsed_s=time.perf_counter() - t0)
         finally:
@@ -544,7 +562,7 @@ class HostManager:
             "vm_pss_bytes": sum(f.pss_bytes for f in fps),
             "vm_private_bytes": sum(f.anonymous_bytes for f in fps),
             "guest_ram_from_images_bytes": sum(f.guest_ram.image_bytes for f in fps if f.guest_ram),
-            "store": str(self.store.backend), "memfs": memfs,
+            "store": str(self.store.backend), "memfs": memfs, "clone_pool": self.pool_info(),
         }
 
     async def drop_caches(self) -> dict[str, Any]:
@@ -552,8 +570,10 @@ class HostManager:
         cache of memfs files no clone maps (a mapped one cannot be dropped)."""
         if self.memfs.pid() is None:
             return {"dropped": False}
+        await self.drain_pool()  # pooled QEMUs map image memory: they would keep it cached
         await self.memfs.request("drop-cache")
-        in_use = {(self.images.get(r.parent_image).memory_root or r.parent_image) for r in self._records() if r.parent_image}
+        in_use = {(self.images.get(r.parent_image).memory_root or r.parent_image)
+                  for r in self._records(pooled=True) if r.parent_image}
         for name in self.images.names() - in_use:
             await self.memfs.request("invalidate", image=name)
         return {"dropped": True, "kept_page_cache_of": sorted(in_use)}
@@ -588,30 +608,34 @@ class HostManager:
 
     async def _start_clone(
         self, rec: VmRecord, image: LiveImage, t0: float, params: dict[str, str], user_data: bytes | None,
-        batch: _Batch,
+        batch: _Batch, pooled: bool,
     ) -> None:
         """QEMU on the image's memory, delta pages written in, device state loaded,
-        new identity applied, and first HTTP answer; then hooks are watched."""
+        new identity applied, and first HTTP answer; then hooks are watched.
+        pooled: the QEMU was started ahead and is paused with all that loaded."""
         phases: dict[str, float] = {}
 
         def mark(phase: str) -> None:
             phases[phase] = round(time.perf_counter() - t0, 4)
 
         async with self._starting(rec) as proc:
-            if image.guest.disk:  # its own overlay on the image's disk layer
-                layer = self.images.image_dir(image) / disks.LAYER
-                rec.disk, rec.disk_base = str(await disks.overlay(layer, Path(rec.rundir))), str(layer)
-                self._update(rec.name, disk=rec.disk, disk_base=rec.disk_base)
-            proc.start(self._spec(rec, image))
-            mark("qemu_spawned")
-            self._update(rec.name, pid=proc.pid)
+            if pooled:
+                mark("pool_taken")
+            else:
+                if image.guest.disk:  # its own overlay on the image's disk layer
+                    layer = self.images.image_dir(image) / disks.LAYER
+                    rec.disk, rec.disk_base = str(await disks.overlay(layer, Path(rec.rundir))), str(layer)
+                    self._update(rec.name, disk=rec.disk, disk_base=rec.disk_base)
+                proc.start(self._spec(rec, image))
+                mark("qemu_spawned")
+                self._update(rec.name, pid=proc.pid)
             devstate = self.images.devstate_path(image)
             identity_task: asyncio.Task[dict[str, Any]] | None = None
             http_task: asyncio.Task[dict[str, Any]] | None = None
             try:
                 async with proc.qmp() as qmp:
                     mark("qmp_ready")
-                    if image.layout == "delta":
+                    if image.layout == "delta" and not pooled:
                         assert proc.pid is not None
                         await asyncio.to_thread(apply_delta, proc.pid, rec.memory_bytes, self.images.image_dir(image))
                         mark("delta_applied")
@@ -624,8 +648,11 @@ class HostManager:
                         ask_guest(proc.agent_path, identity.command(), timeout=CLONE_TIMEOUT_S,
                                   expect=lambda a: "hostname" in a or not a.get("ok", True))
                     )
-                    await qmp.execute("migrate-incoming", {"uri": f"exec:cat {devstate}"})
-                    await proc.wait_incoming(qmp, CLONE_TIMEOUT_S)
+                    if pooled:
+                        await qmp.execute("cont")
+                    else:
+                        await qmp.execute("migrate-incoming", {"uri": f"exec:cat {devstate}"})
+                        await proc.wait_incoming(qmp, CLONE_TIMEOUT_S)
                     mark("running")
                 http_task = asyncio.create_task(self._wait_http(rec, proc, CLONE_TIMEOUT_S))
                 answer = await identity_task
@@ -646,14 +673,122 @@ class HostManager:
             self._update(rec.name, state="running", ready_s=phases["http_answered"], phases=json.dumps(phases))
         self._spawn(self._after_start(rec, proc, batch))
 
+    # ---- clone pool: QEMUs started ahead, paused with an image's state loaded ----------
+
+    def _take_pooled(self, rec: VmRecord, image_name: str) -> tuple[VmRecord, bool]:
+        """rec with a ready pooled QEMU of the image taken over (its vm_id, run dir, port,
+        MAC and VM Generation ID: all fresh, never used by a guest), and True; or rec, False."""
+        ready = self._pool.get(image_name, [])
+        while ready:
+            pool_name = ready.pop(0)
+            with self.session() as s:
+                pool_rec = s.get(VmRecord, pool_name)
+                if pool_rec is None:
+                    continue
+                if not self._proc(pool_rec).alive():
+                    s.delete(pool_rec)
+                    s.commit()
+                    continue
+                clone = s.get(VmRecord, rec.name)
+                assert clone is not None
+                fields = {f: getattr(pool_rec, f) for f in ("vm_id", "rundir", "http_port", "mac", "vmgenid", "pid")}
+                s.delete(pool_rec)
+                s.flush()  # its vm_id and port are unique: free them before the clone's row takes them
+                for f, v in fields.items():
+                    setattr(clone, f, v)
+                s.commit()
+            self._procs[clone.name] = self._procs.pop(pool_name)
+            return clone, True
+        return rec, False
+
+    async def _pool_wait(self, image_name: str, want: int) -> None:
+        """If the image's pool is being filled, wait a little for the QEMUs on their way."""
+        if image_name not in self._pool_fills or len(self._pool.get(image_name, [])) >= min(want, POOL_SIZE):
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(POOL_WAIT_S), self._pool_added:
+                await self._pool_added.wait_for(
+                    lambda: image_name not in self._pool_fills or len(self._pool.get(image_name, [])) >= min(want, POOL_SIZE)
+                )
+
+    def fill_pool(self, image_name: str) -> None:
+        """Start the image's pooled QEMUs in the background, up to POOL_SIZE; the pools of
+        images started least recently go beyond POOL_IMAGES."""
+        if POOL_SIZE <= 0:
+            return
+        self._pool[image_name] = self._pool.pop(image_name, [])  # most recently used last
+        for old in list(self._pool)[:-POOL_IMAGES] if POOL_IMAGES > 0 else list(self._pool):
+            self._spawn(self.drain_pool(old))
+        if image_name in self._pool_fills:
+            return
+        task = asyncio.create_task(self._fill_pool(image_name))
+        self._pool_fills[image_name] = task
+        task.add_done_callback(lambda _t: self._pool_filled(image_name))
+
+    async def _fill_pool(self, image_name: str) -> None:
+        with contextlib.suppress(QemuError, NotFound, OSError, QMPError, EOFError):
+            while len(self._pool.get(image_name, [])) < POOL_SIZE:
+                image = self.images.get(image_name)
+                if image.guest.disk:
+                    return  # a disk clone needs its own overlay first: not pooled
+                g = image.guest
+                (rec,) = await self._reserve(
+                    [POOL_PREFIX + secrets.token_hex(6)], state="pooled", memory_bytes=g.memory_bytes, cpus=g.cpus,
+                    kernel=g.kernel, initrd=g.initrd, accel=g.accel, parent_image=image_name,
+                )
+                async with self._starting(rec) as proc:
+                    proc.start(dataclasses.replace(self._spec(rec, image), start_paused=True))
+                    self._update(rec.name, pid=proc.pid)
+                    async with proc.qmp() as qmp:
+                        if image.layout == "delta":
+                            assert proc.pid is not None
+                            await asyncio.to_thread(apply_delta, proc.pid, rec.memory_bytes, self.images.image_dir(image))
+                        await qmp.execute("migrate-incoming", {"uri": f"exec:cat {self.images.devstate_path(image)}"})
+                        await proc.wait_incoming(qmp, CLONE_TIMEOUT_S, resume=False)
+                self._pool.setdefault(image_name, []).append(rec.name)
+                async with self._pool_added:
+                    self._pool_added.notify_all()
+
+    def _pool_filled(self, image_name: str) -> None:
+        self._pool_fills.pop(image_name, None)
+
+        async def wake() -> None:  # a start waiting on this fill stops waiting, even if it failed
+            async with self._pool_added:
+                self._pool_added.notify_all()
+
+        self._spawn(wake())
+
+    async def drain_pool(self, image_name: str | None = None) -> None:
+        """Stop the pooled QEMUs (of one image, or all): before the image goes, or the agent."""
+        names = [image_name] if image_name is not None else list({*self._pool, *self._pool_fills})
+        for name in names:
+            task = self._pool_fills.pop(name, None)
+            if task is not None:
+                task.cancel()  # a QEMU it was starting is stopped by _starting
+                await asyncio.gather(task, return_exceptions=True)
+            self._pool.pop(name, None)
+        for rec in self._records(pooled=True):
+            if rec.state == "pooled" and (image_name is None or rec.parent_image == image_name):
+                await self._proc(rec).stop()
+                self._delete_record(rec.name)
+
+    def pool_info(self) -> dict[str, Any]:
+        """Per image: pooled QEMUs ready to take, and the pids of all (also those being started)."""
+        pids: dict[str, list[int]] = {}
+        for r in self._records(pooled=True):
+            if r.state == "pooled" and r.pid and r.parent_image:
+                pids.setdefault(r.parent_image, []).append(r.pid)
+        return {"ready": {name: len(ready) for name, ready in self._pool.items() if ready}, "pids": pids}
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def shutdown(self) -> None:
-        """Cancel background work (hook collection, migrations); VMs keep running."""
+        """Cancel background work (hook collection, migrations) and stop the pool; VMs keep running."""
         await self.migrations.shutdown()
+        await self.drain_pool()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -85,6 +85,7 @@ class MachineSpec:
     tap: TapNic | None = None  # None: slirp with a host port forward (the single-host default)
     tb_mib: int = 64  # TCG translation cache; its used part is private memory of each VM
     disk: Path | None = None  # a disk guest's root file system: this VM's own qcow2 overlay
+    start_paused: bool = False  # -S: stay paused once the incoming state is loaded (a pooled clone)
 
     def command(self, rundir: Path) -> list[str]:
         mib = self.memory_bytes >> 20
@@ -131,6 +132,8 @@ class MachineSpec:
             ]
         if self.incoming:
             cmd += ["-incoming", "defer", "-global", "migration.send-configuration=off"]
+        if self.start_paused:
+            cmd += ["-S"]
         if self.tap is not None and self.tap.netns is not None:
             # nsenter execs QEMU in place: same pid, and /proc/PID/cmdline keeps the marker
             cmd = ["nsenter", f"--net=/run/netns/{self.tap.netns}", "--", *cmd]
@@ -245,9 +248,10 @@ class QemuProcess:
             with contextlib.suppress(Exception):
                 await client.disconnect()
 
-    async def wait_incoming(self, qmp: QMPClient, timeout: float, poll: float = 0.003) -> None:
+    async def wait_incoming(self, qmp: QMPClient, timeout: float, poll: float = 0.003, resume: bool = True) -> None:
         """Until a VM started with -incoming runs: `cont` if the migration completed but
-        left it paused (the state was saved from a stopped VM). QemuError on failure."""
+        left it paused (the state was saved from a stopped VM, or QEMU runs with -S).
+        resume=False: until the state is loaded, leaving the VM paused. QemuError on failure."""
         deadline = time.monotonic() + timeout
         while True:
             status = await qmp.execute("query-status")
@@ -257,7 +261,8 @@ class QemuProcess:
             if state in ("paused", "postmigrate"):
                 mig = await qmp.execute("query-migrate")
                 if isinstance(mig, dict) and mig.get("status") == "completed":
-                    await qmp.execute("cont")
+                    if resume:
+                        await qmp.execute("cont")
                     return
             if state in ("inmigrate-failed", "internal-error", "guest-panicked", "shutdown") or not self.alive():
                 raise QemuError(f"VM {self.vm_id} failed to load its state ({state}): {self.log_tail() or 'no output'}")
