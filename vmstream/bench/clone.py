@@ -39,14 +39,25 @@ def run(bench: Bench, mib: int = 256, runs: int = 5, clone_runs: int = 10) -> di
     clones: list[float] = []
     agent_ready: list[float] = []
     phases: dict[str, list[float]] = {}
-    for i in range(clone_runs):
+    pooled = 0
+    for i in range(clone_runs):  # as a user gets them: the agent's clone pool on (after the first)
         vms, t = bench.start(image, 1, bench.name("clone", i))
         clones.append(t)
         agent_ready.append(vms[0]["ready_s"])
+        pooled += "pool_taken" in (vms[0].get("phases") or {})
         for phase, at in (vms[0].get("phases") or {}).items():
             phases.setdefault(phase, []).append(at)
         bench.destroy(vms[0]["name"])
         say(f"clone {i + 1}/{clone_runs}: {t:.3f} s")
+    unpooled: list[float] = []
+    unpooled_phases: dict[str, list[float]] = {}
+    for i in range(runs):  # every QEMU started anew: what the pool saves
+        vms, t = bench.start(image, 1, bench.name("nopool", i), pool=False)
+        unpooled.append(t)
+        for phase, at in (vms[0].get("phases") or {}).items():
+            unpooled_phases.setdefault(phase, []).append(at)
+        bench.destroy(vms[0]["name"])
+        say(f"clone without the pool {i + 1}/{runs}: {t:.3f} s")
     bench.delete_image(image)
 
     state = bench.scratch / f"save-{mib}.mig"
@@ -56,7 +67,7 @@ def run(bench: Bench, mib: int = 256, runs: int = 5, clone_runs: int = 10) -> di
     say(f"QEMU restores: {', '.join(f'{t:.3f}' for t in restores)} s")
     state.unlink(missing_ok=True)
 
-    c, b, r = summary(clones), summary(cold), summary(restores)
+    c, b, r, u = summary(clones), summary(cold), summary(restores), summary(unpooled)
     return {
         "bench": "clone",
         "accelerator": facts.accelerator,
@@ -72,6 +83,11 @@ def run(bench: Bench, mib: int = 256, runs: int = 5, clone_runs: int = 10) -> di
         "cold_boot": b,
         "clone": c,
         "clone_agent_ready": summary(agent_ready),
+        "clone_pooled_runs": pooled,
+        "clone_no_pool_s": u["median"],
+        "clone_no_pool": u,
+        "speedup_vs_boot_no_pool": ratio(median(cold), median(unpooled)),
+        "clone_no_pool_phases_s": {k: round(median(v), 4) for k, v in unpooled_phases.items()},
         # The agent's own start-up phases, seconds since it took the request (median over the clones).
         "clone_phases_s": {k: round(median(v), 4) for k, v in phases.items()},
         "qemu_restore": r,
@@ -90,6 +106,9 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
         ["vmstream clone (live-image start)", len(res["clone"]["runs"]), fmt_s(res["clone_s"]), fmt_s(res["clone_p90_s"]),
          fmt_x(res["speedup_vs_boot"])],
     ]
+    if "clone_no_pool" in res:
+        rows.append(["vmstream clone, clone pool off (every QEMU started anew)", len(res["clone_no_pool"]["runs"]),
+                     fmt_s(res["clone_no_pool_s"]), fmt_s(res["clone_no_pool"]["p90"]), fmt_x(res["speedup_vs_boot_no_pool"])])
     md = (
         f"Time from request to the guest's first HTTP answer, {res['memory_mib']} MiB guest, {res['accelerator']}.\n\n"
         + md_table(["start", "runs", "median", "p90", "speed-up vs boot"], rows)
@@ -100,7 +119,11 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
     if res.get("clone_phases_s"):
         md += ("\nWhere a clone's time goes (the agent's phases, median, seconds after it took the request): "
                + ", ".join(f"{k} {v:.3f}" for k, v in res["clone_phases_s"].items())
-               + f"; the client saw {res['clone_s']:.3f} s.\n")
+               + f"; the client saw {res['clone_s']:.3f} s. {res.get('clone_pooled_runs', 0)} of the "
+               f"{len(res['clone']['runs'])} clones took a QEMU from the agent's clone pool (started ahead, "
+               "state loaded, paused; the first clone of an image fills it).\n")
+    if res.get("clone_no_pool_phases_s"):
+        md += ("Without the pool: " + ", ".join(f"{k} {v:.3f}" for k, v in res["clone_no_pool_phases_s"].items()) + ".\n")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = ["cold boot", "QEMU restore", "vmstream clone"]

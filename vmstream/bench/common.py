@@ -111,9 +111,9 @@ class Bench:
         result: dict[str, Any] = self.call("POST", "/v1/live-images", json={"vm": vm, "name": image})
         return result
 
-    def start(self, image: str, count: int, prefix: str) -> tuple[list[dict[str, Any]], float]:
+    def start(self, image: str, count: int, prefix: str, pool: bool = True) -> tuple[list[dict[str, Any]], float]:
         t0 = time.perf_counter()
-        res = self.call("POST", f"/v1/live-images/{image}/start", json={"count": count, "name": prefix})
+        res = self.call("POST", f"/v1/live-images/{image}/start", json={"count": count, "name": prefix, "pool": pool})
         return res["vms"], time.perf_counter() - t0
 
     def destroy(self, *names: str) -> None:

@@ -141,7 +141,7 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
             user_data = base64.b64decode(req.user_data_b64, validate=True) if req.user_data_b64 is not None else None
         except binascii.Error as exc:
             raise InvalidInput(f"user_data_b64 is not valid base64: {exc}") from exc
-        return await manager.start_clones(name, req.count, req.name, req.params, user_data, req.prefetch)
+        return await manager.start_clones(name, req.count, req.name, req.params, user_data, req.prefetch, req.pool)
 
     @app.delete("/v1/live-images/{name}", dependencies=v1)
     async def delete_image(name: str) -> dict[str, str]:

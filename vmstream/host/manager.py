@@ -461,6 +461,7 @@ class HostManager:
     async def start_clones(
         self, image_name: str, count: int, prefix: str | None,
         params: dict[str, str] | None = None, user_data: bytes | None = None, prefetch: bool = True,
+        pool: bool = True,
     ) -> StartResult:
         """Start count clones in parallel; all start, or none is left behind."""
         t0 = time.perf_counter()
@@ -489,8 +490,9 @@ class HostManager:
         await self.memfs.ensure()
         record = await self._prepare_memory(image, prefetch)
         batch = _Batch(len(recs))
-        await self._pool_wait(image_name, len(recs))
-        taken = [self._take_pooled(rec, image_name) for rec in recs]
+        if pool:
+            await self._pool_wait(image_name, len(recs))
+        taken = [self._take_pooled(rec, image_name) if pool else (rec, False) for rec in recs]
         recs = [rec for rec, _ in taken]
         try:
             results = await asyncio.gather(

@@ -67,6 +67,7 @@ class StartRequest(BaseModel):
     params: dict[str, str] = Field(default_factory=dict)
     user_data_b64: str | None = None
     prefetch: bool = True  # fetch the image's recorded working set if this host lacks it
+    pool: bool = True  # take the image's pooled QEMUs if ready (False: start every QEMU anew)
 
 
 class StartResult(BaseModel):
