@@ -49,13 +49,17 @@ class CloneIdentity:
     params: dict[str, str] = field(default_factory=dict)
     user_data: bytes | None = None
     defer_hooks: bool = False  # the clone.d hooks wait for 'start-hooks' (see HostManager)
+    ip: str | None = None  # ADDRESS/PREFIX on a bridged host: the image's address is its source's
 
     def command(self, now: float | None = None) -> str:
         """The agent command line: 'identity <base64 of key-value lines>'."""
         if self.user_data is not None and len(self.user_data) > MAX_USER_DATA:
             raise InvalidInput(f"user data is {len(self.user_data)} bytes; the limit is {MAX_USER_DATA}")
         t = time.time() if now is None else now
-        lines = [f"time {t:.9f}", f"hostname {self.hostname}", f"mac {self.mac}"]
+        lines = [f"time {t:.9f}", f"hostname {self.hostname}"]
+        if self.ip is not None:  # before the MAC: the guest announces the new MAC with its new address
+            lines.append(f"ip {self.ip}")
+        lines.append(f"mac {self.mac}")
         lines += [f"param {k} {_b64(v.encode())}" for k, v in self.params.items()]
         if self.user_data is not None:
             lines.append(f"userdata {_b64(self.user_data)}")

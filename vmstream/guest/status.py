@@ -4,17 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
+from vmstream.net.links import in_netns
 
-async def get_status(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> dict[str, Any]:
+
+async def get_status(port: int, host: str = "127.0.0.1", timeout: float = 2.0, netns: str | None = None) -> dict[str, Any]:
     """GET /status.json (hostname, uptime, counter) over a bare socket.
 
     Not httpx: creating its client costs ~25 ms, a sixth of a clone's start.
+    netns: connect from that network namespace (a bridged host's VMs live there).
     ValueError if the answer is not the demo guest's status.
     """
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(host, port)
+        if netns is None:
+            reader, writer = await asyncio.open_connection(host, port)
+        else:
+            with in_netns(netns):
+                sock = socket.socket()
+            sock.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, (host, port))
+            except BaseException:
+                sock.close()
+                raise
+            reader, writer = await asyncio.open_connection(sock=sock)
         try:
             writer.write(b"GET /status.json HTTP/1.0\r\nHost: guest\r\n\r\n")
             raw = await reader.read()

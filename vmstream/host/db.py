@@ -49,6 +49,8 @@ class VmRecord(Base):
     # was made on (a base disk image, or its live image's disk layer).
     disk: Mapped[str | None] = mapped_column(String, nullable=True)
     disk_base: Mapped[str | None] = mapped_column(String, nullable=True)
+    # On a bridged host (vmstream.host.network): the VM's static address, kept when it migrates.
+    ip: Mapped[str | None] = mapped_column(String, nullable=True)
 
 
 class PeerRecord(Base):

@@ -35,7 +35,7 @@ from vmstream.guest.identity import CloneIdentity, check_params
 from vmstream.guest.qga import qga
 from vmstream.guest.rootfs import build_rootfs
 from vmstream.guest.status import get_status
-from vmstream.host import disks, footprint
+from vmstream.host import disks, footprint, network
 from vmstream.host.db import VmRecord, open_db
 from vmstream.host.machines import machine_from_json
 from vmstream.host.migration import Migrations
@@ -43,7 +43,7 @@ from vmstream.host.schemas import HostInfo, ImageInfo, StartResult, VmInfo
 from vmstream.image import GuestConfig, ImageRepository, LiveImage
 from vmstream.memfs import memory_ref
 from vmstream.memfs.mount import MemfsMount
-from vmstream.qemu import AccelChoice, MachineSpec, QemuProcess, choose_accelerator, qemu_version
+from vmstream.qemu import AccelChoice, MachineSpec, QemuProcess, TapNic, choose_accelerator, qemu_version
 from vmstream.store import ChunkStore, StoreError, collect_garbage
 from vmstream.store.gc import DEFAULT_GRACE
 from vmstream.store.peer import PeerBackend
@@ -112,6 +112,7 @@ class HostManager:
         self.images = ImageRepository(data_dir / "images", self.memfs.mountpoint, self.store.backend)
         self._recording: set[str] = set()
         self.session = open_db(data_dir / "state.db")
+        self.net = network.from_env()  # None: slirp, each VM on a port of 127.0.0.1
         self._procs: dict[str, QemuProcess] = {}
         self._alloc_lock = asyncio.Lock()
         self._image_locks: dict[str, asyncio.Lock] = {}
@@ -173,12 +174,28 @@ class HostManager:
                 s.commit()
 
     def _delete_record(self, name: str) -> None:
+        """Drop a VM's row (its QEMU already stopped), and its tap on a bridged host."""
         with self.session() as s:
             rec = s.get(VmRecord, name)
             if rec is not None:
                 s.delete(rec)
                 s.commit()
         self._procs.pop(name, None)
+        if rec is not None and rec.ip and self.net is not None:
+            self.net.remove_tap(rec.vm_id)
+
+    def _start_qemu(self, rec: VmRecord, proc: QemuProcess, spec: MachineSpec) -> None:
+        """Start a VM's QEMU; on a bridged host its tap first (QEMU attaches to it by name)."""
+        if spec.tap is not None and self.net is not None:
+            self.net.create_tap(rec.vm_id)
+        proc.start(spec)
+        self._update(rec.name, pid=proc.pid)
+
+    def tap_for(self, vm_id: str, ip: str) -> TapNic | None:
+        """The bridged NIC of a VM with this vm_id and address; None on a slirp host."""
+        if self.net is None:
+            return None
+        return TapNic(self.net.tap(vm_id).name, ip, self.net.netmask, self.net.gateway, self.net.netns)
 
     async def _reserve(
         self, names: list[str], *, identity: dict[str, str] | None = None, state: str = "starting", **common: Any
@@ -192,6 +209,8 @@ class HostManager:
                 if taken:
                     raise Conflict(f"a VM named '{sorted(taken)[0]}' already exists: choose another name or destroy it first")
                 used = set(s.scalars(select(VmRecord.http_port)))
+                used_ips = set(s.scalars(select(VmRecord.ip)))
+                free_ips = [a for a in self.net.addresses() if a not in used_ips] if self.net else []
                 recs = []
                 for name in names:
                     port = _free_port()
@@ -200,7 +219,12 @@ class HostManager:
                     used.add(port)
                     vm_id = uuid.uuid4().hex[:12]
                     # every VM gets its own identity: hostname, MAC, VM Generation ID
-                    ident = identity or {"hostname": name, "mac": _random_mac(), "vmgenid": str(uuid.uuid4())}
+                    ident = dict(identity or {"hostname": name, "mac": _random_mac(), "vmgenid": str(uuid.uuid4())})
+                    if self.net is not None and not ident.get("ip"):
+                        if not free_ips:
+                            raise Conflict(f"no free VM address left in {self.net.first}-{self.net.last} "
+                                           "(VMSTREAM_VM_ADDRESSES): destroy a VM or give this host a larger range")
+                        ident["ip"] = free_ips.pop(0)
                     recs.append(VmRecord(name=name, vm_id=vm_id, state=state, http_port=port,
                                          rundir=str(self.run_root / vm_id), **ident, **common))
                 s.add_all(recs)
@@ -219,7 +243,8 @@ class HostManager:
             with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                 fp = footprint.measure(rec.pid, rec.memory_bytes)
         return VmInfo(
-            name=rec.name, state=rec.state, endpoint=f"http://127.0.0.1:{rec.http_port}/", pid=rec.pid,
+            name=rec.name, state=rec.state, endpoint=f"http://{rec.ip}/" if rec.ip else f"http://127.0.0.1:{rec.http_port}/",
+            pid=rec.pid,
             memory_bytes=rec.memory_bytes, cpus=rec.cpus, accel=rec.accel, parent_image=rec.parent_image,
             ready_s=rec.ready_s, created_at=rec.created_at, footprint=fp, hostname=rec.hostname, mac=rec.mac,
             vmgenid=rec.vmgenid, identity_applied_s=rec.identity_applied_s, migrated_from=rec.migrated_from, disk=rec.disk,
@@ -254,7 +279,10 @@ class HostManager:
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(OSError, TimeoutError, ValueError):
-                body = await get_status(rec.http_port)
+                if rec.ip:  # bridged: the guest's own address, reached from the VMs' namespace
+                    body = await get_status(80, rec.ip, netns=self.net.netns if self.net else None)
+                else:
+                    body = await get_status(rec.http_port)
                 if "counter" in body:
                     return body
             if not proc.alive():
@@ -294,8 +322,7 @@ class HostManager:
             spec = self._spec(rec)
             if guest_agent == "portable":
                 spec = dataclasses.replace(spec, extra_append=("vmstream.agent=sh",))
-            proc.start(spec)
-            self._update(name, pid=proc.pid)
+            self._start_qemu(rec, proc, spec)
             await self._wait_http(rec, proc, BOOT_TIMEOUT_S)
             ready = time.perf_counter() - t0
             self._update(name, state="running", ready_s=ready)
@@ -310,6 +337,7 @@ class HostManager:
             vm_id=rec.vm_id, hostname=image.guest.hostname if image else rec.hostname, memory_bytes=rec.memory_bytes,
             cpus=rec.cpus, kernel=Path(rec.kernel), initrd=Path(rec.initrd), accel=rec.accel, http_port=rec.http_port,
             mac=rec.mac, vmgenid=rec.vmgenid, memory_file=self.images.memory_path(image) if image else None,
+            tap=self.tap_for(rec.vm_id, rec.ip) if rec.ip else None,
             incoming=image is not None, tb_mib=CLONE_TB_MIB if image else MachineSpec.tb_mib,
         )
 
@@ -628,9 +656,8 @@ class HostManager:
                     layer = self.images.image_dir(image) / disks.LAYER
                     rec.disk, rec.disk_base = str(await disks.overlay(layer, Path(rec.rundir))), str(layer)
                     self._update(rec.name, disk=rec.disk, disk_base=rec.disk_base)
-                proc.start(self._spec(rec, image))
+                self._start_qemu(rec, proc, self._spec(rec, image))
                 mark("qemu_spawned")
-                self._update(rec.name, pid=proc.pid)
             devstate = self.images.devstate_path(image)
             identity_task: asyncio.Task[dict[str, Any]] | None = None
             http_task: asyncio.Task[dict[str, Any]] | None = None
@@ -645,7 +672,8 @@ class HostManager:
                     # the agent finds it as soon as it resumes. Its clock is set again,
                     # exactly, once the clone serves (_after_start).
                     await proc.wait_for_socket(proc.agent_path)
-                    identity = CloneIdentity(rec.hostname, rec.mac, params, user_data, defer_hooks=batch.defer_hooks)
+                    identity = CloneIdentity(rec.hostname, rec.mac, params, user_data, defer_hooks=batch.defer_hooks,
+                                             ip=f"{rec.ip}/{self.net.prefix_len}" if rec.ip and self.net else None)
                     identity_task = asyncio.create_task(
                         ask_guest(proc.agent_path, identity.command(), timeout=CLONE_TIMEOUT_S,
                                   expect=lambda a: "hostname" in a or not a.get("ok", True))
@@ -693,7 +721,7 @@ class HostManager:
                     continue
                 clone = s.get(VmRecord, rec.name)
                 assert clone is not None
-                fields = {f: getattr(pool_rec, f) for f in ("vm_id", "rundir", "http_port", "mac", "vmgenid", "pid")}
+                fields = {f: getattr(pool_rec, f) for f in ("vm_id", "rundir", "http_port", "mac", "vmgenid", "pid", "ip")}
                 s.delete(pool_rec)
                 s.flush()  # its vm_id and port are unique: free them before the clone's row takes them
                 for f, v in fields.items():
@@ -739,8 +767,7 @@ class HostManager:
                     kernel=g.kernel, initrd=g.initrd, accel=g.accel, parent_image=image_name,
                 )
                 async with self._starting(rec) as proc:
-                    proc.start(dataclasses.replace(self._spec(rec, image), start_paused=True))
-                    self._update(rec.name, pid=proc.pid)
+                    self._start_qemu(rec, proc, dataclasses.replace(self._spec(rec, image), start_paused=True))
                     async with proc.qmp() as qmp:
                         if image.layout == "delta":
                             assert proc.pid is not None

@@ -270,7 +270,8 @@ class Migrations:
             req = IncomingRequest(
                 name=rec.name, from_host=os.uname().nodename, mode=job.requested_mode, machine=machine_to_dict(spec),  # type: ignore[arg-type]
                 send_configuration=sends_configuration(spec), parent_image=rec.parent_image,
-                identity={"hostname": rec.hostname, "mac": rec.mac, "vmgenid": rec.vmgenid},
+                identity={"hostname": rec.hostname, "mac": rec.mac, "vmgenid": rec.vmgenid,
+                          **({"ip": rec.ip} if rec.ip else {})},
                 guest_key=spec.kernel.parent.name,  # guest/<key>/vmlinuz: the key names the build's inputs
             )
             answer = IncomingAnswer(**await peer.call("POST", "/v1/migrations/incoming", json=req.model_dump()))
@@ -291,7 +292,8 @@ class Migrations:
             else:
                 assert answer.host is not None and answer.port is not None
                 job.result = await migrate_delta(
-                    proc, rec.memory_bytes, (answer.host, answer.port), netns=None, progress=report,
+                    proc, rec.memory_bytes, (answer.host, answer.port), netns=self.m.net.netns if self.m.net else None,
+                    progress=report,
                     cancel=job.cancel, on_failure=target.remove,
                 )
                 await target.wait_running(60.0)
@@ -327,6 +329,12 @@ class Migrations:
         accel = (await asyncio.to_thread(m.accelerator, guest)).accel
         if accel != source.accel:
             raise InvalidInput(f"VM {req.name} runs under {source.accel} on the source, this host uses {accel}")
+        bridged = bool(req.identity.get("ip"))
+        if bridged != (m.net is not None):
+            raise InvalidInput(
+                f"VM {req.name} is on a {'bridged' if bridged else 'slirp'} network on the source, and this host's "
+                f"VMs are on {'a bridge' if m.net else 'slirp'}: both hosts need the same kind (VMSTREAM_BRIDGE)"
+            )
         has_image = req.parent_image is not None and m.images.exists(req.parent_image)
         mode = req.mode
         if mode == "delta" and not has_image:
@@ -344,22 +352,27 @@ class Migrations:
         )
         m._update(rec.name, migrated_from=req.from_host)
         proc = m._proc(rec)
+        netns = m.net.netns if m.net else None
         try:
-            common: dict[str, Any] = {"vm_id": rec.vm_id, "http_port": rec.http_port, "kernel": guest.kernel, "initrd": guest.initrd}
+            tap = m.tap_for(rec.vm_id, rec.ip) if rec.ip else None  # its own address, on this host's bridge
+            if tap is not None and m.net is not None:
+                m.net.create_tap(rec.vm_id)
+            common: dict[str, Any] = {"vm_id": rec.vm_id, "http_port": rec.http_port, "kernel": guest.kernel,
+                                      "initrd": guest.initrd, "tap": tap}
             if mode == "delta":
                 assert image is not None
                 await m.memfs.ensure()
                 base = {k: v for k, v in machine_to_dict(source).items() if k not in ("kind", "send_configuration")}
                 spec: MachineSpec = machine_from_dict({**base, "kind": "machine"})
-                spec = dataclasses.replace(spec, **common, memory_file=m.images.memory_path(image), incoming=True, tap=None)
-                delta = DeltaTarget(proc, spec, migration_address(), None)
+                spec = dataclasses.replace(spec, **common, memory_file=m.images.memory_path(image), incoming=True)
+                delta = DeltaTarget(proc, spec, migration_address(), netns)
                 host, port = await delta.prepare()
                 m._update(rec.name, pid=proc.pid, spec=machine_to_json(spec))
                 self.incoming[rec.name] = inc = Incoming(rec.name, mode, LocalTarget(proc), delta)
                 answer = IncomingAnswer(mode="delta", host=host, port=port)
             else:
-                live = live_target_spec(source, **common, memory_file=None, tap=None)
-                uri = await prepare_live_target(proc, live, migration_address(), None, postcopy=False)
+                live = live_target_spec(source, **common, memory_file=None)
+                uri = await prepare_live_target(proc, live, migration_address(), netns, postcopy=False)
                 m._update(rec.name, pid=proc.pid, spec=machine_to_json(live))
                 self.incoming[rec.name] = inc = Incoming(rec.name, mode, LocalTarget(proc))
                 answer = IncomingAnswer(mode="live", uri=uri)

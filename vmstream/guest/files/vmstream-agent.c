@@ -10,7 +10,7 @@
  * hooks are run in a child, after the answer.
  *
  *   ping | status | time | random | clock S.N
- *   identity B64       B64 = lines "time S.N", "hostname H", "mac M",
+ *   identity B64       B64 = lines "time S.N", "hostname H", "ip A.B.C.D/LEN", "mac M",
  *                      "param NAME B64VALUE", "userdata B64", and
  *                      "hooks deferred": the hooks wait for start-hooks
  *   start-hooks        run the deferred hooks now
@@ -24,6 +24,8 @@
 #include <fcntl.h>
 #include <net/if.h>
 #include <net/if_arp.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -136,6 +138,26 @@ static int set_mac(const char *text) {
     return rc;
 }
 
+/* eth0's address and netmask (a bridged clone's own, instead of its image's). */
+static int set_ip(const char *text) {
+    char addr[64];
+    int plen = 24;
+    if (sscanf(text, "%63[^/]/%d", addr, &plen) < 1 || plen < 0 || plen > 32) return -1;
+    struct ifreq ifr = {0};
+    strncpy(ifr.ifr_name, "eth0", IFNAMSIZ - 1);
+    struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+    sin->sin_family = AF_INET;
+    if (inet_pton(AF_INET, addr, &sin->sin_addr) != 1) return -1;
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    int rc = ioctl(s, SIOCSIFADDR, &ifr);
+    if (rc == 0) {
+        sin->sin_addr.s_addr = plen ? htonl(0xffffffffu << (32 - plen)) : 0;
+        rc = ioctl(s, SIOCSIFNETMASK, &ifr);
+    }
+    close(s);
+    return rc;
+}
+
 /* eth0's MAC through the same ioctl path that set it (no sysfs file walk). */
 static void ioctl_mac(char *mac, size_t n) {
     struct ifreq ifr = {0};
@@ -233,6 +255,8 @@ static void cmd_identity(const char *arg) {
             if (sethostname(val, strlen(val)) != 0) error = "sethostname failed";
         } else if (strcmp(line, "mac") == 0) {
             if (set_mac(val) != 0) error = "setting the MAC address failed";
+        } else if (strcmp(line, "ip") == 0) {
+            if (set_ip(val) != 0) error = "setting the IP address failed";
         } else if (strcmp(line, "hooks") == 0) {
             deferred = strcmp(val, "deferred") == 0;
         }

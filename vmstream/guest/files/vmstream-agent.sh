@@ -57,6 +57,7 @@ apply_identity() {
       time) set_clock "$val" ;;
       hostname) hostname "$val"; echo "$val" > /etc/hostname
                 echo "export VMSTREAM_HOSTNAME='$val'" >> "$STATE/params.env.tmp" ;;
+      ip) ip addr flush dev eth0 && ip addr add "$val" dev eth0 ;;
       mac) ip link set dev eth0 address "$val"
            echo "export VMSTREAM_MAC='$val'" >> "$STATE/params.env.tmp" ;;
       param) # the value stays base64 until the hook's shell decodes it: never re-parsed

@@ -1,0 +1,95 @@
+"""How this host's VMs reach the network: slirp (the default) or a bridge.
+
+Slirp gives each VM a host port on 127.0.0.1 and needs nothing set up, but a
+VM's address changes with its host. With a bridge, each VM gets a tap on it
+and a static address from this host's range; the address stays with the VM
+when it migrates to another host on the same L2 segment, and so do its TCP
+connections. Set by the agent's environment:
+
+    VMSTREAM_BRIDGE=br0                          the bridge (must exist)
+    VMSTREAM_NETNS=hosta                         the namespace it is in (default: this one)
+    VMSTREAM_VM_ADDRESSES=10.77.0.10-10.77.0.49/24   addresses this host hands out
+    VMSTREAM_VM_GATEWAY=10.77.0.1                optional
+
+Hosts on one segment need disjoint ranges: a VM keeps its address wherever it runs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+from dataclasses import dataclass
+
+from vmstream.errors import InvalidInput
+from vmstream.net.links import NETNS_DIR, Tap
+
+
+@dataclass(frozen=True)
+class BridgedNet:
+    bridge: str
+    netns: str | None
+    first: ipaddress.IPv4Address
+    last: ipaddress.IPv4Address
+    prefix_len: int
+    gateway: str | None
+
+    @property
+    def netmask(self) -> str:
+        return str(ipaddress.IPv4Network(f"0.0.0.0/{self.prefix_len}").netmask)
+
+    def addresses(self) -> list[str]:
+        return [str(ipaddress.IPv4Address(i)) for i in range(int(self.first), int(self.last) + 1)]
+
+    def tap(self, vm_id: str) -> Tap:
+        """The tap a VM's QEMU attaches to: named after its vm_id, so it is found again after a restart."""
+        return Tap(f"vs{vm_id[:12]}", self.netns or "", self.bridge)
+
+    def create_tap(self, vm_id: str) -> str:
+        tap = self.tap(vm_id)
+        self.remove_tap(vm_id)  # left by a crash: start clean
+        _run(["ip", "tuntap", "add", "dev", tap.name, "mode", "tap", "vnet_hdr"], self.netns)
+        _run(["ip", "link", "set", tap.name, "master", self.bridge, "up"], self.netns)
+        return tap.name
+
+    def remove_tap(self, vm_id: str) -> None:
+        _run(["ip", "link", "del", self.tap(vm_id).name], self.netns, check=False)
+
+
+def _run(args: list[str], netns: str | None, check: bool = True) -> None:
+    cmd = ["ip", "netns", "exec", netns, *args] if netns else args
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise InvalidInput(f"'{' '.join(cmd)}' failed: {proc.stderr.strip()}")
+
+
+def from_env() -> BridgedNet | None:
+    """The bridged network the environment asks for, checked; None for slirp."""
+    bridge = os.environ.get("VMSTREAM_BRIDGE")
+    if not bridge:
+        return None
+    netns = os.environ.get("VMSTREAM_NETNS") or None
+    if netns and not (NETNS_DIR / netns).exists():
+        raise InvalidInput(f"VMSTREAM_NETNS={netns}: no such network namespace (ip netns add {netns})")
+    where = f" in namespace {netns}" if netns else ""
+    probe = subprocess.run(["ip", *(["-n", netns] if netns else []), "link", "show", bridge, "type", "bridge"],
+                           capture_output=True, text=True, check=False)
+    if probe.returncode != 0 or bridge not in probe.stdout:
+        ns = f"-n {netns} " if netns else ""
+        raise InvalidInput(f"VMSTREAM_BRIDGE={bridge}: no such bridge{where}; make it with 'ip {ns}link add {bridge} type bridge'")
+    spec = os.environ.get("VMSTREAM_VM_ADDRESSES", "")
+    try:
+        span, _, plen = spec.partition("/")
+        lo, _, hi = span.partition("-")
+        first, last = ipaddress.IPv4Address(lo), ipaddress.IPv4Address(hi or lo)
+        prefix_len = int(plen)
+        net = ipaddress.IPv4Network(f"{first}/{prefix_len}", strict=False)
+        if last < first or last not in net:
+            raise ValueError("range")
+    except ValueError:
+        raise InvalidInput(
+            f"VMSTREAM_VM_ADDRESSES={spec!r} is not an address range: write it as FIRST-LAST/PREFIX, "
+            "e.g. 10.77.0.10-10.77.0.49/24 (the addresses this host gives its VMs)"
+        ) from None
+    gateway = os.environ.get("VMSTREAM_VM_GATEWAY") or None
+    return BridgedNet(bridge, netns, first, last, prefix_len, gateway)
