@@ -65,6 +65,12 @@ async def http_answer(port: int, timeout: float = 1.0) -> dict[str, Any]:
     return await get_status(port, timeout=timeout)
 
 
+# Clone starts measured one by one are this far apart (after the previous clone is gone), as
+# requests from users would be, not back to back: the agent refills its clone pool in between.
+# Both the pooled and the pool-off runs are spaced alike.
+CLONE_SPACING_S = 0.25
+
+
 class Bench:
     """One bench run: its agent client, its name tag, and what it must remove.
 
