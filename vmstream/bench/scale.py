@@ -149,7 +149,8 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
     md = (
         f"Time from request (clone) or process start (QEMU restore) to the first HTTP answer, median of "
         f"{len(res['sizes'][0]['idle']['clone']['runs'])} clone runs ({CLONE_SPACING_S} s apart; the first of each image "
-        f"is cold) and {len(res['sizes'][0]['idle']['qemu_restore']['runs'])} restores, {res['accelerator']}. 'Freshly booted': the guest right after "
+        f"is cold) and {len(res['sizes'][0]['idle']['qemu_restore']['runs'])} restores, {res['accelerator']}. "
+        "'Freshly booted': the guest right after "
         "boot (about 100 MiB of its RAM holds data, whatever its size). 'Filled': the guest first wrote 75% of its RAM "
         "(memcheck), as a VM that has used its memory would have.\n\n"
         + md_table(["guest RAM", "guest state", "clone", "QEMU restore", "speed-up", "target", "QEMU state file",
