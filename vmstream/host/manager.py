@@ -64,8 +64,6 @@ CLONE_TB_MIB = int(os.environ.get("VMSTREAM_CLONE_TB_MIB", "8"))
 # A clone's capture is stored as a delta over its root image unless the delta
 # is larger than this fraction of the root's stored memory; then it is flattened.
 FLATTEN_FRACTION = 0.5
-# Store garbage collection: how often the agent runs it (0: never; `vmstream host --gc` runs it
-# by hand). A pack is deleted two runs apart, at least GC_GRACE_S after it was condemned.
 # Per live image, this many clone QEMUs are kept started, their device state loaded and
 # paused, so a clone start skips QEMU's own start and the state load; 0 turns it off.
 POOL_SIZE = int(os.environ.get("VMSTREAM_CLONE_POOL", "1"))
@@ -74,6 +72,8 @@ POOL_WAIT_S = 2.0  # a start waits this long for a pooled QEMU being prepared (i
 POOL_PREFIX = ".pool-"  # pooled rows' names: never a valid VM name, so never listed or taken by a user
 # Clones started together run their clone.d hooks once all of them serve; 0 turns this off.
 DEFER_HOOKS = os.environ.get("VMSTREAM_BATCH_DEFER_HOOKS", "1") != "0"
+# Store garbage collection: how often the agent runs it (0: never; `vmstream host --gc` runs it
+# by hand). A pack is deleted two runs apart, at least GC_GRACE_S after it was condemned.
 GC_INTERVAL_S = float(os.environ.get("VMSTREAM_GC_INTERVAL_S", "3600"))
 
 
@@ -195,7 +195,7 @@ class HostManager:
         """The bridged NIC of a VM with this vm_id and address; None on a slirp host."""
         if self.net is None:
             return None
-        return TapNic(self.net.tap(vm_id).name, ip, self.net.netmask, self.net.gateway, self.net.netns)
+        return TapNic(self.net.tap_name(vm_id), ip, self.net.netmask, self.net.gateway, self.net.netns)
 
     async def _reserve(
         self, names: list[str], *, identity: dict[str, str] | None = None, state: str = "starting", **common: Any
@@ -602,8 +602,7 @@ class HostManager:
             return {"dropped": False}
         await self.drain_pool()  # pooled QEMUs map image memory: they would keep it cached
         await self.memfs.request("drop-cache")
-        in_use = {(self.images.get(r.parent_image).memory_root or r.parent_image)
-                  for r in self._records(pooled=True) if r.parent_image}
+        in_use = {(self.images.get(r.parent_image).memory_root or r.parent_image) for r in self._records() if r.parent_image}
         for name in self.images.names() - in_use:
             await self.memfs.request("invalidate", image=name)
         return {"dropped": True, "kept_page_cache_of": sorted(in_use)}
@@ -715,9 +714,9 @@ class HostManager:
                 pool_rec = s.get(VmRecord, pool_name)
                 if pool_rec is None:
                     continue
-                if not self._proc(pool_rec).alive():
-                    s.delete(pool_rec)
-                    s.commit()
+                if not self._proc(pool_rec).alive():  # it died while it waited: drop it (and its tap)
+                    s.close()
+                    self._delete_record(pool_name)
                     continue
                 clone = s.get(VmRecord, rec.name)
                 assert clone is not None
@@ -733,13 +732,15 @@ class HostManager:
 
     async def _pool_wait(self, image_name: str, want: int) -> None:
         """If the image's pool is being filled, wait a little for the QEMUs on their way."""
-        if image_name not in self._pool_fills or len(self._pool.get(image_name, [])) >= min(want, POOL_SIZE):
+
+        def settled() -> bool:
+            return image_name not in self._pool_fills or len(self._pool.get(image_name, [])) >= min(want, POOL_SIZE)
+
+        if settled():
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(POOL_WAIT_S), self._pool_added:
-                await self._pool_added.wait_for(
-                    lambda: image_name not in self._pool_fills or len(self._pool.get(image_name, [])) >= min(want, POOL_SIZE)
-                )
+                await self._pool_added.wait_for(settled)
 
     def fill_pool(self, image_name: str) -> None:
         """Start the image's pooled QEMUs in the background, up to POOL_SIZE; the pools of

@@ -22,7 +22,7 @@ import subprocess
 from dataclasses import dataclass
 
 from vmstream.errors import InvalidInput
-from vmstream.net.links import NETNS_DIR, Tap
+from vmstream.net.links import NETNS_DIR
 
 
 @dataclass(frozen=True)
@@ -41,19 +41,20 @@ class BridgedNet:
     def addresses(self) -> list[str]:
         return [str(ipaddress.IPv4Address(i)) for i in range(int(self.first), int(self.last) + 1)]
 
-    def tap(self, vm_id: str) -> Tap:
+    @staticmethod
+    def tap_name(vm_id: str) -> str:
         """The tap a VM's QEMU attaches to: named after its vm_id, so it is found again after a restart."""
-        return Tap(f"vs{vm_id[:12]}", self.netns or "", self.bridge)
+        return f"vs{vm_id[:12]}"
 
     def create_tap(self, vm_id: str) -> str:
-        tap = self.tap(vm_id)
+        name = self.tap_name(vm_id)
         self.remove_tap(vm_id)  # left by a crash: start clean
-        _run(["ip", "tuntap", "add", "dev", tap.name, "mode", "tap", "vnet_hdr"], self.netns)
-        _run(["ip", "link", "set", tap.name, "master", self.bridge, "up"], self.netns)
-        return tap.name
+        _run(["ip", "tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"], self.netns)
+        _run(["ip", "link", "set", name, "master", self.bridge, "up"], self.netns)
+        return name
 
     def remove_tap(self, vm_id: str) -> None:
-        _run(["ip", "link", "del", self.tap(vm_id).name], self.netns, check=False)
+        _run(["ip", "link", "del", self.tap_name(vm_id)], self.netns, check=False)
 
 
 def _run(args: list[str], netns: str | None, check: bool = True) -> None:
