@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,3 +67,25 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
         assert not left_ns and not left_links, f"network left behind: {left_ns} {left_links}"
         assert not left_qemu, f"QEMU processes left behind: {left_qemu}"
         assert not left_dirs, f"run dirs left behind: {left_dirs}"
+
+
+@pytest.fixture(autouse=True)
+def healthy_base(session: Session) -> None:
+    """Each test starts with a base VM whose memcheck runs. A guest that crashed in an
+    earlier test (and rebooted, losing memcheck) is replaced, so one failure does not
+    fail every test after it; the test that saw the crash has failed already."""
+
+    async def heal() -> None:
+        try:
+            answer = await session.base.ask("memcheck-verify", timeout=60)
+        except Exception as exc:  # a dead or hung guest is replaced the same way
+            answer = {"ok": False, "error": str(exc)}
+        if answer.get("ok"):
+            return
+        print(f"base VM unhealthy ({answer}); booting a new one")
+        await session.fleet.destroy(session.base)
+        session.base = await session.fleet.boot(f"base{secrets.token_hex(2)}", 0)
+        fill = await session.base.ask(f"memcheck-fill 32 {MEMCHECK_SEED}")
+        assert fill["ok"], fill
+
+    asyncio.run(heal())

@@ -43,12 +43,22 @@ async def source_running(vm: BedVm) -> str:
         return await status(vm.proc, qmp)
 
 
-def check_client(stats: Any, label: str) -> None:
+def console(vm: BedVm | None) -> str:
+    """The guest's last console lines: a guest that crashed after a move shows why here."""
+    if vm is None:
+        return ""
+    try:
+        return "\nguest console:\n" + "\n".join(vm.proc.serial_path.read_text(errors="replace").splitlines()[-30:])
+    except OSError as exc:
+        return f"\n(no guest console: {exc})"
+
+
+def check_client(stats: Any, label: str, vm: BedVm | None = None) -> None:
     print(f"{label}: client_gap_ms={stats.client_gap_ms} requests={stats.requests} "
           f"failed={stats.failed_requests} resets={stats.reset_connections}")
-    assert stats.failed_requests == 0, stats.streams
-    assert stats.reset_connections == 0, stats.streams
-    assert stats.client_gap_ms <= GAP_BOUND_MS, stats.streams
+    assert stats.failed_requests == 0, f"{stats.streams}{console(vm)}"
+    assert stats.reset_connections == 0, f"{stats.streams}{console(vm)}"
+    assert stats.client_gap_ms <= GAP_BOUND_MS, f"{stats.streams}{console(vm)}"
 
 
 def test_live_migration_keeps_client_connections(session: Session) -> None:
@@ -65,7 +75,7 @@ def test_live_migration_keeps_client_connections(session: Session) -> None:
         print(f"live: {result.to_dict()}")
         assert result.mode == "live" and result.downtime_ms > 0 and result.bytes_sent > 0
         assert progress and progress[-1].status == "completed" and progress[-1].rounds >= 1
-        check_client(stats, "live")
+        check_client(stats, "live", vm)
         assert stats.streams["keepalive"]["requests"] > 50 and stats.streams["new_connections"]["requests"] > 50
         await verify(vm)
 
@@ -85,7 +95,7 @@ def test_five_round_trips_keep_memory_and_connections(session: Session) -> None:
                 await asyncio.sleep(0.3)
         stats = client.stop()
         print("round trips: downtime_ms", [r.downtime_ms for r in results], "total_s", [r.total_s for r in results])
-        check_client(stats, "5 round trips")
+        check_client(stats, "5 round trips", vm)
         await verify(vm)
 
     asyncio.run(run())
@@ -112,7 +122,7 @@ def test_delta_migration_of_a_clone(session: Session) -> None:
             print(f"delta: {result.to_dict()}")
             assert result.mode == "delta" and result.private_bytes
             assert result.bytes_sent <= 2 * result.private_bytes, result
-            check_client(stats, "delta")
+            check_client(stats, "delta", clone)
             await clone.ask("memcheck-dirty-stop")
             await verify(clone)
             # and back, then a live move of the image-backed clone still works
