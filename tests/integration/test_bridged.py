@@ -8,9 +8,12 @@ to it, when it migrates to the other host.
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,12 +37,14 @@ def _host(bed: TestBed, host: str, home: Path, first: int, last: int, **env: str
     })
 
 
-def _get(sock: object, keep_alive: bool = True) -> str:
-    """One request on a connection from the client namespace; the answering guest's hostname."""
-    import json
-    import socket
+def _ip(vm: dict[str, Any]) -> str:
+    """A bridged VM's address, from its endpoint http://ADDRESS/."""
+    ip: str = vm["endpoint"].removeprefix("http://").rstrip("/")
+    return ip
 
-    assert isinstance(sock, socket.socket)
+
+def _get(sock: socket.socket, keep_alive: bool = True) -> str:
+    """One request on a connection from the client namespace; the answering guest's hostname."""
     conn = "keep-alive" if keep_alive else "close"
     sock.sendall(f"GET /status.json HTTP/1.1\r\nHost: vm\r\nConnection: {conn}\r\n\r\n".encode())
     data = b""
@@ -73,13 +78,11 @@ def test_bridged_vms_keep_their_address_and_connection_when_they_move(bed: TestB
         assert len(ips) == 3, f"each clone has its own address: {ips}"
         # every VM answers at its own address, from the client namespace
         for v in (src, c1, c2):
-            ip = v["endpoint"].removeprefix("http://").rstrip("/")
-            with bed.connect(ip, 80) as sock:
+            with bed.connect(_ip(v), 80) as sock:
                 assert _get(sock, keep_alive=False) == v["name"]
 
         # a connection kept alive across the move: same address, same TCP connection
-        ip = c1["endpoint"].removeprefix("http://").rstrip("/")
-        sock = bed.connect(ip, 80, timeout=10)
+        sock = bed.connect(_ip(c1), 80, timeout=10)
         with sock:
             assert _get(sock) == c1["name"]
             b.json("list")
@@ -93,7 +96,7 @@ def test_bridged_vms_keep_their_address_and_connection_when_they_move(bed: TestB
         verify = b.ask(c1["name"], "memcheck-verify")
         assert verify["ok"] and verify["result"]["bad_pages"] == 0, verify
         # its sibling and the source stay on A, at their addresses
-        with bed.connect(c2["endpoint"].removeprefix("http://").rstrip("/"), 80) as s2:
+        with bed.connect(_ip(c2), 80) as s2:
             assert _get(s2, keep_alive=False) == c2["name"]
         assert len(_taps(bed.hosts["a"].netns)) == 2 and len(_taps(bed.hosts["b"].netns)) == 1
     finally:

@@ -191,6 +191,11 @@ class HostManager:
         proc.start(spec)
         self._update(rec.name, pid=proc.pid)
 
+    @property
+    def vm_netns(self) -> str | None:
+        """The network namespace this host's VMs (and their migration streams) live in."""
+        return self.net.netns if self.net else None
+
     def tap_for(self, vm_id: str, ip: str) -> TapNic | None:
         """The bridged NIC of a VM with this vm_id and address; None on a slirp host."""
         if self.net is None:
@@ -280,7 +285,7 @@ class HostManager:
         while True:
             with contextlib.suppress(OSError, TimeoutError, ValueError):
                 if rec.ip:  # bridged: the guest's own address, reached from the VMs' namespace
-                    body = await get_status(80, rec.ip, netns=self.net.netns if self.net else None)
+                    body = await get_status(80, rec.ip, netns=self.vm_netns)
                 else:
                     body = await get_status(rec.http_port)
                 if "counter" in body:
@@ -687,7 +692,8 @@ class HostManager:
                 answer = await identity_task
                 mark("identity_applied")
                 if isinstance(answer.get("us"), dict):  # the guest's own time, waking up and applying it
-                    phases["identity_in_guest"] = round(sum(answer["us"].values()) / 1e6, 4)
+                    # ("woke" is -1 when the agent was not waiting for the host: not counted)
+                    phases["identity_in_guest"] = round(sum(max(0, v) for v in answer["us"].values()) / 1e6, 4)
                 if not answer.get("ok") or answer.get("hostname") != rec.hostname:
                     raise QemuError(f"clone {rec.name}: the guest agent did not apply the new identity: {answer}")
                 self._update(rec.name, identity_applied_s=phases["identity_applied"])

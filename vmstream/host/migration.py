@@ -292,7 +292,7 @@ class Migrations:
             else:
                 assert answer.host is not None and answer.port is not None
                 job.result = await migrate_delta(
-                    proc, rec.memory_bytes, (answer.host, answer.port), netns=self.m.net.netns if self.m.net else None,
+                    proc, rec.memory_bytes, (answer.host, answer.port), netns=self.m.vm_netns,
                     progress=report,
                     cancel=job.cancel, on_failure=target.remove,
                 )
@@ -352,7 +352,7 @@ class Migrations:
         )
         m._update(rec.name, migrated_from=req.from_host)
         proc = m._proc(rec)
-        netns = m.net.netns if m.net else None
+        netns = m.vm_netns
         try:
             tap = m.tap_for(rec.vm_id, rec.ip) if rec.ip else None  # its own address, on this host's bridge
             if tap is not None and m.net is not None:

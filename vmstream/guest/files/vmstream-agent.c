@@ -125,17 +125,23 @@ static int set_clock(const char *text) {
     return clock_settime(CLOCK_REALTIME, &ts);
 }
 
+/* One interface ioctl on eth0 (ifr's name is filled in here). */
+static int eth0_ioctl(unsigned long request, struct ifreq *ifr) {
+    strncpy(ifr->ifr_name, "eth0", IFNAMSIZ - 1);
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    if (s < 0) return -1;
+    int rc = ioctl(s, request, ifr);
+    close(s);
+    return rc;
+}
+
 static int set_mac(const char *text) {
     unsigned v[6];
     if (sscanf(text, "%x:%x:%x:%x:%x:%x", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5]) != 6) return -1;
     struct ifreq ifr = {0};
-    strncpy(ifr.ifr_name, "eth0", IFNAMSIZ - 1);
     ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
     for (int i = 0; i < 6; i++) ifr.ifr_hwaddr.sa_data[i] = (char)v[i];
-    int s = socket(AF_INET, SOCK_DGRAM, 0);
-    int rc = ioctl(s, SIOCSIFHWADDR, &ifr);
-    close(s);
-    return rc;
+    return eth0_ioctl(SIOCSIFHWADDR, &ifr);
 }
 
 /* eth0's address and netmask (a bridged clone's own, instead of its image's). */
@@ -144,31 +150,22 @@ static int set_ip(const char *text) {
     int plen = 24;
     if (sscanf(text, "%63[^/]/%d", addr, &plen) < 1 || plen < 0 || plen > 32) return -1;
     struct ifreq ifr = {0};
-    strncpy(ifr.ifr_name, "eth0", IFNAMSIZ - 1);
     struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
     sin->sin_family = AF_INET;
     if (inet_pton(AF_INET, addr, &sin->sin_addr) != 1) return -1;
-    int s = socket(AF_INET, SOCK_DGRAM, 0);
-    int rc = ioctl(s, SIOCSIFADDR, &ifr);
-    if (rc == 0) {
-        sin->sin_addr.s_addr = plen ? htonl(0xffffffffu << (32 - plen)) : 0;
-        rc = ioctl(s, SIOCSIFNETMASK, &ifr);
-    }
-    close(s);
-    return rc;
+    if (eth0_ioctl(SIOCSIFADDR, &ifr) != 0) return -1;
+    sin->sin_addr.s_addr = plen ? htonl(0xffffffffu << (32 - plen)) : 0;
+    return eth0_ioctl(SIOCSIFNETMASK, &ifr);
 }
 
 /* eth0's MAC through the same ioctl path that set it (no sysfs file walk). */
 static void ioctl_mac(char *mac, size_t n) {
     struct ifreq ifr = {0};
-    strncpy(ifr.ifr_name, "eth0", IFNAMSIZ - 1);
-    int s = socket(AF_INET, SOCK_DGRAM, 0);
     mac[0] = '\0';
-    if (s >= 0 && ioctl(s, SIOCGIFHWADDR, &ifr) == 0) {
+    if (eth0_ioctl(SIOCGIFHWADDR, &ifr) == 0) {
         const unsigned char *m = (const unsigned char *)ifr.ifr_hwaddr.sa_data;
         snprintf(mac, n, "%02x:%02x:%02x:%02x:%02x:%02x", m[0], m[1], m[2], m[3], m[4], m[5]);
     }
-    if (s >= 0) close(s);
 }
 
 static void run_detached(char *const argv[]) {
