@@ -51,6 +51,8 @@ from vmstream.store.spec import open_backend
 
 BOOT_TIMEOUT_S = 240.0
 CLONE_TIMEOUT_S = 90.0
+HTTP_HEDGE_S = 0.25  # a status probe unanswered this long gets a second one beside it
+HTTP_PROBES = 4  # status probes in flight at most
 HOOKS_TIMEOUT_S = 300.0
 WORKING_SET_RECORD_S = 2.0  # how long after a clone answers its chunk touches are recorded
 WORKING_SET = "workingset.json"
@@ -279,22 +281,40 @@ class HostManager:
                 exited += 1
         return {"adopted": adopted, "exited": exited, "removed_half_started": removed}
 
+    async def _probe_http(self, rec: VmRecord) -> dict[str, Any] | None:
+        """One GET of the guest's status page: the answer, or None."""
+        with contextlib.suppress(OSError, TimeoutError, ValueError):
+            if rec.ip:  # bridged: the guest's own address, reached from the VMs' namespace
+                return await get_status(80, rec.ip, netns=self.vm_netns)
+            return await get_status(rec.http_port)
+        return None
+
     async def _wait_http(self, rec: VmRecord, proc: QemuProcess, timeout: float) -> dict[str, Any]:
-        """Poll the guest's status page until it answers; fail fast if QEMU dies."""
+        """Poll the guest's status page until it answers; fail fast if QEMU dies.
+
+        A probe that fails is retried at once. One that hangs is not waited out: a
+        clone that changes its MAC drops slirp's SYN-ACK sent to the old one, and
+        slirp resends only after ~2 s, so after HTTP_HEDGE_S another probe starts
+        beside it (up to HTTP_PROBES at a time) and the first answer wins."""
         deadline = time.monotonic() + timeout
-        while True:
-            with contextlib.suppress(OSError, TimeoutError, ValueError):
-                if rec.ip:  # bridged: the guest's own address, reached from the VMs' namespace
-                    body = await get_status(80, rec.ip, netns=self.vm_netns)
-                else:
-                    body = await get_status(rec.http_port)
-                if "counter" in body:
-                    return body
-            if not proc.alive():
-                raise QemuError(f"VM {rec.name}'s QEMU exited before the guest answered HTTP: {proc.log_tail() or 'no output'}")
-            if time.monotonic() > deadline:
-                raise QemuError(f"VM {rec.name} did not answer HTTP within {timeout:.0f}s; serial log: {proc.serial_path}")
-            await asyncio.sleep(0.005)
+        probes: set[asyncio.Task[dict[str, Any] | None]] = set()
+        try:
+            while True:
+                if len(probes) < HTTP_PROBES:
+                    probes.add(asyncio.create_task(self._probe_http(rec)))
+                done, probes = await asyncio.wait(probes, timeout=HTTP_HEDGE_S, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if (body := task.result()) is not None and "counter" in body:
+                        return body
+                if not proc.alive():
+                    raise QemuError(f"VM {rec.name}'s QEMU exited before the guest answered HTTP: {proc.log_tail() or 'no output'}")
+                if time.monotonic() > deadline:
+                    raise QemuError(f"VM {rec.name} did not answer HTTP within {timeout:.0f}s; serial log: {proc.serial_path}")
+                if done:
+                    await asyncio.sleep(0.005)
+        finally:
+            for task in probes:
+                task.cancel()
 
     @contextlib.asynccontextmanager
     async def _starting(self, rec: VmRecord) -> AsyncIterator[QemuProcess]:
@@ -694,6 +714,8 @@ class HostManager:
                 if isinstance(answer.get("us"), dict):  # the guest's own time, waking up and applying it
                     # ("woke" is -1 when the agent was not waiting for the host: not counted)
                     phases["identity_in_guest"] = round(sum(max(0, v) for v in answer["us"].values()) / 1e6, 4)
+                    phases.update({f"guest_{k}": round(v / 1e6, 4) for k, v in answer["us"].items() if v >= 0})
+                    phases.update({f"guest_{k}": round(v / 1e6, 4) for k, v in answer.get("steps_us", {}).items()})
                 if not answer.get("ok") or answer.get("hostname") != rec.hostname:
                     raise QemuError(f"clone {rec.name}: the guest agent did not apply the new identity: {answer}")
                 self._update(rec.name, identity_applied_s=phases["identity_applied"])

@@ -239,6 +239,7 @@ static void cmd_identity(const char *arg) {
     payload[n] = '\0';
     int count = 0, deferred = 0;
     const char *error = NULL;
+    long long us_clock = 0, us_mac = 0, t_step;
     for (char *line = strtok((char *)payload, "\n"); line && count < (int)(sizeof keys / sizeof *keys);
          line = strtok(NULL, "\n")) {
         char *val = strchr(line, ' ');
@@ -246,12 +247,15 @@ static void cmd_identity(const char *arg) {
         *val++ = '\0';
         keys[count] = line;
         vals[count++] = val;
+        t_step = mono_us();
         if (strcmp(line, "time") == 0) {
             if (set_clock(val) != 0) error = "clock_settime failed";
+            us_clock = mono_us() - t_step;
         } else if (strcmp(line, "hostname") == 0) {
             if (sethostname(val, strlen(val)) != 0) error = "sethostname failed";
         } else if (strcmp(line, "mac") == 0) {
             if (set_mac(val) != 0) error = "setting the MAC address failed";
+            us_mac = mono_us() - t_step;
         } else if (strcmp(line, "ip") == 0) {
             if (set_ip(val) != 0) error = "setting the IP address failed";
         } else if (strcmp(line, "hooks") == 0) {
@@ -265,8 +269,9 @@ static void cmd_identity(const char *arg) {
     if (error)
         reply("{\"ok\":false,\"error\":\"%s\"}", error);
     else
-        reply("{\"ok\":true,\"hostname\":\"%s\",\"mac\":\"%s\",\"time\":%.6f,\"us\":{\"woke\":%lld,\"applied\":%lld}}",
-              u.nodename, mac, now_realtime(), woke_us ? t_start - woke_us : -1, mono_us() - t_start);
+        reply("{\"ok\":true,\"hostname\":\"%s\",\"mac\":\"%s\",\"time\":%.6f,\"us\":{\"woke\":%lld,\"applied\":%lld},"
+              "\"steps_us\":{\"clock\":%lld,\"mac\":%lld}}",
+              u.nodename, mac, now_realtime(), woke_us ? t_start - woke_us : -1, mono_us() - t_start, us_clock, us_mac);
     write_hook_inputs(keys, vals, count, deferred);
     if (!deferred) start_hooks();
 }
