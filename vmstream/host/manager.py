@@ -51,8 +51,7 @@ from vmstream.store.spec import open_backend
 
 BOOT_TIMEOUT_S = 240.0
 CLONE_TIMEOUT_S = 90.0
-HTTP_HEDGE_S = 0.25  # a status probe unanswered this long gets a second one beside it
-HTTP_PROBES = 4  # status probes in flight at most
+HTTP_HEDGE_S = 0.2  # a single clone's status probe unanswered this long after its identity gets a second one
 HOOKS_TIMEOUT_S = 300.0
 WORKING_SET_RECORD_S = 2.0  # how long after a clone answers its chunk touches are recorded
 WORKING_SET = "workingset.json"
@@ -97,6 +96,7 @@ class _Batch:
 
     def __init__(self, size: int) -> None:
         self.defer_hooks = size > 1 and DEFER_HOOKS
+        self.hedge_http = size == 1  # in a burst a second status probe costs the siblings more than it saves
         self.done = asyncio.Event()
 
     def finish(self) -> None:
@@ -281,40 +281,41 @@ class HostManager:
                 exited += 1
         return {"adopted": adopted, "exited": exited, "removed_half_started": removed}
 
-    async def _probe_http(self, rec: VmRecord) -> dict[str, Any] | None:
-        """One GET of the guest's status page: the answer, or None."""
-        with contextlib.suppress(OSError, TimeoutError, ValueError):
-            if rec.ip:  # bridged: the guest's own address, reached from the VMs' namespace
-                return await get_status(80, rec.ip, netns=self.vm_netns)
-            return await get_status(rec.http_port)
-        return None
-
     async def _wait_http(self, rec: VmRecord, proc: QemuProcess, timeout: float) -> dict[str, Any]:
-        """Poll the guest's status page until it answers; fail fast if QEMU dies.
-
-        A probe that fails is retried at once. One that hangs is not waited out: a
-        clone that changes its MAC drops slirp's SYN-ACK sent to the old one, and
-        slirp resends only after ~2 s, so after HTTP_HEDGE_S another probe starts
-        beside it (up to HTTP_PROBES at a time) and the first answer wins."""
+        """Poll the guest's status page until it answers; fail fast if QEMU dies."""
         deadline = time.monotonic() + timeout
-        probes: set[asyncio.Task[dict[str, Any] | None]] = set()
+        while True:
+            with contextlib.suppress(OSError, TimeoutError, ValueError):
+                if rec.ip:  # bridged: the guest's own address, reached from the VMs' namespace
+                    body = await get_status(80, rec.ip, netns=self.vm_netns)
+                else:
+                    body = await get_status(rec.http_port)
+                if "counter" in body:
+                    return body
+            if not proc.alive():
+                raise QemuError(f"VM {rec.name}'s QEMU exited before the guest answered HTTP: {proc.log_tail() or 'no output'}")
+            if time.monotonic() > deadline:
+                raise QemuError(f"VM {rec.name} did not answer HTTP within {timeout:.0f}s; serial log: {proc.serial_path}")
+            await asyncio.sleep(0.005)
+
+    async def _clone_answer(self, rec: VmRecord, proc: QemuProcess, http: asyncio.Task[dict[str, Any]],
+                            hedge: bool) -> dict[str, Any]:
+        """The clone's first HTTP answer, once its identity is applied.
+
+        The probe started while the guest was still resuming. If its SYN-ACK went out
+        to the image's MAC just before the guest took its new one, slirp resends only
+        after ~2 s; so a probe still unanswered HTTP_HEDGE_S after the identity gets
+        one more beside it (new MAC, known to slirp from the guest's gratuitous ARP),
+        and the first answer wins. Not in a burst, where probes cost the guests."""
+        done, _ = await asyncio.wait({http}, timeout=HTTP_HEDGE_S if hedge else None)
+        if done:
+            return http.result()
+        second = asyncio.create_task(self._wait_http(rec, proc, CLONE_TIMEOUT_S))
         try:
-            while True:
-                if len(probes) < HTTP_PROBES:
-                    probes.add(asyncio.create_task(self._probe_http(rec)))
-                done, probes = await asyncio.wait(probes, timeout=HTTP_HEDGE_S, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    if (body := task.result()) is not None and "counter" in body:
-                        return body
-                if not proc.alive():
-                    raise QemuError(f"VM {rec.name}'s QEMU exited before the guest answered HTTP: {proc.log_tail() or 'no output'}")
-                if time.monotonic() > deadline:
-                    raise QemuError(f"VM {rec.name} did not answer HTTP within {timeout:.0f}s; serial log: {proc.serial_path}")
-                if done:
-                    await asyncio.sleep(0.005)
+            done, _ = await asyncio.wait({http, second}, return_when=asyncio.FIRST_COMPLETED)
+            return next(iter(done)).result()
         finally:
-            for task in probes:
-                task.cancel()
+            second.cancel()
 
     @contextlib.asynccontextmanager
     async def _starting(self, rec: VmRecord) -> AsyncIterator[QemuProcess]:
@@ -719,7 +720,7 @@ class HostManager:
                 if not answer.get("ok") or answer.get("hostname") != rec.hostname:
                     raise QemuError(f"clone {rec.name}: the guest agent did not apply the new identity: {answer}")
                 self._update(rec.name, identity_applied_s=phases["identity_applied"])
-                await http_task
+                await self._clone_answer(rec, proc, http_task, batch.hedge_http)
             except (QMPError, OSError, EOFError) as exc:
                 raise QemuError(f"clone {rec.name} failed while loading its device state: {proc.log_tail() or exc}") from exc
             finally:
