@@ -100,7 +100,7 @@ class MachineSpec:
             ["console=ttyS0", "quiet", "panic=-1", f"vmstream.hostname={self.hostname}",
              # Under TCG the guest's code never runs speculatively on the host CPU as
              # written (QEMU translates it), so retpolines, RSB filling and barriers
-             # protect nothing and only cost: a clone's start is ~25% shorter without.
+             # protect nothing and only cost: a clone's start is ~18% shorter without.
              # A KVM guest keeps its mitigations.
              *([] if self.accel == "kvm" else ["mitigations=off"]),
              *(["vmstream.root=/dev/vda", f"systemd.hostname={self.hostname}"] if self.disk else []), *self.extra_append,
