@@ -126,7 +126,7 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
                + f"; the client saw {res['clone_s']:.3f} s. {res.get('clone_pooled_runs', 0)} of the "
                f"{len(res['clone']['runs'])} clones took a QEMU from the agent's clone pool (started ahead, "
                f"state loaded, paused; the first clone of an image fills it). Clones were started one at a time, "
-               f"{res.get('clone_spacing_s', 0):.0f} s apart (the pool refills in between), with and without the pool.\n")
+               f"{res.get('clone_spacing_s', 0):g} s apart (the pool refills in between), with and without the pool.\n")
     if res.get("clone_no_pool_phases_s"):
         md += ("Without the pool: " + ", ".join(f"{k} {v:.3f}" for k, v in res["clone_no_pool_phases_s"].items()) + ".\n")
     plt = pyplot()
