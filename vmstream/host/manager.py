@@ -714,9 +714,9 @@ class HostManager:
                 mark("identity_applied")
                 if isinstance(answer.get("us"), dict):  # the guest's own time, waking up and applying it
                     # ("woke" is -1 when the agent was not waiting for the host: not counted)
-                    phases["identity_in_guest"] = round(sum(max(0, v) for v in answer["us"].values()) / 1e6, 4)
-                    phases.update({f"guest_{k}": round(v / 1e6, 4) for k, v in answer["us"].items() if v >= 0})
-                    phases.update({f"guest_{k}": round(v / 1e6, 4) for k, v in answer.get("steps_us", {}).items()})
+                    us = {k: v for k, v in answer["us"].items() if v >= 0}
+                    phases["identity_in_guest"] = round(sum(us.values()) / 1e6, 4)
+                    phases.update({f"guest_{k}": round(v / 1e6, 4) for k, v in {**us, **answer.get("steps_us", {})}.items()})
                 if not answer.get("ok") or answer.get("hostname") != rec.hostname:
                     raise QemuError(f"clone {rec.name}: the guest agent did not apply the new identity: {answer}")
                 self._update(rec.name, identity_applied_s=phases["identity_applied"])
