@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -109,3 +110,23 @@ def test_identity_command_lines() -> None:
     assert plain[3] == "param A " + base64.b64encode(b"x y").decode()
     assert "hooks deferred" not in plain
     assert lines(CloneIdentity("h1", "52:54:00:00:00:01", defer_hooks=True))[-1] == "hooks deferred"
+
+
+def test_guest_announce_off_and_kept_for_older_machines(tmp_path: Path) -> None:
+    """New VMs' NICs do not ask the guest to announce; a machine or image described
+    before that (no field) keeps it on, or its device state would not load."""
+    from vmstream.host.machines import machine_from_json, machine_to_json
+    from vmstream.image.manifest import GuestConfig
+    from vmstream.qemu import MachineSpec
+
+    spec = MachineSpec(vm_id="v", hostname="h", memory_bytes=256 << 20, cpus=1, kernel=tmp_path / "k",
+                       initrd=tmp_path / "i", accel="tcg", http_port=1, mac="52:54:00:00:00:01", vmgenid="x")
+    nic = next(a for a in spec.command(tmp_path) if a.startswith("virtio-net-pci"))
+    assert "guest_announce=off" in nic
+    assert machine_from_json(machine_to_json(spec)).guest_announce is False
+    old = json.loads(machine_to_json(spec))
+    del old["guest_announce"]
+    assert machine_from_json(json.dumps(old)).guest_announce is True
+    old_image = GuestConfig(memory_bytes=1, cpus=1, kernel="k", initrd="i", accel="tcg", hostname="h",
+                            mac="m", vmgenid="g", qemu_version="7.2")
+    assert old_image.guest_announce is True

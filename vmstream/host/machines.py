@@ -41,6 +41,7 @@ def machine_from_dict(data: dict[str, Any]) -> MachineSpec:
         if values.get("tap") is not None:
             values["tap"] = TapNic(**values["tap"])
         values["extra_append"] = tuple(values.get("extra_append", ()))
+        values.setdefault("guest_announce", True)  # described before vmstream turned it off
         if kind == "incoming":
             return IncomingSpec(**values)
         values.pop("send_configuration", None)

@@ -365,7 +365,16 @@ class HostManager:
             mac=rec.mac, vmgenid=rec.vmgenid, memory_file=self.images.memory_path(image) if image else None,
             tap=self.tap_for(rec.vm_id, rec.ip) if rec.ip else None,
             incoming=image is not None, tb_mib=CLONE_TB_MIB if image else MachineSpec.tb_mib,
+            guest_announce=image.guest.guest_announce if image else MachineSpec.guest_announce,
         )
+
+    def _guest_announce(self, rec: VmRecord) -> bool:
+        """Whether the VM's NIC has guest announce (an image's clones must have the same)."""
+        if rec.spec:
+            return machine_from_json(rec.spec).guest_announce
+        if rec.parent_image and self.images.exists(rec.parent_image):
+            return self.images.get(rec.parent_image).guest.guest_announce
+        return MachineSpec.guest_announce
 
     async def _disk_base(self, disk: str) -> Path:
         """The image a disk guest boots from: a path, or 'debian' (built on first use)."""
@@ -457,7 +466,7 @@ class HostManager:
                     guest=GuestConfig(
                         memory_bytes=rec.memory_bytes, cpus=rec.cpus, kernel=rec.kernel, initrd=rec.initrd,
                         accel=rec.accel, hostname=rec.hostname, mac=rec.mac, vmgenid=rec.vmgenid,
-                        qemu_version=qemu_version(), disk=bool(rec.disk),
+                        qemu_version=qemu_version(), disk=bool(rec.disk), guest_announce=self._guest_announce(rec),
                     ),
                     pause_ms=result.pause_ms, devstate_bytes=result.devstate_bytes,
                     memory_bytes_stored=result.memory_bytes_stored, source_private_bytes=result.private_bytes,

@@ -27,6 +27,7 @@ class GuestConfig(BaseModel):
     vmgenid: str
     qemu_version: str
     disk: bool = False  # a disk guest: the image has a disk layer (disk.qcow2) clones run on
+    guest_announce: bool = True  # the NIC's (MachineSpec.guest_announce); images made before it was off have it on
 
 
 class LiveImage(BaseModel):
