@@ -64,10 +64,23 @@ static long long mono_us(void) {
     return ts.tv_sec * 1000000LL + ts.tv_nsec / 1000;
 }
 
-static double now_realtime(void) {
+/* Times are printed and parsed with integer code only: under TCG, libc's
+ * floating-point printf and strtod (multi-precision arithmetic) are hundreds of
+ * translation blocks on a clone's start-up path. */
+static const char *seconds_text(const struct timespec *ts, int decimals) {
+    static char buf[4][48];
+    static int next;
+    char *b = buf[next++ % 4];
+    long frac = ts->tv_nsec;
+    for (int i = decimals; i < 9; i++) frac /= 10;
+    snprintf(b, sizeof buf[0], "%lld.%0*ld", (long long)ts->tv_sec, decimals, frac);
+    return b;
+}
+
+static const char *now_realtime(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
+    return seconds_text(&ts, 6);
 }
 
 static void read_mac(char *mac, size_t n) {
@@ -89,6 +102,13 @@ static const char *slurp(const char *path) {
     buf[n] = '\0';
     buf[strcspn(buf, "\n")] = '\0';
     return buf;
+}
+
+static int b16val(int c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
 }
 
 static int b64val(int c) {
@@ -119,9 +139,16 @@ static long b64decode(const char *src, unsigned char *dst, size_t cap) {
     return (long)n;
 }
 
+/* "SECONDS[.FRACTION]" since the epoch. */
 static int set_clock(const char *text) {
-    double t = strtod(text, NULL);
-    struct timespec ts = {.tv_sec = (time_t)t, .tv_nsec = (long)((t - (double)(time_t)t) * 1e9)};
+    char *end;
+    struct timespec ts = {.tv_sec = (time_t)strtoll(text, &end, 10), .tv_nsec = 0};
+    if (end == text || ts.tv_sec <= 0) return -1;
+    if (*end == '.') {
+        long scale = 100000000;
+        for (const char *p = end + 1; *p >= '0' && *p <= '9' && scale > 0; p++, scale /= 10)
+            ts.tv_nsec += (*p - '0') * scale;
+    }
     return clock_settime(CLOCK_REALTIME, &ts);
 }
 
@@ -136,11 +163,13 @@ static int eth0_ioctl(unsigned long request, struct ifreq *ifr) {
 }
 
 static int set_mac(const char *text) {
-    unsigned v[6];
-    if (sscanf(text, "%x:%x:%x:%x:%x:%x", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5]) != 6) return -1;
     struct ifreq ifr = {0};
     ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
-    for (int i = 0; i < 6; i++) ifr.ifr_hwaddr.sa_data[i] = (char)v[i];
+    for (int i = 0; i < 6; i++) { /* "xx:xx:xx:xx:xx:xx" */
+        int hi = b16val(text[3 * i]), lo = b16val(text[3 * i + 1]);
+        if (hi < 0 || lo < 0 || text[3 * i + 2] != (i < 5 ? ':' : '\0')) return -1;
+        ifr.ifr_hwaddr.sa_data[i] = (char)(hi << 4 | lo);
+    }
     return eth0_ioctl(SIOCSIFHWADDR, &ifr);
 }
 
@@ -269,7 +298,7 @@ static void cmd_identity(const char *arg) {
     if (error)
         reply("{\"ok\":false,\"error\":\"%s\"}", error);
     else
-        reply("{\"ok\":true,\"hostname\":\"%s\",\"mac\":\"%s\",\"time\":%.6f,\"us\":{\"woke\":%lld,\"applied\":%lld},"
+        reply("{\"ok\":true,\"hostname\":\"%s\",\"mac\":\"%s\",\"time\":%s,\"us\":{\"woke\":%lld,\"applied\":%lld},"
               "\"steps_us\":{\"clock\":%lld,\"mac\":%lld}}",
               u.nodename, mac, now_realtime(), woke_us ? t_start - woke_us : -1, mono_us() - t_start, us_clock, us_mac);
     write_hook_inputs(keys, vals, count, deferred);
@@ -370,11 +399,11 @@ static void handle(char *line) {
         read_mac(mac, sizeof mac);
         struct timespec up;
         clock_gettime(CLOCK_BOOTTIME, &up);
-        reply("{\"ok\":true,\"hostname\":\"%s\",\"mac\":\"%s\",\"time\":%.6f,\"uptime\":%.2f}", u.nodename, mac,
-              now_realtime(), up.tv_sec + up.tv_nsec / 1e9);
+        reply("{\"ok\":true,\"hostname\":\"%s\",\"mac\":\"%s\",\"time\":%s,\"uptime\":%s}", u.nodename, mac,
+              now_realtime(), seconds_text(&up, 2));
     } else if (strcmp(line, "clock") == 0) {
         if (set_clock(arg ? arg : "") == 0)
-            reply("{\"ok\":true,\"time\":%.6f}", now_realtime());
+            reply("{\"ok\":true,\"time\":%s}", now_realtime());
         else
             reply("{\"ok\":false,\"error\":\"clock_settime failed\"}");
     } else if (strcmp(line, "random") == 0) {
@@ -455,6 +484,8 @@ int main(void) {
         fcntl(fd, F_SETOWN, getpid());
         fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_ASYNC);
         out = fdopen(dup(fd), "w");
+        static char outbuf[MAX_LINE];
+        if (out) setvbuf(out, outbuf, _IOFBF, sizeof outbuf); /* no malloc or tty check at the first answer */
         size_t len = 0;
         for (;;) {
             ssize_t got = read(fd, line + len, sizeof line - 1 - len);
