@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vmstream.bench import targets
@@ -93,3 +95,28 @@ def test_targets_missing_benches_and_sizes() -> None:
     rows = targets.check({"scale": {"sizes": [{"mib": 256, "idle": {"speedup_vs_qemu_restore": 1.0}}]}}, total_s=None)
     assert all(r["value"] is None and r["met"] is None for r in rows)
     assert "**missed**" not in targets.markdown(rows)
+
+
+def test_a_guest_lost_after_a_move_misses_the_migration_target() -> None:
+    from vmstream.bench import migrate
+
+    ok = {"downtime_ms": 5.0, "client_gap_ms": 90.0, "total_s": 1.0, "bytes_sent": 1 << 20, "private_bytes": 1 << 20,
+          "failed_requests": 0, "reset_connections": 0, "memcheck_bad_pages": 0, "guest_error": None, "serial_tail": None}
+    lost = {**ok, "memcheck_bad_pages": None, "guest_error": "did not answer", "serial_tail": "Kernel panic - not syncing"}
+    rows = {r["what"]: r for r in targets.check({"migrate": {"max_client_gap_ms": 90.0, "guests_lost": 1}}, total_s=None)}
+    row = rows["migrate: failed requests + reset connections + guests lost"]
+    assert row["met"] is False
+    md, _ = migrate.render({"modes": {"live": {"idle": ok, "write20": lost}}, "memory_mib": 256, "accelerator": "tcg"})
+    assert "guest lost" in md and "Kernel panic - not syncing" in md
+
+
+def test_a_failed_bench_is_named_in_the_doc(tmp_path: Path) -> None:
+    from vmstream.bench import suite
+
+    summary = {"command": "vmstream bench all", "source": "abc", "started_at": "now", "total_s": 60.0,
+               "durations_s": {"clone": 1.0}, "targets": [], "results": {}, "errors": {"clone": "QemuError: it broke"},
+               "host": {"cpus": 2, "mem_total_bytes": 1 << 30, "kernel": "k", "qemu": "7.2", "accelerator": "tcg",
+                        "accelerator_reason": "r"}}
+    doc = tmp_path / "docs" / "benchmarks.md"
+    suite.write_doc(doc, tmp_path / "out", summary)
+    assert "**This bench failed in this run:** QemuError: it broke" in doc.read_text()

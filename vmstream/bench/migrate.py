@@ -27,7 +27,8 @@ def run(bench: Bench, memory_mib: int = 256) -> dict[str, Any]:
     for mode, loads in modes.items():
         for load, r in loads.items():
             say(f"{mode}/{load}: downtime {r['downtime_ms']:.0f} ms, client gap {r['client_gap_ms']:.0f} ms, "
-                f"failed {r['failed_requests']}, resets {r['reset_connections']}")
+                f"failed {r['failed_requests']}, resets {r['reset_connections']}"
+                + (f"; THE GUEST STOPPED ANSWERING after the move: {r['guest_error']}" if r.get("guest_error") else ""))
     rows = [r for loads in modes.values() for r in loads.values()]
     return {
         "bench": "migrate",
@@ -41,6 +42,7 @@ def run(bench: Bench, memory_mib: int = 256) -> dict[str, Any]:
             (r["bytes_sent"] / r["private_bytes"] for r in modes.get("delta", {}).values() if r.get("private_bytes")), default=None
         ),
         "memcheck_bad_pages": sum(r["memcheck_bad_pages"] or 0 for r in rows),
+        "guests_lost": sum(1 for r in rows if r.get("guest_error")),
         "left_behind": raw["meta"]["left_behind"],
         "elapsed_s": raw["meta"]["elapsed_s"],
     }
@@ -52,7 +54,7 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
         for load, r in loads.items():
             rows.append([f"{mode}, {load}", f"{r['downtime_ms']:.0f} ms", f"{r['client_gap_ms']:.0f} ms", f"{r['total_s']:.2f} s",
                          fmt_mib(r["bytes_sent"]), fmt_mib(r.get("private_bytes")), r["failed_requests"], r["reset_connections"],
-                         r["memcheck_bad_pages"]])
+                         "guest lost" if r.get("guest_error") else r["memcheck_bad_pages"]])
             labels.append(f"{mode}\n{load}")
             gaps.append(r["client_gap_ms"])
             downs.append(r["downtime_ms"])
@@ -63,6 +65,11 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
         "no failed requests, no resets.\n\n"
         + md_table(["mode, load", "downtime (QEMU)", "client gap", "total", "sent", "private", "failed", "resets", "bad pages"], rows)
     )
+    for mode, loads in res["modes"].items():
+        for load, r in loads.items():
+            if r.get("guest_error"):
+                md += (f"\n\nThe guest stopped answering after the {mode}/{load} move ({r['guest_error']}); "
+                       f"the last lines of its console:\n\n```\n{r.get('serial_tail') or '(empty)'}\n```")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = range(len(labels))

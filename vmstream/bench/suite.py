@@ -60,6 +60,7 @@ def run_all(client: AgentClient, out: Path, doc: Path, runs: int | None, sizes: 
     source = source_revision()  # before the run writes its own outputs into the tree
     results: dict[str, Any] = {}
     durations: dict[str, float] = {}
+    errors: dict[str, str] = {}
     for key, _, mod in SECTIONS:
         bench = Bench(out, client)
         kw: dict[str, Any] = {}
@@ -68,8 +69,12 @@ def run_all(client: AgentClient, out: Path, doc: Path, runs: int | None, sizes: 
         if runs is not None and key not in ("density", "migrate"):
             kw["runs"] = runs
         t = time.perf_counter()
-        with bench.session():
-            results[key] = run_and_write(mod, bench, out, **kw)
+        try:
+            with bench.session():
+                results[key] = run_and_write(mod, bench, out, **kw)
+        except Exception as exc:  # one bench failing must not throw away the others' figures
+            errors[key] = f"{type(exc).__name__}: {exc}"
+            say(f"{key} FAILED: {errors[key]}")
         durations[key] = round(time.perf_counter() - t, 1)
         say(f"{key} took {durations[key]:.0f} s")
     total = time.perf_counter() - t0
@@ -86,6 +91,7 @@ def run_all(client: AgentClient, out: Path, doc: Path, runs: int | None, sizes: 
                  "qemu": facts.qemu_version, "accelerator": facts.accelerator, "accelerator_reason": facts.accelerator_reason},
         "targets": rows,
         "results": results,
+        "errors": errors,
     }
     write_doc(doc, out, summary)
     return summary
@@ -114,6 +120,8 @@ def write_doc(doc: Path, out: Path, s: dict[str, Any]) -> None:
     ]
     for key, title, _ in SECTIONS:
         res = s["results"].get(key)
+        if key in s.get("errors", {}):
+            parts += [f"## {title}\n", f"`vmstream bench {key}`\n", f"**This bench failed in this run:** {s['errors'][key]}\n"]
         if not res:
             continue
         files = res["files"]

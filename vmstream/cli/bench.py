@@ -121,4 +121,13 @@ def all_(out: Annotated[Path, typer.Option("--out", help="Directory for every be
     """Run every bench (baselines included) and write docs/benchmarks.md with tables and plots."""
     from vmstream.bench import suite
 
-    _run(lambda bench, out, **kw: suite.run_all(bench.client, out, doc, runs, _ints(sizes)), out)
+    summary: dict[str, Any] = {}
+
+    def run_all(bench: Any, out: Path, **kw: Any) -> dict[str, Any]:
+        summary.update(suite.run_all(bench.client, out, doc, runs, _ints(sizes)))
+        return summary
+
+    _run(run_all, out)
+    if summary.get("errors"):
+        print(f"error: benches failed: {', '.join(summary['errors'])} (see {doc})", file=sys.stderr)
+        raise typer.Exit(1)

@@ -9,18 +9,21 @@ network test bed, with the LoadClient talking to the VM throughout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
+from vmstream.errors import QemuError
 from vmstream.guest import build_guest
 from vmstream.migrate.bed import BedVm, Fleet
 from vmstream.migrate.client import LoadClient
 from vmstream.net import TestBed, namespaces_with_prefix, unique_prefix
 
 LOADS = {"idle": 0, "write20": 20}
+GUEST_ANSWER_S = 30.0  # a moved guest's agent answers within this, or the guest counts as lost
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -44,12 +47,23 @@ async def _one(fleet: Fleet, vm: BedVm, mode: str, rate: int) -> dict[str, Any]:
             result = await fleet.move(vm, to, mode=mode)
             await asyncio.sleep(1.0)
         stats = client.stop()
-    finally:
+    except BaseException:
         if rate:
-            await vm.ask("memcheck-dirty-stop")
-    verify = await vm.ask("memcheck-verify")
-    broken = not verify.get("ok") or verify.get("result", {}).get("bad_pages") or stats.client_gap_ms > 2000
+            with contextlib.suppress(Exception):
+                await vm.ask("memcheck-dirty-stop", timeout=10)
+        raise
+    # A guest that stops answering after its move is a result of this run (counted,
+    # with its console), not the end of the whole bench.
+    guest_error, verify = None, {}
+    try:
+        if rate:
+            await vm.ask("memcheck-dirty-stop", timeout=GUEST_ANSWER_S)
+        verify = await vm.ask("memcheck-verify", timeout=GUEST_ANSWER_S)
+    except QemuError as exc:
+        guest_error = str(exc)
+    broken = guest_error or not verify.get("ok") or verify.get("result", {}).get("bad_pages") or stats.client_gap_ms > 2000
     return {
+        "guest_error": guest_error,
         # a guest that failed after the move: its console, to see why (a panic shows here)
         "serial_tail": _tail(vm.proc.serial_path) if broken else None,
         "downtime_ms": result.downtime_ms, "client_gap_ms": stats.client_gap_ms, "total_s": result.total_s,
@@ -59,6 +73,16 @@ async def _one(fleet: Fleet, vm: BedVm, mode: str, rate: int) -> dict[str, Any]:
         "memcheck_bad_pages": verify.get("result", {}).get("bad_pages") if verify.get("ok") else None,
         "pause_breakdown_ms": result.details.get("pause_ms"),
     }
+
+
+async def _loads(fleet: Fleet, vm: BedVm, mode: str, loads: tuple[str, ...]) -> dict[str, Any]:
+    """One move per load, in turn; a guest lost after a move ends its series."""
+    out: dict[str, Any] = {}
+    for load in loads:
+        out[load] = await _one(fleet, vm, mode, LOADS[load])
+        if out[load]["guest_error"]:
+            break
+    return out
 
 
 async def bench_migrate(work_dir: Path, modes: tuple[str, ...] = ("live", "delta"),
@@ -75,7 +99,7 @@ async def bench_migrate(work_dir: Path, modes: tuple[str, ...] = ("live", "delta
             if "live" in modes:
                 vm = await fleet.boot("live", 0, memory_mib=memory_mib)
                 await vm.ask("memcheck-fill 32 7")
-                out["live"] = {load: await _one(fleet, vm, "live", LOADS[load]) for load in loads}
+                out["live"] = await _loads(fleet, vm, "live", loads)
                 await fleet.destroy(vm)
             if "delta" in modes:
                 src = await fleet.boot("imgsrc", 1, memory_mib=memory_mib)
@@ -83,7 +107,7 @@ async def bench_migrate(work_dir: Path, modes: tuple[str, ...] = ("live", "delta
                 image = await fleet.capture(src, work_dir / "image")
                 await fleet.destroy(src)
                 clone = await fleet.clone("clone", image, src)
-                out["delta"] = {load: await _one(fleet, clone, "delta", LOADS[load]) for load in loads}
+                out["delta"] = await _loads(fleet, clone, "delta", loads)
                 await fleet.destroy(clone)
         finally:
             await fleet.close()
