@@ -7,6 +7,7 @@ vmstream.bench, imported only when a bench runs so `vmstream --help` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -49,8 +50,20 @@ def _run(bench_module: Any, out: Path, **kw: Any) -> None:
         raise typer.Exit(exc.exit_code if hasattr(exc, "exit_code") else 1) from exc
     finally:
         if bench.client.started_agent:
+            _leave_nothing(bench.client)
             bench.client.stop_agent()
     print(json.dumps(res, indent=2))
+
+
+def _leave_nothing(client: Any) -> None:
+    """The bench's own agent: drop the store packs of the images the bench deleted and the
+    chunk cache it filled (a `bench all` left ~12 GB in its data dir otherwise)."""
+    from vmstream.errors import VmstreamError
+
+    with contextlib.suppress(VmstreamError):
+        for _ in range(2):  # the first pass condemns an unreferenced pack, the second deletes it
+            client.call("POST", "/v1/host/store/gc", params={"grace": 0})
+        client.call("POST", "/v1/host/cache/drop")
 
 
 @bench_app.command()
