@@ -158,3 +158,15 @@ def peer_host(cli: Cli, tmp_path: Path) -> Iterator[Cli]:
     finally:
         other.run("agent", "stop", "--destroy-vms")
         assert not our_qemu_pids(other.home) and not fuse_mounts(other.home)
+
+
+def wait_hooks(cli: Cli, name: str, timeout: float = 120) -> dict[str, Any]:
+    """The clone hooks' results once they ran."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        vm = cli.json("show", name)
+        if vm["hooks"]:
+            hooks: dict[str, Any] = vm["hooks"]
+            return hooks
+        time.sleep(0.5)
+    raise AssertionError(f"the clone hooks of {name} did not finish in {timeout}s")

@@ -7,20 +7,8 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
-from tests.integration.conftest import BaseImage, Cli, VmFactory, status
-
-
-def _wait_hooks(cli: Cli, name: str, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        vm = cli.json("show", name)
-        if vm["hooks"]:
-            hooks: dict[str, Any] = vm["hooks"]
-            return hooks
-        time.sleep(0.5)
-    raise AssertionError(f"the clone hooks of {name} did not finish in {timeout}s")
+from tests.integration.conftest import BaseImage, Cli, VmFactory, status, wait_hooks
 
 
 def test_clones_get_distinct_identities(cli: Cli, base_image: BaseImage, vms: VmFactory, tmp_path: Path) -> None:
@@ -52,7 +40,7 @@ def test_clones_get_distinct_identities(cli: Cli, base_image: BaseImage, vms: Vm
         assert c["identity_applied_s"] is not None and c["identity_applied_s"] <= c["ready_s"]
         assert status(c["endpoint"])["hostname"] == c["name"]
 
-    hooks = _wait_hooks(cli, special["name"])
+    hooks = wait_hooks(cli, special["name"])
     (hook,) = hooks["hooks"]
     assert hook["rc"] == 0
     output = base64.b64decode(hook["output_b64"]).decode()
@@ -60,7 +48,7 @@ def test_clones_get_distinct_identities(cli: Cli, base_image: BaseImage, vms: Vm
     assert "greeting=hello world" in output and "answer=42" in output
     assert f"VMSTREAM_MAC={special['mac']}" in output
     # each clone's hook saw its own identity
-    other = _wait_hooks(cli, names[3])
+    other = wait_hooks(cli, names[3])
     assert f"hostname={names[3]}" in base64.b64decode(other["hooks"][0]["output_b64"]).decode()
 
 
@@ -134,7 +122,7 @@ def test_portable_shell_agent(cli: Cli, vms: VmFactory) -> None:
         (clone,) = vms.clones("portable-img", prefix="pclone")
         st = cli.ask(clone["name"], "status")
         assert st["hostname"] == clone["name"] and st["mac"] == clone["mac"]
-        hooks = _wait_hooks(cli, clone["name"])
+        hooks = wait_hooks(cli, clone["name"])
         assert f"hostname={clone['name']}" in base64.b64decode(hooks["hooks"][0]["output_b64"]).decode()
         assert status(vm["endpoint"])["hostname"] == "portable"
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.integration.conftest import BaseImage, Cli, VmFactory, our_qemu_pids, status
+from tests.integration.conftest import BaseImage, Cli, VmFactory, our_qemu_pids, status, wait_hooks
 
 
 def test_info_names_accelerator_and_reason(cli: Cli) -> None:
@@ -136,6 +137,12 @@ def test_clone_taken_from_the_pool(cli: Cli, base_image: BaseImage, vms: VmFacto
     assert status(clone["endpoint"])["hostname"] == clone["name"]
     assert cli.ask(clone["name"], "memcheck-verify")["result"]["bad_pages"] == 0
     assert cli.ask(clone["name"], "random")["random"] != cli.ask(first["name"], "random")["random"]
+    # the pooled QEMU ran through a start before it was taken (with its own placeholder
+    # hostname), but the clone hooks ran once, for the clone, with the clone's identity
+    hooks = wait_hooks(cli, clone["name"])
+    (hook,) = hooks["hooks"]
+    seen = base64.b64decode(hook["output_b64"]).decode()
+    assert f"hostname={clone['name']}" in seen and ".pool" not in seen, seen
     # pooled QEMUs are not VMs: not listed; an image's go with it
     names = {v["name"] for v in cli.json("list")}
     assert not any(n.startswith(".") for n in names)

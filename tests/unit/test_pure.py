@@ -110,6 +110,12 @@ def test_identity_command_lines() -> None:
     assert plain[3] == "param A " + base64.b64encode(b"x y").decode()
     assert "hooks deferred" not in plain
     assert lines(CloneIdentity("h1", "52:54:00:00:00:01", defer_hooks=True))[-1] == "hooks deferred"
+    # a pooled QEMU's run-through: the same lines under a verb older agents refuse
+    # (they would run the clone hooks for an 'identity')
+    verb, payload = CloneIdentity("h1", "52:54:00:00:00:01", ip="10.0.0.5/24").command(now=1.0, verb="prepare").split(" ", 1)
+    assert verb == "prepare"
+    assert base64.b64decode(payload).decode().splitlines() == [
+        "time 1.000000000", "hostname h1", "ip 10.0.0.5/24", "mac 52:54:00:00:00:01"]
 
 
 def test_guest_announce_off_and_kept_for_older_machines(tmp_path: Path) -> None:

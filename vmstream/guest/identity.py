@@ -51,8 +51,10 @@ class CloneIdentity:
     defer_hooks: bool = False  # the clone.d hooks wait for 'start-hooks' (see HostManager)
     ip: str | None = None  # ADDRESS/PREFIX on a bridged host: the image's address is its source's
 
-    def command(self, now: float | None = None) -> str:
-        """The agent command line: 'identity <base64 of key-value lines>'."""
+    def command(self, now: float | None = None, verb: str = "identity") -> str:
+        """The agent command line: 'identity <base64 of key-value lines>'.
+        verb 'prepare': the agent applies clock, hostname, address and MAC, and
+        writes nothing for the hooks and runs none (a pooled QEMU's run-through)."""
         if self.user_data is not None and len(self.user_data) > MAX_USER_DATA:
             raise InvalidInput(f"user data is {len(self.user_data)} bytes; the limit is {MAX_USER_DATA}")
         t = time.time() if now is None else now
@@ -65,7 +67,7 @@ class CloneIdentity:
             lines.append(f"userdata {_b64(self.user_data)}")
         if self.defer_hooks:
             lines.append("hooks deferred")
-        return "identity " + _b64(("\n".join(lines) + "\n").encode())
+        return f"{verb} " + _b64(("\n".join(lines) + "\n").encode())
 
 
 def _b64(data: bytes) -> str:

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPError
+from qemu.qmp import QMPClient, QMPError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -73,6 +73,10 @@ FLATTEN_FRACTION = 0.5
 POOL_SIZE = int(os.environ.get("VMSTREAM_CLONE_POOL", "1"))
 POOL_IMAGES = int(os.environ.get("VMSTREAM_CLONE_POOL_IMAGES", "4"))  # images with a pool, most recently started
 POOL_WAIT_S = 2.0  # a start waits this long for a pooled QEMU being prepared (it is further along than a new one)
+POOL_RUN_THROUGH = os.environ.get("VMSTREAM_CLONE_POOL_RUN_THROUGH", "1") != "0"  # see _run_through
+# A pooled QEMU that ran through a start holds ~14k translated blocks: in CLONE_TB_MIB they
+# would not all fit, and the cache flush that follows (any time after) drops them all.
+POOL_TB_MIB = int(os.environ.get("VMSTREAM_CLONE_POOL_TB_MIB", "16"))
 POOL_PREFIX = ".pool-"  # pooled rows' names: never a valid VM name, so never listed or taken by a user
 # Clones started together run their clone.d hooks once all of them serve; 0 turns this off.
 DEFER_HOOKS = os.environ.get("VMSTREAM_BATCH_DEFER_HOOKS", "1") != "0"
@@ -711,7 +715,7 @@ class HostManager:
                     # exactly, once the clone serves (_after_start).
                     await proc.wait_for_socket(proc.agent_path)
                     identity = CloneIdentity(rec.hostname, rec.mac, params, user_data, defer_hooks=batch.defer_hooks,
-                                             ip=f"{rec.ip}/{self.net.prefix_len}" if rec.ip and self.net else None)
+                                             ip=self._address(rec))
                     identity_task = asyncio.create_task(
                         ask_guest(proc.agent_path, identity.command(), timeout=CLONE_TIMEOUT_S,
                                   expect=lambda a: "hostname" in a or not a.get("ok", True))
@@ -810,16 +814,48 @@ class HostManager:
                     kernel=g.kernel, initrd=g.initrd, accel=g.accel, parent_image=image_name,
                 )
                 async with self._starting(rec) as proc:
-                    self._start_qemu(rec, proc, dataclasses.replace(self._spec(rec, image), start_paused=True))
+                    spec = dataclasses.replace(self._spec(rec, image), start_paused=True)
+                    if POOL_RUN_THROUGH:
+                        spec = dataclasses.replace(spec, tb_mib=POOL_TB_MIB)
+                    self._start_qemu(rec, proc, spec)
                     async with proc.qmp() as qmp:
                         if image.layout == "delta":
                             assert proc.pid is not None
                             await asyncio.to_thread(apply_delta, proc.pid, rec.memory_bytes, self.images.image_dir(image))
                         await qmp.execute("migrate-incoming", {"uri": f"exec:cat {self.images.devstate_path(image)}"})
                         await proc.wait_incoming(qmp, CLONE_TIMEOUT_S, resume=False)
+                        if POOL_RUN_THROUGH:
+                            await self._run_through(rec, proc, qmp)
                 self._pool.setdefault(image_name, []).append(rec.name)
                 async with self._pool_added:
                     self._pool_added.notify_all()
+
+    async def _run_through(self, rec: VmRecord, proc: QemuProcess, qmp: QMPClient) -> None:
+        """Run a pooled guest once through a clone's start, then pause it again.
+
+        QEMU drops all translated code when it loads a state, so under TCG a clone's
+        start is mostly translating anew the guest's resume, identity and network
+        paths. Done here, before any request, that is off the start's path. The guest
+        reseeds its RNG on this QEMU's new VM Generation ID, takes this QEMU's MAC and
+        address (which the clone keeps: its start changes neither), and answers HTTP
+        once. No hooks run and none of their inputs are written: the clone's identity
+        brings those. An agent that does not know 'prepare' (images from before it)
+        answers with an error, and the guest is paused again as it is."""
+        prepare = CloneIdentity(rec.hostname, rec.mac, ip=self._address(rec)).command(verb="prepare")
+        await proc.wait_for_socket(proc.agent_path)
+        ask = asyncio.create_task(ask_guest(proc.agent_path, prepare, timeout=CLONE_TIMEOUT_S,
+                                            expect=lambda a: "hostname" in a or not a.get("ok", True)))
+        try:
+            await qmp.execute("cont")
+            if (await ask).get("ok"):
+                await self._wait_http(rec, proc, CLONE_TIMEOUT_S, attempt_s=0.5)
+        finally:
+            ask.cancel()
+        await qmp.execute("stop")
+
+    def _address(self, rec: VmRecord) -> str | None:
+        """ADDRESS/PREFIX of a VM on a bridged host (None with user networking)."""
+        return f"{rec.ip}/{self.net.prefix_len}" if rec.ip and self.net else None
 
     def _pool_filled(self, image_name: str) -> None:
         self._pool_fills.pop(image_name, None)

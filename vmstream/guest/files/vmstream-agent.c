@@ -13,6 +13,8 @@
  *   identity B64       B64 = lines "time S.N", "hostname H", "ip A.B.C.D/LEN", "mac M",
  *                      "param NAME B64VALUE", "userdata B64", and
  *                      "hooks deferred": the hooks wait for start-hooks
+ *   prepare B64        clock, hostname, address and MAC of an identity only: no
+ *                      files, no hooks (a pooled QEMU runs its start path once)
  *   start-hooks        run the deferred hooks now
  *   hooks              results of the clone.d hooks once they ran
  *   memcheck-fill MIB SEED | memcheck-verify
@@ -162,14 +164,18 @@ static int eth0_ioctl(unsigned long request, struct ifreq *ifr) {
     return rc;
 }
 
+/* A MAC eth0 already has is left alone: setting it anyway costs the driver's
+ * control-queue round trip and the stack's address-change work. */
 static int set_mac(const char *text) {
-    struct ifreq ifr = {0};
+    struct ifreq ifr = {0}, now = {0};
     ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
     for (int i = 0; i < 6; i++) { /* "xx:xx:xx:xx:xx:xx" */
         int hi = b16val(text[3 * i]), lo = b16val(text[3 * i + 1]);
         if (hi < 0 || lo < 0 || text[3 * i + 2] != (i < 5 ? ':' : '\0')) return -1;
         ifr.ifr_hwaddr.sa_data[i] = (char)(hi << 4 | lo);
     }
+    if (eth0_ioctl(SIOCGIFHWADDR, &now) == 0 && memcmp(now.ifr_hwaddr.sa_data, ifr.ifr_hwaddr.sa_data, 6) == 0)
+        return 0;
     return eth0_ioctl(SIOCSIFHWADDR, &ifr);
 }
 
@@ -256,7 +262,7 @@ static void write_hook_inputs(char **keys, char **vals, int n, int deferred) {
  * restored guest runs for the first time is translated anew, and the file
  * system calls cost ~50 ms of that. The host's next command is read only after
  * this returns, so it never sees the files half-written. */
-static void cmd_identity(const char *arg) {
+static void cmd_identity(const char *arg, int prepare) {
     static unsigned char payload[MAX_LINE];
     static char *keys[MAX_LINE / 8], *vals[MAX_LINE / 8];
     long long t_start = mono_us();
@@ -301,6 +307,7 @@ static void cmd_identity(const char *arg) {
         reply("{\"ok\":true,\"hostname\":\"%s\",\"mac\":\"%s\",\"time\":%s,\"us\":{\"woke\":%lld,\"applied\":%lld},"
               "\"steps_us\":{\"clock\":%lld,\"mac\":%lld}}",
               u.nodename, mac, now_realtime(), woke_us ? t_start - woke_us : -1, mono_us() - t_start, us_clock, us_mac);
+    if (prepare) return; /* a pooled QEMU: its clone's identity comes later, with the hooks' inputs */
     write_hook_inputs(keys, vals, count, deferred);
     if (!deferred) start_hooks();
 }
@@ -415,7 +422,9 @@ static void handle(char *line) {
         for (int i = 0; i < 16; i++) snprintf(hex + 2 * i, 3, "%02x", got == 16 ? r[i] : 0);
         reply("{\"ok\":true,\"random\":\"%s\"}", hex);
     } else if (strcmp(line, "identity") == 0) {
-        cmd_identity(arg ? arg : "");
+        cmd_identity(arg ? arg : "", 0);
+    } else if (strcmp(line, "prepare") == 0) {
+        cmd_identity(arg ? arg : "", 1);
     } else if (strcmp(line, "start-hooks") == 0) {
         int pending = access(STATE "/hooks.deferred", F_OK) == 0;
         if (pending) start_hooks();

@@ -46,6 +46,8 @@ reply() { printf '%s\n' "$1" >&3; }
 # param NAME B64VALUE, userdata B64, and "hooks deferred" (wait for start-hooks).
 # Clock, hostname and MAC are applied before the answer; the hooks run
 # afterwards, at the lowest priority.
+# prepare B64: clock, hostname, address and MAC only (a pooled QEMU's run-through);
+# no hook inputs are written and no hooks run.
 apply_identity() {
   mkdir -p "$STATE"
   rm -f "$STATE/hooks.json" "$STATE/hooks.deferred"
@@ -58,7 +60,7 @@ apply_identity() {
       hostname) hostname "$val"; echo "$val" > /etc/hostname
                 echo "export VMSTREAM_HOSTNAME='$val'" >> "$STATE/params.env.tmp" ;;
       ip) ip addr flush dev eth0 && ip addr add "$val" dev eth0 ;;
-      mac) ip link set dev eth0 address "$val"
+      mac) [ "$(mac)" = "$val" ] || ip link set dev eth0 address "$val"
            echo "export VMSTREAM_MAC='$val'" >> "$STATE/params.env.tmp" ;;
       param) # the value stays base64 until the hook's shell decodes it: never re-parsed
              printf 'export %s="$(echo %s | base64 -d)"\n' "${val%% *}" "${val#* }" >> "$STATE/params.env.tmp" ;;
@@ -67,8 +69,9 @@ apply_identity() {
       hooks) [ "$val" = deferred ] && deferred=1 && : > "$STATE/hooks.deferred" ;;
     esac
   done < "$STATE/identity"
-  mv "$STATE/params.env.tmp" "$STATE/params.env"
   reply "{\"ok\":true,\"hostname\":\"$(hostname)\",\"mac\":\"$(mac)\",\"time\":$(now)}"
+  if [ "$2" = prepare ]; then rm -f "$STATE/params.env.tmp" "$STATE/hooks.deferred"; return; fi
+  mv "$STATE/params.env.tmp" "$STATE/params.env"
   [ -n "$deferred" ] || start_hooks
 }
 
@@ -99,6 +102,7 @@ handle() {
     clock) set_clock "$2" && reply "{\"ok\":true,\"time\":$(now)}" ;;
     random) reply "{\"ok\":true,\"random\":\"$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')\"}" ;;
     identity) apply_identity "$2" ;;
+    prepare) apply_identity "$2" prepare ;;
     start-hooks)
       if [ -f "$STATE/hooks.deferred" ]; then start_hooks; reply '{"ok":true,"started":true}'
       else reply '{"ok":true,"started":false}'; fi ;;
