@@ -170,3 +170,14 @@ def wait_hooks(cli: Cli, name: str, timeout: float = 120) -> dict[str, Any]:
             return hooks
         time.sleep(0.5)
     raise AssertionError(f"the clone hooks of {name} did not finish in {timeout}s")
+
+
+def wait_pool(cli: Cli, image: str, timeout: float = 60) -> list[int]:
+    """The pids of the agent's pooled QEMUs, once it has one ready for image."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pool = cli.json("host", "--json")["clone_pool"]
+        if pool["ready"].get(image):
+            return list(pool["pids"][image])
+        time.sleep(0.2)
+    raise AssertionError(f"no pooled QEMU for {image} after {timeout}s")

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.integration.conftest import BaseImage, Cli, VmFactory, status, wait_hooks
+from tests.integration.conftest import BaseImage, Cli, VmFactory, status, wait_hooks, wait_pool
 
 
 def test_clones_get_distinct_identities(cli: Cli, base_image: BaseImage, vms: VmFactory, tmp_path: Path) -> None:
@@ -125,6 +125,14 @@ def test_portable_shell_agent(cli: Cli, vms: VmFactory) -> None:
         hooks = wait_hooks(cli, clone["name"])
         assert f"hostname={clone['name']}" in base64.b64decode(hooks["hooks"][0]["output_b64"]).decode()
         assert status(vm["endpoint"])["hostname"] == "portable"
+        # the next one from the clone pool, whose QEMU ran through 'prepare' with this agent
+        wait_pool(cli, "portable-img")
+        (pooled,) = vms.clones("portable-img", prefix="ppooled")
+        assert "pool_taken" in pooled["phases"], pooled["phases"]
+        st = cli.ask(pooled["name"], "status")
+        assert st["hostname"] == pooled["name"] and st["mac"] == pooled["mac"]
+        seen = base64.b64decode(wait_hooks(cli, pooled["name"])["hooks"][0]["output_b64"]).decode()
+        assert f"hostname={pooled['name']}" in seen and ".pool" not in seen, seen
     finally:
         vms.destroy_all()
         cli.run("live-image", "delete", "portable-img")

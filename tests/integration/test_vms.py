@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.integration.conftest import BaseImage, Cli, VmFactory, our_qemu_pids, status, wait_hooks
+from tests.integration.conftest import BaseImage, Cli, VmFactory, our_qemu_pids, status, wait_hooks, wait_pool
 
 
 def test_info_names_accelerator_and_reason(cli: Cli) -> None:
@@ -107,17 +107,6 @@ def test_destroy_leaves_nothing_behind(cli: Cli, base_image: BaseImage, vms: VmF
         pass
 
 
-def _pool(cli: Cli, image: str, timeout: float = 60) -> list[int]:
-    """The pids of the agent's pooled QEMUs, once it has one ready for image."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pool = cli.json("host", "--json")["clone_pool"]
-        if pool["ready"].get(image):
-            return list(pool["pids"][image])
-        time.sleep(0.2)
-    raise AssertionError(f"no pooled QEMU for {image} after {timeout}s")
-
-
 def _qemu_alive(pid: int) -> bool:
     try:
         return b"qemu" in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -127,7 +116,7 @@ def _qemu_alive(pid: int) -> bool:
 
 def test_clone_taken_from_the_pool(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
     (first,) = vms.clones("base-img", prefix="warm")  # a start leaves a paused QEMU ready for the next
-    pooled = _pool(cli, "base-img")
+    pooled = wait_pool(cli, "base-img")
     (clone,) = vms.clones("base-img", prefix="pooled")
     assert "pool_taken" in clone["phases"] and clone["pid"] in pooled, clone["phases"]
     # its own identity, not the pooled QEMU's placeholder nor its sibling's
@@ -150,7 +139,7 @@ def test_clone_taken_from_the_pool(cli: Cli, base_image: BaseImage, vms: VmFacto
     (child,) = vms.clones("pool-img", prefix="pchild")
     cli.json("destroy", child["name"])
     vms.names.remove(child["name"])
-    its_pool = _pool(cli, "pool-img")
+    its_pool = wait_pool(cli, "pool-img")
     assert its_pool and all(_qemu_alive(p) for p in its_pool)
     cli.json("live-image", "delete", "pool-img")
     assert not any(_qemu_alive(p) for p in its_pool), "the image's pooled QEMUs went with it"
@@ -159,7 +148,7 @@ def test_clone_taken_from_the_pool(cli: Cli, base_image: BaseImage, vms: VmFacto
 
 def test_agent_restart_reattaches(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
     (clone,) = vms.clones("base-img", prefix="survivor")
-    pooled = _pool(cli, "base-img")
+    pooled = wait_pool(cli, "base-img")
     old_agent = json.loads((cli.home / "agent.json").read_text())["pid"]
     os.kill(old_agent, signal.SIGKILL)
     deadline = time.monotonic() + 10

@@ -74,9 +74,12 @@ POOL_SIZE = int(os.environ.get("VMSTREAM_CLONE_POOL", "1"))
 POOL_IMAGES = int(os.environ.get("VMSTREAM_CLONE_POOL_IMAGES", "4"))  # images with a pool, most recently started
 POOL_WAIT_S = 2.0  # a start waits this long for a pooled QEMU being prepared (it is further along than a new one)
 POOL_RUN_THROUGH = os.environ.get("VMSTREAM_CLONE_POOL_RUN_THROUGH", "1") != "0"  # see _run_through
-# A pooled QEMU that ran through a start holds ~14k translated blocks: in CLONE_TB_MIB they
-# would not all fit, and the cache flush that follows (any time after) drops them all.
-POOL_TB_MIB = int(os.environ.get("VMSTREAM_CLONE_POOL_TB_MIB", "16"))
+# A pooled QEMU that ran through a start holds ~14k translated blocks, 7.7-8.1 MB of host code
+# for the demo guest (QMP 'info jit'); its start adds ~1 MB. CLONE_TB_MIB would overflow at
+# about the end of the run-through and the flush then drops what the start needs (it then
+# takes 0.1-0.2 s instead of 0.05); 10 leaves room, at up to 2 MiB more private memory than
+# a clone started anew, 16 up to 8 MiB.
+POOL_TB_MIB = int(os.environ.get("VMSTREAM_CLONE_POOL_TB_MIB", "10"))
 POOL_PREFIX = ".pool-"  # pooled rows' names: never a valid VM name, so never listed or taken by a user
 # Clones started together run their clone.d hooks once all of them serve; 0 turns this off.
 DEFER_HOOKS = os.environ.get("VMSTREAM_BATCH_DEFER_HOOKS", "1") != "0"
