@@ -72,7 +72,7 @@ FLATTEN_FRACTION = 0.5
 # paused, so a clone start skips QEMU's own start and the state load; 0 turns it off.
 POOL_SIZE = int(os.environ.get("VMSTREAM_CLONE_POOL", "1"))
 POOL_IMAGES = int(os.environ.get("VMSTREAM_CLONE_POOL_IMAGES", "4"))  # images with a pool, most recently started
-POOL_WAIT_S = 2.0  # a start waits this long for a pooled QEMU being prepared (it is further along than a new one)
+POOL_WAIT_S = 2.0  # a single start waits this long for a pooled QEMU being prepared (further along than a new one)
 POOL_RUN_THROUGH = os.environ.get("VMSTREAM_CLONE_POOL_RUN_THROUGH", "1") != "0"  # see _run_through
 # A pooled QEMU that ran through a start holds ~14k translated blocks, 7.7-8.1 MB of host code
 # for the demo guest (QMP 'info jit'); its start adds ~1 MB. CLONE_TB_MIB would overflow at
@@ -564,8 +564,8 @@ class HostManager:
         await self.memfs.ensure()
         record = await self._prepare_memory(image, prefetch)
         batch = _Batch(len(recs))
-        if pool:
-            await self._pool_wait(image_name, len(recs))
+        if pool and len(recs) == 1:  # a batch does not hold its other clones back for one pooled QEMU
+            await self._pool_wait(image_name)
         taken = [self._take_pooled(rec, image_name) if pool else (rec, False) for rec in recs]
         recs = [rec for rec, _ in taken]
         try:
@@ -779,11 +779,11 @@ class HostManager:
             return clone, True
         return rec, False
 
-    async def _pool_wait(self, image_name: str, want: int) -> None:
-        """If the image's pool is being filled, wait a little for the QEMUs on their way."""
+    async def _pool_wait(self, image_name: str) -> None:
+        """If the image's pool is being filled, wait a little for the QEMU on its way."""
 
         def settled() -> bool:
-            return image_name not in self._pool_fills or len(self._pool.get(image_name, [])) >= min(want, POOL_SIZE)
+            return image_name not in self._pool_fills or bool(self._pool.get(image_name))
 
         if settled():
             return
