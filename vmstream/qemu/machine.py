@@ -123,7 +123,7 @@ class MachineSpec:
             "-machine", "pc,memory-backend=mem", "-accel", accel, "-cpu", "qemu64",
             "-smp", str(self.cpus), "-m", f"{mib}M",
             "-object", backend,
-            "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", append,
+            "-kernel", str(self._kernel()), "-initrd", str(self.initrd), "-append", append,
             "-serial", f"file:{rundir / 'serial.log'}",
             "-qmp", f"unix:{rundir / 'qmp.sock'},server=on,wait=off",
             "-netdev", netdev,
@@ -143,12 +143,50 @@ class MachineSpec:
             ]
         if self.incoming:
             cmd += ["-incoming", "defer", "-global", "migration.send-configuration=off"]
+        if self._kernel() != self.kernel:
+            cmd += ["-no-reboot"]  # it holds no kernel to boot again: a guest reboot ends the VM
         if self.start_paused:
             cmd += ["-S"]
         if self.tap is not None and self.tap.netns is not None:
             # nsenter execs QEMU in place: same pid, and /proc/PID/cmdline keeps the marker
             cmd = ["nsenter", f"--net=/run/netns/{self.tap.netns}", "--", *cmd]
         return cmd
+
+
+    def _kernel(self) -> Path:
+        """The -kernel file: for a VM that resumes an image's memory, only the kernel's
+        setup header (see header_only_kernel)."""
+        if self.incoming and self.memory_file is not None:
+            return header_only_kernel(self.kernel) or self.kernel
+        return self.kernel
+
+
+def header_only_kernel(kernel: Path) -> Path | None:
+    """The bzImage cut after its setup sectors, beside it (KERNEL.setup); None if it
+    cannot be made there.
+
+    QEMU reads all of -kernel into its own heap for fw_cfg (7.8 MiB of private memory
+    per QEMU for the demo guest's kernel), even for a VM that resumes a snapshot and
+    never boots from it. It checks only the setup header, and the machine (option ROMs,
+    fw_cfg files) is the same with the cut file, so the state loads as before. Such a
+    VM cannot reboot into its kernel: it runs with -no-reboot."""
+    out = kernel.with_name(kernel.name + ".setup")
+    if out.exists():
+        return out
+    try:
+        with kernel.open("rb") as f:
+            head = f.read(0x210)
+            if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":  # not a bzImage: leave it whole
+                return None
+            keep = (head[0x1F1] or 4) + 1  # setup sectors, and the boot sector
+            f.seek(0)
+            cut = f.read(keep * 512 + 512)  # and a little payload (QEMU wants some)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}")
+        tmp.write_bytes(cut)
+        tmp.replace(out)
+        return out
+    except OSError:
+        return None
 
 
 def pid_alive(pid: int, marker: str) -> bool:
