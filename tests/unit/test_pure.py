@@ -136,3 +136,33 @@ def test_guest_announce_off_and_kept_for_older_machines(tmp_path: Path) -> None:
     old_image = GuestConfig(memory_bytes=1, cpus=1, kernel="k", initrd="i", accel="tcg", hostname="h",
                             mac="m", vmgenid="g", qemu_version="7.2")
     assert old_image.guest_announce is True
+
+
+def test_clones_get_the_kernel_header_only(tmp_path: Path) -> None:
+    """A VM resuming an image's memory gets the bzImage cut after its setup sectors (QEMU
+    would hold all of it in private memory), and cannot reboot into it; a booted VM, or
+    a migration target that gets its memory over the stream, keeps the whole kernel."""
+    from vmstream.qemu import MachineSpec
+    from vmstream.qemu.machine import header_only_kernel
+
+    kernel = bytearray(8 * 4096)
+    kernel[0x1F1] = 3  # setup sectors after the boot sector
+    kernel[0x202:0x206] = b"HdrS"
+    kernel[5 * 512:] = b"\x90" * (len(kernel) - 5 * 512)
+    (tmp_path / "vmlinuz").write_bytes(bytes(kernel))
+    cut = header_only_kernel(tmp_path / "vmlinuz")
+    assert cut == tmp_path / "vmlinuz.setup"
+    assert cut.read_bytes() == bytes(kernel[: 5 * 512])  # 4 setup sectors + 512 bytes of payload
+    (tmp_path / "other").write_bytes(b"\x7fELF" + bytes(4096))
+    assert header_only_kernel(tmp_path / "other") is None  # not a bzImage: used whole
+
+    def args(incoming: bool, memory_file: Path | None) -> list[str]:
+        spec = MachineSpec(vm_id="v", hostname="h", memory_bytes=256 << 20, cpus=1, kernel=tmp_path / "vmlinuz",
+                           initrd=tmp_path / "i", accel="tcg", http_port=1, mac="52:54:00:00:00:01", vmgenid="x",
+                           incoming=incoming, memory_file=memory_file)
+        return spec.command(tmp_path)
+
+    clone = args(True, tmp_path / "mem")
+    assert clone[clone.index("-kernel") + 1] == str(cut) and "-no-reboot" in clone
+    for other in (args(False, None), args(True, None)):
+        assert other[other.index("-kernel") + 1] == str(tmp_path / "vmlinuz") and "-no-reboot" not in other
