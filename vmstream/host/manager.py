@@ -743,6 +743,12 @@ class HostManager:
                 await self._clone_answer(rec, proc, http_task, batch.hedge_http)
             except (QMPError, OSError, EOFError) as exc:
                 raise QemuError(f"clone {rec.name} failed while loading its device state: {proc.log_tail() or exc}") from exc
+            except QemuError as exc:
+                if proc.alive():
+                    raise
+                # the guest channel closed because QEMU is gone: say what it and the guest printed last
+                raise QemuError(f"clone {rec.name}: QEMU exited while the clone started ({exc}); QEMU said: "
+                                f"{proc.log_tail() or 'nothing'}; guest console: {proc.serial_tail() or 'nothing'}") from exc
             finally:
                 for task in (identity_task, http_task):  # on failure, nothing keeps probing a stopped VM
                     if task is not None and not task.done():

@@ -28,6 +28,7 @@ from vmstream.errors import QemuError
 from vmstream.qemu.preload import nothp_library
 
 QEMU_BINARY = "qemu-system-x86_64"
+HEADER_ONLY_KERNEL = os.environ.get("VMSTREAM_CLONE_KERNEL_HEADER_ONLY", "1") != "0"  # see header_only_kernel
 
 
 @cache
@@ -156,7 +157,7 @@ class MachineSpec:
     def _kernel(self) -> Path:
         """The -kernel file: for a VM that resumes an image's memory, only the kernel's
         setup header (see header_only_kernel)."""
-        if self.incoming and self.memory_file is not None:
+        if self.incoming and self.memory_file is not None and HEADER_ONLY_KERNEL:
             return header_only_kernel(self.kernel) or self.kernel
         return self.kernel
 
@@ -260,6 +261,13 @@ class QemuProcess:
             return ""
         keep = [ln for ln in text.splitlines() if "Expected vmdescription" not in ln]
         return "\n".join(keep[-lines:])
+
+    def serial_tail(self, lines: int = 12) -> str:
+        """The guest console's last lines (a panic, a reset)."""
+        try:
+            return "\n".join(self.serial_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
 
     def _died(self, doing: str) -> QemuError:
         return QemuError(f"QEMU for VM {self.vm_id} exited while {doing}: {self.log_tail() or 'no output'}")
