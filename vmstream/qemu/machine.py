@@ -153,7 +153,6 @@ class MachineSpec:
             cmd = ["nsenter", f"--net=/run/netns/{self.tap.netns}", "--", *cmd]
         return cmd
 
-
     def _kernel(self) -> Path:
         """The -kernel file: for a VM that resumes an image's memory, only the kernel's
         setup header (see header_only_kernel)."""
