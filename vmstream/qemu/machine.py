@@ -103,6 +103,7 @@ class MachineSpec:
             # shared with every other clone through the host page cache.
             backend = f"memory-backend-file,id=mem,size={mib}M,mem-path={self.memory_file},share=off"
         accel = "kvm" if self.accel == "kvm" else f"tcg,tb-size={self.tb_mib}"
+        kernel = self._kernel()
         append = " ".join(
             ["console=ttyS0", "quiet", "panic=-1", f"vmstream.hostname={self.hostname}",
              # Under TCG the guest's code never runs speculatively on the host CPU as
@@ -124,7 +125,7 @@ class MachineSpec:
             "-machine", "pc,memory-backend=mem", "-accel", accel, "-cpu", "qemu64",
             "-smp", str(self.cpus), "-m", f"{mib}M",
             "-object", backend,
-            "-kernel", str(self._kernel()), "-initrd", str(self.initrd), "-append", append,
+            "-kernel", str(kernel), "-initrd", str(self.initrd), "-append", append,
             "-serial", f"file:{rundir / 'serial.log'}",
             "-qmp", f"unix:{rundir / 'qmp.sock'},server=on,wait=off",
             "-netdev", netdev,
@@ -144,7 +145,7 @@ class MachineSpec:
             ]
         if self.incoming:
             cmd += ["-incoming", "defer", "-global", "migration.send-configuration=off"]
-        if self._kernel() != self.kernel:
+        if kernel != self.kernel:
             cmd += ["-no-reboot"]  # it holds no kernel to boot again: a guest reboot ends the VM
         if self.start_paused:
             cmd += ["-S"]
