@@ -113,6 +113,12 @@ class _Batch:
         self.done.set()
 
 
+def _identity_answer(answer: dict[str, Any]) -> bool:
+    """The agent's answer to an identity or prepare (or its error), not a stale answer
+    the image's channel still held (say, to a status query)."""
+    return "hostname" in answer or not answer.get("ok", True)
+
+
 class HostManager:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
@@ -721,7 +727,7 @@ class HostManager:
                                              ip=self._address(rec))
                     identity_task = asyncio.create_task(
                         ask_guest(proc.agent_path, identity.command(), timeout=CLONE_TIMEOUT_S,
-                                  expect=lambda a: "hostname" in a or not a.get("ok", True))
+                                  expect=_identity_answer)
                     )
                     if pooled:
                         await qmp.execute("cont")
@@ -853,7 +859,7 @@ class HostManager:
         prepare = CloneIdentity(rec.hostname, rec.mac, ip=self._address(rec)).command(verb="prepare")
         await proc.wait_for_socket(proc.agent_path)
         ask = asyncio.create_task(ask_guest(proc.agent_path, prepare, timeout=CLONE_TIMEOUT_S,
-                                            expect=lambda a: "hostname" in a or not a.get("ok", True)))
+                                            expect=_identity_answer))
         try:
             await qmp.execute("cont")
             if (await ask).get("ok"):
