@@ -13,9 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from vmstream.cli.bench import bench_app
-from vmstream.cli.client import AgentClient
+from vmstream.cli.context import client, settings
 from vmstream.cli.migrate import migrate, peer_app
-from vmstream.config import data_dir
 from vmstream.errors import InvalidInput, VmstreamError
 from vmstream.guest.identity import parse_params
 
@@ -37,8 +36,7 @@ out = Console()
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def _client() -> AgentClient:
-    return AgentClient(data_dir())
+_client = client
 
 
 def _emit(obj: Any, as_json: bool, render: Any = None) -> None:
@@ -246,7 +244,8 @@ def guest_rootfs(
     """Build the Debian disk guest (debootstrap; about a minute): systemd, the vmstream agent, qemu-guest-agent."""
     from vmstream.guest.rootfs import build_rootfs
 
-    path = build_rootfs(data_dir() / "guest" / "rootfs", force, say=lambda m: Console(stderr=True).print(m))
+    cfg = settings()
+    path = build_rootfs(cfg.home / "guest" / "rootfs", force, say=lambda m: Console(stderr=True).print(m), mirror=cfg.debian_mirror)
     out.print(f"{path}\nboot it with: vmstream boot NAME --disk debian --memory 512M")
 
 
@@ -287,7 +286,7 @@ def agent(ctx: typer.Context, port: Annotated[int, typer.Option(help="Loopback p
     if ctx.invoked_subcommand is None:
         from vmstream.host.server import run_agent
 
-        run_agent(data_dir(), port)
+        run_agent(settings(), port)
 
 
 @agent_app.command("stop")

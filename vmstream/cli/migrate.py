@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from vmstream.cli.client import AgentClient
-from vmstream.config import agent_token, data_dir
+from vmstream.cli.context import client
+from vmstream.config import agent_token
 from vmstream.errors import InvalidInput
 
 peer_app = typer.Typer(help="Peer hosts this host can migrate VMs to.", no_args_is_help=True)
@@ -22,7 +23,7 @@ POLL_S = 0.2
 
 
 def _client() -> AgentClient:
-    return AgentClient(data_dir())
+    return client()
 
 
 def _mib(n: int | None) -> str:

@@ -48,7 +48,7 @@ class CloneIdentity:
     mac: str
     params: dict[str, str] = field(default_factory=dict)
     user_data: bytes | None = None
-    defer_hooks: bool = False  # the clone.d hooks wait for 'start-hooks' (see HostManager)
+    defer_hooks: bool = False  # the clone.d hooks wait for 'start-hooks' (see vmstream.host.hooks)
     ip: str | None = None  # ADDRESS/PREFIX on a bridged host: the image's address is its source's
 
     def command(self, now: float | None = None, verb: str = "identity") -> str:

@@ -29,7 +29,7 @@ from vmstream.guest.build import compile_static
 from vmstream.guest.installer import agent_installer
 
 SUITE = "bookworm"
-MIRROR = os.environ.get("VMSTREAM_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+MIRROR = "http://deb.debian.org/debian"  # the debian_mirror setting's default
 PACKAGES = ("systemd-sysv", "udev", "qemu-guest-agent", "iproute2")
 IMAGE_SIZE = "1G"
 MASKED = ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer", "man-db.timer",
@@ -79,7 +79,7 @@ def rootfs_path(cache_dir: Path) -> Path:
     return cache_dir / f"debian-{SUITE}-{_key()}.raw"
 
 
-def build_rootfs(cache_dir: Path, force: bool = False, say: Callable[[str], None] = lambda _: None) -> Path:
+def build_rootfs(cache_dir: Path, force: bool = False, say: Callable[[str], None] = lambda _: None, mirror: str = MIRROR) -> Path:
     """The disk image (raw ext4), built once (about a minute with a near mirror)."""
     out = rootfs_path(cache_dir)
     if out.exists() and not force:
@@ -92,8 +92,8 @@ def build_rootfs(cache_dir: Path, force: bool = False, say: Callable[[str], None
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".rootfs-") as tmp:
         root = Path(tmp) / "root"
-        say(f"debootstrap {SUITE} from {MIRROR} (packages: {', '.join(PACKAGES)})")
-        _run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(root), MIRROR],
+        say(f"debootstrap {SUITE} from {mirror} (packages: {', '.join(PACKAGES)})")
+        _run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(root), mirror],
              "debootstrap (is the Debian mirror reachable? set VMSTREAM_DEBIAN_MIRROR)")
         say("installing the vmstream agent, statusd and the network set-up")
         _customize(root, Path(tmp))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import os
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -63,8 +65,6 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        import os
-
         return {"ok": True, "pid": os.getpid(), "version": __version__}
 
     v1 = [Depends(auth)]
@@ -93,9 +93,7 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
 
     @app.post("/v1/guest/build", dependencies=v1)
     async def guest_build(req: GuestBuildRequest) -> dict[str, str]:
-        import asyncio
-
-        g = await asyncio.to_thread(manager.guest, Path(req.kernel) if req.kernel else None, req.force)
+        g = await asyncio.to_thread(manager.starter.guest, Path(req.kernel) if req.kernel else None, req.force)
         return {"key": g.key, "kernel": str(g.kernel), "initrd": str(g.initrd), "kernel_release": g.kernel_release}
 
     @app.get("/v1/vms", dependencies=v1)
@@ -125,15 +123,15 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
 
     @app.get("/v1/live-images", dependencies=v1)
     async def list_images() -> list[ImageInfo]:
-        return manager.list_images()
+        return manager.image_ops.describe_all()
 
     @app.post("/v1/live-images", dependencies=v1)
     async def create_image(req: CreateImageRequest) -> ImageInfo:
-        return await manager.create_image(req.vm, req.name, req.flatten)
+        return await manager.image_ops.create(req.vm, req.name, req.flatten)
 
     @app.get("/v1/live-images/{name}/servers", dependencies=v1)
     async def servers(name: str) -> list[VmInfo]:
-        return manager.image_servers(name)
+        return manager.image_ops.servers(name)
 
     @app.post("/v1/live-images/{name}/start", dependencies=v1)
     async def start(name: str, req: StartRequest) -> StartResult:
@@ -141,27 +139,27 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
             user_data = base64.b64decode(req.user_data_b64, validate=True) if req.user_data_b64 is not None else None
         except binascii.Error as exc:
             raise InvalidInput(f"user_data_b64 is not valid base64: {exc}") from exc
-        return await manager.start_clones(name, req.count, req.name, req.params, user_data, req.prefetch, req.pool)
+        return await manager.clones.start(name, req.count, req.name, req.params, user_data, req.prefetch, req.pool)
 
     @app.delete("/v1/live-images/{name}", dependencies=v1)
     async def delete_image(name: str) -> dict[str, str]:
-        await manager.delete_image(name)
+        await manager.image_ops.delete(name)
         return {"deleted": name}
 
     # ---- migration: peers, the source's jobs, the destination's incoming VMs ----
-    mig = manager.migrations
+    mig, incoming_vms, peer_hosts = manager.migrations, manager.incoming, manager.peers
 
     @app.get("/v1/peers", dependencies=v1)
     async def peers() -> list[PeerInfo]:
-        return mig.peers()
+        return peer_hosts.list()
 
     @app.put("/v1/peers/{name}", dependencies=v1)
     async def add_peer(name: str, req: PeerRequest) -> PeerInfo:
-        return await mig.add_peer(name, req.url, req.token)
+        return await peer_hosts.add(name, req.url, req.token)
 
     @app.delete("/v1/peers/{name}", dependencies=v1)
     async def remove_peer(name: str) -> dict[str, str]:
-        mig.remove_peer(name)
+        peer_hosts.remove(name)
         return {"removed": name}
 
     @app.post("/v1/vms/{name}/migrate", dependencies=v1, status_code=202)
@@ -178,24 +176,24 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
 
     @app.post("/v1/migrations/incoming", dependencies=v1)
     async def incoming(req: IncomingRequest) -> IncomingAnswer:
-        return await mig.prepare_incoming(req)
+        return await incoming_vms.prepare(req)
 
     @app.get("/v1/migrations/incoming/{name}", dependencies=v1)
     async def incoming_status(name: str) -> IncomingStatus:
-        return await mig.incoming_status(name)
+        return await incoming_vms.status(name)
 
     @app.post("/v1/migrations/incoming/{name}/running", dependencies=v1)
     async def incoming_running(name: str, timeout: float = 60.0) -> VmInfo:
-        return await mig.incoming_running(name, timeout)
+        return await incoming_vms.running(name, timeout)
 
     @app.post("/v1/migrations/incoming/{name}/announce", dependencies=v1)
     async def incoming_announce(name: str) -> dict[str, str]:
-        await mig.incoming_announce(name)
+        await incoming_vms.announce(name)
         return {"announced": name}
 
     @app.delete("/v1/migrations/incoming/{name}", dependencies=v1)
     async def remove_incoming(name: str) -> dict[str, str]:
-        await mig.remove_incoming(name)
+        await incoming_vms.remove(name)
         return {"removed": name}
 
     @app.post("/v1/agent/shutdown", dependencies=v1)

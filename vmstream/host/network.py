@@ -4,7 +4,7 @@ Slirp gives each VM a host port on 127.0.0.1 and needs nothing set up, but a
 VM's address changes with its host. With a bridge, each VM gets a tap on it
 and a static address from this host's range; the address stays with the VM
 when it migrates to another host on the same L2 segment, and so do its TCP
-connections. Set by the agent's environment:
+connections. Set by the agent's settings (vmstream.settings), i.e. its environment:
 
     VMSTREAM_BRIDGE=br0                          the bridge (must exist)
     VMSTREAM_NETNS=hosta                         the namespace it is in (default: this one)
@@ -17,12 +17,12 @@ Hosts on one segment need disjoint ranges: a VM keeps its address wherever it ru
 from __future__ import annotations
 
 import ipaddress
-import os
 import subprocess
 from dataclasses import dataclass
 
 from vmstream.errors import InvalidInput
 from vmstream.net.links import NETNS_DIR
+from vmstream.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,11 @@ def _run(args: list[str], netns: str | None, check: bool = True) -> None:
         raise InvalidInput(f"'{' '.join(cmd)}' failed: {proc.stderr.strip()}")
 
 
-def from_env() -> BridgedNet | None:
-    """The bridged network the environment asks for, checked; None for slirp."""
-    bridge = os.environ.get("VMSTREAM_BRIDGE")
+def from_settings(settings: Settings) -> BridgedNet | None:
+    """The bridged network the settings ask for, checked; None for slirp."""
+    bridge, netns, spec = settings.bridge, settings.netns, settings.vm_addresses
     if not bridge:
         return None
-    netns = os.environ.get("VMSTREAM_NETNS") or None
     if netns and not (NETNS_DIR / netns).exists():
         raise InvalidInput(f"VMSTREAM_NETNS={netns}: no such network namespace (ip netns add {netns})")
     where = f" in namespace {netns}" if netns else ""
@@ -78,7 +77,6 @@ def from_env() -> BridgedNet | None:
     if probe.returncode != 0 or bridge not in probe.stdout:
         ns = f"-n {netns} " if netns else ""
         raise InvalidInput(f"VMSTREAM_BRIDGE={bridge}: no such bridge{where}; make it with 'ip {ns}link add {bridge} type bridge'")
-    spec = os.environ.get("VMSTREAM_VM_ADDRESSES", "")
     try:
         span, _, plen = spec.partition("/")
         lo, _, hi = span.partition("-")
@@ -92,5 +90,4 @@ def from_env() -> BridgedNet | None:
             f"VMSTREAM_VM_ADDRESSES={spec!r} is not an address range: write it as FIRST-LAST/PREFIX, "
             "e.g. 10.77.0.10-10.77.0.49/24 (the addresses this host gives its VMs)"
         ) from None
-    gateway = os.environ.get("VMSTREAM_VM_GATEWAY") or None
-    return BridgedNet(bridge, netns, first, last, prefix_len, gateway)
+    return BridgedNet(bridge, netns, first, last, prefix_len, settings.vm_gateway)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from vmstream.host.footprint import Footprint
+from vmstream.host.state import VmState
 
 
 class BootRequest(BaseModel):
@@ -20,7 +21,7 @@ class BootRequest(BaseModel):
 
 class VmInfo(BaseModel):
     name: str
-    state: str
+    state: VmState
     endpoint: str
     pid: int | None
     memory_bytes: int
@@ -99,6 +100,7 @@ class HostInfo(BaseModel):
     accelerator: str
     accelerator_reason: str
     guest: dict[str, Any] | None
+    settings: dict[str, Any] = Field(default_factory=dict)  # the values this agent runs with (secrets masked)
 
 
 class PeerRequest(BaseModel):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import logging
 import os
 import socket
-from pathlib import Path
 
 import uvicorn
 
@@ -20,10 +20,14 @@ from vmstream.config import agent_token
 from vmstream.errors import Conflict
 from vmstream.host.api import create_app
 from vmstream.host.manager import HostManager
+from vmstream.settings import Settings
 
 
-def run_agent(data_dir: Path, port: int = 0) -> None:
+def run_agent(settings: Settings, port: int = 0) -> None:
+    data_dir = settings.home
     data_dir.mkdir(parents=True, exist_ok=True)
+    # the operation log: stderr, which the CLI points at agent.log when it starts the agent
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     lock = open(data_dir / "agent.lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -42,7 +46,7 @@ def run_agent(data_dir: Path, port: int = 0) -> None:
         assert server is not None
         server.should_exit = True
 
-    manager = HostManager(data_dir)
+    manager = HostManager(settings)
     app = create_app(manager, agent_token(data_dir), request_exit)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)

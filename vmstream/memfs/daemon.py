@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -176,10 +177,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--control", type=Path, required=True)
     p.add_argument("--retry-attempts", type=int, default=4)
     p.add_argument("--retry-deadline", type=float, default=10.0)
+    p.add_argument("--read-ahead-chunks", type=int, default=8)
+    p.add_argument("--token-stdin", action="store_true", help="read a peer store's token from the first line of stdin")
     args = p.parse_args(argv)
+    token = sys.stdin.readline().strip() or None if args.token_stdin else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s memfs %(levelname)s %(message)s")
-    store = ChunkStore(open_backend(args.store), retry=RetryPolicy(attempts=args.retry_attempts, deadline=args.retry_deadline))
-    fs = MemFs(store, ChunkCache(args.cache, args.cache_bytes))
+    store = ChunkStore(open_backend(args.store, token), retry=RetryPolicy(attempts=args.retry_attempts, deadline=args.retry_deadline))
+    fs = MemFs(store, ChunkCache(args.cache, args.cache_bytes), args.read_ahead_chunks)
     args.mount.mkdir(parents=True, exist_ok=True)
     options = set(pyfuse3.default_options) | {"fsname=vmstream-memfs"}
     pyfuse3.init(fs, str(args.mount), options)

@@ -30,7 +30,6 @@ from vmstream.store import ChunkMap, ChunkRef, ChunkStore, ObjectNotFound, Store
 from vmstream.store.store import chunk_id
 
 log = logging.getLogger("vmstream.memfs")
-READ_AHEAD_CHUNKS = int(os.environ.get("VMSTREAM_MEMFS_READ_AHEAD_CHUNKS", "8"))
 READ_AHEAD_AFTER = 4  # consecutive missed chunks that make a read sequential
 
 
@@ -72,9 +71,10 @@ class ImageFile:
 
 
 class MemFs(pyfuse3.Operations):
-    def __init__(self, store: ChunkStore, cache: ChunkCache) -> None:
+    def __init__(self, store: ChunkStore, cache: ChunkCache, read_ahead_chunks: int = 8) -> None:
         super().__init__()
         self.store = store
+        self.read_ahead_chunks = read_ahead_chunks  # chunks fetched ahead of a sequential reader
         self.cache = cache
         self.files: dict[str, ImageFile] = {}
         self.by_inode: dict[int, ImageFile] = {}
@@ -193,8 +193,8 @@ class MemFs(pyfuse3.Operations):
         """On misses at consecutive chunks (a sequential read), fetch the next few ahead."""
         f.run = f.run + 1 if f.last_miss == index - 1 else 1
         f.last_miss = index
-        if f.run >= READ_AHEAD_AFTER and READ_AHEAD_CHUNKS and self.nursery is not None:
-            ahead = list(range(index + 1, min(index + 1 + READ_AHEAD_CHUNKS, len(f.chunk_map.chunks))))
+        if f.run >= READ_AHEAD_AFTER and self.read_ahead_chunks and self.nursery is not None:
+            ahead = list(range(index + 1, min(index + 1 + self.read_ahead_chunks, len(f.chunk_map.chunks))))
             self.nursery.start_soon(self.fetch_quietly, f, ahead)
 
     async def fetch_quietly(self, f: ImageFile, indexes: list[int]) -> None:

@@ -34,7 +34,8 @@ def is_mounted(path: Path) -> bool:
 
 
 class MemfsMount:
-    def __init__(self, data_dir: Path, store_spec: str, cache_bytes: int) -> None:
+    def __init__(self, data_dir: Path, store_spec: str, cache_bytes: int, peer_token: str | None = None,
+                 read_ahead_chunks: int = 8) -> None:
         self.mountpoint = data_dir / "memfs"
         self.cache_dir = data_dir / "cache"
         self.control = data_dir / "memfs.sock"
@@ -42,6 +43,8 @@ class MemfsMount:
         self.log_file = data_dir / "memfs.log"
         self.store_spec = store_spec
         self.cache_bytes = cache_bytes
+        self.peer_token = peer_token  # handed to the daemon on its stdin, never on its command line
+        self.read_ahead_chunks = read_ahead_chunks
         self._popen: subprocess.Popen[bytes] | None = None
         self._lock = asyncio.Lock()
 
@@ -67,9 +70,13 @@ class MemfsMount:
                 self._popen = subprocess.Popen(
                     [sys.executable, "-m", "vmstream.memfs.daemon", "--mount", str(self.mountpoint),
                      "--store", self.store_spec, "--cache", str(self.cache_dir),
-                     "--cache-bytes", str(self.cache_bytes), "--control", str(self.control)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                     "--cache-bytes", str(self.cache_bytes), "--control", str(self.control),
+                     "--read-ahead-chunks", str(self.read_ahead_chunks), "--token-stdin"],
+                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 )
+            assert self._popen.stdin is not None
+            self._popen.stdin.write(((self.peer_token or "") + "\n").encode())
+            self._popen.stdin.close()
             self.pid_file.write_text(str(self._popen.pid))
             deadline = time.monotonic() + START_TIMEOUT_S
             while not (is_mounted(self.mountpoint) and self.control.exists()):

@@ -59,9 +59,8 @@ def _probe_kvm(kernel: Path) -> AccelChoice:
         return AccelChoice("tcg", f"a probe guest under KVM failed: {detail[0]}")
 
 
-def choose_accelerator(kernel: Path, cache_file: Path) -> AccelChoice:
-    """KVM or TCG, with the reason; VMSTREAM_ACCEL=kvm|tcg overrides the probe."""
-    forced = os.environ.get("VMSTREAM_ACCEL", "auto")
+def choose_accelerator(kernel: Path, cache_file: Path, forced: str = "auto") -> AccelChoice:
+    """KVM or TCG, with the reason; forced kvm|tcg (the accel setting) overrides the probe."""
     if forced in ("kvm", "tcg"):
         return AccelChoice(forced, f"set by VMSTREAM_ACCEL={forced}")
     key = f"{qemu_version()}:{kernel.stat().st_size}"

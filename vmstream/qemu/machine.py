@@ -28,7 +28,6 @@ from vmstream.errors import QemuError
 from vmstream.qemu.preload import nothp_library
 
 QEMU_BINARY = "qemu-system-x86_64"
-HEADER_ONLY_KERNEL = os.environ.get("VMSTREAM_CLONE_KERNEL_HEADER_ONLY", "1") != "0"  # see header_only_kernel
 
 
 @cache
@@ -93,6 +92,8 @@ class MachineSpec:
     # announce is ~5% of a clone's start. QEMU's own announce (RARP) still moves a migrated VM.
     # Part of the machine: a clone's NIC must match its image's.
     guest_announce: bool = False
+    kernel_header_only: bool = True  # a VM resuming an image's memory gets only the kernel's setup header
+    nothp: bool = True  # a VM on an image's memory file runs with the no-huge-pages shim (see vmstream.qemu.preload)
 
     def command(self, rundir: Path) -> list[str]:
         mib = self.memory_bytes >> 20
@@ -157,7 +158,7 @@ class MachineSpec:
     def _kernel(self) -> Path:
         """The -kernel file: for a VM that resumes an image's memory, only the kernel's
         setup header (see header_only_kernel)."""
-        if self.incoming and self.memory_file is not None and HEADER_ONLY_KERNEL:
+        if self.incoming and self.memory_file is not None and self.kernel_header_only:
             return header_only_kernel(self.kernel) or self.kernel
         return self.kernel
 
@@ -241,10 +242,11 @@ class QemuProcess:
     def start(self, spec: MachineSpec) -> None:
         """Launch QEMU in its own session, its output going to qemu.log.
 
-        A VM on an image's memory file runs with the no-huge-pages shim."""
+        A VM on an image's memory file runs with the no-huge-pages shim, built once
+        in lib/ beside the run root (<data dir>/lib for the agent's VMs)."""
         self.rundir.mkdir(parents=True, exist_ok=True)
         env = None
-        if spec.memory_file is not None and os.environ.get("VMSTREAM_CLONE_NOTHP", "1") != "0" and (shim := nothp_library()) is not None:
+        if spec.memory_file is not None and spec.nothp and (shim := nothp_library(self.rundir.parent.parent / "lib")) is not None:
             env = {**os.environ, "LD_PRELOAD": str(shim)}
         with open(self.log_path, "ab") as log:
             self._popen = subprocess.Popen(

@@ -12,20 +12,18 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from vmstream.config import data_dir
-
 log = logging.getLogger("vmstream.qemu")
 
 
 @cache
-def nothp_library() -> Path | None:
-    """Path of the compiled shim, or None (with a warning) if it cannot be built.
+def nothp_library(lib_dir: Path) -> Path | None:
+    """Path of the compiled shim in lib_dir, or None (with a warning) if it cannot be built.
 
     Without it clones still run correctly; they only fetch and keep more memory.
     """
     source = resources.files("vmstream.qemu").joinpath("nothp.c").read_bytes()
     digest = hashlib.sha256(source).hexdigest()[:16]
-    lib = data_dir() / "lib" / f"vmstream-nothp-{digest}.so"
+    lib = lib_dir / f"vmstream-nothp-{digest}.so"
     if lib.exists():
         return lib
     cc = shutil.which("gcc") or shutil.which("cc")

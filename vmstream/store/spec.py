@@ -5,12 +5,11 @@
                                       S3-compatible storage; credentials from
                                       the usual AWS_* environment variables
     peer:http://127.0.0.1:PORT        another host agent's chunks (read-only);
-                                      token from VMSTREAM_PEER_TOKEN
+                                      with the peer's agent token
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -22,13 +21,13 @@ from vmstream.store.peer import PeerBackend
 from vmstream.store.s3 import S3Backend
 
 
-def open_backend(spec: str) -> Backend:
+def open_backend(spec: str, peer_token: str | None = None) -> Backend:
     if spec.startswith("s3://"):
         url = urlparse(spec)
         options: dict[str, Any] = {k: v[-1] for k, v in parse_qs(url.query).items()}
         return S3Backend(url.netloc, url.path.strip("/"), endpoint_url=options.pop("endpoint_url", None), **options)
     if spec.startswith("peer:"):
-        return PeerBackend(spec[len("peer:") :], os.environ.get("VMSTREAM_PEER_TOKEN"))
+        return PeerBackend(spec[len("peer:") :], peer_token)
     path = spec[len("local:") :] if spec.startswith("local:") else spec
     if not path.startswith("/"):
         raise StoreError(

@@ -1,0 +1,200 @@
+"""Starting clones of a live image: all of a request start, or none is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPError
+
+from vmstream.config import check_name
+from vmstream.errors import GuestError, InvalidInput, QemuError
+from vmstream.guest.identity import CloneIdentity, check_params
+from vmstream.host import disks
+from vmstream.host.db import VmRecord
+from vmstream.host.hooks import Batch, HookWatcher
+from vmstream.host.pool import ClonePool
+from vmstream.host.registry import VmRegistry
+from vmstream.host.schemas import StartResult
+from vmstream.host.starter import CLONE_TIMEOUT_S, Starter
+from vmstream.host.state import VmState
+from vmstream.host.tasks import Tasks, operation
+from vmstream.host.workingset import WorkingSets
+from vmstream.image import ImageRepository, LiveImage
+from vmstream.memfs.mount import MemfsMount
+from vmstream.qemu import QemuProcess, qemu_version
+from vmstream.settings import Settings
+
+HTTP_HEDGE_S = 0.2  # a single clone's status probe unanswered this long after its identity gets a second one
+
+
+class CloneStarter:
+    def __init__(
+        self, settings: Settings, registry: VmRegistry, starter: Starter, images: ImageRepository, memfs: MemfsMount,
+        pool: ClonePool, hooks: HookWatcher, working_sets: WorkingSets, tasks: Tasks,
+    ) -> None:
+        self.defer_hooks = settings.batch_defer_hooks
+        self.registry = registry
+        self.starter = starter
+        self.images = images
+        self.memfs = memfs
+        self.pool = pool
+        self.hooks = hooks
+        self.working_sets = working_sets
+        self.tasks = tasks
+
+    def _check(self, image: LiveImage) -> None:
+        g = image.guest
+        for path in (g.kernel, g.initrd):
+            if not Path(path).is_file():
+                raise GuestError(f"live image '{image.name}' needs {path}, which is gone: rebuild the image")
+        if g.qemu_version != qemu_version():
+            raise InvalidInput(f"live image '{image.name}' was made with QEMU {g.qemu_version}, this host has {qemu_version()}")
+
+    def _names(self, prefix: str, count: int) -> list[str]:
+        existing = {r.name for r in self.registry.all()}
+        index, names = 1, list[str]()
+        while len(names) < count:
+            if f"{prefix}-{index}" not in existing:
+                names.append(f"{prefix}-{index}")
+            index += 1
+        return names
+
+    async def start(
+        self, image_name: str, count: int, prefix: str | None, params: dict[str, str] | None = None,
+        user_data: bytes | None = None, prefetch: bool = True, pool: bool = True,
+    ) -> StartResult:
+        """Start count clones in parallel; all start, or none is left behind."""
+        t0 = time.perf_counter()
+        params = params or {}
+        check_params(params)
+        image = self.images.get(image_name)
+        prefix = check_name(prefix or image_name, "clone name prefix")
+        self._check(image)
+        g = image.guest
+        recs = await self.registry.reserve(
+            self._names(prefix, count), memory_bytes=g.memory_bytes, cpus=g.cpus, kernel=g.kernel, initrd=g.initrd,
+            accel=g.accel, parent_image=image_name,
+        )
+        batch = Batch(len(recs), self.defer_hooks)
+        try:
+            async with operation(f"start {len(recs)} clone(s)", vm=",".join(r.name for r in recs), image=image_name):
+                return await self._start(image, recs, t0, params, user_data, prefetch, pool, batch)
+        finally:
+            batch.finish()
+
+    async def _start(
+        self, image: LiveImage, recs: list[VmRecord], t0: float, params: dict[str, str], user_data: bytes | None,
+        prefetch: bool, pool: bool, batch: Batch,
+    ) -> StartResult:
+        try:
+            await self.memfs.ensure()
+            recording = await self.working_sets.prepare(image, prefetch)
+        except BaseException:
+            for rec in recs:
+                self.starter.remove_row(rec.name)
+            raise
+        if pool and len(recs) == 1:  # a batch does not hold its other clones back for one pooled QEMU
+            await self.pool.wait(image.name)
+        taken = [self.pool.take(rec, image.name) if pool else (rec, False) for rec in recs]
+        recs = [rec for rec, _ in taken]
+        results = await asyncio.gather(
+            *(self._start_one(rec, image, t0, params, user_data, batch, pooled) for rec, pooled in taken),
+            return_exceptions=True,
+        )
+        if any(isinstance(r, BaseException) for r in results) and (why := await self._memfs_error(image)):
+            results = [QemuError(f"clones of '{image.name}' cannot run: reading the image memory failed ({why}); "
+                                 "the clone was stopped and never ran on wrong memory")]
+        if recording:
+            self.tasks.spawn(self.working_sets.record(image), "working-set recording", image=image.name)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await asyncio.gather(*(self.starter.remove(r) for r in recs if self.registry.exists(r.name)), return_exceptions=True)
+            raise errors[0]
+        self.pool.fill(image.name)
+        return StartResult(image=image.name, vms=[self.starter.info(self.registry.get(r.name)) for r in recs],
+                           elapsed_s=time.perf_counter() - t0)
+
+    async def _memfs_error(self, image: LiveImage) -> str | None:
+        """Why memfs failed to read an image's memory, if it did: the clone died of it."""
+        try:
+            stats = await self.memfs.request("stats")
+        except Exception:
+            return None
+        err = stats.get("images", {}).get(image.memory_root or image.name, {}).get("last_error")
+        return str(err) if err else None
+
+    async def _start_one(
+        self, rec: VmRecord, image: LiveImage, t0: float, params: dict[str, str], user_data: bytes | None,
+        batch: Batch, pooled: bool,
+    ) -> None:
+        """QEMU on the image's memory, delta pages written in, device state loaded,
+        new identity applied, and first HTTP answer; then hooks are watched.
+        pooled: the QEMU was started ahead and is paused with all that loaded."""
+        phases: dict[str, float] = {}
+
+        def mark(phase: str) -> None:
+            phases[phase] = round(time.perf_counter() - t0, 4)
+
+        async with self.starter.starting(rec) as proc:
+            if pooled:
+                mark("pool_taken")
+            else:
+                if image.guest.disk:  # its own overlay on the image's disk layer
+                    await self.starter.overlay_disk(rec, self.images.image_dir(image) / disks.LAYER)
+                await self.starter.launch(rec, proc, self.starter.spec(rec, image))
+                mark("qemu_spawned")
+            identity = CloneIdentity(rec.hostname, rec.mac, params, user_data, defer_hooks=batch.defer_hooks,
+                                     ip=self.starter.address(rec))
+            identity_task: asyncio.Task[dict[str, Any]] | None = None
+            http_task: asyncio.Task[dict[str, Any]] | None = None
+            try:
+                identity_task = await self.starter.resume_clone(rec, proc, image, identity.command(), pooled, mark)
+                http_task = asyncio.create_task(self.starter.wait_http(rec, proc, CLONE_TIMEOUT_S))
+                answer = await identity_task
+                mark("identity_applied")
+                if isinstance(answer.get("us"), dict):  # the guest's own time, waking up and applying it
+                    # ("woke" is -1 when the agent was not waiting for the host: not counted)
+                    us = {k: v for k, v in answer["us"].items() if v >= 0}
+                    phases["identity_in_guest"] = round(sum(us.values()) / 1e6, 4)
+                    phases.update({f"guest_{k}": round(v / 1e6, 4) for k, v in {**us, **answer.get("steps_us", {})}.items()})
+                if not answer.get("ok") or answer.get("hostname") != rec.hostname:
+                    raise QemuError(f"clone {rec.name}: the guest agent did not apply the new identity: {answer}")
+                self.registry.update(rec.name, identity_applied_s=phases["identity_applied"])
+                await self._answer(rec, proc, http_task, batch.hedge_http)
+            except (QMPError, OSError, EOFError) as exc:
+                raise QemuError(f"clone {rec.name} failed while loading its device state: {proc.log_tail() or exc}") from exc
+            except QemuError as exc:
+                if proc.alive():
+                    raise
+                # the guest channel closed because QEMU is gone: say what it and the guest printed last
+                raise QemuError(f"clone {rec.name}: QEMU exited while the clone started ({exc}); QEMU said: "
+                                f"{proc.log_tail() or 'nothing'}; guest console: {proc.serial_tail() or 'nothing'}") from exc
+            finally:
+                for task in (identity_task, http_task):  # on failure, nothing keeps probing a stopped VM
+                    if task is not None and not task.done():
+                        task.cancel()
+            mark("http_answered")
+            self.registry.update(rec.name, state=VmState.RUNNING, ready_s=phases["http_answered"], phases=json.dumps(phases))
+        self.tasks.spawn(self.hooks.after_start(rec, proc, batch), "clone hooks", vm=rec.name)
+
+    async def _answer(self, rec: VmRecord, proc: QemuProcess, http: asyncio.Task[dict[str, Any]], hedge: bool) -> dict[str, Any]:
+        """The clone's first HTTP answer, once its identity is applied.
+
+        The probe started while the guest was still resuming. If its SYN-ACK went out
+        to the image's MAC just before the guest took its new one, slirp resends only
+        after ~2 s; so a probe still unanswered HTTP_HEDGE_S after the identity gets
+        one more beside it (new MAC, known to slirp from the guest's gratuitous ARP),
+        and the first answer wins. Not in a burst, where probes cost the guests."""
+        done, _ = await asyncio.wait({http}, timeout=HTTP_HEDGE_S if hedge else None)
+        if done:
+            return http.result()
+        second = asyncio.create_task(self.starter.wait_http(rec, proc, CLONE_TIMEOUT_S))
+        try:
+            done, _ = await asyncio.wait({http, second}, return_when=asyncio.FIRST_COMPLETED)
+            return next(iter(done)).result()
+        finally:
+            second.cancel()

@@ -1,0 +1,148 @@
+"""The clone pool: QEMUs started ahead for recently started images, their state
+loaded and paused, so a clone start only resumes one.
+
+A pooled QEMU also runs once through a clone's start before it is paused
+(run-through): QEMU drops all translated code when it loads a state, so under
+TCG a clone's start is mostly translating anew the guest's resume, identity and
+network paths; done here, before any request, that is off the start's path. The
+guest reseeds its RNG on this QEMU's new VM Generation ID, takes this QEMU's MAC
+and address (which the clone keeps), and answers HTTP once. No hooks run and
+none of their inputs are written: the clone's identity brings those. An agent
+that does not know 'prepare' (images from before it) answers with an error, and
+the guest is paused again as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from typing import Any
+
+from qemu.qmp import QMPError
+
+from vmstream.errors import NotFound, QemuError
+from vmstream.guest.identity import CloneIdentity
+from vmstream.host.db import VmRecord
+from vmstream.host.registry import POOL_PREFIX, VmRegistry
+from vmstream.host.starter import Starter
+from vmstream.host.state import VmState
+from vmstream.host.tasks import Tasks
+from vmstream.image import ImageRepository
+from vmstream.settings import Settings
+
+log = logging.getLogger("vmstream.host.pool")
+POOL_WAIT_S = 2.0  # a single start waits this long for a pooled QEMU being prepared (further along than a new one)
+
+
+class ClonePool:
+    def __init__(self, settings: Settings, registry: VmRegistry, starter: Starter, images: ImageRepository, tasks: Tasks) -> None:
+        self.size = settings.clone_pool
+        self.images_kept = settings.clone_pool_images
+        self.run_through = settings.clone_pool_run_through
+        self.tb_mib = settings.clone_pool_tb_mib
+        self.registry = registry
+        self.starter = starter
+        self.images = images
+        self.tasks = tasks
+        self._ready: dict[str, list[str]] = {}  # image -> names of its pooled rows, ready to take
+        self._fills: dict[str, asyncio.Task[None]] = {}
+        self._added = asyncio.Condition()
+
+    def take(self, rec: VmRecord, image_name: str) -> tuple[VmRecord, bool]:
+        """rec with a ready pooled QEMU of the image taken over, and True; or rec, False."""
+        ready = self._ready.get(image_name, [])
+        while ready:
+            pool_name = ready.pop(0)
+            pool_rec = self.registry.find(pool_name)
+            if pool_rec is None:
+                continue
+            if not self.starter.proc(pool_rec).alive():  # it died while it waited: drop it (and its tap)
+                log.warning("pooled QEMU %s of image %s had exited; starting the clone anew", pool_name, image_name)
+                self.starter.remove_row(pool_name)
+                continue
+            clone = self.registry.take_over(pool_name, rec.name)
+            self.starter.hand_over(pool_name, rec.name)
+            return clone, True
+        return rec, False
+
+    async def wait(self, image_name: str) -> None:
+        """If the image's pool is being filled, wait a little for the QEMU on its way."""
+
+        def settled() -> bool:
+            return image_name not in self._fills or bool(self._ready.get(image_name))
+
+        if settled():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(POOL_WAIT_S), self._added:
+                await self._added.wait_for(settled)
+
+    def fill(self, image_name: str) -> None:
+        """Start the image's pooled QEMUs in the background, up to the pool size; the pools
+        of images started least recently go beyond clone_pool_images."""
+        if self.size <= 0:
+            return
+        self._ready[image_name] = self._ready.pop(image_name, [])  # most recently used last
+        for old in list(self._ready)[:-self.images_kept] if self.images_kept > 0 else list(self._ready):
+            self.tasks.spawn(self.drain(old), "clone pool drain", image=old)
+        if image_name in self._fills:
+            return
+        task = asyncio.create_task(self._fill(image_name))
+        self._fills[image_name] = task
+        task.add_done_callback(lambda t: self._filled(image_name, t))
+
+    async def _fill(self, image_name: str) -> None:
+        while len(self._ready.get(image_name, [])) < self.size:
+            image = self.images.get(image_name)
+            if image.guest.disk:
+                return  # a disk clone needs its own overlay first: not pooled
+            g = image.guest
+            (rec,) = await self.registry.reserve(
+                [POOL_PREFIX + secrets.token_hex(6)], state=VmState.POOLED, memory_bytes=g.memory_bytes, cpus=g.cpus,
+                kernel=g.kernel, initrd=g.initrd, accel=g.accel, parent_image=image_name,
+            )
+            async with self.starter.starting(rec) as proc:
+                spec = self.starter.pooled_spec(self.starter.spec(rec, image), self.tb_mib if self.run_through else None)
+                await self.starter.launch(rec, proc, spec)
+                await self.starter.load_paused(rec, proc, image)
+                if self.run_through:
+                    prepare = CloneIdentity(rec.hostname, rec.mac, ip=self.starter.address(rec)).command(verb="prepare")
+                    await self.starter.run_through(rec, proc, prepare)
+            self._ready.setdefault(image_name, []).append(rec.name)
+            async with self._added:
+                self._added.notify_all()
+
+    def _filled(self, image_name: str, task: asyncio.Task[None]) -> None:
+        self._fills.pop(image_name, None)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            level = logging.WARNING if isinstance(exc, (QemuError, NotFound, OSError, QMPError, EOFError)) else logging.ERROR
+            log.log(level, "filling the clone pool of image %s failed: %s", image_name, exc or type(exc).__name__)
+
+        async def wake() -> None:  # a start waiting on this fill stops waiting, even if it failed
+            async with self._added:
+                self._added.notify_all()
+
+        self.tasks.spawn(wake(), "clone pool wake-up", image=image_name)
+
+    async def drain(self, image_name: str | None = None) -> None:
+        """Stop the pooled QEMUs (of one image, or all): before the image goes, or the agent."""
+        names = [image_name] if image_name is not None else list({*self._ready, *self._fills})
+        for name in names:
+            task = self._fills.pop(name, None)
+            if task is not None:
+                task.cancel()  # a QEMU it was starting is stopped by Starter.starting
+                await asyncio.gather(task, return_exceptions=True)
+            self._ready.pop(name, None)
+        for rec in self.registry.all(pooled=True):
+            if rec.state == VmState.POOLED and (image_name is None or rec.parent_image == image_name):
+                await self.starter.remove(rec)
+
+    def info(self) -> dict[str, Any]:
+        """Per image: pooled QEMUs ready to take, and the pids of all (also those being started)."""
+        pids: dict[str, list[int]] = {}
+        for r in self.registry.all(pooled=True):
+            if r.state == VmState.POOLED and r.pid and r.parent_image:
+                pids.setdefault(r.parent_image, []).append(r.pid)
+        return {"ready": {name: len(ready) for name, ready in self._ready.items() if ready}, "pids": pids}

@@ -1,0 +1,161 @@
+"""VmRegistry: the rows of this host's VMs (vmstream.host.db), and nothing else.
+
+A row claims a VM's name, port, identity and (on a bridged host) address.
+Rows are changed here only, so state transitions are checked in one place
+(vmstream.host.state) and happen in one transaction each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from vmstream.errors import Conflict, NotFound
+from vmstream.host.db import VmRecord
+from vmstream.host.network import BridgedNet
+from vmstream.host.state import Op, VmState, check
+
+POOL_PREFIX = ".pool-"  # pooled rows' names: never a valid VM name, so never listed or taken by a user
+# A pooled QEMU's fields a clone takes over with it: all fresh, never used by a guest.
+_TAKEN_FROM_POOL = ("vm_id", "rundir", "http_port", "mac", "vmgenid", "pid", "ip")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def random_mac() -> str:
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+class VmRegistry:
+    def __init__(self, session: sessionmaker[Session], run_root: Path, net: BridgedNet | None) -> None:
+        self.session = session
+        self.run_root = run_root
+        self.net = net
+        self._alloc_lock = asyncio.Lock()
+
+    def find(self, name: str) -> VmRecord | None:
+        """Any row by name, pooled ones too."""
+        with self.session() as s:
+            return s.get(VmRecord, name)
+
+    def get(self, name: str) -> VmRecord:
+        """A VM's row, or NotFound naming the fix."""
+        rec = self.find(name)
+        if rec is None or rec.state == VmState.POOLED:
+            raise NotFound(f"no VM named '{name}': see 'vmstream list'")
+        return rec
+
+    def exists(self, name: str) -> bool:
+        return self.find(name) is not None
+
+    def all(self, parent_image: str | None = None, pooled: bool = False) -> list[VmRecord]:
+        """The VMs; pooled=True also the pool's paused QEMUs (which map image memory too)."""
+        with self.session() as s:
+            q = select(VmRecord).order_by(VmRecord.created_at)
+            if not pooled:
+                q = q.where(VmRecord.state != VmState.POOLED)
+            if parent_image is not None:
+                q = q.where(VmRecord.parent_image == parent_image)
+            return list(s.scalars(q))
+
+    def update(self, name: str, **values: Any) -> None:
+        with self.session() as s:
+            rec = s.get(VmRecord, name)
+            if rec is not None:
+                for k, v in values.items():
+                    setattr(rec, k, v)
+                s.commit()
+
+    def begin(self, name: str, op: Op, to: VmState) -> VmRecord:
+        """Check that the VM's state allows op and move it to `to`, in one step."""
+        with self.session() as s:
+            rec = s.get(VmRecord, name)
+            if rec is None or rec.state == VmState.POOLED:
+                raise NotFound(f"no VM named '{name}': see 'vmstream list'")
+            check(name, rec.state, op)
+            rec.state = to
+            s.commit()
+            return rec
+
+    def set_state(self, name: str, state: VmState, only_if: Iterable[VmState] | None = None) -> bool:
+        """Set a row's state (if it is in one of only_if); False if the row is gone or was not."""
+        with self.session() as s:
+            rec = s.get(VmRecord, name)
+            if rec is None or (only_if is not None and rec.state not in set(only_if)):
+                return False
+            rec.state = state
+            s.commit()
+            return True
+
+    def delete(self, name: str) -> VmRecord | None:
+        """Drop a row (its QEMU already stopped), and its tap on a bridged host."""
+        with self.session() as s:
+            rec = s.get(VmRecord, name)
+            if rec is not None:
+                s.delete(rec)
+                s.commit()
+        if rec is not None and rec.ip and self.net is not None:
+            self.net.remove_tap(rec.vm_id)
+        return rec
+
+    async def reserve(
+        self, names: list[str], *, identity: dict[str, str] | None = None, state: VmState = VmState.STARTING, **common: Any
+    ) -> list[VmRecord]:
+        """Insert rows for names, all or none: this claims the names, ports and addresses.
+        identity (hostname, mac, vmgenid[, ip]) is kept for a migrating VM; others get a new one."""
+        async with self._alloc_lock:
+            with self.session() as s:
+                taken = set(s.scalars(select(VmRecord.name).where(VmRecord.name.in_(names))))
+                if taken:
+                    raise Conflict(f"a VM named '{sorted(taken)[0]}' already exists: choose another name or destroy it first")
+                used = set(s.scalars(select(VmRecord.http_port)))
+                used_ips = set(s.scalars(select(VmRecord.ip)))
+                free_ips = [a for a in self.net.addresses() if a not in used_ips] if self.net else []
+                recs = []
+                for name in names:
+                    port = _free_port()
+                    while port in used:
+                        port = _free_port()
+                    used.add(port)
+                    vm_id = uuid.uuid4().hex[:12]
+                    ident = dict(identity or {"hostname": name, "mac": random_mac(), "vmgenid": str(uuid.uuid4())})
+                    if self.net is not None and not ident.get("ip"):
+                        if not free_ips:
+                            raise Conflict(f"no free VM address left in {self.net.first}-{self.net.last} "
+                                           "(VMSTREAM_VM_ADDRESSES): destroy a VM or give this host a larger range")
+                        ident["ip"] = free_ips.pop(0)
+                    recs.append(VmRecord(name=name, vm_id=vm_id, state=state, http_port=port,
+                                         rundir=str(self.run_root / vm_id), **ident, **common))
+                s.add_all(recs)
+                try:
+                    s.commit()
+                except IntegrityError as exc:
+                    raise Conflict(f"VM names {names} are already taken") from exc
+                return recs
+
+    def take_over(self, pool_name: str, name: str) -> VmRecord:
+        """Give the VM row `name` the pooled row's QEMU (vm_id, run dir, port, MAC, VM
+        Generation ID, pid, address) and drop the pooled row, in one transaction."""
+        with self.session() as s:
+            pool_rec, rec = s.get(VmRecord, pool_name), s.get(VmRecord, name)
+            assert pool_rec is not None and rec is not None
+            fields = {f: getattr(pool_rec, f) for f in _TAKEN_FROM_POOL}
+            s.delete(pool_rec)
+            s.flush()  # its vm_id and port are unique: free them before the clone's row takes them
+            for f, v in fields.items():
+                setattr(rec, f, v)
+            s.commit()
+            return rec

@@ -1,0 +1,268 @@
+"""Starter: the one owner of this host's QEMU processes.
+
+Every QEMU start goes through it (boot, clone, pooled QEMU, incoming
+migration), under one guard, `starting`, which stops the QEMU and drops the
+VM's row on any failure or cancellation. It is also the only place that talks
+to a VM's QEMU (QMP) and guest (agent channel, status page) on the agent's
+behalf, so in-process tests replace this one class to run an agent without QEMU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPError
+
+from vmstream.capture import CaptureResult, apply_delta, capture_vm
+from vmstream.errors import QemuError
+from vmstream.guest import GuestArtifacts, build_guest
+from vmstream.guest.channel import ask_guest
+from vmstream.guest.status import get_status
+from vmstream.host import disks, footprint
+from vmstream.host.db import VmRecord
+from vmstream.host.machines import machine_from_json
+from vmstream.host.registry import VmRegistry
+from vmstream.host.schemas import VmInfo
+from vmstream.host.state import LIVE, VmState
+from vmstream.image import ImageRepository, LiveImage
+from vmstream.qemu import AccelChoice, MachineSpec, QemuProcess, TapNic, choose_accelerator
+from vmstream.settings import Settings
+
+CLONE_TIMEOUT_S = 90.0
+
+
+def identity_answer(answer: dict[str, Any]) -> bool:
+    """The agent's answer to an identity or prepare (or its error), not a stale answer
+    the image's channel still held (say, to a status query)."""
+    return "hostname" in answer or not answer.get("ok", True)
+
+
+class Starter:
+    def __init__(self, settings: Settings, registry: VmRegistry, images: ImageRepository) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.images = images
+        self.net = registry.net  # None: slirp, each VM on a port of 127.0.0.1
+        self._procs: dict[str, QemuProcess] = {}
+
+    # ---- what this host runs -----------------------------------------------------
+
+    def guest(self, kernel: Path | None = None, force: bool = False) -> GuestArtifacts:
+        return build_guest(self.settings.home / "guest", kernel, force)
+
+    def accelerator(self, guest: GuestArtifacts) -> AccelChoice:
+        return choose_accelerator(guest.kernel, self.settings.home / "accel.json", self.settings.accel)
+
+    @property
+    def vm_netns(self) -> str | None:
+        """The network namespace this host's VMs (and their migration streams) live in."""
+        return self.net.netns if self.net else None
+
+    def tap_for(self, vm_id: str, ip: str) -> TapNic | None:
+        """The bridged NIC of a VM with this vm_id and address; None on a slirp host."""
+        if self.net is None:
+            return None
+        return TapNic(self.net.tap_name(vm_id), ip, self.net.netmask, self.net.gateway, self.net.netns)
+
+    def address(self, rec: VmRecord) -> str | None:
+        """ADDRESS/PREFIX of a VM on a bridged host (None with user networking)."""
+        return f"{rec.ip}/{self.net.prefix_len}" if rec.ip and self.net else None
+
+    # ---- processes -----------------------------------------------------------------
+
+    def proc(self, rec: VmRecord) -> QemuProcess:
+        """The QEMU of a row (adopted by pid after an agent restart)."""
+        proc = self._procs.get(rec.name)
+        if proc is None or proc.vm_id != rec.vm_id:
+            proc = QemuProcess(rec.vm_id, Path(rec.rundir), rec.pid)
+            self._procs[rec.name] = proc
+        return proc
+
+    def hand_over(self, from_name: str, to_name: str) -> None:
+        """A pooled QEMU now belongs to a VM row (see VmRegistry.take_over)."""
+        self._procs[to_name] = self._procs.pop(from_name)
+
+    def spec(self, rec: VmRecord, image: LiveImage | None = None) -> MachineSpec:
+        """The VM's command line; a clone's is its image's but for port, MAC, vmgenid and memory file.
+        A VM that migrated here runs with the machine it came with."""
+        if rec.spec:
+            return machine_from_json(rec.spec)
+        s = self.settings
+        return MachineSpec(
+            disk=Path(rec.disk) if rec.disk else None, vm_id=rec.vm_id, hostname=image.guest.hostname if image else rec.hostname,
+            memory_bytes=rec.memory_bytes, cpus=rec.cpus, kernel=Path(rec.kernel), initrd=Path(rec.initrd), accel=rec.accel,
+            http_port=rec.http_port, mac=rec.mac, vmgenid=rec.vmgenid, memory_file=self.images.memory_path(image) if image else None,
+            tap=self.tap_for(rec.vm_id, rec.ip) if rec.ip else None,
+            incoming=image is not None, tb_mib=s.clone_tb_mib if image else MachineSpec.tb_mib,
+            guest_announce=image.guest.guest_announce if image else MachineSpec.guest_announce,
+            kernel_header_only=s.clone_kernel_header_only, nothp=s.clone_nothp,
+        )
+
+    def guest_announce(self, rec: VmRecord) -> bool:
+        """Whether the VM's NIC has guest announce (an image's clones must have the same)."""
+        if rec.spec:
+            return machine_from_json(rec.spec).guest_announce
+        if rec.parent_image and self.images.exists(rec.parent_image):
+            return self.images.get(rec.parent_image).guest.guest_announce
+        return MachineSpec.guest_announce
+
+    async def launch(self, rec: VmRecord, proc: QemuProcess, spec: MachineSpec) -> None:
+        """Start a VM's QEMU; on a bridged host its tap first (QEMU attaches to it by name)."""
+        if spec.tap is not None and self.net is not None:
+            self.net.create_tap(rec.vm_id)
+        proc.start(spec)
+        self.registry.update(rec.name, pid=proc.pid)
+
+    @contextlib.asynccontextmanager
+    async def starting(
+        self, rec: VmRecord, cleanup: Callable[[], Awaitable[None]] | None = None
+    ) -> AsyncIterator[QemuProcess]:
+        """Own a starting VM: on any failure (or cancellation) run cleanup, stop its QEMU
+        and drop its row (and tap)."""
+        proc = self.proc(rec)
+        try:
+            yield proc
+        except BaseException:
+            with contextlib.suppress(Exception):
+                if cleanup is not None:
+                    await asyncio.shield(cleanup())
+            with contextlib.suppress(Exception):
+                await asyncio.shield(proc.stop())
+            self.remove_row(rec.name)
+            raise
+
+    def remove_row(self, name: str) -> None:
+        self.registry.delete(name)
+        self._procs.pop(name, None)
+
+    async def remove(self, rec: VmRecord) -> None:
+        """Stop a VM's QEMU (removing its run dir) and drop its row."""
+        await self.proc(rec).stop()
+        self.remove_row(rec.name)
+
+    async def overlay_disk(self, rec: VmRecord, base: Path) -> None:
+        """A disk guest's own qcow2 overlay on base (a disk image or an image's disk layer)."""
+        rec.disk, rec.disk_base = str(await disks.overlay(base, Path(rec.rundir))), str(base)
+        self.registry.update(rec.name, disk=rec.disk, disk_base=rec.disk_base)
+
+    def info(self, rec: VmRecord, with_footprint: bool = False) -> VmInfo:
+        """The API's view of a VM; a VM whose QEMU died under us is marked exited."""
+        if rec.state in LIVE and not self.proc(rec).alive():
+            self.registry.set_state(rec.name, VmState.EXITED, only_if=LIVE)
+            rec.state = VmState.EXITED
+        fp = None
+        if with_footprint and rec.pid and rec.state in LIVE:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                fp = footprint.measure(rec.pid, rec.memory_bytes)
+        return VmInfo(
+            name=rec.name, state=VmState(rec.state),
+            endpoint=f"http://{rec.ip}/" if rec.ip else f"http://127.0.0.1:{rec.http_port}/", pid=rec.pid,
+            memory_bytes=rec.memory_bytes, cpus=rec.cpus, accel=rec.accel, parent_image=rec.parent_image,
+            ready_s=rec.ready_s, created_at=rec.created_at, footprint=fp, hostname=rec.hostname, mac=rec.mac,
+            vmgenid=rec.vmgenid, identity_applied_s=rec.identity_applied_s, migrated_from=rec.migrated_from, disk=rec.disk,
+            hooks=json.loads(rec.hooks) if rec.hooks else None, phases=json.loads(rec.phases) if rec.phases else None,
+        )
+
+    # ---- the guest ---------------------------------------------------------------------
+
+    async def ask(self, proc: QemuProcess, command: str, timeout: float,
+                  expect: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+        """One command to the in-guest agent."""
+        return await ask_guest(proc.agent_path, command, timeout, expect=expect)
+
+    async def wait_http(self, rec: VmRecord, proc: QemuProcess, timeout: float, attempt_s: float = 2.0) -> dict[str, Any]:
+        """Poll the guest's status page until it answers; fail fast if QEMU dies.
+        attempt_s: how long one probe may wait for its answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError, TimeoutError, ValueError):
+                if rec.ip:  # bridged: the guest's own address, reached from the VMs' namespace
+                    body = await get_status(80, rec.ip, timeout=attempt_s, netns=self.vm_netns)
+                else:
+                    body = await get_status(rec.http_port, timeout=attempt_s)
+                if "counter" in body:
+                    return body
+            if not proc.alive():
+                raise QemuError(f"VM {rec.name}'s QEMU exited before the guest answered HTTP: {proc.log_tail() or 'no output'}")
+            if time.monotonic() > deadline:
+                raise QemuError(f"VM {rec.name} did not answer HTTP within {timeout:.0f}s; serial log: {proc.serial_path}")
+            await asyncio.sleep(0.005)
+
+    # ---- state loads and captures (QMP) ------------------------------------------------
+
+    async def resume_clone(
+        self, rec: VmRecord, proc: QemuProcess, image: LiveImage, identity: str, pooled: bool, mark: Callable[[str], None],
+    ) -> asyncio.Task[dict[str, Any]]:
+        """Load the image's state into a started clone QEMU (a pooled one has it: it is only
+        continued) and resume it; the identity is queued on the guest channel before the
+        guest runs, so the agent finds it as soon as it resumes. Returns the identity's answer task."""
+        ask: asyncio.Task[dict[str, Any]] | None = None
+        try:
+            async with proc.qmp() as qmp:
+                mark("qmp_ready")
+                if image.layout == "delta" and not pooled:
+                    assert proc.pid is not None
+                    await asyncio.to_thread(apply_delta, proc.pid, rec.memory_bytes, self.images.image_dir(image))
+                    mark("delta_applied")
+                await proc.wait_for_socket(proc.agent_path)
+                ask = asyncio.create_task(self.ask(proc, identity, CLONE_TIMEOUT_S, expect=identity_answer))
+                if pooled:
+                    await qmp.execute("cont")
+                else:
+                    await qmp.execute("migrate-incoming", {"uri": f"exec:cat {self.images.devstate_path(image)}"})
+                    await proc.wait_incoming(qmp, CLONE_TIMEOUT_S)
+                mark("running")
+            return ask
+        except BaseException:
+            if ask is not None:
+                ask.cancel()
+            raise
+
+    async def load_paused(self, rec: VmRecord, proc: QemuProcess, image: LiveImage) -> None:
+        """A pooled QEMU: the image's delta and device state loaded, guest paused."""
+        async with proc.qmp() as qmp:
+            if image.layout == "delta":
+                assert proc.pid is not None
+                await asyncio.to_thread(apply_delta, proc.pid, rec.memory_bytes, self.images.image_dir(image))
+            await qmp.execute("migrate-incoming", {"uri": f"exec:cat {self.images.devstate_path(image)}"})
+            await proc.wait_incoming(qmp, CLONE_TIMEOUT_S, resume=False)
+
+    async def run_through(self, rec: VmRecord, proc: QemuProcess, prepare: str) -> None:
+        """Run a paused guest through `prepare` and one HTTP answer, then pause it again
+        (see vmstream.host.pool)."""
+        await proc.wait_for_socket(proc.agent_path)
+        ask = asyncio.create_task(self.ask(proc, prepare, CLONE_TIMEOUT_S, expect=identity_answer))
+        try:
+            async with proc.qmp() as qmp:
+                await qmp.execute("cont")
+                if (await ask).get("ok"):
+                    await self.wait_http(rec, proc, CLONE_TIMEOUT_S, attempt_s=0.5)
+                await qmp.execute("stop")
+        finally:
+            ask.cancel()
+
+    async def capture(
+        self, rec: VmRecord, proc: QemuProcess, stage: Path, root_memory: Path | None, flatten_above: int | None,
+    ) -> tuple[CaptureResult, list[Path]]:
+        """Capture a running VM into stage; a disk guest's disk is frozen in the pause
+        (returns [frozen layer, new overlay] for it)."""
+        frozen: list[Path] = []
+        paused = (lambda qmp: disks.freeze(qmp, Path(rec.rundir), frozen)) if rec.disk else None
+        try:
+            result = await capture_vm(proc, rec.memory_bytes, stage, root_memory, flatten_above, paused)
+        except (QMPError, EOFError) as exc:
+            raise QemuError(f"capturing VM {rec.name} failed: {proc.log_tail() or exc}") from exc
+        return result, frozen
+
+    @staticmethod
+    def pooled_spec(spec: MachineSpec, tb_mib: int | None) -> MachineSpec:
+        """A pooled QEMU's machine: started paused, with a bigger TCG cache if it runs through."""
+        spec = dataclasses.replace(spec, start_paused=True)
+        return dataclasses.replace(spec, tb_mib=tb_mib) if tb_mib else spec
