@@ -35,7 +35,7 @@ from vmstream.host.peers import PeerClient, Peers
 from vmstream.host.registry import VmRegistry
 from vmstream.host.schemas import IncomingAnswer, IncomingRequest, MigrationInfo
 from vmstream.host.starter import Starter
-from vmstream.host.state import Op, VmState
+from vmstream.host.state import Op, VmState, check
 from vmstream.host.tasks import operation
 from vmstream.image import ImageRepository
 from vmstream.migrate import LiveOptions, MigrationCancelled, MigrationError, MigrationResult, Progress, migrate_delta, migrate_live
@@ -126,6 +126,7 @@ class Migrations:
     async def start(self, vm: str, to: str, mode: str, max_bandwidth_mbps: float | None = None) -> MigrationInfo:
         """Begin moving vm to peer `to`; runs in the background (see status / cancel)."""
         rec = self.registry.get(vm)
+        check(vm, rec.state, Op.MIGRATE)  # before the peer is looked up: the VM's state is the first problem
         if rec.disk:
             raise InvalidInput(f"VM {vm} is a disk guest: its disk is local to this host, and moving disks is not supported yet")
         peer = self.peers.client(to)  # NotFound before anything changes

@@ -45,6 +45,8 @@ def identity_answer(answer: dict[str, Any]) -> bool:
 
 
 class Starter:
+    process_class: Callable[[str, Path, int | None], QemuProcess] = QemuProcess
+
     def __init__(self, settings: Settings, registry: VmRegistry, images: ImageRepository) -> None:
         self.settings = settings
         self.registry = registry
@@ -81,7 +83,7 @@ class Starter:
         """The QEMU of a row (adopted by pid after an agent restart)."""
         proc = self._procs.get(rec.name)
         if proc is None or proc.vm_id != rec.vm_id:
-            proc = QemuProcess(rec.vm_id, Path(rec.rundir), rec.pid)
+            proc = self.process_class(rec.vm_id, Path(rec.rundir), rec.pid)
             self._procs[rec.name] = proc
         return proc
 

@@ -1,0 +1,132 @@
+"""VM and image lifecycles through the in-process agent (fake QEMU)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tests.host.conftest import Agent, make_agent
+from vmstream.host.state import Op, VmState
+
+
+def test_boot_list_show_destroy(agent: Agent) -> None:
+    vm = agent.boot("web")
+    assert vm["state"] == "running" and vm["hostname"] == "web" and vm["ready_s"] is not None
+    assert agent.call("GET", "/v1/vms/web")["mac"] == vm["mac"]
+    assert agent.call("DELETE", "/v1/vms/web") == {"destroyed": "web"}
+    assert agent.names() == set()
+
+
+def test_a_failed_boot_leaves_nothing(agent: Agent) -> None:
+    agent.starter.fail["http"] = lambda name: name == "bad"
+    err = agent.error("POST", "/v1/vms", 500, json={"name": "bad", "memory": "64M"})
+    assert err["error"] == "QemuError" and "fake http failure" in err["message"]
+    assert agent.names() == set() and agent.manager.registry.find("bad") is None
+
+
+def test_clones_get_names_and_identities(agent: Agent) -> None:
+    agent.boot("src")
+    image = agent.image("src", "img")
+    assert image["layout"] == "full" and image["source_vm"] == "src"
+    vms = agent.start("img", count=3)
+    assert [v["name"] for v in vms] == ["img-1", "img-2", "img-3"]
+    assert all(v["parent_image"] == "img" and v["state"] == "running" for v in vms)
+    assert len({v["mac"] for v in vms}) == 3 and len({v["vmgenid"] for v in vms}) == 3
+    assert all("identity_applied" in v["phases"] for v in vms)
+    more = agent.start("img", count=1)
+    assert more[0]["name"] == "img-4"
+    servers = agent.call("GET", "/v1/live-images/img/servers")
+    assert {s["name"] for s in servers} == {"img-1", "img-2", "img-3", "img-4"}
+
+
+def test_a_clone_start_is_all_or_nothing(agent: Agent) -> None:
+    agent.boot("src")
+    agent.image("src", "img")
+    agent.starter.fail["resume"] = lambda name: name == "w-2"
+    err = agent.error("POST", "/v1/live-images/img/start", 500, json={"count": 3, "name": "w"})
+    assert "w-2" in err["message"]
+    assert agent.names() == {"src"}
+
+
+def test_a_failed_capture_leaves_no_image_and_the_vm_running(agent: Agent) -> None:
+    agent.boot("src")
+    agent.starter.fail["capture"] = lambda name: True
+    agent.error("POST", "/v1/live-images", 500, json={"vm": "src", "name": "img"})
+    assert agent.call("GET", "/v1/live-images") == []
+    assert agent.call("GET", "/v1/vms/src")["state"] == "running"
+
+
+def test_an_image_outlives_its_vm(agent: Agent) -> None:
+    agent.boot("src")
+    agent.image("src", "img")
+    agent.call("DELETE", "/v1/vms/src")
+    (clone,) = agent.start("img", name="c")
+    assert clone["name"] == "c-1"
+
+
+def test_a_pooled_qemu_is_taken_by_the_next_start(pooled_agent: Agent) -> None:
+    a = pooled_agent
+    a.boot("src")
+    a.image("src", "img")
+    (first,) = a.start("img")
+    assert "pool_taken" not in first["phases"]
+    a.wait_pool("img")
+    (second,) = a.start("img")
+    assert "pool_taken" in second["phases"]
+    a.call("DELETE", "/v1/vms/img-1")
+    a.call("DELETE", "/v1/vms/img-2")
+    a.wait_pool("img")
+    a.call("DELETE", "/v1/live-images/img")  # stops the image's pool too
+    assert [r.name for r in a.manager.registry.all(pooled=True)] == ["src"]
+    assert a.call("GET", "/v1/host")["clone_pool"] == {"ready": {}, "pids": {}}
+
+
+def test_a_failing_pool_fill_does_not_fail_starts(pooled_agent: Agent) -> None:
+    a = pooled_agent
+    a.starter.fail["pool"] = lambda name: True
+    a.boot("src")
+    a.image("src", "img")
+    a.start("img")
+    (second,) = a.start("img")
+    assert second["state"] == "running" and "pool_taken" not in second["phases"]
+    assert {r.state for r in a.manager.registry.all(pooled=True)} == {VmState.RUNNING}
+
+
+def test_clone_hooks_results_are_kept(agent: Agent) -> None:
+    agent.boot("src")
+    agent.image("src", "img")
+    agent.start("img")
+    deadline = time.monotonic() + 5
+    while agent.call("GET", "/v1/vms/img-1")["hooks"] is None:
+        assert time.monotonic() < deadline, "hook results never recorded"
+        time.sleep(0.01)
+    assert agent.call("GET", "/v1/vms/img-1")["hooks"]["state"] == "done"
+
+
+def test_a_restarted_agent_adopts_running_vms_and_drops_half_started_ones(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    manager, http = make_agent(home)
+    with http:
+        a = Agent(http, manager)
+        a.boot("keep")
+        a.boot("half")
+        manager.registry.set_state("half", VmState.STARTING)
+        manager.registry.begin("keep", Op.MIGRATE, VmState.MIGRATING)
+    manager2, http2 = make_agent(home)
+    with http2:
+        b = Agent(http2, manager2)
+        assert b.names() == {"keep"}
+        assert b.call("GET", "/v1/vms/keep")["state"] == "running"  # the migration died with the old agent
+
+
+def test_info_shows_the_settings_in_force_with_secrets_masked(tmp_path: Path) -> None:
+    manager, http = make_agent(tmp_path / "home", peer_token="s3cret", clone_tb_mib=12)
+    with http:
+        info = Agent(http, manager).call("GET", "/v1/info")
+    assert info["settings"]["clone_tb_mib"] == 12 and info["settings"]["peer_token"] == "***"
+    assert "s3cret" not in str(info)
+
+
+def test_the_openapi_document_lists_vm_states(agent: Agent) -> None:
+    doc = agent.http.get("/openapi.json").json()
+    assert set(doc["components"]["schemas"]["VmState"]["enum"]) == {s.value for s in VmState}

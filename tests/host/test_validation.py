@@ -1,0 +1,92 @@
+"""Bad input to the agent's API: a 400 that names the problem, and nothing changed."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.host.conftest import TOKEN, Agent
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    ({"name": "vm", "memory": "lots"}, "is not a memory size"),
+    ({"name": "vm", "memory": "16M"}, "out of range"),
+    ({"name": "vm", "memory": "1000000M"}, "out of range"),
+    ({"name": "Bad_Name"}, "not a valid VM name"),
+    ({"name": "-starts-with-dash"}, "not a valid VM name"),
+    ({"name": "vm", "cpus": 0}, "cpus"),
+    ({"name": "vm", "cpus": 17}, "cpus"),
+    ({"memory": "64M"}, "name"),
+    ({"name": "vm", "guest_agent": "other"}, "guest_agent"),
+    ({"name": "vm", "disk": "/nonexistent/disk.qcow2"}, "not found"),
+])
+def test_bad_boot_is_refused(agent: Agent, body: dict[str, object], says: str) -> None:
+    err = agent.error("POST", "/v1/vms", 400, json=body)
+    assert err["error"] == "InvalidInput" and says in err["message"], err
+    assert agent.names() == set()
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    ({"count": 0}, "count"),
+    ({"count": 300}, "count"),
+    ({"user_data_b64": "not base64!"}, "not valid base64"),
+    ({"name": "Bad Prefix"}, "not a valid clone name prefix"),
+    ({"params": {"1abc": "x"}}, "guest parameter name '1abc'"),
+    ({"params": {"LD_PRELOAD": "x"}}, "not allowed"),
+])
+def test_bad_clone_start_is_refused(agent: Agent, body: dict[str, object], says: str) -> None:
+    agent.boot("src")
+    agent.image("src", "img")
+    err = agent.error("POST", "/v1/live-images/img/start", 400, json=body)
+    assert err["error"] == "InvalidInput" and says in err["message"], err
+    assert agent.names() == {"src"}
+
+
+def test_bad_image_name_is_refused(agent: Agent) -> None:
+    agent.boot("src")
+    err = agent.error("POST", "/v1/live-images", 400, json={"vm": "src", "name": "No_Good"})
+    assert "not a valid live image name" in err["message"]
+    assert agent.call("GET", "/v1/live-images") == []
+
+
+@pytest.mark.parametrize(("path", "body", "says"), [
+    ("/v1/vms/vm/guest", {"command": "ping", "timeout": 0}, "timeout"),
+    ("/v1/vms/vm/qga", {"execute": "guest-info", "timeout": 601}, "timeout"),
+    ("/v1/vms/vm/migrate", {"to": "b", "mode": "teleport"}, "mode"),
+    ("/v1/vms/vm/migrate", {"to": "b", "max_bandwidth_mbps": -1}, "max_bandwidth_mbps"),
+])
+def test_bad_vm_requests_are_refused(agent: Agent, path: str, body: dict[str, object], says: str) -> None:
+    agent.boot("vm")
+    err = agent.error("POST", path, 400, json=body)
+    assert says in err["message"], err
+
+
+def test_qga_needs_a_disk_guest(agent: Agent) -> None:
+    agent.boot("vm")
+    err = agent.error("POST", "/v1/vms/vm/qga", 400, json={"execute": "guest-info"})
+    assert "not a disk guest" in err["message"]
+
+
+def test_gc_grace_must_not_be_negative(agent: Agent) -> None:
+    assert "grace" in agent.error("POST", "/v1/host/store/gc", 400, params={"grace": -1})["message"]
+
+
+@pytest.mark.parametrize(("name", "url", "says"), [
+    ("b", "ftp://127.0.0.1:1", "must start with http"),
+    ("Bad_Peer", "http://127.0.0.1:1", "not a valid peer name"),
+])
+def test_bad_peer_is_refused(agent: Agent, name: str, url: str, says: str) -> None:
+    err = agent.error("PUT", f"/v1/peers/{name}", 400, json={"url": url, "token": "t"})
+    assert says in err["message"], err
+    assert agent.call("GET", "/v1/peers") == []
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong", TOKEN])
+def test_every_v1_route_needs_the_token(agent: Agent, header: str | None) -> None:
+    headers = {"Authorization": header} if header else {}
+    r = agent.http.get("/v1/vms", headers=headers)
+    assert r.status_code == 401 and "token" in r.text
+
+
+def test_health_needs_no_token(agent: Agent) -> None:
+    r = agent.http.get("/health")
+    assert r.status_code == 200 and r.json()["ok"] is True
