@@ -124,3 +124,31 @@ def test_failed_migrations_leave_the_vm_on_the_source(cli: Cli, base_image: Base
     assert cli.json("show", name)["state"] == "running"
     _memcheck_ok(cli, name)
     assert name not in _names(peer_host)
+
+
+def test_destroy_and_capture_are_refused_while_the_vm_migrates(
+    cli: Cli, base_image: BaseImage, peer_host: Cli, vms: VmFactory
+) -> None:
+    _peers(cli, peer_host)
+    (clone,) = vms.clones("base-img", prefix="busy")
+    name = clone["name"]
+    started = cli.json("migrate", name, "--to", "b", "--mode", "live", "--max-bandwidth", "10", "--detach")
+    assert started["state"] in ("preparing", "running"), started
+    assert cli.json("show", name)["state"] == "migrating"
+
+    r = cli.run("destroy", name)
+    assert r.returncode == 4 and "is migrating" in r.stderr and "--cancel" in r.stderr, r.stderr
+    r = cli.run("live-image", "create", name, "busy-img")
+    assert r.returncode == 4 and "is migrating" in r.stderr, r.stderr
+    r = cli.run("migrate", name, "--to", "b")
+    assert r.returncode == 4, r.stderr
+
+    deadline = time.monotonic() + 240
+    while (m := cli.json("migrate", name, "--status"))["state"] in ("preparing", "running"):
+        assert time.monotonic() < deadline, m
+        time.sleep(0.2)
+    assert m["state"] == "completed", m
+    assert name not in _names(cli) and peer_host.json("show", name)["state"] == "running"
+    assert "busy-img" not in {i["name"] for i in cli.json("live-image", "list")}
+    _memcheck_ok(peer_host, name)
+    peer_host.json("destroy", name)
