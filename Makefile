@@ -34,9 +34,11 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
+# ruff, mypy, and import-linter's layering contracts (pyproject.toml [tool.importlinter])
 lint: install
 	$(VENV)/bin/ruff check vmstream tests
-	$(VENV)/bin/mypy vmstream
+	$(VENV)/bin/mypy vmstream tests/host
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) *.egg-info
