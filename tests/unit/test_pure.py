@@ -166,3 +166,26 @@ def test_clones_get_the_kernel_header_only(tmp_path: Path) -> None:
     assert clone[clone.index("-kernel") + 1] == str(cut) and "-no-reboot" in clone
     for other in (args(False, None), args(True, None)):
         assert other[other.index("-kernel") + 1] == str(tmp_path / "vmlinuz") and "-no-reboot" not in other
+
+
+def test_docs_configuration_lists_every_setting() -> None:
+    """docs/configuration.md carries the table `python -m vmstream.settings` prints."""
+    from pathlib import Path
+
+    from vmstream.settings import render_markdown
+
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    assert render_markdown() in doc, "docs/configuration.md is stale: regenerate its table with 'python -m vmstream.settings'"
+
+
+def test_a_bad_setting_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmstream.errors import InvalidInput
+    from vmstream.settings import load_settings
+
+    monkeypatch.setenv("VMSTREAM_CLONE_POOL", "many")
+    with pytest.raises(InvalidInput, match="VMSTREAM_CLONE_POOL"):
+        load_settings()
+    monkeypatch.setenv("VMSTREAM_CLONE_POOL", "0")
+    monkeypatch.setenv("VMSTREAM_BATCH_DEFER_HOOKS", "0")
+    s = load_settings()
+    assert s.clone_pool == 0 and s.batch_defer_hooks is False
