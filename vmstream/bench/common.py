@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmstream.cli.client import AgentClient
+from vmstream.agentapi import AgentClient
 from vmstream.config import data_dir
 from vmstream.guest.status import get_status
 

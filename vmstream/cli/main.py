@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vmstream.agentapi import AgentClient
 from vmstream.cli.bench import bench_app
-from vmstream.cli.client import AgentClient
 from vmstream.cli.migrate import migrate, peer_app
 from vmstream.config import data_dir
 from vmstream.errors import InvalidInput, VmstreamError
