@@ -19,7 +19,7 @@ MIB = 1 << 20
 
 
 def say(msg: str) -> None:
-    """Progress goes to stderr: stdout carries exactly one JSON object."""
+    """Progress goes to stderr: stdout carries the result (with --json, exactly one JSON object)."""
     print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 
 
