@@ -17,13 +17,6 @@ MIN_MEMORY = 64 << 20
 MAX_MEMORY = 64 << 30
 
 
-def data_dir() -> Path:
-    """The data dir: $VMSTREAM_HOME, else ~/.local/share/vmstream."""
-    env = os.environ.get("VMSTREAM_HOME")
-    base = Path(env) if env else Path.home() / ".local" / "share" / "vmstream"
-    return base.absolute()
-
-
 def parse_size(text: str | int) -> int:
     """'256M', '1G', '512MiB' or a bare number of MiB, to bytes."""
     if isinstance(text, int):

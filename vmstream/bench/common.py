@@ -11,15 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmstream.cli.client import AgentClient
-from vmstream.config import data_dir
+from vmstream.agentapi import AgentClient
 from vmstream.guest.status import get_status
 
 MIB = 1 << 20
 
 
 def say(msg: str) -> None:
-    """Progress goes to stderr: stdout carries exactly one JSON object."""
+    """Progress goes to stderr: stdout carries the result (with --json, exactly one JSON object)."""
     print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 
 
@@ -78,9 +77,9 @@ class Bench:
     interrupted run leaves nothing behind even if a request was in flight.
     """
 
-    def __init__(self, out: Path, client: AgentClient | None = None) -> None:
-        self.data_dir = data_dir()
-        self.client = client or AgentClient(self.data_dir)
+    def __init__(self, out: Path, client: AgentClient) -> None:
+        self.data_dir = client.data_dir
+        self.client = client
         self.tag = "bn" + secrets.token_hex(2)
         self.out = out
         self.scratch = self.data_dir / "bench" / self.tag  # QEMU baseline state files and run dirs

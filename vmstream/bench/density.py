@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from vmstream.agentapi import AgentClient
 from vmstream.bench import baseline
 from vmstream.bench.common import MIB, Bench, mem_available, pss, say
 from vmstream.bench.report import fmt_mib, fmt_x, md_table, pyplot
 from vmstream.bench.stats import ratio, slope
-from vmstream.cli.client import AgentClient
 
 SETTLE_S = 3.0
 TARGET_RATIO = 6.0

@@ -14,11 +14,11 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from vmstream.agentapi import AgentClient
 from vmstream.bench import baseline
 from vmstream.bench.common import CLONE_SPACING_S, Bench, say
 from vmstream.bench.report import fmt_s, fmt_x, md_table, pyplot
 from vmstream.bench.stats import median, ratio, summary
-from vmstream.cli.client import AgentClient
 
 TARGETS_X = {1024: 5.0, 4096: 20.0}  # from the issue: speed-up over QEMU restore at least
 

@@ -28,10 +28,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vmstream.agentapi import AgentClient
 from vmstream.bench.common import Bench, say
 from vmstream.bench.report import fmt_s, fmt_x, md_table, pyplot
 from vmstream.bench.stats import ratio, summary
-from vmstream.cli.client import AgentClient
 
 IDLE_S = 5.0  # how long an idle clone runs before its fetched bytes are read
 

@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vmstream.agentapi import AgentClient
 from vmstream.bench import burst, capture, clone, density, migrate, scale, stream, targets
 from vmstream.bench.common import Bench, meminfo, say
 from vmstream.bench.report import run_and_write
-from vmstream.cli.client import AgentClient
 
 SECTIONS = [
     ("clone", "Cold boot vs clone vs QEMU save/restore", clone),

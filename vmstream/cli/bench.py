@@ -1,8 +1,9 @@
 """`vmstream bench ...`: benchmarks against baselines in the same run.
 
-Each command prints one JSON object on stdout (progress goes to stderr) and
-writes NAME.json, NAME.md and NAME.png into --out. The bench code lives in
-vmstream.bench, imported only when a bench runs so `vmstream --help` stays fast.
+Each command writes NAME.json, NAME.md and NAME.png into --out and prints a short
+summary (the bench's table), or with --json exactly one JSON object on stdout, like
+every other command; progress goes to stderr. The bench code lives in vmstream.bench,
+imported only when a bench runs so `vmstream --help` stays fast.
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+
+from vmstream.cli.context import client
 
 bench_app = typer.Typer(help="Benchmarks: JSON, a plot and a markdown table per run.", no_args_is_help=True)
 
@@ -21,6 +26,7 @@ OutOpt = Annotated[Path, typer.Option("--out", help="Directory for the JSON, mar
 RunsOpt = Annotated[int, typer.Option("--runs", min=1, help="Repetitions per measured point.")]
 MemOpt = Annotated[int, typer.Option("--memory-mib", min=64, help="Guest RAM in MiB.")]
 SizesOpt = Annotated[str, typer.Option("--sizes", help="Guest RAM sizes in MiB, comma-separated.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the bench's JSON instead of its table.")]
 DEFAULT_OUT = Path("out/bench")
 
 
@@ -34,25 +40,40 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _run(bench_module: Any, out: Path, **kw: Any) -> None:
-    """Run one bench with cleanup; stop the agent afterwards if the bench started it."""
+def _run(bench_module: Any, out: Path, as_json: bool, show: Callable[[dict[str, Any]], None] | None = None, **kw: Any) -> None:
+    """Run one bench with cleanup; stop the agent afterwards if the bench started it; print the result."""
     from vmstream.bench.common import Bench
     from vmstream.bench.report import run_and_write
     from vmstream.errors import VmstreamError
 
-    bench = Bench(out)
+    bench = Bench(out, client())
     try:
         with bench.session():
             # a bench module (run + render), or a function doing its own writing (`all`)
             res = bench_module(bench, out, **kw) if callable(bench_module) else run_and_write(bench_module, bench, out, **kw)
     except VmstreamError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(exc.exit_code if hasattr(exc, "exit_code") else 1) from exc
+        raise typer.Exit(exc.exit_code) from exc
     finally:
         if bench.client.started_agent:
             _leave_nothing(bench.client)
             bench.client.stop_agent()
-    print(json.dumps(res, indent=2))
+    if as_json:
+        print(json.dumps(res, indent=2))
+    else:
+        (show or _show_table)(res)
+
+
+def _show_table(res: dict[str, Any]) -> None:
+    """The bench's markdown (its table and the sentences under it), rendered, and where the files went."""
+    from rich.markdown import Markdown
+
+    files = res.get("files", {})
+    console = Console()
+    with contextlib.suppress(OSError, KeyError):
+        console.print(Markdown(Path(files["markdown"]).read_text()))
+    if files:
+        console.print(f"wrote {', '.join(files.values())}", highlight=False)
 
 
 def _leave_nothing(client: Any) -> None:
@@ -68,79 +89,93 @@ def _leave_nothing(client: Any) -> None:
 
 @bench_app.command()
 def clone(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 5, memory_mib: MemOpt = 256,
-          clone_runs: Annotated[int, typer.Option(min=1, help="Clone starts (cheap, so more than --runs).")] = 10) -> None:
+          clone_runs: Annotated[int, typer.Option(min=1, help="Clone starts (cheap, so more than --runs).")] = 10,
+          as_json: JsonOpt = False) -> None:
     """Cold boot vs clone vs QEMU save/restore: time to first HTTP answer."""
     from vmstream.bench import clone as b
 
-    _run(b, out, mib=memory_mib, runs=runs, clone_runs=clone_runs)
+    _run(b, out, as_json, mib=memory_mib, runs=runs, clone_runs=clone_runs)
 
 
 @bench_app.command()
 def burst(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 3, memory_mib: MemOpt = 256,
-          counts: Annotated[str, typer.Option(help="Clone counts N, comma-separated.")] = "1,10,32") -> None:
+          counts: Annotated[str, typer.Option(help="Clone counts N, comma-separated.")] = "1,10,32", as_json: JsonOpt = False) -> None:
     """Start N clones at once: time until all answer HTTP."""
     from vmstream.bench import burst as b
 
-    _run(b, out, mib=memory_mib, counts=_ints(counts), runs=runs)
+    _run(b, out, as_json, mib=memory_mib, counts=_ints(counts), runs=runs)
 
 
 @bench_app.command()
 def scale(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 3, sizes: SizesOpt = "256,1024,2048,4096",
-          fill: Annotated[bool, typer.Option(help="Also measure guests that filled 75% of their RAM.")] = True) -> None:
+          fill: Annotated[bool, typer.Option(help="Also measure guests that filled 75% of their RAM.")] = True,
+          as_json: JsonOpt = False) -> None:
     """Clone vs QEMU full restore across guest RAM sizes."""
     from vmstream.bench import scale as b
 
-    _run(b, out, sizes=_ints(sizes), runs=runs, fill=fill)
+    _run(b, out, as_json, sizes=_ints(sizes), runs=runs, fill=fill)
 
 
 @bench_app.command()
-def capture(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 3, sizes: SizesOpt = "256,1024,2048,4096") -> None:
+def capture(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 3, sizes: SizesOpt = "256,1024,2048,4096", as_json: JsonOpt = False) -> None:
     """Live-image create pause vs guest RAM size, for a booted VM and for a clone."""
     from vmstream.bench import capture as b
 
-    _run(b, out, sizes=_ints(sizes), runs=runs)
+    _run(b, out, as_json, sizes=_ints(sizes), runs=runs)
 
 
 @bench_app.command()
 def density(out: OutOpt = DEFAULT_OUT, memory_mib: MemOpt = 256,
-            counts: Annotated[str, typer.Option(help="VM counts N, comma-separated (slope fitted over them).")] = "1,2,4,8") -> None:
+            counts: Annotated[str, typer.Option(help="VM counts N, comma-separated (slope fitted over them).")] = "1,2,4,8",
+            as_json: JsonOpt = False) -> None:
     """Host memory for N clones vs N cold-booted vs N QEMU-restored VMs."""
     from vmstream.bench import density as b
 
-    _run(b, out, mib=memory_mib, counts=_ints(counts))
+    _run(b, out, as_json, mib=memory_mib, counts=_ints(counts))
 
 
 @bench_app.command()
-def stream(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 5) -> None:
+def stream(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 5, as_json: JsonOpt = False) -> None:
     """Clones streaming memory from another host's store: warm, cold, cold with prefetch; 256 MiB vs 2 GiB."""
     from vmstream.bench import stream as b
 
-    _run(b, out, runs=runs)
+    _run(b, out, as_json, runs=runs)
 
 
 @bench_app.command()
-def migrate(out: OutOpt = DEFAULT_OUT, memory_mib: MemOpt = 256) -> None:
+def migrate(out: OutOpt = DEFAULT_OUT, memory_mib: MemOpt = 256, as_json: JsonOpt = False) -> None:
     """Live and delta migration between test-bed hosts: downtime, client gap, bytes sent."""
     from vmstream.bench import migrate as b
 
-    _run(b, out, memory_mib=memory_mib)
+    _run(b, out, as_json, memory_mib=memory_mib)
 
 
 @bench_app.command("all")
 def all_(out: Annotated[Path, typer.Option("--out", help="Directory for every bench's JSON, markdown and PNG.")] = Path("docs/bench"),
          doc: Annotated[Path, typer.Option("--doc", help="The summary document to write.")] = Path("docs/benchmarks.md"),
          runs: Annotated[int | None, typer.Option("--runs", min=1, help="Override every bench's default repetitions.")] = None,
-         sizes: SizesOpt = "256,1024,2048,4096") -> None:
+         sizes: SizesOpt = "256,1024,2048,4096", as_json: JsonOpt = False) -> None:
     """Run every bench (baselines included) and write docs/benchmarks.md with tables and plots."""
     from vmstream.bench import suite
 
+    sizes_mib = _ints(sizes)  # a bad value fails here, before an agent starts
     summary: dict[str, Any] = {}
 
     def run_all(bench: Any, out: Path, **kw: Any) -> dict[str, Any]:
-        summary.update(suite.run_all(bench.client, out, doc, runs, _ints(sizes)))
+        summary.update(suite.run_all(bench.client, out, doc, runs, sizes_mib))
         return summary
 
-    _run(run_all, out)
+    def show(s: dict[str, Any]) -> None:
+        from rich.markdown import Markdown
+
+        from vmstream.bench.targets import markdown
+
+        console = Console()
+        console.print(Markdown(markdown(s["targets"])))
+        console.print(f"{len(s['results'])} benches in {s['total_s'] / 60:.1f} min; wrote {doc} and every bench's JSON, "
+                      f"markdown and plot in {out}", highlight=False)
+
+    _run(run_all, out, as_json, show)
     if summary.get("errors"):
         print(f"error: benches failed: {', '.join(summary['errors'])} (see {doc})", file=sys.stderr)
         raise typer.Exit(1)

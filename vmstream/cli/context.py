@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from vmstream.cli.client import AgentClient
+from vmstream.agentapi import AgentClient
 from vmstream.settings import Settings, load_settings
 
 

@@ -18,7 +18,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from vmstream.cli.client import AgentClient
+from vmstream.agentapi import AgentClient
 
 
 def _status(endpoint: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vmstream.cli.client import AgentClient
+from vmstream.agentapi import AgentClient
 from vmstream.cli.context import client
 from vmstream.config import agent_token
 from vmstream.errors import InvalidInput

@@ -28,10 +28,11 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from vmstream.agentapi import AsyncApiClient
 from vmstream.errors import Conflict, InvalidInput, NotFound, VmstreamError
 from vmstream.host.db import VmRecord
 from vmstream.host.machines import machine_to_dict
-from vmstream.host.peers import PeerClient, Peers
+from vmstream.host.peers import Peers
 from vmstream.host.registry import VmRegistry
 from vmstream.host.schemas import IncomingAnswer, IncomingRequest, MigrationInfo
 from vmstream.host.starter import Starter
@@ -47,7 +48,7 @@ REMOTE_ALIVE_CHECK_S = 0.5  # a remote destination is asked over HTTP, so less o
 class RemoteTarget:
     """The destination QEMU of a live migration, on a peer host (migrate.Target)."""
 
-    def __init__(self, peer: PeerClient, vm: str) -> None:
+    def __init__(self, peer: AsyncApiClient, vm: str) -> None:
         self.peer, self.vm = peer, vm
         self._reason = ""
 
@@ -133,7 +134,7 @@ class Migrations:
         try:
             rec = self.registry.begin(vm, Op.MIGRATE, VmState.MIGRATING)
         except BaseException:
-            await peer.close()
+            await peer.aclose()
             raise
         job = Job(vm=vm, to=to, requested_mode=mode, max_bandwidth_mbps=max_bandwidth_mbps)
         self.jobs[vm] = job
@@ -163,7 +164,7 @@ class Migrations:
             guest_key=spec.kernel.parent.name,  # guest/<key>/vmlinuz: the key names the build's inputs
         )
 
-    async def _run(self, job: Job, rec: VmRecord, peer: PeerClient) -> None:
+    async def _run(self, job: Job, rec: VmRecord, peer: AsyncApiClient) -> None:
         proc = self.starter.proc(rec)
         target = RemoteTarget(peer, rec.name)
         prepared = False
@@ -203,7 +204,7 @@ class Migrations:
                 raise
         finally:
             job.ended = time.perf_counter()
-            await peer.close()
+            await peer.aclose()
 
     async def shutdown(self) -> None:
         for job in self.jobs.values():

@@ -2,45 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from vmstream.agentapi import AsyncApiClient
 from vmstream.config import check_name
-from vmstream.errors import BY_NAME, AgentUnavailable, InvalidInput, NotFound, VmstreamError
+from vmstream.errors import InvalidInput, NotFound
 from vmstream.host.db import PeerRecord
 from vmstream.host.schemas import PeerInfo
 
 PEER_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 
 
-class PeerClient:
-    """HTTP client for one peer agent; its errors come back as the same error classes."""
-
-    def __init__(self, name: str, url: str, token: str) -> None:
-        self.name, self.url = name, url.rstrip("/")
-        self.http = httpx.AsyncClient(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=PEER_TIMEOUT)
-
-    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            r = await self.http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise AgentUnavailable(f"peer host '{self.name}' at {self.url} cannot be reached: {exc or type(exc).__name__}") from exc
-        if r.status_code == 401:
-            raise InvalidInput(f"peer host '{self.name}' refused the token: add it again with its current agent.token")
-        if r.status_code >= 400:
-            try:
-                body = r.json()
-                cls = BY_NAME.get(body.get("error", ""), VmstreamError)
-                raise cls(f"peer host '{self.name}': {body.get('message', r.text)}")
-            except ValueError:
-                raise VmstreamError(f"peer host '{self.name}' answered HTTP {r.status_code}: {r.text[:200]}") from None
-        return r.json()
-
-    async def close(self) -> None:
-        await self.http.aclose()
+def peer_client(name: str, url: str, token: str) -> AsyncApiClient:
+    """The API client of one peer agent; its errors come back as the same error classes."""
+    return AsyncApiClient(url, token, f"peer host '{name}'", PEER_TIMEOUT, token_fix="add it again with its current agent.token")
 
 
 class Peers:
@@ -54,11 +31,8 @@ class Peers:
         check_name(name, "peer name")
         if not url.startswith(("http://", "https://")):
             raise InvalidInput(f"peer URL '{url}' must start with http:// or https://")
-        client = PeerClient(name, url, token)
-        try:
+        async with peer_client(name, url, token) as client:
             await client.call("GET", "/v1/info")
-        finally:
-            await client.close()
         with self.session() as s:
             rec = s.get(PeerRecord, name) or PeerRecord(name=name)
             rec.url, rec.token = url.rstrip("/"), token
@@ -78,9 +52,9 @@ class Peers:
             s.delete(rec)
             s.commit()
 
-    def client(self, name: str) -> PeerClient:
+    def client(self, name: str) -> AsyncApiClient:
         with self.session() as s:
             rec = s.get(PeerRecord, name)
         if rec is None:
             raise NotFound(f"no peer host named '{name}': add it with 'vmstream peer add {name} URL --token TOKEN'")
-        return PeerClient(rec.name, rec.url, rec.token)
+        return peer_client(rec.name, rec.url, rec.token)

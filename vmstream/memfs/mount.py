@@ -24,6 +24,9 @@ START_TIMEOUT_S = 20.0
 
 
 class MemfsError(VmstreamError):
+    """memfs did not start, mount or answer: like AgentUnavailable, exit 7 and HTTP 503."""
+
+    exit_code = 7
     http_status = 503
 
 

@@ -4,11 +4,15 @@
      +- StoreError              the store failed in a way retrying will not fix (HTTP 500)
          +- ObjectNotFound      a key the caller asked for is not in the backend (exit 3, HTTP 404)
          +- CorruptChunk        stored bytes do not match their blake3 name or do not decode
-         +- StoreUnavailable    the backend kept failing after every retry (HTTP 503)
+         +- StoreUnavailable    the backend kept failing after every retry (exit 7, HTTP 503)
          +- InvalidKey          a key with characters or parts the store does not allow (exit 2, HTTP 400)
          +- StoreConflict       a commit raced a garbage collection; store the file again (exit 4, HTTP 409)
      +- BackendUnavailable      one attempt failed in a way that may pass (timeout, 5xx, EIO);
-                                the retry policy turns a run of these into StoreUnavailable
+                                the retry policy turns a run of these into StoreUnavailable (exit 7, HTTP 503)
+
+Exit code and HTTP status go together as in vmstream.errors: a 503 is exit 7 (something the
+agent needs cannot be reached: retry later), so a client that decodes one of these by its
+status alone (it has not imported this module) exits as one that knows the class.
 
 Messages name the backend and the key, so an operator knows where to look.
 """
@@ -39,6 +43,7 @@ class CorruptChunk(StoreError):
 
 
 class StoreUnavailable(StoreError):
+    exit_code = 7
     http_status = 503
 
 
@@ -50,4 +55,5 @@ class StoreConflict(StoreError, Conflict):
 class BackendUnavailable(VmstreamError):
     """One transient failure; raised by backends, consumed by RetryPolicy."""
 
+    exit_code = 7
     http_status = 503

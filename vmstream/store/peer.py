@@ -25,12 +25,14 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from vmstream.agentapi import decode_error
 from vmstream.errors import VmstreamError
 from vmstream.store.backend import Backend, ObjectInfo, check_key, check_range
 from vmstream.store.errors import BackendUnavailable, ObjectNotFound, StoreError
 from vmstream.store.store import ChunkStore
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+TOKEN_FIX = "give it that agent's agent.token (VMSTREAM_PEER_TOKEN, for VMSTREAM_STORE=peer:URL)"
 
 
 def _error_response(exc: VmstreamError) -> JSONResponse:
@@ -120,17 +122,18 @@ class PeerBackend(Backend):
             return r
         if r.status_code == 404:
             raise ObjectNotFound(f"{self.name}: no object '{key}'")
-        try:
-            detail = r.json().get("message", r.text)
-        except ValueError:
-            detail = r.text
-        msg = f"{self.name}: {what} '{key}' failed: HTTP {r.status_code}: {detail}"
+        err = decode_error(r, "the peer", prefix=False, token_fix=TOKEN_FIX)
+        msg = f"{self.name}: {what} '{key}' failed: {err}"
         if r.status_code in (429, 502, 503, 504):  # overloaded, restarting or behind a failing proxy
             raise BackendUnavailable(msg)
-        if r.status_code in (401, 403):
+        if r.status_code == 401:
+            raise StoreError(msg)
+        if r.status_code == 403:
             raise StoreError(msg + " (is the peer's token right?)")
         if r.status_code == 405:
             raise StoreError(msg + " (the peer serves its store read-only)")
+        if isinstance(err, StoreError):  # the peer's own store error (InvalidKey, CorruptChunk, StoreConflict, ...)
+            raise type(err)(msg)
         raise StoreError(msg)
 
     def put(self, key: str, data: bytes) -> None:

@@ -1,4 +1,8 @@
-"""AgentClient: finds this data dir's agent, starting it if none runs."""
+"""AgentClient: this data dir's agent, found through agent.json and started if none runs.
+
+The agent writes agent.json (pid, port) once it listens and keeps its token in agent.token
+(vmstream.host.server); this side only reads them, so it needs nothing above vmstream.errors.
+"""
 
 from __future__ import annotations
 
@@ -14,24 +18,30 @@ from typing import Any
 
 import httpx
 
-from vmstream.config import agent_token
-from vmstream.errors import BY_NAME, AgentUnavailable, VmstreamError
+from vmstream.agentapi.client import ApiClient
+from vmstream.errors import AgentUnavailable
 
 START_TIMEOUT_S = 30.0
+TIMEOUT = httpx.Timeout(600.0, connect=5.0)  # a boot or a big capture answers when it is done
+INFO_FILE = "agent.json"
+TOKEN_FILE = "agent.token"
+LOG_FILE = "agent.log"
 
 
 class AgentClient:
+    """The agent of one data dir, started in the background (detached, logging to agent.log) when none runs."""
+
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.env = env or {}  # for an agent this client starts, e.g. VMSTREAM_STORE of another host
         self.started_agent = False  # True if this client launched the agent
-        self._http: httpx.Client | None = None
+        self._api: ApiClient | None = None
         self._agent_proc: subprocess.Popen[bytes] | None = None
 
     def _running(self) -> tuple[int, int] | None:
         """(pid, port) of a live agent for this data dir, or None."""
         try:
-            info = json.loads((self.data_dir / "agent.json").read_text())
+            info = json.loads((self.data_dir / INFO_FILE).read_text())
             pid, port = int(info["pid"]), int(info["port"])
         except (FileNotFoundError, ValueError, KeyError):
             return None
@@ -43,25 +53,35 @@ class AgentClient:
             pass
         return None
 
-    def connect(self, start: bool = True) -> httpx.Client:
-        if self._http is not None:
-            return self._http
+    def _token(self, pid: int) -> str:
+        try:
+            return (self.data_dir / TOKEN_FILE).read_text().strip()
+        except OSError as exc:
+            raise AgentUnavailable(f"the vmstream agent for {self.data_dir} runs (pid {pid}) but its token "
+                                   f"{self.data_dir / TOKEN_FILE} cannot be read ({exc.strerror}): stop that process and "
+                                   "run the command again to start a new agent") from exc
+
+    def connect(self, start: bool = True) -> ApiClient:
+        """The API client of the running agent; starts the agent first if none runs and start is True."""
+        if self._api is not None:
+            return self._api
         found = self._running()
         if found is None and start:
             found = self._start()
         if found is None:
             raise AgentUnavailable(f"no vmstream agent is running for {self.data_dir}")
-        self._http = httpx.Client(
-            base_url=f"http://127.0.0.1:{found[1]}",
-            headers={"Authorization": f"Bearer {agent_token(self.data_dir)}"},
-            timeout=httpx.Timeout(600.0, connect=5.0),
+        pid, port = found
+        self._api = ApiClient(
+            f"http://127.0.0.1:{port}", self._token(pid), "the vmstream agent", TIMEOUT, prefix_errors=False,
+            token_fix=f"it holds another token than {self.data_dir / TOKEN_FILE}: stop that agent (pid {pid}) and run the "
+                      "command again to start one with the current token",
         )
-        return self._http
+        return self._api
 
     def _start(self) -> tuple[int, int]:
         """Launch `vmstream agent` in the background, detached, logging to agent.log."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.data_dir / "agent.log", "ab") as log:
+        with open(self.data_dir / LOG_FILE, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "vmstream", "agent"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -77,26 +97,19 @@ class AgentClient:
             if proc.poll() is not None:
                 break
             time.sleep(0.05)
-        lines = (self.data_dir / "agent.log").read_text(errors="replace").strip().splitlines()
+        lines = (self.data_dir / LOG_FILE).read_text(errors="replace").strip().splitlines()
         errors = [ln for ln in lines[-40:] if re.match(r"^[\w.]+(Error|Exception|Conflict|Input): ", ln)]
         why = errors[-1] if errors else " / ".join(lines[-3:]) or "no output"
-        raise AgentUnavailable(f"the vmstream agent did not start: {why} (full log: {self.data_dir / 'agent.log'})")
+        raise AgentUnavailable(f"the vmstream agent did not start: {why} (full log: {self.data_dir / LOG_FILE})")
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        http = self.connect()
+        """One API call (kwargs as httpx); starts the agent if none runs."""
         try:
-            r = http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise AgentUnavailable(f"lost contact with the vmstream agent: {exc}") from exc
-        if r.status_code >= 400:
-            try:
-                body = r.json()
-                cls = BY_NAME.get(body.get("error", ""), VmstreamError)
-                message = body.get("message") or body.get("detail") or r.text
-            except ValueError:
-                cls, message = VmstreamError, r.text
-            raise cls(str(message))
-        return r.json()
+            return self.connect().call(method, path, **kwargs)
+        except AgentUnavailable as exc:
+            if not isinstance(exc.__cause__, httpx.HTTPError):  # the agent's own answer (e.g. a peer it cannot reach)
+                raise
+            raise AgentUnavailable(f"{exc} (the agent's log: {self.data_dir / LOG_FILE})") from exc.__cause__
 
     def stop_agent(self, destroy_vms: bool = False, timeout: float = 30.0) -> bool:
         """Ask the agent to exit (optionally destroying every VM first); wait for it."""
@@ -122,6 +135,6 @@ class AgentClient:
         return True
 
     def close(self) -> None:
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+        if self._api is not None:
+            self._api.close()
+            self._api = None
