@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.host.conftest import Agent, make_agent
 from vmstream.host.state import Op, VmState
@@ -130,3 +133,22 @@ def test_info_shows_the_settings_in_force_with_secrets_masked(tmp_path: Path) ->
 def test_the_openapi_document_lists_vm_states(agent: Agent) -> None:
     doc = agent.http.get("/openapi.json").json()
     assert set(doc["components"]["schemas"]["VmState"]["enum"]) == {s.value for s in VmState}
+
+
+def test_operations_and_background_failures_are_logged(pooled_agent: Agent, caplog: pytest.LogCaptureFixture) -> None:
+    a = pooled_agent
+    a.starter.fail["pool"] = lambda name: True
+    with caplog.at_level(logging.INFO, logger="vmstream.host"):
+        a.boot("src")
+        a.image("src", "img")
+        a.start("img")
+        deadline = time.monotonic() + 5
+        while not any("clone pool of image img failed" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.01)
+        a.error("DELETE", "/v1/vms/ghost", 404)
+        a.call("DELETE", "/v1/vms/img-1")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("boot vm=src: done in") for m in messages), messages
+    assert any(m.startswith("live-image create vm=src image=img: done in") for m in messages), messages
+    assert any(m.startswith("destroy vm=img-1: done in") for m in messages), messages

@@ -17,22 +17,23 @@ from typing import Any
 log = logging.getLogger("vmstream.host")
 
 
-def _subject(vm: str | None, image: str | None) -> str:
-    return " ".join(p for p in (f"vm={vm}" if vm else "", f"image={image}" if image else "") if p)
+def _subject(what: str, vm: str | None, image: str | None) -> str:
+    """'what vm=NAME image=NAME', naming only what there is."""
+    return " ".join(p for p in (what, f"vm={vm}" if vm else "", f"image={image}" if image else "") if p)
 
 
 @contextlib.asynccontextmanager
 async def operation(what: str, vm: str | None = None, image: str | None = None) -> AsyncIterator[None]:
     """Log an operation's start, end, duration and outcome."""
-    subject = _subject(vm, image)
+    subject = _subject(what, vm, image)
     t0 = time.perf_counter()
-    log.info("%s %s: started", what, subject)
+    log.info("%s: started", subject)
     try:
         yield
     except BaseException as exc:
-        log.warning("%s %s: failed after %.3f s: %s", what, subject, time.perf_counter() - t0, exc or type(exc).__name__)
+        log.warning("%s: failed after %.3f s: %s", subject, time.perf_counter() - t0, exc or type(exc).__name__)
         raise
-    log.info("%s %s: done in %.3f s", what, subject, time.perf_counter() - t0)
+    log.info("%s: done in %.3f s", subject, time.perf_counter() - t0)
 
 
 class Tasks:
@@ -48,7 +49,7 @@ class Tasks:
         def done(t: asyncio.Task[Any]) -> None:
             self._tasks.discard(t)
             if not t.cancelled() and (exc := t.exception()) is not None:
-                log.error("background %s %s failed: %s", what, _subject(vm, image), exc or type(exc).__name__, exc_info=exc)
+                log.error("background %s failed: %s", _subject(what, vm, image), exc or type(exc).__name__, exc_info=exc)
 
         task.add_done_callback(done)
         return task
