@@ -41,6 +41,7 @@ class FakeProcess:
 
     def start(self, spec: MachineSpec) -> None:
         self.rundir.mkdir(parents=True, exist_ok=True)
+        (self.rundir / "serial.log").write_text(f"fake console of {self.vm_id}\n")
         self.spec = spec
         self.running.add(self.vm_id)
 
@@ -50,11 +51,14 @@ class FakeProcess:
     def die(self) -> None:
         self.running.discard(self.vm_id)
 
-    async def stop(self, soft_timeout: float = 3.0) -> None:
+    async def stop(self, soft_timeout: float = 3.0, keep: Callable[[], None] | None = None) -> None:
         self.die()
+        if keep is not None:
+            keep()
 
     agent_path = property(lambda self: self.rundir / "agent.sock")
     serial_path = property(lambda self: self.rundir / "serial.log")
+    log_path = property(lambda self: self.rundir / "qemu.log")
 
     def log_tail(self, lines: int = 8) -> str:
         return ""
@@ -91,9 +95,8 @@ class FakeStarter(Starter):
     def accelerator(self, guest: GuestArtifacts) -> AccelChoice:
         return AccelChoice("tcg", "fake")
 
-    async def wait_http(self, rec: VmRecord, proc: Any, timeout: float, attempt_s: float = 2.0) -> dict[str, Any]:
+    async def wait_ready(self, rec: VmRecord, proc: Any, timeout: float, attempt_s: float = 2.0, ready: Any = None) -> None:
         self._maybe_fail("http", rec.name)
-        return {"counter": 1, "hostname": rec.hostname}
 
     async def resume_clone(self, rec: VmRecord, proc: Any, image: LiveImage, identity: str, pooled: bool,
                            mark: Callable[[str], None]) -> asyncio.Task[dict[str, Any]]:

@@ -78,12 +78,26 @@ def boot(
     disk: Annotated[str | None, typer.Option(
         help="Boot a real Linux guest from this disk image (raw or qcow2; never written), or 'debian' for the "
              "Debian guest vmstream builds (see 'vmstream guest rootfs').")] = None,
+    ready: Annotated[str | None, typer.Option(
+        help="When the VM is ready: 'agent' (the in-guest agent answers; default for disk guests), 'tcp:PORT', "
+             "'http:PORT/PATH' (2xx), 'none', or 'status' (the demo guest's status page; its default). "
+             "Kept with its live images for their clones.")] = None,
+    publish: Annotated[list[str] | None, typer.Option(
+        "--publish", "-p", help="Forward a guest port from 127.0.0.1: HOST:GUEST, or GUEST for any free host port "
+                                "(repeatable). Clones get their own host ports for the same guest ports.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for it to be ready; then it is stopped and its logs kept.")] = 240.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Cold-boot the demo guest (or a disk guest); returns when it answers HTTP."""
-    body: dict[str, Any] = {"name": name, "memory": memory, "cpus": cpus, "guest_agent": guest_agent, "disk": disk}
-    res = _client().call("POST", "/v1/vms", json=body)
-    _emit(res, as_json, lambda r: out.print(f"{r['name']} is serving at {r['endpoint']} (ready in {r['ready_s']:.2f}s)"))
+    """Cold-boot the demo guest (or a disk guest); returns when it is ready."""
+    body: dict[str, Any] = {"name": name, "memory": memory, "cpus": cpus, "guest_agent": guest_agent, "disk": disk,
+                            "ready": ready, "publish": publish or [], "timeout": timeout}
+    res = _client().call("POST", "/v1/vms", json=body, timeout=timeout + 120)  # a disk guest may first be built
+
+    def render(r: dict[str, Any]) -> None:
+        ports = "".join(f", guest port {g} at 127.0.0.1:{h}" for g, h in r.get("ports", {}).items())
+        out.print(f"{r['name']} is ready ({r['ready']}) in {r['ready_s']:.2f}s at {r['endpoint']}{ports}")
+
+    _emit(res, as_json, render)
 
 
 @app.command("list")
@@ -97,6 +111,8 @@ def show(name: str, as_json: JsonOpt = False) -> None:
     """One VM: state, endpoint, parent image and memory footprint."""
     def render(v: dict[str, Any]) -> None:
         _vm_table([v])
+        ports = ", ".join(f"guest {g} -> 127.0.0.1:{h}" for g, h in v.get("ports", {}).items())
+        out.print(f"ready when: {v.get('ready')}" + (f"; published: {ports}" if ports else ""))
         fp = v.get("footprint")
         if fp:
             t = Table("resident", "PSS", "private", "shared", "anonymous", "guest RAM written", "guest RAM from image")

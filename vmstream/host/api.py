@@ -102,7 +102,7 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
 
     @app.post("/v1/vms", dependencies=v1)
     async def boot(req: BootRequest) -> VmInfo:
-        return await manager.boot(req.name, req.memory, req.cpus, req.guest_agent, req.disk)
+        return await manager.boot(req.name, req.memory, req.cpus, req.guest_agent, req.disk, req.ready, req.publish, req.timeout)
 
     @app.get("/v1/vms/{name}", dependencies=v1)
     async def show(name: str) -> VmInfo:

@@ -77,7 +77,7 @@ class CloneStarter:
         g = image.guest
         recs = await self.registry.reserve(
             self._names(prefix, count), memory_bytes=g.memory_bytes, cpus=g.cpus, kernel=g.kernel, initrd=g.initrd,
-            accel=g.accel, parent_image=image_name,
+            accel=g.accel, parent_image=image_name, ready=g.ready, publish=dict.fromkeys(g.guest_ports, 0),
         )
         batch = Batch(len(recs), self.defer_hooks)
         try:
@@ -150,10 +150,12 @@ class CloneStarter:
             identity = CloneIdentity(rec.hostname, rec.mac, params, user_data, defer_hooks=batch.defer_hooks,
                                      ip=self.starter.address(rec))
             identity_task: asyncio.Task[dict[str, Any]] | None = None
-            http_task: asyncio.Task[dict[str, Any]] | None = None
+            http_task: asyncio.Task[None] | None = None
+            probed = self.starter.readiness(rec).kind not in ("agent", "none")  # else: the identity's answer is enough
             try:
                 identity_task = await self.starter.resume_clone(rec, proc, image, identity.command(), pooled, mark)
-                http_task = asyncio.create_task(self.starter.wait_http(rec, proc, CLONE_TIMEOUT_S))
+                if probed:
+                    http_task = asyncio.create_task(self.starter.wait_ready(rec, proc, CLONE_TIMEOUT_S))
                 answer = await identity_task
                 mark("identity_applied")
                 if isinstance(answer.get("us"), dict):  # the guest's own time, waking up and applying it
@@ -164,7 +166,8 @@ class CloneStarter:
                 if not answer.get("ok") or answer.get("hostname") != rec.hostname:
                     raise QemuError(f"clone {rec.name}: the guest agent did not apply the new identity: {answer}")
                 self.registry.update(rec.name, identity_applied_s=phases["identity_applied"])
-                await self._answer(rec, proc, http_task, batch.hedge_http)
+                if http_task is not None:
+                    await self._answer(rec, proc, http_task, batch.hedge_http)
             except (QMPError, OSError, EOFError) as exc:
                 raise QemuError(f"clone {rec.name} failed while loading its device state: {proc.log_tail() or exc}") from exc
             except QemuError as exc:
@@ -177,12 +180,13 @@ class CloneStarter:
                 for task in (identity_task, http_task):  # on failure, nothing keeps probing a stopped VM
                     if task is not None and not task.done():
                         task.cancel()
-            mark("http_answered")
-            self.registry.update(rec.name, state=VmState.RUNNING, ready_s=phases["http_answered"], phases=json.dumps(phases))
+            mark("http_answered" if probed else "ready")
+            ready_s = phases["http_answered" if probed else "ready"]
+            self.registry.update(rec.name, state=VmState.RUNNING, ready_s=ready_s, phases=json.dumps(phases))
         self.tasks.spawn(self.hooks.after_start(rec, proc, batch), "clone hooks", vm=rec.name)
 
-    async def _answer(self, rec: VmRecord, proc: QemuProcess, http: asyncio.Task[dict[str, Any]], hedge: bool) -> dict[str, Any]:
-        """The clone's first HTTP answer, once its identity is applied.
+    async def _answer(self, rec: VmRecord, proc: QemuProcess, http: asyncio.Task[None], hedge: bool) -> None:
+        """The clone's first ready answer (HTTP for the demo guest), once its identity is applied.
 
         The probe started while the guest was still resuming. If its SYN-ACK went out
         to the image's MAC just before the guest took its new one, slirp resends only
@@ -192,9 +196,9 @@ class CloneStarter:
         done, _ = await asyncio.wait({http}, timeout=HTTP_HEDGE_S if hedge else None)
         if done:
             return http.result()
-        second = asyncio.create_task(self.starter.wait_http(rec, proc, CLONE_TIMEOUT_S))
+        second = asyncio.create_task(self.starter.wait_ready(rec, proc, CLONE_TIMEOUT_S))
         try:
             done, _ = await asyncio.wait({http, second}, return_when=asyncio.FIRST_COMPLETED)
-            return next(iter(done)).result()
+            next(iter(done)).result()
         finally:
             second.cancel()

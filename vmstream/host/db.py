@@ -51,6 +51,10 @@ class VmRecord(Base):
     disk_base: Mapped[str | None] = mapped_column(String, nullable=True)
     # On a bridged host (vmstream.host.network): the VM's static address, kept when it migrates.
     ip: Mapped[str | None] = mapped_column(String, nullable=True)
+    # When the VM is ready (vmstream.guest.readiness); NULL: rows from before it, the demo status page.
+    ready: Mapped[str | None] = mapped_column(String, nullable=True)
+    # Published guest ports besides 80 (slirp): JSON {"GUEST": HOST}.
+    ports: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class PeerRecord(Base):

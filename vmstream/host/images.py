@@ -17,7 +17,7 @@ from vmstream.config import check_name
 from vmstream.errors import Conflict, QemuError
 from vmstream.host import disks
 from vmstream.host.pool import ClonePool
-from vmstream.host.registry import VmRegistry
+from vmstream.host.registry import VmRegistry, published
 from vmstream.host.schemas import ImageInfo, VmInfo
 from vmstream.host.starter import Starter
 from vmstream.host.state import Op, VmState
@@ -105,6 +105,7 @@ class ImageOps:
                     memory_bytes=rec.memory_bytes, cpus=rec.cpus, kernel=rec.kernel, initrd=rec.initrd,
                     accel=rec.accel, hostname=rec.hostname, mac=rec.mac, vmgenid=rec.vmgenid,
                     qemu_version=qemu_version(), disk=bool(rec.disk), guest_announce=self.starter.guest_announce(rec),
+                    ready=str(self.starter.readiness(rec)), guest_ports=tuple(sorted(published(rec))),
                 ),
                 pause_ms=result.pause_ms, devstate_bytes=result.devstate_bytes,
                 memory_bytes_stored=result.memory_bytes_stored, source_private_bytes=result.private_bytes,

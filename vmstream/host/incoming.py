@@ -19,7 +19,7 @@ from typing import Any
 from vmstream.config import check_name
 from vmstream.errors import GuestError, InvalidInput, NotFound
 from vmstream.host.machines import machine_from_dict, machine_to_dict, machine_to_json
-from vmstream.host.registry import VmRegistry
+from vmstream.host.registry import VmRegistry, published
 from vmstream.host.schemas import IncomingAnswer, IncomingRequest, IncomingStatus, VmInfo
 from vmstream.host.starter import Starter
 from vmstream.host.state import VmState
@@ -88,7 +88,8 @@ class IncomingVms:
         (rec,) = await self.registry.reserve(
             [req.name], identity=req.identity, state=VmState.INCOMING, memory_bytes=source.memory_bytes, cpus=source.cpus,
             kernel=str(guest.kernel), initrd=str(guest.initrd), accel=accel, parent_image=image.name if image else None,
-            migrated_from=req.from_host,
+            migrated_from=req.from_host, ready=req.ready,
+            publish={g: 0 for _, g in source.forwards},  # this host's own ports for the guest's published ones
         )
         delta: DeltaTarget | None = None
 
@@ -101,7 +102,8 @@ class IncomingVms:
             if tap is not None and self.starter.net is not None:
                 self.starter.net.create_tap(rec.vm_id)
             common: dict[str, Any] = {"vm_id": rec.vm_id, "http_port": rec.http_port, "kernel": guest.kernel,
-                                      "initrd": guest.initrd, "tap": tap}
+                                      "initrd": guest.initrd, "tap": tap,
+                                      "forwards": tuple((h, g) for g, h in published(rec).items())}
             if image is not None:
                 await self.memfs.ensure()
                 base = {k: v for k, v in machine_to_dict(source).items() if k not in ("kind", "send_configuration")}

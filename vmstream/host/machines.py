@@ -25,7 +25,7 @@ def machine_to_dict(spec: MachineSpec) -> dict[str, Any]:
         elif isinstance(value, TapNic):
             value = dataclasses.asdict(value)
         elif isinstance(value, tuple):
-            value = list(value)
+            value = [list(v) if isinstance(v, tuple) else v for v in value]
         out[f.name] = value
     out["kind"] = "incoming" if isinstance(spec, IncomingSpec) else "machine"
     return out
@@ -41,6 +41,7 @@ def machine_from_dict(data: dict[str, Any]) -> MachineSpec:
         if values.get("tap") is not None:
             values["tap"] = TapNic(**values["tap"])
         values["extra_append"] = tuple(values.get("extra_append", ()))
+        values["forwards"] = tuple((int(h), int(g)) for h, g in values.get("forwards", ()))
         values.setdefault("guest_announce", True)  # described before vmstream turned it off
         if kind == "incoming":
             return IncomingSpec(**values)

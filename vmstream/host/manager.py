@@ -27,6 +27,7 @@ from vmstream import __version__
 from vmstream.config import check_name, parse_memory, parse_size
 from vmstream.errors import InvalidInput
 from vmstream.guest.qga import qga
+from vmstream.guest.readiness import AGENT, STATUS, parse_publish, parse_readiness
 from vmstream.guest.rootfs import build_rootfs
 from vmstream.host import network
 from vmstream.host.clones import CloneStarter
@@ -134,26 +135,33 @@ class HostManager:
 
     # ---- VMs -------------------------------------------------------------------------
 
-    async def boot(self, name: str, memory: str, cpus: int, guest_agent: str = "native", disk: str | None = None) -> VmInfo:
-        """Cold-boot the demo guest, or a disk guest; return once it answers HTTP."""
+    async def boot(
+        self, name: str, memory: str, cpus: int, guest_agent: str = "native", disk: str | None = None,
+        ready: str | None = None, publish: list[str] | None = None, timeout: float = BOOT_TIMEOUT_S,
+    ) -> VmInfo:
+        """Cold-boot the demo guest, or a disk guest; return once it is ready (its readiness check)."""
         check_name(name)
         memory_bytes = parse_memory(memory)
+        readiness = parse_readiness(ready) if ready else (AGENT if disk else STATUS)
+        ports = parse_publish(publish or [])
+        if readiness.guest_port not in (None, 80) and readiness.guest_port not in ports:
+            ports[readiness.guest_port] = 0  # the probe needs it forwarded, and so will the user
         t0 = asyncio.get_running_loop().time()
         base = await self._disk_base(disk) if disk else None
         guest = await asyncio.to_thread(self.starter.guest)
         accel = await asyncio.to_thread(self.starter.accelerator, guest)
         (rec,) = await self.registry.reserve(
             [name], memory_bytes=memory_bytes, cpus=cpus, kernel=str(guest.kernel), initrd=str(guest.initrd),
-            accel=accel.accel, parent_image=None,
+            accel=accel.accel, parent_image=None, ready=str(readiness), publish=ports,
         )
-        async with operation("boot", vm=name), self.starter.starting(rec) as proc:
+        async with operation("boot", vm=name), self.starter.starting(rec, keep_logs=True) as proc:
             if base is not None:
                 await self.starter.overlay_disk(rec, base)
             spec = self.starter.spec(rec)
             if guest_agent == "portable":
                 spec = dataclasses.replace(spec, extra_append=("vmstream.agent=sh",))
             await self.starter.launch(rec, proc, spec)
-            await self.starter.wait_http(rec, proc, BOOT_TIMEOUT_S, attempt_s=BOOT_PROBE_S)
+            await self.starter.wait_ready(rec, proc, timeout, attempt_s=BOOT_PROBE_S)
             self.registry.update(name, state=VmState.RUNNING, ready_s=asyncio.get_running_loop().time() - t0)
         return self.starter.info(self.registry.get(name))
 

@@ -162,6 +162,7 @@ class Migrations:
             send_configuration=sends_configuration(spec), parent_image=rec.parent_image,
             identity={"hostname": rec.hostname, "mac": rec.mac, "vmgenid": rec.vmgenid, **({"ip": rec.ip} if rec.ip else {})},
             guest_key=spec.kernel.parent.name,  # guest/<key>/vmlinuz: the key names the build's inputs
+            ready=rec.ready,
         )
 
     async def _run(self, job: Job, rec: VmRecord, peer: AsyncApiClient) -> None:

@@ -101,7 +101,8 @@ class ClonePool:
             g = image.guest
             (rec,) = await self.registry.reserve(
                 [POOL_PREFIX + secrets.token_hex(6)], state=VmState.POOLED, memory_bytes=g.memory_bytes, cpus=g.cpus,
-                kernel=g.kernel, initrd=g.initrd, accel=g.accel, parent_image=image_name,
+                kernel=g.kernel, initrd=g.initrd, accel=g.accel, parent_image=image_name, ready=g.ready,
+                publish=dict.fromkeys(g.guest_ports, 0),
             )
             async with self.starter.starting(rec) as proc:
                 spec = self.starter.pooled_spec(self.starter.spec(rec, image), self.tb_mib if self.run_through else None)

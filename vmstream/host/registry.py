@@ -8,6 +8,7 @@ Rows are changed here only, so state transitions are checked in one place
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import socket
 import uuid
@@ -26,13 +27,19 @@ from vmstream.host.state import Op, VmState, check
 
 POOL_PREFIX = ".pool-"  # pooled rows' names: never a valid VM name, so never listed or taken by a user
 # A pooled QEMU's fields a clone takes over with it: all fresh, never used by a guest.
-_TAKEN_FROM_POOL = ("vm_id", "rundir", "http_port", "mac", "vmgenid", "pid", "ip")
+_TAKEN_FROM_POOL = ("vm_id", "rundir", "http_port", "ports", "mac", "vmgenid", "pid", "ip")
 
 
-def _free_port() -> int:
+def _free_port(port: int = 0) -> int:
+    """A loopback port nothing listens on (port 0: any); OSError if the given one is taken."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("127.0.0.1", port))
         return int(s.getsockname()[1])
+
+
+def published(rec: VmRecord) -> dict[int, int]:
+    """A VM's published guest ports besides 80: guest port -> host port on 127.0.0.1."""
+    return {int(g): int(h) for g, h in json.loads(rec.ports).items()} if rec.ports else {}
 
 
 def random_mac() -> str:
@@ -112,24 +119,26 @@ class VmRegistry:
         return rec
 
     async def reserve(
-        self, names: list[str], *, identity: dict[str, str] | None = None, state: VmState = VmState.STARTING, **common: Any
+        self, names: list[str], *, identity: dict[str, str] | None = None, state: VmState = VmState.STARTING,
+        publish: dict[int, int] | None = None, **common: Any
     ) -> list[VmRecord]:
         """Insert rows for names, all or none: this claims the names, ports and addresses.
-        identity (hostname, mac, vmgenid[, ip]) is kept for a migrating VM; others get a new one."""
+        identity (hostname, mac, vmgenid[, ip]) is kept for a migrating VM; others get a new one.
+        publish: guest port -> host port (0: any free one) for each VM, on a slirp host."""
         async with self._alloc_lock:
             with self.session() as s:
                 taken = set(s.scalars(select(VmRecord.name).where(VmRecord.name.in_(names))))
                 if taken:
                     raise Conflict(f"a VM named '{sorted(taken)[0]}' already exists: choose another name or destroy it first")
                 used = set(s.scalars(select(VmRecord.http_port)))
+                for forwards in s.scalars(select(VmRecord.ports).where(VmRecord.ports.is_not(None))):
+                    used.update(int(h) for h in json.loads(forwards or "{}").values())
                 used_ips = set(s.scalars(select(VmRecord.ip)))
                 free_ips = [a for a in self.net.addresses() if a not in used_ips] if self.net else []
                 recs = []
                 for name in names:
-                    port = _free_port()
-                    while port in used:
-                        port = _free_port()
-                    used.add(port)
+                    port = self._port(0, used)
+                    ports = {str(g): self._port(h, used) for g, h in (publish or {}).items()} if self.net is None else {}
                     vm_id = uuid.uuid4().hex[:12]
                     ident = dict(identity or {"hostname": name, "mac": random_mac(), "vmgenid": str(uuid.uuid4())})
                     if self.net is not None and not ident.get("ip"):
@@ -137,7 +146,7 @@ class VmRegistry:
                             raise Conflict(f"no free VM address left in {self.net.first}-{self.net.last} "
                                            "(VMSTREAM_VM_ADDRESSES): destroy a VM or give this host a larger range")
                         ident["ip"] = free_ips.pop(0)
-                    recs.append(VmRecord(name=name, vm_id=vm_id, state=state, http_port=port,
+                    recs.append(VmRecord(name=name, vm_id=vm_id, state=state, http_port=port, ports=json.dumps(ports) if ports else None,
                                          rundir=str(self.run_root / vm_id), **ident, **common))
                 s.add_all(recs)
                 try:
@@ -145,6 +154,24 @@ class VmRegistry:
                 except IntegrityError as exc:
                     raise Conflict(f"VM names {names} are already taken") from exc
                 return recs
+
+    @staticmethod
+    def _port(want: int, used: set[int]) -> int:
+        """A host port for a forward: want (checked free), or any free one; added to used."""
+        if want:
+            if want in used:
+                raise Conflict(f"host port {want} is already published by another VM: choose another, or GUEST alone for any free port")
+            try:
+                _free_port(want)
+            except OSError as exc:
+                raise Conflict(f"host port {want} cannot be used ({exc.strerror}): another program holds it; choose another") from None
+            port = want
+        else:
+            port = _free_port()
+            while port in used:
+                port = _free_port()
+        used.add(port)
+        return port
 
     def take_over(self, pool_name: str, name: str) -> VmRecord:
         """Give the VM row `name` the pooled row's QEMU (vm_id, run dir, port, MAC, VM

@@ -17,6 +17,11 @@ class BootRequest(BaseModel):
     cpus: int = Field(1, ge=1, le=16)
     guest_agent: Literal["native", "portable"] = "native"
     disk: str | None = Field(None, description="boot a disk guest: a raw/qcow2 image path, or 'debian' for the built one")
+    ready: str | None = Field(None, description="when the VM is ready: status, agent, none, tcp:PORT or http:PORT/PATH; "
+                              "default: status for the demo guest, agent for a disk guest")
+    timeout: float = Field(240.0, gt=0, le=3600, description="seconds to wait for it to be ready; then it is stopped, its logs kept")
+    publish: list[str] = Field(default_factory=list, description="guest ports to forward from 127.0.0.1: HOST:GUEST or GUEST "
+                               "(any free host port); a clone gets its own host ports for them")
 
 
 class VmInfo(BaseModel):
@@ -39,6 +44,8 @@ class VmInfo(BaseModel):
     footprint: Footprint | None = None
     migrated_from: str | None = None  # the peer this VM came from, if it arrived by migration
     disk: str | None = None  # a disk guest's current qcow2 overlay
+    ready: str = "status"  # its readiness check (vmstream.guest.readiness)
+    ports: dict[str, int] = Field(default_factory=dict)  # published guest port -> host port on 127.0.0.1 (besides 80: endpoint)
 
 
 class CreateImageRequest(BaseModel):
@@ -146,6 +153,7 @@ class IncomingRequest(BaseModel):
     parent_image: str | None
     identity: dict[str, str]  # hostname, mac, vmgenid: the VM keeps them when it moves
     guest_key: str  # the guest build's key (a hash of its inputs): both hosts must have the same guest
+    ready: str | None = None  # its readiness check; published guest ports come with the machine's forwards
 
 
 class IncomingAnswer(BaseModel):

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -21,14 +22,14 @@ from typing import Any
 from qemu.qmp import QMPError
 
 from vmstream.capture import CaptureResult, apply_delta, capture_vm
-from vmstream.errors import QemuError
+from vmstream.errors import InvalidInput, QemuError
 from vmstream.guest import GuestArtifacts, build_guest
 from vmstream.guest.channel import ask_guest
-from vmstream.guest.status import get_status
+from vmstream.guest.readiness import STATUS, Readiness, parse_readiness, probe
 from vmstream.host import disks, footprint
 from vmstream.host.db import VmRecord
 from vmstream.host.machines import machine_from_json
-from vmstream.host.registry import VmRegistry
+from vmstream.host.registry import VmRegistry, published
 from vmstream.host.schemas import VmInfo
 from vmstream.host.state import LIVE, VmState
 from vmstream.image import ImageRepository, LiveImage
@@ -105,6 +106,7 @@ class Starter:
             incoming=image is not None, tb_mib=s.clone_tb_mib if image else MachineSpec.tb_mib,
             guest_announce=image.guest.guest_announce if image else MachineSpec.guest_announce,
             kernel_header_only=s.clone_kernel_header_only, nothp=s.clone_nothp,
+            forwards=tuple((h, g) for g, h in published(rec).items()),
         )
 
     def guest_announce(self, rec: VmRecord) -> bool:
@@ -124,10 +126,10 @@ class Starter:
 
     @contextlib.asynccontextmanager
     async def starting(
-        self, rec: VmRecord, cleanup: Callable[[], Awaitable[None]] | None = None
+        self, rec: VmRecord, cleanup: Callable[[], Awaitable[None]] | None = None, keep_logs: bool = False,
     ) -> AsyncIterator[QemuProcess]:
         """Own a starting VM: on any failure (or cancellation) run cleanup, stop its QEMU
-        and drop its row (and tap)."""
+        and drop its row (and tap); keep_logs: its serial and QEMU logs go to logs_dir first."""
         proc = self.proc(rec)
         try:
             yield proc
@@ -136,9 +138,19 @@ class Starter:
                 if cleanup is not None:
                     await asyncio.shield(cleanup())
             with contextlib.suppress(Exception):
-                await asyncio.shield(proc.stop())
+                await asyncio.shield(proc.stop(keep=self._keep_logs(rec, proc) if keep_logs else None))
             self.remove_row(rec.name)
             raise
+
+    def _keep_logs(self, rec: VmRecord, proc: QemuProcess) -> Callable[[], None]:
+        def keep() -> None:
+            out = self.logs_dir(rec)
+            out.mkdir(parents=True, exist_ok=True)
+            for log in (proc.serial_path, proc.log_path):
+                if log.exists():
+                    shutil.copyfile(log, out / log.name)
+
+        return keep
 
     def remove_row(self, name: str) -> None:
         self.registry.delete(name)
@@ -170,6 +182,7 @@ class Starter:
             ready_s=rec.ready_s, created_at=rec.created_at, footprint=fp, hostname=rec.hostname, mac=rec.mac,
             vmgenid=rec.vmgenid, identity_applied_s=rec.identity_applied_s, migrated_from=rec.migrated_from, disk=rec.disk,
             hooks=json.loads(rec.hooks) if rec.hooks else None, phases=json.loads(rec.phases) if rec.phases else None,
+            ready=str(self.readiness(rec)), ports={str(g): h for g, h in published(rec).items()},
         )
 
     # ---- the guest ---------------------------------------------------------------------
@@ -179,23 +192,47 @@ class Starter:
         """One command to the in-guest agent."""
         return await ask_guest(proc.agent_path, command, timeout, expect=expect)
 
-    async def wait_http(self, rec: VmRecord, proc: QemuProcess, timeout: float, attempt_s: float = 2.0) -> dict[str, Any]:
-        """Poll the guest's status page until it answers; fail fast if QEMU dies.
+    @staticmethod
+    def readiness(rec: VmRecord) -> Readiness:
+        """When the VM counts as ready (rows from before readiness existed: the demo status page)."""
+        return parse_readiness(rec.ready) if rec.ready else STATUS
+
+    def _probe_address(self, rec: VmRecord, ready: Readiness) -> tuple[str, int]:
+        """Where a probe reaches the guest's readiness port: its own address on a bridge,
+        else the host port slirp forwards to it."""
+        guest_port = ready.guest_port or 80
+        if rec.ip:
+            return rec.ip, guest_port
+        if guest_port == 80:
+            return "127.0.0.1", rec.http_port
+        host_port = published(rec).get(guest_port)
+        if host_port is None:
+            raise InvalidInput(f"VM {rec.name}'s readiness {ready} needs guest port {guest_port} published (--publish {guest_port})")
+        return "127.0.0.1", host_port
+
+    def logs_dir(self, rec: VmRecord) -> Path:
+        """Where a failed start's serial and QEMU logs are kept (its run dir goes with it)."""
+        return self.settings.home / "logs" / f"{rec.name}-{rec.vm_id}"
+
+    async def wait_ready(self, rec: VmRecord, proc: QemuProcess, timeout: float, attempt_s: float = 2.0,
+                         ready: Readiness | None = None) -> None:
+        """Probe the guest until it is ready (its readiness check); fail fast if QEMU dies.
         attempt_s: how long one probe may wait for its answer."""
+        ready = ready or self.readiness(rec)
+        host, port = self._probe_address(rec, ready)
+        netns = self.vm_netns if rec.ip else None
         deadline = time.monotonic() + timeout
         while True:
-            with contextlib.suppress(OSError, TimeoutError, ValueError):
-                if rec.ip:  # bridged: the guest's own address, reached from the VMs' namespace
-                    body = await get_status(80, rec.ip, timeout=attempt_s, netns=self.vm_netns)
-                else:
-                    body = await get_status(rec.http_port, timeout=attempt_s)
-                if "counter" in body:
-                    return body
+            if await probe(ready, host, port, proc.agent_path, attempt_s, netns, bridged=bool(rec.ip)):
+                return
             if not proc.alive():
-                raise QemuError(f"VM {rec.name}'s QEMU exited before the guest answered HTTP: {proc.log_tail() or 'no output'}")
+                raise QemuError(f"VM {rec.name}'s QEMU exited before the guest was ready ({ready}): "
+                                f"QEMU said: {proc.log_tail() or 'nothing'}; guest console: {proc.serial_tail() or 'nothing'}; "
+                                f"logs kept in {self.logs_dir(rec)}")
             if time.monotonic() > deadline:
-                raise QemuError(f"VM {rec.name} did not answer HTTP within {timeout:.0f}s; serial log: {proc.serial_path}")
-            await asyncio.sleep(0.005)
+                raise QemuError(f"VM {rec.name} was not ready ({ready}) within {timeout:.0f}s; guest console's last lines: "
+                                f"{proc.serial_tail() or 'nothing'}; logs kept in {self.logs_dir(rec)}")
+            await asyncio.sleep(0.005 if ready.kind != "agent" else 0.05)
 
     # ---- state loads and captures (QMP) ------------------------------------------------
 
@@ -244,8 +281,8 @@ class Starter:
         try:
             async with proc.qmp() as qmp:
                 await qmp.execute("cont")
-                if (await ask).get("ok"):
-                    await self.wait_http(rec, proc, CLONE_TIMEOUT_S, attempt_s=0.5)
+                if (await ask).get("ok") and self.readiness(rec).kind not in ("agent", "none"):
+                    await self.wait_ready(rec, proc, CLONE_TIMEOUT_S, attempt_s=0.5)
                 await qmp.execute("stop")
         finally:
             ask.cancel()

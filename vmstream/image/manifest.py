@@ -28,6 +28,8 @@ class GuestConfig(BaseModel):
     qemu_version: str
     disk: bool = False  # a disk guest: the image has a disk layer (disk.qcow2) clones run on
     guest_announce: bool = True  # the NIC's (MachineSpec.guest_announce); images made before it was off have it on
+    ready: str = "status"  # when a clone is ready (vmstream.guest.readiness); images from before it: the demo status page
+    guest_ports: tuple[int, ...] = ()  # guest ports published besides 80; each clone gets its own host ports for them
 
 
 class LiveImage(BaseModel):

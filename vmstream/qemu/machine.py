@@ -16,7 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -94,6 +94,7 @@ class MachineSpec:
     guest_announce: bool = False
     kernel_header_only: bool = True  # a VM resuming an image's memory gets only the kernel's setup header
     nothp: bool = True  # a VM on an image's memory file runs with the no-huge-pages shim (see vmstream.qemu.preload)
+    forwards: tuple[tuple[int, int], ...] = ()  # slirp: more (host port, guest port) forwards on 127.0.0.1 besides 80
 
     def command(self, rundir: Path) -> list[str]:
         mib = self.memory_bytes >> 20
@@ -116,7 +117,7 @@ class MachineSpec:
              *(self.tap.append() if self.tap else [])]
         )
         if self.tap is None:
-            netdev = f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.http_port}-:80"
+            netdev = "user,id=net0," + ",".join(f"hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in ((self.http_port, 80), *self.forwards))
         else:
             netdev = f"tap,id=net0,ifname={self.tap.ifname},script=no,downscript=no"
         cmd = [
@@ -329,8 +330,9 @@ class QemuProcess:
                 raise QemuError(f"VM {self.vm_id} did not finish loading its state within {timeout:.0f}s (state {state})")
             await asyncio.sleep(poll)
 
-    async def stop(self, soft_timeout: float = 3.0) -> None:
-        """Soft (QMP quit), then hard (SIGTERM, SIGKILL); then remove the run dir."""
+    async def stop(self, soft_timeout: float = 3.0, keep: Callable[[], None] | None = None) -> None:
+        """Soft (QMP quit), then hard (SIGTERM, SIGKILL); then remove the run dir
+        (keep: called first, with the process gone, to save what should outlive it)."""
         try:
             if self.alive():
                 with contextlib.suppress(Exception):
@@ -349,6 +351,9 @@ class QemuProcess:
                 raise QemuError(f"QEMU pid {self.pid} for VM {self.vm_id} did not exit after SIGKILL")
         finally:
             if not self.alive():
+                if keep is not None:
+                    with contextlib.suppress(OSError):
+                        keep()
                 shutil.rmtree(self.rundir, ignore_errors=True)
 
     async def _wait_exit(self, timeout: float) -> None:

@@ -392,6 +392,29 @@ static void cmd_memcheck_dirty_stop(void) {
     reply("{\"ok\":true,\"stopped\":%s,\"result\":%s}", was ? "true" : "false", json ? json : "null");
 }
 
+/* Whether a TCP socket listens on port (IPv4 or IPv6): the host's readiness check
+   tcp:PORT asks this, since on slirp a connection to the forward proves nothing. */
+static int port_listening(long port) {
+    static const char *const tables[] = {"/proc/net/tcp", "/proc/net/tcp6"};
+    char want[8];
+    snprintf(want, sizeof want, ":%04lX", port);
+    for (int t = 0; t < 2; t++) {
+        FILE *f = fopen(tables[t], "r");
+        if (!f) continue;
+        char row[512], local[80], remote[80], state[8];
+        while (fgets(row, sizeof row, f)) {
+            if (sscanf(row, "%*s %79s %79s %7s", local, remote, state) != 3 || strcmp(state, "0A") != 0) continue;
+            char *colon = strrchr(local, ':');
+            if (colon && strcmp(colon, want) == 0) {
+                fclose(f);
+                return 1;
+            }
+        }
+        fclose(f);
+    }
+    return 0;
+}
+
 static void handle(char *line) {
     line[strcspn(line, "\r\n")] = '\0';
     char *arg = strchr(line, ' ');
@@ -439,6 +462,12 @@ static void handle(char *line) {
             reply("{\"ok\":true,\"result\":{\"state\":\"running\"}}");
         else
             reply("{\"ok\":true,\"result\":{\"state\":\"none\"}}");
+    } else if (strcmp(line, "listening") == 0) {
+        long port = arg ? strtol(arg, NULL, 10) : 0;
+        if (port < 1 || port > 65535)
+            reply("{\"ok\":false,\"error\":\"listening needs a TCP port\"}");
+        else
+            reply("{\"ok\":true,\"listening\":%s}", port_listening(port) ? "true" : "false");
     } else if (strcmp(line, "memcheck-fill") == 0) {
         cmd_memcheck_fill(arg);
     } else if (strcmp(line, "memcheck-verify") == 0) {

@@ -111,6 +111,12 @@ handle() {
       elif [ -f "$STATE/hooks.deferred" ]; then reply '{"ok":true,"result":{"state":"pending"}}'
       elif [ -f "$STATE/params.env" ]; then reply '{"ok":true,"result":{"state":"running"}}'
       else reply '{"ok":true,"result":{"state":"none"}}'; fi ;;
+    listening)  # a TCP socket listens on port $2 (the host's readiness check tcp:PORT)
+      want=$(printf ':%04X' "${2:-0}")
+      if cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk -v p="$want" \
+          '$4 == "0A" && toupper(substr($2, length($2) - 4)) == p { found = 1 } END { exit !found }'; then
+        reply '{"ok":true,"listening":true}'
+      else reply '{"ok":true,"listening":false}'; fi ;;
     memcheck-fill)
       if [ -f /run/memcheck.pid ]; then kill "$(cat /run/memcheck.pid)" 2>/dev/null; fi
       rm -f "$MEMCHECK_RESULT"
