@@ -79,8 +79,8 @@ def boot(
         help="Boot a real Linux guest from this disk image (raw or qcow2; never written), or 'debian' for the "
              "Debian guest vmstream builds (see 'vmstream guest rootfs').")] = None,
     ready: Annotated[str | None, typer.Option(
-        help="When the VM is ready: 'agent' (the in-guest agent answers; default for disk guests), 'tcp:PORT', "
-             "'http:PORT/PATH' (2xx), 'none', or 'status' (the demo guest's status page; its default). "
+        help="When the VM is ready: 'agent' (the in-guest agent answers; default for a disk image), 'tcp:PORT', "
+             "'http:PORT/PATH' (2xx), 'none', or 'status' (the status page of the demo and 'debian' guests; their default). "
              "Kept with its live images for their clones.")] = None,
     publish: Annotated[list[str] | None, typer.Option(
         "--publish", "-p", help="Forward a guest port from 127.0.0.1: HOST:GUEST, or GUEST for any free host port "

@@ -142,7 +142,8 @@ class HostManager:
         """Cold-boot the demo guest, or a disk guest; return once it is ready (its readiness check)."""
         check_name(name)
         memory_bytes = parse_memory(memory)
-        readiness = parse_readiness(ready) if ready else (AGENT if disk else STATUS)
+        # the project's own guests serve the status page; another image has only the agent for sure
+        readiness = parse_readiness(ready) if ready else (AGENT if disk and disk != "debian" else STATUS)
         ports = parse_publish(publish or [])
         if readiness.guest_port not in (None, 80) and readiness.guest_port not in ports:
             ports[readiness.guest_port] = 0  # the probe needs it forwarded, and so will the user

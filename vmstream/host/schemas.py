@@ -18,7 +18,7 @@ class BootRequest(BaseModel):
     guest_agent: Literal["native", "portable"] = "native"
     disk: str | None = Field(None, description="boot a disk guest: a raw/qcow2 image path, or 'debian' for the built one")
     ready: str | None = Field(None, description="when the VM is ready: status, agent, none, tcp:PORT or http:PORT/PATH; "
-                              "default: status for the demo guest, agent for a disk guest")
+                              "default: status for the demo and 'debian' guests, agent for another disk image")
     timeout: float = Field(240.0, gt=0, le=3600, description="seconds to wait for it to be ready; then it is stopped, its logs kept")
     publish: list[str] = Field(default_factory=list, description="guest ports to forward from 127.0.0.1: HOST:GUEST or GUEST "
                                "(any free host port); a clone gets its own host ports for them")
