@@ -67,6 +67,9 @@ def test_debian_image_clones_share_its_disk_and_keep_their_own_writes(cli: Cli, 
     clones = cli.json("live-image", "start", "deb-img", "--count", "2", "--name", "debc", timeout=600)["vms"]
     try:
         a, b = (c["name"] for c in clones)
+        assert all("identity_in_guest" in c["phases"] for c in clones), "the native agent applied the identities"
+        for c in clones:  # the NIC (renamed by udev in Debian) took the clone's own MAC
+            assert cli.ask(c["name"], "status")["mac"] == c["mac"], c["name"]
         assert {qga(cli, a, "guest-get-host-name")["host-name"], qga(cli, b, "guest-get-host-name")["host-name"]} == {a, b}
         assert read_file(cli, a, "/root/marker") == "before-capture", "the disk as it was in the capture pause"
         write_file(cli, a, "/root/marker", "written-by-a")

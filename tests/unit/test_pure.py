@@ -189,3 +189,20 @@ def test_a_bad_setting_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("VMSTREAM_BATCH_DEFER_HOOKS", "0")
     s = load_settings()
     assert s.clone_pool == 0 and s.batch_defer_hooks is False
+
+
+def test_the_agent_installer_carries_the_native_agent_and_the_shell_fallback() -> None:
+    import base64
+    import re
+
+    from vmstream.guest.installer import NATIVE_AGENT, SHELL_AGENT, agent_installer, native_agent
+
+    script = agent_installer()
+    b64 = re.search(r"<<'VMSTREAM_NATIVE_EOF'\n(.*?)\nVMSTREAM_NATIVE_EOF", script, re.S)
+    assert b64 is not None and base64.b64decode(b64.group(1)) == native_agent()
+    assert native_agent()[:4] == b"\x7fELF"
+    assert f"Environment=VMSTREAM_AGENT_SH={SHELL_AGENT}\nExecStart={NATIVE_AGENT}" in script
+    assert f"ExecStart=/bin/sh {SHELL_AGENT}" in script  # the unit where the native agent cannot run
+    portable = agent_installer(native=False)
+    assert "VMSTREAM_NATIVE_EOF" not in portable and len(portable) < 50_000
+    assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0

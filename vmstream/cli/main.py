@@ -283,11 +283,12 @@ def guest_qga(
 @guest_app.command("agent-installer")
 def guest_agent_installer(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write to this file instead of stdout.")] = None,
+    portable: Annotated[bool, typer.Option("--portable", help="Only the shell agent (no native x86_64 binary).")] = False,
 ) -> None:
     """A shell installer for the in-guest agent on a real Linux guest (run it there as root)."""
     from vmstream.guest.installer import agent_installer
 
-    script = agent_installer()
+    script = agent_installer(native=not portable)
     if output is None:
         sys.stdout.write(script)
     else:

@@ -83,7 +83,7 @@ def _module_order(moddir: Path) -> list[str]:
     return order
 
 
-def compile_static(name: str, source: bytes, workdir: Path) -> bytes:
+def compile_static(name: str, source: bytes, workdir: Path, flags: tuple[str, ...] = ()) -> bytes:
     """A static binary for the guest, which has no libc of its own."""
     src = workdir / f"{name}.c"
     src.write_bytes(source)
@@ -92,7 +92,7 @@ def compile_static(name: str, source: bytes, workdir: Path) -> bytes:
     if cc is None:
         raise GuestError(f"no C compiler found to build the guest's {name}: apt-get install gcc libc6-dev")
     proc = subprocess.run(
-        [cc, "-static", "-O2", "-o", str(out), str(src)], capture_output=True, text=True
+        [cc, "-static", "-O2", *flags, "-o", str(out), str(src)], capture_output=True, text=True
     )
     if proc.returncode != 0:
         raise GuestError(f"compiling {name} failed: {proc.stderr.strip()[-500:]}")

@@ -85,15 +85,6 @@ static const char *now_realtime(void) {
     return seconds_text(&ts, 6);
 }
 
-static void read_mac(char *mac, size_t n) {
-    FILE *f = fopen("/sys/class/net/eth0/address", "r");
-    mac[0] = '\0';
-    if (f) {
-        if (fgets(mac, (int)n, f)) mac[strcspn(mac, "\n")] = '\0';
-        fclose(f);
-    }
-}
-
 /* Whole file into a static buffer (JSON files written by our own tools). */
 static const char *slurp(const char *path) {
     static char buf[131072];
@@ -154,12 +145,41 @@ static int set_clock(const char *text) {
     return clock_settime(CLOCK_REALTIME, &ts);
 }
 
-/* One interface ioctl on eth0 (ifr's name is filled in here). */
+/* The VM's NIC: eth0 in the demo guest; a real guest's udev may have renamed it
+ * (ens2, enp0s2): then the first Ethernet interface. Found at start, so a clone
+ * (whose memory holds it) does not walk /sys on its identity path. */
+static char ifname[IFNAMSIZ] = "eth0";
+
+static void find_iface(void) {
+    if (access("/sys/class/net/eth0", F_OK) == 0) return;
+    DIR *d = opendir("/sys/class/net");
+    struct dirent *e;
+    while (d && (e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.' || strcmp(e->d_name, "lo") == 0) continue;
+        char type_file[300], type[16] = "";
+        snprintf(type_file, sizeof type_file, "/sys/class/net/%s/type", e->d_name);
+        FILE *f = fopen(type_file, "r");
+        if (!f) continue;
+        if (fgets(type, sizeof type, f) && atoi(type) == ARPHRD_ETHER) {
+            snprintf(ifname, sizeof ifname, "%.15s", e->d_name);
+            fclose(f);
+            break;
+        }
+        fclose(f);
+    }
+    if (d) closedir(d);
+}
+
 static int eth0_ioctl(unsigned long request, struct ifreq *ifr) {
-    strncpy(ifr->ifr_name, "eth0", IFNAMSIZ - 1);
     int s = socket(AF_INET, SOCK_DGRAM, 0);
     if (s < 0) return -1;
+    memcpy(ifr->ifr_name, ifname, IFNAMSIZ);
     int rc = ioctl(s, request, ifr);
+    if (rc != 0 && errno == ENODEV) { /* renamed since the agent started */
+        find_iface();
+        memcpy(ifr->ifr_name, ifname, IFNAMSIZ);
+        rc = ioctl(s, request, ifr);
+    }
     close(s);
     return rc;
 }
@@ -218,9 +238,13 @@ static void run_detached(char *const argv[]) {
     }
 }
 
+/* The shell agent, which runs the clone hooks: /bin/vmstream-agent.sh in the demo
+   guest; a real guest's installer sets VMSTREAM_AGENT_SH (its systemd unit). */
+static char *agent_sh = "/bin/vmstream-agent.sh";
+
 static void start_hooks(void) {
     unlink(STATE "/hooks.deferred");
-    char *hooks[] = {"/bin/sh", "/bin/vmstream-agent.sh", "run-hooks", NULL};
+    char *hooks[] = {"/bin/sh", agent_sh, "run-hooks", NULL};
     run_detached(hooks);
 }
 
@@ -236,6 +260,13 @@ static void write_hook_inputs(char **keys, char **vals, int n, int deferred) {
         char *val = vals[i];
         if (strcmp(key, "hostname") == 0) {
             fprintf(env, "export VMSTREAM_HOSTNAME='%s'\n", val);
+            if (access("/etc/hostname", F_OK) == 0) { /* a real guest: its name outlives a reboot */
+                FILE *h = fopen("/etc/hostname", "w");
+                if (h) {
+                    fprintf(h, "%s\n", val);
+                    fclose(h);
+                }
+            }
         } else if (strcmp(key, "mac") == 0) {
             fprintf(env, "export VMSTREAM_MAC='%s'\n", val);
         } else if (strcmp(key, "param") == 0) {
@@ -426,7 +457,7 @@ static void handle(char *line) {
         struct utsname u;
         uname(&u);
         char mac[32];
-        read_mac(mac, sizeof mac);
+        ioctl_mac(mac, sizeof mac);
         struct timespec up;
         clock_gettime(CLOCK_BOOTTIME, &up);
         reply("{\"ok\":true,\"hostname\":\"%s\",\"mac\":\"%s\",\"time\":%s,\"uptime\":%s}", u.nodename, mac,
@@ -504,6 +535,8 @@ static int find_port(char *path, size_t n) {
 
 int main(void) {
     static char line[MAX_LINE];
+    if (getenv("VMSTREAM_AGENT_SH")) agent_sh = getenv("VMSTREAM_AGENT_SH");
+    find_iface();
     struct sigaction sa = {.sa_handler = SIG_DFL, .sa_flags = SA_NOCLDWAIT};
     sigaction(SIGCHLD, &sa, NULL); /* children (hooks, memcheck) are reaped by the kernel */
     /* SIGIO comes when the host connects or sends data; it is taken with

@@ -16,7 +16,15 @@ SELF=$(command -v "$0" 2>/dev/null || echo "$0")
 
 now() { if command -v vmclock >/dev/null; then vmclock get; else date +%s; fi; }
 set_clock() { if command -v vmclock >/dev/null; then vmclock set "$1"; else date -s "@${1%%.*}" >/dev/null; fi; }
-mac() { cat /sys/class/net/eth0/address 2>/dev/null; }
+# The VM's NIC: eth0, or the first Ethernet interface where udev renamed it (ens2, enp0s2).
+iface() {
+  [ -e /sys/class/net/eth0 ] && { echo eth0; return; }
+  for t in /sys/class/net/*/type; do
+    d=${t%/type}; [ "${d##*/}" != lo ] && [ "$(cat "$t" 2>/dev/null)" = 1 ] && { echo "${d##*/}"; return; }
+  done
+  echo eth0
+}
+mac() { cat "/sys/class/net/$(iface)/address" 2>/dev/null; }
 
 find_port() {
   if [ -e /dev/virtio-ports/org.vmstream.agent ]; then echo /dev/virtio-ports/org.vmstream.agent; return; fi
@@ -59,8 +67,8 @@ apply_identity() {
       time) set_clock "$val" ;;
       hostname) hostname "$val"; echo "$val" > /etc/hostname
                 echo "export VMSTREAM_HOSTNAME='$val'" >> "$STATE/params.env.tmp" ;;
-      ip) ip addr flush dev eth0 && ip addr add "$val" dev eth0 ;;
-      mac) [ "$(mac)" = "$val" ] || ip link set dev eth0 address "$val"
+      ip) ip addr flush dev "$(iface)" && ip addr add "$val" dev "$(iface)" ;;
+      mac) [ "$(mac)" = "$val" ] || ip link set dev "$(iface)" address "$val"
            echo "export VMSTREAM_MAC='$val'" >> "$STATE/params.env.tmp" ;;
       param) # the value stays base64 until the hook's shell decodes it: never re-parsed
              printf 'export %s="$(echo %s | base64 -d)"\n' "${val%% *}" "${val#* }" >> "$STATE/params.env.tmp" ;;
