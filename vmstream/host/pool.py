@@ -24,6 +24,7 @@ from qemu.qmp import QMPError
 
 from vmstream.errors import NotFound, QemuError
 from vmstream.guest.identity import CloneIdentity
+from vmstream.host import disks
 from vmstream.host.db import VmRecord
 from vmstream.host.registry import POOL_PREFIX, VmRegistry
 from vmstream.host.starter import Starter
@@ -96,8 +97,6 @@ class ClonePool:
     async def _fill(self, image_name: str) -> None:
         while len(self._ready.get(image_name, [])) < self.size:
             image = self.images.get(image_name)
-            if image.guest.disk:
-                return  # a disk clone needs its own overlay first: not pooled
             g = image.guest
             (rec,) = await self.registry.reserve(
                 [POOL_PREFIX + secrets.token_hex(6)], state=VmState.POOLED, memory_bytes=g.memory_bytes, cpus=g.cpus,
@@ -105,6 +104,8 @@ class ClonePool:
                 publish=dict.fromkeys(g.guest_ports, 0),
             )
             async with self.starter.starting(rec) as proc:
+                if g.disk:  # its own overlay on the image's disk layer, which the clone that takes it keeps
+                    await self.starter.overlay_disk(rec, self.images.image_dir(image) / disks.LAYER)
                 spec = self.starter.pooled_spec(self.starter.spec(rec, image), self.tb_mib if self.run_through else None)
                 await self.starter.launch(rec, proc, spec)
                 await self.starter.load_paused(rec, proc, image)

@@ -27,7 +27,7 @@ from vmstream.host.state import Op, VmState, check
 
 POOL_PREFIX = ".pool-"  # pooled rows' names: never a valid VM name, so never listed or taken by a user
 # A pooled QEMU's fields a clone takes over with it: all fresh, never used by a guest.
-_TAKEN_FROM_POOL = ("vm_id", "rundir", "http_port", "ports", "mac", "vmgenid", "pid", "ip")
+_TAKEN_FROM_POOL = ("vm_id", "rundir", "http_port", "ports", "mac", "vmgenid", "pid", "ip", "disk", "disk_base")
 
 
 def _free_port(port: int = 0) -> int:
