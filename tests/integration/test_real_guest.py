@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Cli, status
+from tests.integration.conftest import Cli, status, wait_pool
 
 
 def qga(cli: Cli, vm: str, execute: str, **arguments: Any) -> Any:
@@ -80,6 +80,13 @@ def test_debian_image_clones_share_its_disk_and_keep_their_own_writes(cli: Cli, 
         assert abs(guest_ns / 1e9 - time.time()) < 2.0, "a clone does not live in the past"
         r = cli.run("migrate", a, "--to", "nowhere")
         assert r.returncode != 0 and ("disk guest" in r.stderr or "no peer" in r.stderr), r.stderr
+
+        wait_pool(cli, "deb-img")  # a pooled disk clone: its own overlay, made ahead
+        (pooled,) = cli.json("live-image", "start", "deb-img", "--name", "debp", timeout=600)["vms"]
+        clones.append(pooled)
+        assert "pool_taken" in pooled["phases"] and pooled["disk"] not in {c["disk"] for c in clones[:2]}, pooled
+        assert read_file(cli, pooled["name"], "/root/marker") == "before-capture"
+        assert cli.ask(pooled["name"], "status")["mac"] == pooled["mac"]
     finally:
         for c in clones:
             cli.run("destroy", c["name"])
