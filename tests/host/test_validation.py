@@ -90,3 +90,10 @@ def test_every_v1_route_needs_the_token(agent: Agent, header: str | None) -> Non
 def test_health_needs_no_token(agent: Agent) -> None:
     r = agent.http.get("/health")
     assert r.status_code == 200 and r.json()["ok"] is True
+
+
+def test_a_forced_delta_move_of_a_booted_vm_is_refused_at_once(agent: Agent) -> None:
+    agent.boot("vm")
+    err = agent.error("POST", "/v1/vms/vm/migrate", 400, json={"to": "b", "mode": "delta"})
+    assert "use --mode live" in err["message"]
+    assert agent.call("GET", "/v1/vms/vm")["state"] == "running"

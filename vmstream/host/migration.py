@@ -128,6 +128,9 @@ class Migrations:
         """Begin moving vm to peer `to`; runs in the background (see status / cancel)."""
         rec = self.registry.get(vm)
         check(vm, rec.state, Op.MIGRATE)  # before the peer is looked up: the VM's state is the first problem
+        if mode == "delta" and not rec.parent_image:
+            raise InvalidInput(f"VM {vm} was booted, not started from a live image: delta migration needs an image the "
+                               "destination has; use --mode live or auto")
         if rec.disk:
             raise InvalidInput(f"VM {vm} is a disk guest: its disk is local to this host, and moving disks is not supported yet")
         peer = self.peers.client(to)  # NotFound before anything changes

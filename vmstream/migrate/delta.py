@@ -36,7 +36,7 @@ import numpy as np
 from vmstream.capture.guestmem import PAGE, PageRuns, allocate, find_ram_mapping, private_page_runs, read_runs, runs_of, write_runs
 from vmstream.migrate.live import ensure_running
 from vmstream.migrate.target import ANNOUNCE, remove_target, wait_running
-from vmstream.migrate.types import MigrationError, MigrationResult, NetworkSwitch, NoSwitch, Progress, ProgressCallback
+from vmstream.migrate.types import MigrationCancelled, MigrationError, MigrationResult, NetworkSwitch, NoSwitch, Progress, ProgressCallback
 from vmstream.net.links import in_netns
 from vmstream.qemu.machine import MachineSpec, QemuProcess
 
@@ -249,7 +249,7 @@ async def migrate_delta(
                 raise MigrationError(f"the destination did not take round 1: {ack.decode(errors='replace') or 'connection closed'}")
             report("copied", 1, 0)
             if cancel is not None and cancel.is_set():
-                raise MigrationError("migration cancelled on request")
+                raise MigrationCancelled("migration cancelled on request")
             pages1 = _pages_of(runs1)
             # round 2's buffer is made (and pre-faulted, ~0.5 ms/MiB) while the VM still runs
             spare = allocate(runs1.pages * PAGE * 5 // 4 + (8 << 20))
@@ -322,7 +322,7 @@ async def migrate_delta(
             await ensure_running(src)
         if isinstance(exc, (OSError, EOFError, TimeoutError)) and not isinstance(exc, MigrationError):
             raise MigrationError(f"the delta migration failed: {exc!r}; the VM keeps running on the source") from exc
-        if isinstance(exc, MigrationError):
+        if isinstance(exc, MigrationError) and not isinstance(exc, MigrationCancelled):
             raise MigrationError(f"{exc}; the VM keeps running on the source") from exc
         raise
     finally:
