@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from vmstream.errors import InvalidInput, QemuError
 from vmstream.guest.channel import ask_guest
-from vmstream.guest.status import get_status
-from vmstream.net.links import in_netns
+from vmstream.guest.status import get_status, open_guest_connection
 
 Kind = Literal["status", "agent", "tcp", "http", "none"]
 _SPEC = re.compile(r"^(?:(status|agent|none)|tcp:(\d{1,5})|http:(\d{1,5})(/[\x21-\x7e]*)?)$")
@@ -84,24 +82,10 @@ def parse_publish(specs: list[str]) -> dict[int, int]:
     return out
 
 
-async def _connect(host: str, port: int, netns: str | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    if netns is None:
-        return await asyncio.open_connection(host, port)
-    with in_netns(netns):
-        sock = socket.socket()
-    sock.setblocking(False)
-    try:
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return await asyncio.open_connection(sock=sock)
-
-
 async def http_status(host: str, port: int, path: str, timeout: float, netns: str | None = None) -> int:
     """The status code of GET path (HTTP/1.0, no client library: cheap right after a resume)."""
     async with asyncio.timeout(timeout):
-        reader, writer = await _connect(host, port, netns)
+        reader, writer = await open_guest_connection(host, port, netns)
         try:
             writer.write(f"GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n".encode())
             line = await reader.readline()
@@ -127,7 +111,7 @@ async def probe(ready: Readiness, host: str, port: int, agent_path: Path, timeou
             return bool((await ask_guest(agent_path, f"listening {ready.port}", timeout)).get("listening"))
         if ready.kind == "tcp":
             async with asyncio.timeout(timeout):
-                _, writer = await _connect(host, port, netns)
+                _, writer = await open_guest_connection(host, port, netns)
             writer.close()
             return True
         return 200 <= await http_status(host, port, ready.path, timeout, netns) < 300
