@@ -142,4 +142,8 @@ def test_agent_installer_is_valid_shell(cli: Cli) -> None:
     proc = cli.run("guest", "agent-installer")
     assert proc.returncode == 0
     subprocess.run(["sh", "-n"], input=proc.stdout, text=True, check=True)
-    assert "systemctl enable --now vmstream-agent.service" in proc.stdout
+    assert "systemctl enable vmstream-agent.service" in proc.stdout
+    assert "systemctl restart vmstream-agent.service" in proc.stdout  # a reinstall replaces a running agent
+    assert "VMSTREAM_NATIVE_EOF" in proc.stdout
+    portable = cli.run("guest", "agent-installer", "--portable")
+    assert portable.returncode == 0 and "VMSTREAM_NATIVE_EOF" not in portable.stdout
