@@ -46,7 +46,7 @@ from vmstream.host.tasks import Tasks, log, operation
 from vmstream.host.workingset import WorkingSets
 from vmstream.image import ImageRepository
 from vmstream.memfs.mount import MemfsMount
-from vmstream.qemu import qemu_version
+from vmstream.qemu import guest_ram_bytes, qemu_version
 from vmstream.settings import Settings
 from vmstream.store import ChunkStore, StoreError, collect_garbage
 from vmstream.store.gc import DEFAULT_GRACE
@@ -152,7 +152,7 @@ class HostManager:
         guest = await asyncio.to_thread(self.starter.guest)
         accel = await asyncio.to_thread(self.starter.accelerator, guest)
         (rec,) = await self.registry.reserve(
-            [name], memory_bytes=memory_bytes, cpus=cpus, kernel=str(guest.kernel), initrd=str(guest.initrd),
+            [name], memory_bytes=guest_ram_bytes(memory_bytes, accel.accel), cpus=cpus, kernel=str(guest.kernel), initrd=str(guest.initrd),
             accel=accel.accel, parent_image=None, ready=str(readiness), publish=ports,
         )
         async with operation("boot", vm=name), self.starter.starting(rec, keep_logs=True) as proc:

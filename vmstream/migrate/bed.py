@@ -24,7 +24,7 @@ from vmstream.migrate.target import wait_running
 from vmstream.migrate.types import MigrationResult, ProgressCallback
 from vmstream.net.links import random_mac
 from vmstream.net.testbed import TestBed
-from vmstream.qemu.machine import MachineSpec, QemuProcess, TapNic
+from vmstream.qemu.machine import MachineSpec, QemuProcess, TapNic, guest_ram_bytes
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Fleet:
         self.bed.add_tap(host, tap)
         proc = self._proc()
         spec = MachineSpec(
-            vm_id=proc.vm_id, hostname=name, memory_bytes=memory_mib << 20, cpus=1, kernel=self.guest.kernel,
+            vm_id=proc.vm_id, hostname=name, memory_bytes=guest_ram_bytes(memory_mib << 20, self.accel), cpus=1, kernel=self.guest.kernel,
             initrd=self.guest.initrd, accel=self.accel, http_port=0, mac=random_mac(), vmgenid=str(uuid.uuid4()),
             tap=TapNic(tap, ip, self.bed.netmask, None, self.bed.hosts[host].netns),
         )

@@ -44,8 +44,9 @@ class LiveOptions:
     max_bandwidth: int = 8 << 30  # bytes/s; QEMU's default (128 MiB/s) would make every move slow
     # Post-copy switch when pre-copy does not converge (needs anonymous RAM on the
     # destination). Off by default: with the postcopy-ram capability on, about 1 in 40
-    # moves ended in a guest kernel panic here (under investigation); without it,
-    # QEMU's auto-converge (vCPU throttling) makes pre-copy converge instead.
+    # moves ended in a guest kernel panic here, most likely QEMU 7.2's lost TCG writes
+    # (see guest_ram_bytes; post-copy not re-measured since); without it, QEMU's
+    # auto-converge (vCPU throttling) makes pre-copy converge instead.
     postcopy: bool | None = False
     max_rounds: int = 6  # dirty-sync rounds after which pre-copy counts as not converging
     max_precopy_s: float = 20.0
