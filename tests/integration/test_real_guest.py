@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Cli, status
+from tests.hosts import Cli, status
 
 
 def qga(cli: Cli, vm: str, execute: str, **arguments: Any) -> Any:
