@@ -9,47 +9,15 @@ no run dir, no socket.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.procs import qemu_pids_under
-
-
-@dataclass
-class Cli:
-    home: Path
-    env: dict[str, str] | None = None  # more environment, e.g. another host's store
-
-    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "VMSTREAM_HOME": str(self.home), **(self.env or {})}
-        return subprocess.run(
-            [sys.executable, "-m", "vmstream", *args], env=env, capture_output=True, text=True, timeout=timeout
-        )
-
-    def json(self, *args: str, timeout: float = 300) -> Any:
-        proc = self.run(*args, "--json", timeout=timeout)
-        assert proc.returncode == 0, f"vmstream {' '.join(args)} failed: {proc.stderr or proc.stdout}"
-        return json.loads(proc.stdout)
-
-    def ask(self, vm: str, command: str) -> dict[str, Any]:
-        proc = self.run("guest", "ask", vm, command, "--timeout", "120")
-        assert proc.returncode == 0, proc.stderr
-        answer: dict[str, Any] = json.loads(proc.stdout)
-        return answer
-
-
-def our_qemu_pids(home: Path) -> list[int]:
-    """QEMU processes whose command line points into this session's data dir."""
-    return qemu_pids_under(home)
+from tests.hosts import Cli, fuse_mounts, our_qemu_pids, status
 
 
 def vm_qemu_pids(cli: Cli) -> set[int]:
@@ -57,18 +25,6 @@ def vm_qemu_pids(cli: Cli) -> set[int]:
     pids = cli.json("host", "--json")["clone_pool"]["pids"]
     pooled = {pid for per_image in pids.values() for pid in per_image}
     return set(our_qemu_pids(cli.home)) - pooled
-
-
-def fuse_mounts(home: Path) -> list[str]:
-    with open("/proc/mounts") as f:
-        return [line.split()[1] for line in f if line.split()[1].startswith(str(home))]
-
-
-def status(endpoint: str) -> dict[str, Any]:
-    r = httpx.get(endpoint + "status.json", timeout=10)
-    r.raise_for_status()
-    body: dict[str, Any] = r.json()
-    return body
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import BaseImage, Cli
+from tests.hosts import Cli
+from tests.integration.conftest import BaseImage
 
 
 def _state(cli: Cli) -> tuple[list[str], list[str]]:

@@ -8,16 +8,12 @@ to it, when it migrates to the other host.
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Cli, fuse_mounts, our_qemu_pids
+from tests.hosts import bridged_host, fuse_mounts, http_get, our_qemu_pids, taps, vm_ip
 from vmstream.net.links import unique_prefix
 from vmstream.net.testbed import TestBed
 
@@ -29,45 +25,9 @@ def bed() -> Iterator[TestBed]:
     assert not b.leftovers(), "the test bed's namespaces were removed"
 
 
-def _host(bed: TestBed, host: str, home: Path, first: int, last: int, **env: str) -> Cli:
-    return Cli(home, {
-        "VMSTREAM_BRIDGE": "br0", "VMSTREAM_NETNS": bed.hosts[host].netns,
-        "VMSTREAM_VM_ADDRESSES": f"{bed.subnet}.{first}-{bed.subnet}.{last}/24",
-        "VMSTREAM_MIGRATION_ADDRESS": bed.hosts[host].ip, "VMSTREAM_CLONE_POOL": "0", **env,
-    })
-
-
-def _ip(vm: dict[str, Any]) -> str:
-    """A bridged VM's address, from its endpoint http://ADDRESS/."""
-    ip: str = vm["endpoint"].removeprefix("http://").rstrip("/")
-    return ip
-
-
-def _get(sock: socket.socket, keep_alive: bool = True) -> str:
-    """One request on a connection from the client namespace; the answering guest's hostname."""
-    conn = "keep-alive" if keep_alive else "close"
-    sock.sendall(f"GET /status.json HTTP/1.1\r\nHost: vm\r\nConnection: {conn}\r\n\r\n".encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        assert chunk, "the VM closed the connection"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
-    while len(body) < length:
-        body += sock.recv(4096)
-    hostname: str = json.loads(body[:length])["hostname"]
-    return hostname
-
-
-def _taps(netns: str) -> list[str]:
-    out = subprocess.run(["ip", "-n", netns, "-o", "link", "show", "type", "tun"], capture_output=True, text=True).stdout
-    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if line.strip()]
-
-
 def test_bridged_vms_keep_their_address_and_connection_when_they_move(bed: TestBed, tmp_path: Path) -> None:
-    a = _host(bed, "a", tmp_path / "host-a", 10, 29)
-    b = _host(bed, "b", tmp_path / "host-b", 30, 49, VMSTREAM_STORE=str(tmp_path / "host-a" / "store"))
+    a = bridged_host(bed, "a", tmp_path / "host-a", 10, 29)
+    b = bridged_host(bed, "b", tmp_path / "host-b", 30, 49, VMSTREAM_STORE=str(tmp_path / "host-a" / "store"))
     try:
         src = a.json("boot", "src", "--memory", "256M")
         assert src["endpoint"] == f"http://{bed.subnet}.10/"
@@ -78,39 +38,39 @@ def test_bridged_vms_keep_their_address_and_connection_when_they_move(bed: TestB
         assert len(ips) == 3, f"each clone has its own address: {ips}"
         # every VM answers at its own address, from the client namespace
         for v in (src, c1, c2):
-            with bed.connect(_ip(v), 80) as sock:
-                assert _get(sock, keep_alive=False) == v["name"]
+            with bed.connect(vm_ip(v), 80) as sock:
+                assert http_get(sock, keep_alive=False) == v["name"]
 
         # a connection kept alive across the move: same address, same TCP connection
-        sock = bed.connect(_ip(c1), 80, timeout=10)
+        sock = bed.connect(vm_ip(c1), 80, timeout=10)
         with sock:
-            assert _get(sock) == c1["name"]
+            assert http_get(sock) == c1["name"]
             b.json("list")
             a.json("peer", "add", "b", "--home", str(b.home))
             moved = a.json("migrate", c1["name"], "--to", "b")
             assert moved["state"] == "completed", moved
-            assert _get(sock) == c1["name"], "the same connection answers from host B"
+            assert http_get(sock) == c1["name"], "the same connection answers from host B"
         on_b = {v["name"]: v for v in b.json("list")}
         assert on_b[c1["name"]]["endpoint"] == c1["endpoint"]
         assert c1["name"] not in {v["name"] for v in a.json("list")}
         verify = b.ask(c1["name"], "memcheck-verify")
         assert verify["ok"] and verify["result"]["bad_pages"] == 0, verify
         # its sibling and the source stay on A, at their addresses
-        with bed.connect(_ip(c2), 80) as s2:
-            assert _get(s2, keep_alive=False) == c2["name"]
-        assert len(_taps(bed.hosts["a"].netns)) == 2 and len(_taps(bed.hosts["b"].netns)) == 1
+        with bed.connect(vm_ip(c2), 80) as s2:
+            assert http_get(s2, keep_alive=False) == c2["name"]
+        assert len(taps(bed.hosts["a"].netns)) == 2 and len(taps(bed.hosts["b"].netns)) == 1
     finally:
         for host in (b, a):
             host.run("agent", "stop", "--destroy-vms")
     for host in (a, b):
         assert not our_qemu_pids(host.home) and not fuse_mounts(host.home)
-    assert not _taps(bed.hosts["a"].netns) and not _taps(bed.hosts["b"].netns), "every VM's tap was removed"
+    assert not taps(bed.hosts["a"].netns) and not taps(bed.hosts["b"].netns), "every VM's tap was removed"
 
 
 def test_bad_bridge_settings_are_refused(bed: TestBed, tmp_path: Path) -> None:
-    bad = _host(bed, "a", tmp_path / "bad", 10, 29, VMSTREAM_BRIDGE="nobr0")
+    bad = bridged_host(bed, "a", tmp_path / "bad", 10, 29, VMSTREAM_BRIDGE="nobr0")
     r = bad.run("list")
     assert r.returncode != 0 and "VMSTREAM_BRIDGE=nobr0: no such bridge" in " ".join(r.stderr.split()), r.stderr
-    bad = _host(bed, "a", tmp_path / "bad2", 10, 29, VMSTREAM_VM_ADDRESSES="10.77.0.10-9/24")
+    bad = bridged_host(bed, "a", tmp_path / "bad2", 10, 29, VMSTREAM_VM_ADDRESSES="10.77.0.10-9/24")
     r = bad.run("list")
     assert r.returncode != 0 and "is not an address range" in " ".join(r.stderr.split()), r.stderr

@@ -8,7 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.integration.conftest import BaseImage, Cli, VmFactory, status, wait_hooks, wait_pool
+from tests.hosts import Cli, status
+from tests.integration.conftest import BaseImage, VmFactory, wait_hooks, wait_pool
 
 
 def test_clones_get_distinct_identities(cli: Cli, base_image: BaseImage, vms: VmFactory, tmp_path: Path) -> None:

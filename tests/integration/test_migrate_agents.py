@@ -14,7 +14,8 @@ import socket
 import time
 from typing import Any
 
-from tests.integration.conftest import BaseImage, Cli, VmFactory, our_qemu_pids, status, vm_qemu_pids
+from tests.hosts import Cli, our_qemu_pids, status
+from tests.integration.conftest import BaseImage, VmFactory, vm_qemu_pids
 
 
 def _peers(a: Cli, b: Cli) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from tests.integration.conftest import Cli, VmFactory, status
+from tests.hosts import Cli, status
+from tests.integration.conftest import VmFactory
 
 
 def _free_port() -> int:

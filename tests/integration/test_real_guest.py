@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Cli, status, wait_pool
+from tests.hosts import Cli, status
+from tests.integration.conftest import wait_pool
 
 
 def qga(cli: Cli, vm: str, execute: str, **arguments: Any) -> Any:

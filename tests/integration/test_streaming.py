@@ -6,7 +6,8 @@ import json
 import socket
 from pathlib import Path
 
-from tests.integration.conftest import BaseImage, Cli, VmFactory, vm_qemu_pids
+from tests.hosts import Cli
+from tests.integration.conftest import BaseImage, VmFactory, vm_qemu_pids
 
 
 def _chunk_map(home: Path, image: str) -> dict:

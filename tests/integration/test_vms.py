@@ -11,7 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.integration.conftest import BaseImage, Cli, VmFactory, our_qemu_pids, status, wait_hooks, wait_pool
+from tests.hosts import Cli, our_qemu_pids, status
+from tests.integration.conftest import BaseImage, VmFactory, wait_hooks, wait_pool
 
 
 def test_info_names_accelerator_and_reason(cli: Cli) -> None:

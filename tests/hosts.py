@@ -1,0 +1,103 @@
+"""Driving real agents through the CLI, and what tests check is gone afterwards.
+
+Shared by tests/integration (agents on loopback, and bridged on a test bed)
+and tests/migrate (agents on the bridges of a namespace test bed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.procs import qemu_pids_under
+from vmstream.net.testbed import TestBed
+
+
+@dataclass
+class Cli:
+    home: Path
+    env: dict[str, str] | None = None  # more environment, e.g. another host's store
+
+    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "VMSTREAM_HOME": str(self.home), **(self.env or {})}
+        return subprocess.run(
+            [sys.executable, "-m", "vmstream", *args], env=env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def json(self, *args: str, timeout: float = 300) -> Any:
+        proc = self.run(*args, "--json", timeout=timeout)
+        assert proc.returncode == 0, f"vmstream {' '.join(args)} failed: {proc.stderr or proc.stdout}"
+        return json.loads(proc.stdout)
+
+    def ask(self, vm: str, command: str, timeout: float = 120) -> dict[str, Any]:
+        proc = self.run("guest", "ask", vm, command, "--timeout", str(timeout), timeout=timeout + 60)
+        assert proc.returncode == 0, proc.stderr
+        answer: dict[str, Any] = json.loads(proc.stdout)
+        return answer
+
+
+def our_qemu_pids(home: Path) -> list[int]:
+    """QEMU processes whose command line points into this session's data dir."""
+    return qemu_pids_under(home)
+
+
+def fuse_mounts(home: Path) -> list[str]:
+    with open("/proc/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[1].startswith(str(home))]
+
+
+def status(endpoint: str) -> dict[str, Any]:
+    r = httpx.get(endpoint + "status.json", timeout=10)
+    r.raise_for_status()
+    body: dict[str, Any] = r.json()
+    return body
+
+
+# ---- agents whose VMs sit on a test bed's bridges ------------------------------------------
+
+
+def bridged_host(bed: TestBed, host: str, home: Path, first: int, last: int, **env: str) -> Cli:
+    """An agent (started by its first command) putting its VMs on test-bed host `host`'s bridge,
+    with addresses .first-.last of the bed's subnet; its QEMUs and delta receiver listen on the host's address."""
+    return Cli(home, {
+        "VMSTREAM_BRIDGE": "br0", "VMSTREAM_NETNS": bed.hosts[host].netns,
+        "VMSTREAM_VM_ADDRESSES": f"{bed.subnet}.{first}-{bed.subnet}.{last}/24",
+        "VMSTREAM_MIGRATION_ADDRESS": bed.hosts[host].ip, "VMSTREAM_CLONE_POOL": "0", **env,
+    })
+
+
+def vm_ip(vm: dict[str, Any]) -> str:
+    """A bridged VM's address, from its endpoint http://ADDRESS/."""
+    ip: str = vm["endpoint"].removeprefix("http://").rstrip("/")
+    return ip
+
+
+def http_get(sock: socket.socket, keep_alive: bool = True) -> str:
+    """One request on a connection from the client namespace; the answering guest's hostname."""
+    conn = "keep-alive" if keep_alive else "close"
+    sock.sendall(f"GET /status.json HTTP/1.1\r\nHost: vm\r\nConnection: {conn}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, "the VM closed the connection"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    while len(body) < length:
+        body += sock.recv(4096)
+    hostname: str = json.loads(body[:length])["hostname"]
+    return hostname
+
+
+def taps(netns: str) -> list[str]:
+    """The tap devices in a namespace (a bridged agent makes one per VM)."""
+    out = subprocess.run(["ip", "-n", netns, "-o", "link", "show", "type", "tun"], capture_output=True, text=True).stdout
+    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if line.strip()]
