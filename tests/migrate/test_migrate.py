@@ -221,9 +221,8 @@ def test_forced_delta_needs_an_image_backed_vm(hosts: Hosts) -> None:
     vm = hosts.base
     src = hosts.host_of(vm)
     assert hosts.show(vm)["parent_image"] is None
-    rc, job = hosts.migrate(vm, other(src), "--mode", "delta")
-    print(f"forced delta: {job['error']}")
-    assert rc == 1 and job["state"] == "failed", job
-    assert "delta migration needs" in job["error"] and "--mode live" in job["error"], job["error"]
+    proc = hosts.cli(src).run("migrate", vm, "--to", other(src), "--mode", "delta", "--json")
+    assert proc.returncode == 2, proc.stderr  # refused before any job starts
+    assert "delta migration needs" in proc.stderr and "--mode live" in proc.stderr, proc.stderr
     assert hosts.host_of(vm) == src
     nothing_of(hosts, vm, other(src))
