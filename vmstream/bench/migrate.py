@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vmstream.agentapi import AgentClient
 from vmstream.bench.common import Bench, say
 from vmstream.bench.report import fmt_mib, md_table, pyplot
-from vmstream.cli.client import AgentClient
 from vmstream.errors import VmstreamError
 from vmstream.migrate.client import LoadClient
 from vmstream.migrate.types import MigrationError
