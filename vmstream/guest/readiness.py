@@ -40,6 +40,11 @@ class Readiness:
         return self.kind
 
     @property
+    def after_identity(self) -> bool:
+        """Whether a clone is ready once its agent has applied its identity (nothing more to probe)."""
+        return self.kind in ("agent", "none")
+
+    @property
     def guest_port(self) -> int | None:
         """The guest port the probe connects to (None: it needs no network)."""
         return self.port if self.kind in ("tcp", "http", "status") else None

@@ -151,7 +151,7 @@ class CloneStarter:
                                      ip=self.starter.address(rec))
             identity_task: asyncio.Task[dict[str, Any]] | None = None
             http_task: asyncio.Task[None] | None = None
-            probed = self.starter.readiness(rec).kind not in ("agent", "none")  # else: the identity's answer is enough
+            probed = not self.starter.readiness(rec).after_identity
             try:
                 identity_task = await self.starter.resume_clone(rec, proc, image, identity.command(), pooled, mark)
                 if probed:

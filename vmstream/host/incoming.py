@@ -19,7 +19,7 @@ from typing import Any
 from vmstream.config import check_name
 from vmstream.errors import GuestError, InvalidInput, NotFound
 from vmstream.host.machines import machine_from_dict, machine_to_dict, machine_to_json
-from vmstream.host.registry import VmRegistry, published
+from vmstream.host.registry import VmRegistry, forwards
 from vmstream.host.schemas import IncomingAnswer, IncomingRequest, IncomingStatus, VmInfo
 from vmstream.host.starter import Starter
 from vmstream.host.state import VmState
@@ -103,7 +103,7 @@ class IncomingVms:
                 self.starter.net.create_tap(rec.vm_id)
             common: dict[str, Any] = {"vm_id": rec.vm_id, "http_port": rec.http_port, "kernel": guest.kernel,
                                       "initrd": guest.initrd, "tap": tap,
-                                      "forwards": tuple((h, g) for g, h in published(rec).items())}
+                                      "forwards": forwards(rec)}
             if image is not None:
                 await self.memfs.ensure()
                 base = {k: v for k, v in machine_to_dict(source).items() if k not in ("kind", "send_configuration")}

@@ -42,6 +42,15 @@ def published(rec: VmRecord) -> dict[int, int]:
     return {int(g): int(h) for g, h in json.loads(rec.ports).items()} if rec.ports else {}
 
 
+def forwards(rec: VmRecord) -> tuple[tuple[int, int], ...]:
+    """The same as QEMU's slirp forwards (MachineSpec.forwards): (host port, guest port) pairs."""
+    return tuple((h, g) for g, h in published(rec).items())
+
+
+def _no_vm(name: str) -> NotFound:
+    return NotFound(f"no VM named '{name}': see 'vmstream list'")
+
+
 def random_mac() -> str:
     return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
 
@@ -62,7 +71,7 @@ class VmRegistry:
         """A VM's row, or NotFound naming the fix."""
         rec = self.find(name)
         if rec is None or rec.state == VmState.POOLED:
-            raise NotFound(f"no VM named '{name}': see 'vmstream list'")
+            raise _no_vm(name)
         return rec
 
     def exists(self, name: str) -> bool:
@@ -91,7 +100,7 @@ class VmRegistry:
         with self.session() as s:
             rec = s.get(VmRecord, name)
             if rec is None or rec.state == VmState.POOLED:
-                raise NotFound(f"no VM named '{name}': see 'vmstream list'")
+                raise _no_vm(name)
             check(name, rec.state, op)
             rec.state = to
             s.commit()

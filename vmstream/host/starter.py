@@ -29,7 +29,7 @@ from vmstream.guest.readiness import STATUS, Readiness, parse_readiness, probe
 from vmstream.host import disks, footprint
 from vmstream.host.db import VmRecord
 from vmstream.host.machines import machine_from_json
-from vmstream.host.registry import VmRegistry, published
+from vmstream.host.registry import VmRegistry, forwards, published
 from vmstream.host.schemas import VmInfo
 from vmstream.host.state import LIVE, VmState
 from vmstream.image import ImageRepository, LiveImage
@@ -106,7 +106,7 @@ class Starter:
             incoming=image is not None, tb_mib=s.clone_tb_mib if image else MachineSpec.tb_mib,
             guest_announce=image.guest.guest_announce if image else MachineSpec.guest_announce,
             kernel_header_only=s.clone_kernel_header_only, nothp=s.clone_nothp,
-            forwards=tuple((h, g) for g, h in published(rec).items()),
+            forwards=forwards(rec),
         )
 
     def guest_announce(self, rec: VmRecord) -> bool:
@@ -281,7 +281,7 @@ class Starter:
         try:
             async with proc.qmp() as qmp:
                 await qmp.execute("cont")
-                if (await ask).get("ok") and self.readiness(rec).kind not in ("agent", "none"):
+                if (await ask).get("ok") and not self.readiness(rec).after_identity:
                     await self.wait_ready(rec, proc, CLONE_TIMEOUT_S, attempt_s=0.5)
                 await qmp.execute("stop")
         finally:
