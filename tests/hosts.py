@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from tests.procs import qemu_pids_under
+from vmstream.bench.migrate import bridged_agent_env
 from vmstream.net.testbed import TestBed
 
 
@@ -65,13 +66,8 @@ def status(endpoint: str) -> dict[str, Any]:
 
 
 def bridged_host(bed: TestBed, host: str, home: Path, first: int, last: int, **env: str) -> Cli:
-    """An agent (started by its first command) putting its VMs on test-bed host `host`'s bridge,
-    with addresses .first-.last of the bed's subnet; its QEMUs and delta receiver listen on the host's address."""
-    return Cli(home, {
-        "VMSTREAM_BRIDGE": "br0", "VMSTREAM_NETNS": bed.hosts[host].netns,
-        "VMSTREAM_VM_ADDRESSES": f"{bed.subnet}.{first}-{bed.subnet}.{last}/24",
-        "VMSTREAM_MIGRATION_ADDRESS": bed.hosts[host].ip, "VMSTREAM_CLONE_POOL": "0", **env,
-    })
+    """An agent (started by its first command) on test-bed host `host`'s bridge (see bridged_agent_env)."""
+    return Cli(home, {**bridged_agent_env(bed, host, first, last), **env})
 
 
 def vm_ip(vm: dict[str, Any]) -> str:

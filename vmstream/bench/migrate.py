@@ -48,6 +48,16 @@ def other(host: str) -> str:
     return "b" if host == "a" else "a"
 
 
+def bridged_agent_env(bed: TestBed, host: str, first: int, last: int) -> dict[str, str]:
+    """The settings of an agent whose VMs sit on test-bed host `host`'s bridge, with addresses
+    .first-.last of the bed's subnet; its QEMUs and delta receiver listen on the host's address."""
+    return {
+        "VMSTREAM_BRIDGE": bed.hosts[host].bridge, "VMSTREAM_NETNS": bed.hosts[host].netns,
+        "VMSTREAM_VM_ADDRESSES": f"{bed.subnet}.{first}-{bed.subnet}.{last}/24",
+        "VMSTREAM_MIGRATION_ADDRESS": bed.hosts[host].ip, "VMSTREAM_CLONE_POOL": "0",
+    }
+
+
 @contextlib.contextmanager
 def agents(bed: TestBed, work: Path) -> Iterator[dict[str, AgentClient]]:
     """An agent per test-bed host, on its bridge, each the other's peer; stopped (VMs destroyed) on exit."""
@@ -55,11 +65,8 @@ def agents(bed: TestBed, work: Path) -> Iterator[dict[str, AgentClient]]:
     try:
         for host, (first, last) in RANGES.items():
             clients[host] = AgentClient(work / f"host-{host}", env={
-                "VMSTREAM_BRIDGE": bed.hosts[host].bridge, "VMSTREAM_NETNS": bed.hosts[host].netns,
-                "VMSTREAM_VM_ADDRESSES": f"{bed.subnet}.{first}-{bed.subnet}.{last}/24",
-                "VMSTREAM_MIGRATION_ADDRESS": bed.hosts[host].ip,
+                **bridged_agent_env(bed, host, first, last),
                 "VMSTREAM_STORE": str(work / "host-a" / "store"),  # one store: both hosts hold every image
-                "VMSTREAM_CLONE_POOL": "0",
             })
             clients[host].call("GET", "/v1/info")  # starts it; builds its guest and picks its accelerator
         for host, client in clients.items():
