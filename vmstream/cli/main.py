@@ -86,11 +86,29 @@ def boot(
         "--publish", "-p", help="Forward a guest port from 127.0.0.1: HOST:GUEST, or GUEST for any free host port "
                                 "(repeatable). Clones get their own host ports for the same guest ports.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for it to be ready; then it is stopped and its logs kept.")] = 240.0,
+    boot_from: Annotated[str, typer.Option(
+        "--boot", help="How a disk guest boots: 'firmware' (its own bootloader, as a cloud image), 'vmstream' (vmstream's "
+                       "kernel; the disk holds a root file system, bare or in partition 1), or 'auto' (firmware if the disk "
+                       "has a partition table; vmstream for 'debian').")] = "auto",
+    kernel: Annotated[str | None, typer.Option(help="A disk guest: boot this kernel instead (a file on the agent's host).")] = None,
+    initrd: Annotated[str | None, typer.Option(help="With --kernel: its initrd.")] = None,
+    append: Annotated[str | None, typer.Option(
+        help="With --kernel: its command line (default: root=/dev/vda1 ro console=ttyS0, or /dev/vda for a bare file system).")] = None,
+    user_data: Annotated[Path | None, typer.Option(
+        help="cloud-init user-data (#cloud-config or a script), handed to the guest in a NoCloud seed on its first boot; "
+             "the image needs Debian's cloud-init package (the 'debian' guest has it).",
+        exists=True, dir_okay=False, readable=True)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Cold-boot the demo guest (or a disk guest); returns when it is ready."""
     body: dict[str, Any] = {"name": name, "memory": memory, "cpus": cpus, "guest_agent": guest_agent, "disk": disk,
-                            "ready": ready, "publish": publish or [], "timeout": timeout}
+                            "ready": ready, "publish": publish or [], "timeout": timeout, "boot": boot_from,
+                            "kernel": kernel, "initrd": initrd, "append": append}
+    for key in ("disk", "kernel", "initrd"):  # files on this host: the agent does not share our working directory
+        if body[key] and body[key] != "debian" and Path(body[key]).exists():
+            body[key] = str(Path(body[key]).absolute())
+    if user_data is not None:
+        body["user_data"] = user_data.read_text(errors="replace")
     res = _client().call("POST", "/v1/vms", json=body, timeout=timeout + 120)  # a disk guest may first be built
 
     def render(r: dict[str, Any]) -> None:

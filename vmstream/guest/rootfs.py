@@ -1,8 +1,13 @@
-"""A real Linux guest: a Debian root file system on a disk image, built with debootstrap.
+"""A real Linux guest: a Debian disk image, built with debootstrap, as a cloud image is made.
 
-It boots the same kernel and initramfs as the demo guest, which mounts
-/dev/vda and hands over to systemd (`vmstream.root=/dev/vda`). The image has
-what vmstream needs of a real guest, installed the way a user would:
+The disk has an MBR partition table, its root file system on partition 1, and
+GRUB in its boot sectors with Debian's cloud kernel, so it boots like any cloud
+image: through its own bootloader (`vmstream boot --disk debian --boot firmware`).
+By default vmstream boots it faster with the demo guest's kernel and initramfs,
+which mount the partition and hand over to systemd (`vmstream.root=/dev/vda`).
+Besides a plain Debian it has cloud-init (NoCloud only: `vmstream boot
+--user-data`) and openssh-server, and what vmstream needs of a real guest,
+installed the way a user would:
   - the portable in-guest agent, by running `vmstream guest agent-installer`'s
     script inside it (it enables the systemd unit);
   - qemu-guest-agent from Debian (QEMU's channel org.qemu.guest_agent.0);
@@ -18,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -30,11 +36,15 @@ from vmstream.guest.installer import agent_installer
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"  # the debian_mirror setting's default
-PACKAGES = ("systemd-sysv", "udev", "qemu-guest-agent", "iproute2")
-IMAGE_SIZE = "1G"
+# python3-cffi-backend: cloud-init's python3-cryptography needs it through a virtual
+# package, which debootstrap's resolver does not follow.
+PACKAGES = ("systemd-sysv", "udev", "qemu-guest-agent", "iproute2", "openssh-server", "cloud-init", "python3-cffi-backend",
+            "linux-image-cloud-amd64", "grub-pc-bin")
+IMAGE_BYTES = 2 << 30  # the root file system (sparse)
+PART_START = 2048  # sectors: partition 1 starts at 1 MiB, leaving room for GRUB's core image
 MASKED = ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer", "man-db.timer",
           "getty@tty1.service", "systemd-timesyncd.service")
-RECIPE_VERSION = "1"  # bump when customize() changes
+RECIPE_VERSION = "2"  # bump when customize() changes
 
 NETWORK = """[Match]
 Name=en* eth*
@@ -44,6 +54,18 @@ Address=10.0.2.15/24
 Gateway=10.0.2.2
 LinkLocalAddressing=no
 IPv6AcceptRA=no
+"""
+
+# cloud-init only from a vmstream seed (no slow probing of cloud metadata services
+# when there is none); the network is the image's own (systemd-networkd above).
+CLOUD_CFG = """datasource_list: [ NoCloud ]
+network: {config: disabled}
+"""
+
+GRUB_CFG = """set timeout=0
+linux /vmlinuz root=LABEL=vmstream-root ro console=ttyS0 quiet
+initrd /initrd.img
+boot
 """
 
 STATUSD_UNIT = """[Unit]
@@ -62,7 +84,7 @@ WantedBy=multi-user.target
 
 def _key() -> str:
     h = hashlib.sha256()
-    for part in (SUITE, *PACKAGES, *MASKED, RECIPE_VERSION, NETWORK, STATUSD_UNIT, agent_installer()):
+    for part in (SUITE, *PACKAGES, *MASKED, RECIPE_VERSION, NETWORK, CLOUD_CFG, GRUB_CFG, STATUSD_UNIT, agent_installer()):
         h.update(part.encode() + b"\0")
     h.update((resources.files("vmstream.guest") / "files" / "statusd.c").read_bytes())
     return h.hexdigest()[:16]
@@ -80,7 +102,7 @@ def rootfs_path(cache_dir: Path) -> Path:
 
 
 def build_rootfs(cache_dir: Path, force: bool = False, say: Callable[[str], None] = lambda _: None, mirror: str = MIRROR) -> Path:
-    """The disk image (raw ext4), built once (about a minute with a near mirror)."""
+    """The disk image (raw, partitioned, bootable), built once (about two minutes with a near mirror)."""
     out = rootfs_path(cache_dir)
     if out.exists() and not force:
         return out
@@ -98,13 +120,42 @@ def build_rootfs(cache_dir: Path, force: bool = False, say: Callable[[str], None
         say("installing the vmstream agent, statusd and the network set-up")
         _customize(root, Path(tmp))
         image = Path(tmp) / "rootfs.raw"
-        say(f"making the {IMAGE_SIZE} ext4 image")
-        _run(["mkfs.ext4", "-q", "-F", "-L", "vmstream-root", "-d", str(root), str(image), IMAGE_SIZE], "mkfs.ext4")
+        say(f"making the {IMAGE_BYTES >> 30} GiB disk: partition table, GRUB, ext4")
+        core = _grub_core(root)
+        _run(["mkfs.ext4", "-q", "-F", "-L", "vmstream-root", "-E", f"offset={PART_START * 512}", "-d", str(root), str(image),
+              f"{IMAGE_BYTES >> 20}M"], "mkfs.ext4")
+        _boot_sectors(image, (root / "usr/lib/grub/i386-pc/boot.img").read_bytes(), core)
         os.replace(image, out)
     for old in cache_dir.glob(f"debian-{SUITE}-*.raw"):
         if old != out:
             old.unlink(missing_ok=True)
     return out
+
+
+def _grub_core(root: Path) -> bytes:
+    """GRUB's core image for BIOS boot from partition 1, made by the guest's own grub-mkimage."""
+    _run(["chroot", str(root), "grub-mkimage", "-O", "i386-pc", "-o", "/core.img", "-p", "(hd0,msdos1)/boot/grub",
+          "biosdisk", "part_msdos", "ext2", "linux", "normal", "configfile"], "grub-mkimage")
+    core = (root / "core.img").read_bytes()
+    (root / "core.img").unlink()
+    if len(core) > (PART_START - 1) * 512:
+        raise GuestError(f"GRUB's core image is {len(core)} bytes: it does not fit before partition 1")
+    return core
+
+
+def _boot_sectors(image: Path, boot: bytes, core: bytes) -> None:
+    """What grub-install writes on a real disk, written into the file: GRUB's boot
+    sector (its code; the partition table after it) and its core image from sector 1,
+    which the boot sector and the core's own first sector already point at (sector 1,
+    then the rest from sector 2: grub-mkimage's defaults)."""
+    mbr = bytearray(512)
+    mbr[:440] = boot[:440]
+    # one bootable Linux partition from PART_START to the end (CHS fields: "use LBA")
+    mbr[446:462] = struct.pack("<B3sB3sII", 0x80, b"\xfe\xff\xff", 0x83, b"\xfe\xff\xff", PART_START, IMAGE_BYTES // 512)
+    mbr[510:512] = b"\x55\xaa"
+    with image.open("r+b") as f:
+        f.write(mbr)
+        f.write(core)
 
 
 def _customize(root: Path, work: Path) -> None:
@@ -116,7 +167,9 @@ def _customize(root: Path, work: Path) -> None:
 
     write("etc/hostname", "vmstream-guest\n")
     write("etc/hosts", "127.0.0.1 localhost\n127.0.1.1 vmstream-guest\n")
-    write("etc/fstab", "/dev/vda / ext4 rw,relatime 0 0\n")
+    write("etc/fstab", "LABEL=vmstream-root / ext4 rw,relatime 0 0\n")
+    write("etc/cloud/cloud.cfg.d/90-vmstream.cfg", CLOUD_CFG)
+    write("boot/grub/grub.cfg", GRUB_CFG)
     write("etc/systemd/network/10-vmstream.network", NETWORK)
     statusd = compile_static("statusd", (resources.files("vmstream.guest") / "files" / "statusd.c").read_bytes(), work)
     write("usr/local/bin/vmstream-statusd", statusd, 0o755)

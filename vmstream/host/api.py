@@ -21,6 +21,7 @@ from vmstream.errors import InvalidInput, VmstreamError
 from vmstream.host.manager import HostManager
 from vmstream.host.schemas import (
     BootRequest,
+    BootSource,
     CreateImageRequest,
     GuestBuildRequest,
     GuestCommand,
@@ -102,7 +103,11 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
 
     @app.post("/v1/vms", dependencies=v1)
     async def boot(req: BootRequest) -> VmInfo:
-        return await manager.boot(req.name, req.memory, req.cpus, req.guest_agent, req.disk, req.ready, req.publish, req.timeout)
+        return await manager.boot(
+            req.name, req.memory, req.cpus, req.guest_agent, req.disk, req.ready, req.publish, req.timeout,
+            boot=BootSource(req.boot, req.kernel, req.initrd, req.append),
+            user_data=req.user_data.encode() if req.user_data is not None else None,
+        )
 
     @app.get("/v1/vms/{name}", dependencies=v1)
     async def show(name: str) -> VmInfo:

@@ -49,7 +49,7 @@ class CloneStarter:
     def _check(self, image: LiveImage) -> None:
         g = image.guest
         for path in (g.kernel, g.initrd):
-            if not Path(path).is_file():
+            if path and not Path(path).is_file():
                 raise GuestError(f"live image '{image.name}' needs {path}, which is gone: rebuild the image")
         if g.qemu_version != qemu_version():
             raise InvalidInput(f"live image '{image.name}' was made with QEMU {g.qemu_version}, this host has {qemu_version()}")
@@ -76,8 +76,8 @@ class CloneStarter:
         self._check(image)
         g = image.guest
         recs = await self.registry.reserve(
-            self._names(prefix, count), memory_bytes=g.memory_bytes, cpus=g.cpus, kernel=g.kernel, initrd=g.initrd,
-            accel=g.accel, parent_image=image_name, ready=g.ready, publish=dict.fromkeys(g.guest_ports, 0),
+            self._names(prefix, count), memory_bytes=g.memory_bytes, cpus=g.cpus, accel=g.accel,
+            parent_image=image_name, ready=g.ready, publish=dict.fromkeys(g.guest_ports, 0), **self.starter.image_boot(image),
         )
         batch = Batch(len(recs), self.defer_hooks)
         try:

@@ -55,6 +55,9 @@ class VmRecord(Base):
     ready: Mapped[str | None] = mapped_column(String, nullable=True)
     # Published guest ports besides 80 (slirp): JSON {"GUEST": HOST}.
     ports: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # a given kernel's command line (None: vmstream's own); kernel "" is a firmware boot
+    append: Mapped[str | None] = mapped_column(Text, nullable=True)
+    seed: Mapped[str | None] = mapped_column(String, nullable=True)  # the cloud-init NoCloud seed it has attached
 
 
 class PeerRecord(Base):

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from vmstream.errors import QemuError
 
 LAYER = "disk.qcow2"
+SEED = "seed.iso"  # a VM's cloud-init seed (vmstream.guest.cloudinit), in its run dir and its images' dirs
 
 
 async def _qemu_img(*args: str) -> str:
@@ -33,6 +35,15 @@ async def _qemu_img(*args: str) -> str:
 async def image_format(path: Path) -> str:
     info = json.loads(await _qemu_img("info", "-U", "--output=json", str(path)))
     return str(info["format"])
+
+
+async def partitioned(path: Path) -> bool:
+    """Whether the image starts with a partition table (an MBR's 55 AA), as a disk
+    with its own bootloader does; a bare file system (vmstream's kernel mounts it) does not."""
+    with tempfile.TemporaryDirectory(prefix="vmstream-mbr-") as tmp:  # not beside it: its dir may be read-only
+        out = Path(tmp) / "mbr"
+        await _qemu_img("dd", "-U", "-f", await image_format(path), "-O", "raw", "bs=512", "count=1", f"if={path}", f"of={out}")
+        return out.read_bytes()[510:512] == b"\x55\xaa"
 
 
 async def overlay(base: Path, rundir: Path) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -93,6 +94,8 @@ class ImageOps:
                 self.registry.update(vm, disk=str(frozen[1]))
                 assert rec.disk_base is not None
                 await disks.layer(frozen[0], Path(rec.disk_base), stage / disks.LAYER)
+            if rec.seed:  # clones attach it too: their machine is the image's
+                await asyncio.to_thread(shutil.copyfile, rec.seed, stage / disks.SEED)
             root = (parent.memory_root or parent.name) if parent and result.layout == "delta" else None
             ref = None
             if result.layout == "full":
@@ -106,6 +109,7 @@ class ImageOps:
                     accel=rec.accel, hostname=rec.hostname, mac=rec.mac, vmgenid=rec.vmgenid,
                     qemu_version=qemu_version(), disk=bool(rec.disk), guest_announce=self.starter.guest_announce(rec),
                     ready=str(self.starter.readiness(rec)), guest_ports=tuple(sorted(published(rec))),
+                    append=rec.append, seed=bool(rec.seed),
                 ),
                 pause_ms=result.pause_ms, devstate_bytes=result.devstate_bytes,
                 memory_bytes_stored=result.memory_bytes_stored, source_private_bytes=result.private_bytes,

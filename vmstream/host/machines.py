@@ -13,7 +13,7 @@ from vmstream.migrate import IncomingSpec
 from vmstream.qemu import MachineSpec
 from vmstream.qemu.machine import TapNic
 
-_PATHS = ("kernel", "initrd", "memory_file")
+_PATHS = ("kernel", "initrd", "memory_file", "disk", "seed")
 
 
 def machine_to_dict(spec: MachineSpec) -> dict[str, Any]:

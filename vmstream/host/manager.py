@@ -19,6 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,11 @@ from typing import Any
 from vmstream import __version__
 from vmstream.config import check_name, parse_memory, parse_size
 from vmstream.errors import InvalidInput
+from vmstream.guest.cloudinit import check_user_data, write_seed
 from vmstream.guest.qga import qga
 from vmstream.guest.readiness import AGENT, STATUS, parse_publish, parse_readiness
 from vmstream.guest.rootfs import build_rootfs
-from vmstream.host import network
+from vmstream.host import disks, network
 from vmstream.host.clones import CloneStarter
 from vmstream.host.db import VmRecord, open_db
 from vmstream.host.hooks import HookWatcher
@@ -39,7 +43,7 @@ from vmstream.host.migration import Migrations
 from vmstream.host.peers import Peers
 from vmstream.host.pool import ClonePool
 from vmstream.host.registry import VmRegistry
-from vmstream.host.schemas import HostInfo, VmInfo
+from vmstream.host.schemas import BootSource, HostInfo, VmInfo
 from vmstream.host.starter import Starter
 from vmstream.host.state import Op, VmState, check
 from vmstream.host.tasks import Tasks, log, operation
@@ -138,10 +142,14 @@ class HostManager:
     async def boot(
         self, name: str, memory: str, cpus: int, guest_agent: str = "native", disk: str | None = None,
         ready: str | None = None, publish: list[str] | None = None, timeout: float = BOOT_TIMEOUT_S,
+        boot: BootSource | None = None, user_data: bytes | None = None,
     ) -> VmInfo:
         """Cold-boot the demo guest, or a disk guest; return once it is ready (its readiness check)."""
         check_name(name)
+        boot = boot or BootSource()
         memory_bytes = parse_memory(memory)
+        if user_data is not None:
+            check_user_data(user_data)  # before anything starts
         # the project's own guests serve the status page; another image has only the agent for sure
         readiness = parse_readiness(ready) if ready else (AGENT if disk and disk != "debian" else STATUS)
         ports = parse_publish(publish or [])
@@ -151,13 +159,20 @@ class HostManager:
         base = await self._disk_base(disk) if disk else None
         guest = await asyncio.to_thread(self.starter.guest)
         accel = await asyncio.to_thread(self.starter.accelerator, guest)
+        kernel, initrd, append = await self._boot_files(boot, disk, base, guest.kernel, guest.initrd)
         (rec,) = await self.registry.reserve(
-            [name], memory_bytes=guest_ram_bytes(memory_bytes, accel.accel), cpus=cpus, kernel=str(guest.kernel), initrd=str(guest.initrd),
+            [name], memory_bytes=guest_ram_bytes(memory_bytes, accel.accel), cpus=cpus, kernel=kernel, initrd=initrd, append=append,
             accel=accel.accel, parent_image=None, ready=str(readiness), publish=ports,
         )
         async with operation("boot", vm=name), self.starter.starting(rec, keep_logs=True) as proc:
             if base is not None:
                 await self.starter.overlay_disk(rec, base)
+            if user_data is not None:
+                seed = Path(rec.rundir) / disks.SEED
+                Path(rec.rundir).mkdir(parents=True, exist_ok=True)
+                await asyncio.to_thread(write_seed, seed, user_data, rec.vm_id, rec.hostname)
+                rec.seed = str(seed)
+                self.registry.update(name, seed=rec.seed)
             spec = self.starter.spec(rec)
             if guest_agent == "portable":
                 spec = dataclasses.replace(spec, extra_append=("vmstream.agent=sh",))
@@ -174,6 +189,51 @@ class HostManager:
         if not path.is_file():
             raise InvalidInput(f"disk image {disk} not found: give a raw or qcow2 file, or 'debian' for the built Debian guest")
         return path
+
+    async def _boot_files(self, boot: BootSource, disk: str | None, base: Path | None, kernel: Path,
+                          initrd: Path) -> tuple[str, str, str | None]:
+        """(kernel, initrd, command line) for the row: vmstream's kernel and its own command
+        line, a given kernel (copied into the data dir, so the user's file may change or go),
+        or ("", "", None): the disk's own bootloader."""
+        if base is None:
+            if boot.mode != "auto" or boot.kernel or boot.initrd or boot.append is not None:
+                raise InvalidInput("--boot, --kernel, --initrd and --append are for disk guests: give --disk IMAGE too")
+            return str(kernel), str(initrd), None
+        if boot.kernel is None:
+            if boot.initrd or boot.append is not None:
+                raise InvalidInput("--initrd and --append go with --kernel FILE (the kernel they belong to)")
+            mode = boot.mode
+            if mode == "auto":  # a disk with a partition table has its own bootloader; a bare file system has none
+                mode = "vmstream" if disk == "debian" or not await disks.partitioned(base) else "firmware"
+            return (str(kernel), str(initrd), None) if mode == "vmstream" else ("", "", None)
+        if boot.mode == "firmware":
+            raise InvalidInput("--boot firmware boots the disk's own bootloader: leave out --kernel, or --boot")
+        given = await asyncio.to_thread(self._keep_boot_files, boot.kernel, boot.initrd)
+        append = boot.append if boot.append is not None else \
+            f"root=/dev/vda{'1' if await disks.partitioned(base) else ''} ro console=ttyS0"
+        return str(given[0]), str(given[1] or ""), append
+
+    def _keep_boot_files(self, kernel: str, initrd: str | None) -> tuple[Path, Path | None]:
+        """Copies of a given kernel and initrd under the data dir, by content: the
+        VM's clones need them (their setup header) long after the boot."""
+        kept: list[Path | None] = []
+        for what, given in (("kernel", kernel), ("initrd", initrd)):
+            if given is None:
+                kept.append(None)
+                continue
+            path = Path(given).absolute()
+            if not path.is_file():
+                raise InvalidInput(f"{what} {given} not found: give the path of a file on the agent's host")
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            out = self.data_dir / "boot" / f"{what}-{digest}"
+            if not out.exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_name(f".{out.name}.{os.getpid()}")
+                shutil.copyfile(path, tmp)
+                tmp.replace(out)
+            kept.append(out)
+        assert kept[0] is not None
+        return kept[0], kept[1]
 
     async def destroy(self, name: str) -> None:
         """Stop a VM and forget it; refused while an operation (migration, capture) owns it."""

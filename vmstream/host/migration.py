@@ -164,7 +164,7 @@ class Migrations:
             name=rec.name, from_host=os.uname().nodename, mode=mode, machine=machine_to_dict(spec),  # type: ignore[arg-type]
             send_configuration=sends_configuration(spec), parent_image=rec.parent_image,
             identity={"hostname": rec.hostname, "mac": rec.mac, "vmgenid": rec.vmgenid, **({"ip": rec.ip} if rec.ip else {})},
-            guest_key=spec.kernel.parent.name,  # guest/<key>/vmlinuz: the key names the build's inputs
+            guest_key=spec.kernel.parent.name if spec.kernel else "",  # guest/<key>/vmlinuz: the key names the build's inputs
             ready=rec.ready,
         )
 

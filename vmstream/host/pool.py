@@ -100,8 +100,8 @@ class ClonePool:
             g = image.guest
             (rec,) = await self.registry.reserve(
                 [POOL_PREFIX + secrets.token_hex(6)], state=VmState.POOLED, memory_bytes=g.memory_bytes, cpus=g.cpus,
-                kernel=g.kernel, initrd=g.initrd, accel=g.accel, parent_image=image_name, ready=g.ready,
-                publish=dict.fromkeys(g.guest_ports, 0),
+                accel=g.accel, parent_image=image_name, ready=g.ready,
+                publish=dict.fromkeys(g.guest_ports, 0), **self.starter.image_boot(image),
             )
             async with self.starter.starting(rec) as proc:
                 if g.disk:  # its own overlay on the image's disk layer, which the clone that takes it keeps

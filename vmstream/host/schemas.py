@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -9,6 +10,18 @@ from pydantic import BaseModel, Field
 
 from vmstream.host.footprint import Footprint
 from vmstream.host.state import VmState
+
+
+@dataclass(frozen=True)
+class BootSource:
+    """How a disk guest boots: 'auto' (vmstream's kernel for a bare file system or the
+    built Debian guest, else the disk's own bootloader), 'firmware', 'vmstream', or a
+    given kernel (with initrd and command line)."""
+
+    mode: Literal["auto", "firmware", "vmstream"] = "auto"
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str | None = None
 
 
 class BootRequest(BaseModel):
@@ -22,6 +35,13 @@ class BootRequest(BaseModel):
     timeout: float = Field(240.0, gt=0, le=3600, description="seconds to wait for it to be ready; then it is stopped, its logs kept")
     publish: list[str] = Field(default_factory=list, description="guest ports to forward from 127.0.0.1: HOST:GUEST or GUEST "
                                "(any free host port); a clone gets its own host ports for them")
+    boot: Literal["auto", "firmware", "vmstream"] = Field(
+        "auto", description="a disk guest: 'firmware' (its own bootloader, BIOS), 'vmstream' (vmstream's kernel, root file "
+        "system on /dev/vda or /dev/vda1), 'auto' (firmware if the disk has a partition table, except the built Debian guest)")
+    kernel: str | None = Field(None, description="a disk guest: boot this kernel (a file on the agent's host) instead")
+    initrd: str | None = Field(None, description="with kernel: its initrd")
+    append: str | None = Field(None, description="with kernel: its command line (default: root=/dev/vda1 ro console=ttyS0)")
+    user_data: str | None = Field(None, description="cloud-init user-data, handed to the guest in a NoCloud seed at first boot")
 
 
 class VmInfo(BaseModel):

@@ -100,7 +100,8 @@ class Starter:
         s = self.settings
         return MachineSpec(
             disk=Path(rec.disk) if rec.disk else None, vm_id=rec.vm_id, hostname=image.guest.hostname if image else rec.hostname,
-            memory_bytes=rec.memory_bytes, cpus=rec.cpus, kernel=Path(rec.kernel), initrd=Path(rec.initrd), accel=rec.accel,
+            memory_bytes=rec.memory_bytes, cpus=rec.cpus, kernel=Path(rec.kernel) if rec.kernel else None,
+            initrd=Path(rec.initrd) if rec.initrd else None, accel=rec.accel, append=rec.append, seed=Path(rec.seed) if rec.seed else None,
             http_port=rec.http_port, mac=rec.mac, vmgenid=rec.vmgenid, memory_file=self.images.memory_path(image) if image else None,
             tap=self.tap_for(rec.vm_id, rec.ip) if rec.ip else None,
             incoming=image is not None, tb_mib=s.clone_tb_mib if image else MachineSpec.tb_mib,
@@ -160,6 +161,13 @@ class Starter:
         """Stop a VM's QEMU (removing its run dir) and drop its row."""
         await self.proc(rec).stop()
         self.remove_row(rec.name)
+
+    def image_boot(self, image: LiveImage) -> dict[str, Any]:
+        """The row fields that give an image's clones its machine: kernel (or the
+        firmware), initrd, command line, and its cloud-init seed."""
+        g = image.guest
+        seed = str(self.images.image_dir(image) / disks.SEED) if g.seed else None
+        return {"kernel": g.kernel, "initrd": g.initrd, "append": g.append, "seed": seed}
 
     async def overlay_disk(self, rec: VmRecord, base: Path) -> None:
         """A disk guest's own qcow2 overlay on base (a disk image or an image's disk layer)."""

@@ -19,8 +19,8 @@ class GuestConfig(BaseModel):
 
     memory_bytes: int
     cpus: int
-    kernel: str
-    initrd: str
+    kernel: str  # "": the disk's own bootloader booted it (firmware boot)
+    initrd: str  # "": none
     accel: str
     hostname: str
     mac: str
@@ -29,6 +29,8 @@ class GuestConfig(BaseModel):
     disk: bool = False  # a disk guest: the image has a disk layer (disk.qcow2) clones run on
     guest_announce: bool = True  # the NIC's (MachineSpec.guest_announce); images made before it was off have it on
     ready: str = "status"  # when a clone is ready (vmstream.guest.readiness); images from before it: the demo status page
+    append: str | None = None  # a given kernel's command line; None: vmstream's own
+    seed: bool = False  # booted with a cloud-init seed: the image keeps it (seed.iso), clones attach it
     guest_ports: tuple[int, ...] = ()  # guest ports published besides 80; each clone gets its own host ports for them
 
 

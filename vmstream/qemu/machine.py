@@ -102,8 +102,8 @@ class MachineSpec:
     hostname: str
     memory_bytes: int  # QEMU's RAM size; a new VM's comes from guest_ram_bytes
     cpus: int
-    kernel: Path
-    initrd: Path
+    kernel: Path | None  # None: the disk's own bootloader (BIOS firmware boot)
+    initrd: Path | None
     accel: str
     http_port: int
     mac: str
@@ -124,6 +124,8 @@ class MachineSpec:
     kernel_header_only: bool = True  # a VM resuming an image's memory gets only the kernel's setup header
     nothp: bool = True  # a VM on an image's memory file runs with the no-huge-pages shim (see vmstream.qemu.preload)
     forwards: tuple[tuple[int, int], ...] = ()  # slirp: more (host port, guest port) forwards on 127.0.0.1 besides 80
+    append: str | None = None  # a given kernel's command line, used as it is; None: vmstream's own (its kernel)
+    seed: Path | None = None  # a cloud-init NoCloud seed (ISO, label cidata), attached read-only after the disk
 
     def command(self, rundir: Path) -> list[str]:
         size = _qemu_size(self.memory_bytes)
@@ -135,16 +137,6 @@ class MachineSpec:
             backend = f"memory-backend-file,id=mem,size={size},mem-path={self.memory_file},share=off"
         accel = "kvm" if self.accel == "kvm" else f"tcg,tb-size={self.tb_mib}"
         kernel = self._kernel()
-        append = " ".join(
-            ["console=ttyS0", "quiet", "panic=-1", f"vmstream.hostname={self.hostname}",
-             # Under TCG the guest's code never runs speculatively on the host CPU as
-             # written (QEMU translates it), so retpolines, RSB filling and barriers
-             # protect nothing and only cost: a clone's start is ~18% shorter without.
-             # A KVM guest keeps its mitigations.
-             *([] if self.accel == "kvm" else ["mitigations=off"]),
-             *(["vmstream.root=/dev/vda", f"systemd.hostname={self.hostname}"] if self.disk else []), *self.extra_append,
-             *(self.tap.append() if self.tap else [])]
-        )
         if self.tap is None:
             netdev = "user,id=net0," + ",".join(f"hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in ((self.http_port, 80), *self.forwards))
         else:
@@ -156,7 +148,7 @@ class MachineSpec:
             "-machine", "pc,memory-backend=mem", "-accel", accel, "-cpu", "qemu64",
             "-smp", str(self.cpus), "-m", size,
             "-object", backend,
-            "-kernel", str(kernel), "-initrd", str(self.initrd), "-append", append,
+            *self._boot_args(kernel),
             "-serial", f"file:{rundir / 'serial.log'}",
             "-qmp", f"unix:{rundir / 'qmp.sock'},server=on,wait=off",
             "-netdev", netdev,
@@ -169,11 +161,13 @@ class MachineSpec:
         if self.disk is not None:
             cmd += [
                 "-drive", f"file={self.disk},if=none,id=disk0,format=qcow2,cache=writeback,discard=unmap",
-                "-device", "virtio-blk-pci,drive=disk0",
+                "-device", "virtio-blk-pci,drive=disk0" + (",bootindex=0" if self.kernel is None else ""),
                 # qemu-guest-agent, used where the guest has it (disk guests)
                 "-chardev", f"socket,id=qga,path={rundir / 'qga.sock'},server=on,wait=off",
                 "-device", "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
             ]
+        if self.seed is not None:
+            cmd += ["-drive", f"file={self.seed},if=none,id=seed0,format=raw,readonly=on", "-device", "virtio-blk-pci,drive=seed0"]
         if self.incoming:
             cmd += ["-incoming", "defer", "-global", "migration.send-configuration=off"]
         if kernel != self.kernel:
@@ -185,9 +179,31 @@ class MachineSpec:
             cmd = ["nsenter", f"--net=/run/netns/{self.tap.netns}", "--", *cmd]
         return cmd
 
-    def _kernel(self) -> Path:
+    def _boot_args(self, kernel: Path | None) -> list[str]:
+        """-kernel/-initrd/-append: vmstream's kernel with its command line, a given
+        kernel with the user's, or nothing (the firmware boots the disk)."""
+        if kernel is None:
+            return []
+        initrd = ["-initrd", str(self.initrd)] if self.initrd is not None else []
+        if self.append is not None:
+            return ["-kernel", str(kernel), *initrd, "-append", self.append]
+        append = " ".join(
+            ["console=ttyS0", "quiet", "panic=-1", f"vmstream.hostname={self.hostname}",
+             # Under TCG the guest's code never runs speculatively on the host CPU as
+             # written (QEMU translates it), so retpolines, RSB filling and barriers
+             # protect nothing and only cost: a clone's start is ~18% shorter without.
+             # A KVM guest keeps its mitigations.
+             *([] if self.accel == "kvm" else ["mitigations=off"]),
+             *(["vmstream.root=/dev/vda", f"systemd.hostname={self.hostname}"] if self.disk else []), *self.extra_append,
+             *(self.tap.append() if self.tap else [])]
+        )
+        return ["-kernel", str(kernel), *initrd, "-append", append]
+
+    def _kernel(self) -> Path | None:
         """The -kernel file: for a VM that resumes an image's memory, only the kernel's
         setup header (see header_only_kernel)."""
+        if self.kernel is None:
+            return None
         if self.incoming and self.memory_file is not None and self.kernel_header_only:
             return header_only_kernel(self.kernel) or self.kernel
         return self.kernel
