@@ -56,9 +56,12 @@ LinkLocalAddressing=no
 IPv6AcceptRA=no
 """
 
-# cloud-init only from a vmstream seed (no slow probing of cloud metadata services
-# when there is none); the network is the image's own (systemd-networkd above).
-CLOUD_CFG = """datasource_list: [ NoCloud ]
+# cloud-init only from a seed: vmstream's (NoCloud) or OpenStack's config drive, both
+# local disks, so no slow probing of metadata services. Two entries, not one: with a
+# single one, ds-identify enables cloud-init without looking for it, and every boot
+# without a seed would run it (a minute under TCG). The network is the image's own
+# (systemd-networkd above).
+CLOUD_CFG = """datasource_list: [ NoCloud, ConfigDrive ]
 network: {config: disabled}
 """
 

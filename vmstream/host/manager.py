@@ -164,7 +164,7 @@ class HostManager:
             [name], memory_bytes=guest_ram_bytes(memory_bytes, accel.accel), cpus=cpus, kernel=kernel, initrd=initrd, append=append,
             accel=accel.accel, parent_image=None, ready=str(readiness), publish=ports,
         )
-        async with operation("boot", vm=name), self.starter.starting(rec, keep_logs=True) as proc:
+        async with operation("boot", vm=name), self.starter.starting(rec) as proc:
             if base is not None:
                 await self.starter.overlay_disk(rec, base)
             if user_data is not None:

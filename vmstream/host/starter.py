@@ -127,10 +127,11 @@ class Starter:
 
     @contextlib.asynccontextmanager
     async def starting(
-        self, rec: VmRecord, cleanup: Callable[[], Awaitable[None]] | None = None, keep_logs: bool = False,
+        self, rec: VmRecord, cleanup: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncIterator[QemuProcess]:
         """Own a starting VM: on any failure (or cancellation) run cleanup, stop its QEMU
-        and drop its row (and tap); keep_logs: its serial and QEMU logs go to logs_dir first."""
+        and drop its row (and tap); its serial and QEMU logs go to logs_dir first (the
+        errors name that place), so a boot or clone that failed can be looked into."""
         proc = self.proc(rec)
         try:
             yield proc
@@ -139,7 +140,7 @@ class Starter:
                 if cleanup is not None:
                     await asyncio.shield(cleanup())
             with contextlib.suppress(Exception):
-                await asyncio.shield(proc.stop(keep=self._keep_logs(rec, proc) if keep_logs else None))
+                await asyncio.shield(proc.stop(keep=self._keep_logs(rec, proc)))
             self.remove_row(rec.name)
             raise
 
