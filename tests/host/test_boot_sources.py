@@ -73,6 +73,7 @@ def test_a_given_kernel_is_kept_and_booted_with_its_command_line(agent: Agent, t
     initrd.write_bytes(b"an initrd")
     agent.boot("k", disk=disk(tmp_path, True), kernel=str(kernel), initrd=str(initrd))
     cmd = command(agent, "k")
+    assert agent.call("GET", "/v1/vms/k")["boot"] == f"kernel {cmd[cmd.index('-kernel') + 1]}"
     kept = Path(cmd[cmd.index("-kernel") + 1])
     assert kept != kernel and kept.read_bytes() == b"a kernel" and kept.is_relative_to(agent.manager.data_dir)
     assert Path(cmd[cmd.index("-initrd") + 1]).read_bytes() == b"an initrd"
@@ -99,7 +100,7 @@ def test_user_data_becomes_a_seed_the_image_keeps_for_its_clones(agent: Agent, t
                 assert f.read() == want
     finally:
         iso.close()
-    assert vm["name"] == "web"
+    assert vm["boot"] == "firmware" and vm["cloud_init_seed"], "show tells how it booted and that it has a seed"
     agent.image("web", "web-live")
     image = agent.manager.images.get("web-live")
     assert image.guest.seed and image.guest.kernel == "", "the image records a firmware boot with a seed"

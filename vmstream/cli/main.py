@@ -131,6 +131,8 @@ def show(name: str, as_json: JsonOpt = False) -> None:
         _vm_table([v])
         ports = ", ".join(f"guest {g} -> 127.0.0.1:{h}" for g, h in v.get("ports", {}).items())
         out.print(f"ready when: {v.get('ready')}" + (f"; published: {ports}" if ports else ""))
+        if v.get("disk"):
+            out.print(f"boots: {v.get('boot')}" + ("; cloud-init seed attached" if v.get("cloud_init_seed") else ""))
         fp = v.get("footprint")
         if fp:
             t = Table("resident", "PSS", "private", "shared", "anonymous", "guest RAM written", "guest RAM from image")

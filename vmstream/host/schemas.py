@@ -66,6 +66,8 @@ class VmInfo(BaseModel):
     disk: str | None = None  # a disk guest's current qcow2 overlay
     ready: str = "status"  # its readiness check (vmstream.guest.readiness)
     ports: dict[str, int] = Field(default_factory=dict)  # published guest port -> host port on 127.0.0.1 (besides 80: endpoint)
+    boot: str = "vmstream"  # how it booted: vmstream (its kernel), firmware (the disk's bootloader), kernel PATH
+    cloud_init_seed: bool = False  # it has a cloud-init NoCloud seed attached (booted with user-data, or a clone of such a VM)
 
 
 class CreateImageRequest(BaseModel):
