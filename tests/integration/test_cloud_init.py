@@ -98,7 +98,7 @@ def test_cloud_init_configures_the_booted_image(cli: Cli, web: dict[str, Any]) -
     assert read_file(cli, "web", "/etc/cloud-init-ran").strip() == "configured-by-cloud-init"
     assert guest_exec(cli, "web", "/bin/hostname").strip() == "web", "cloud-init took the VM's name from the seed"
     cmdline = read_file(cli, "web", "/proc/cmdline")
-    assert "vmstream" not in cmdline and "root=LABEL=vmstream-root" in cmdline, "GRUB booted the image's own kernel"
+    assert "vmstream.hostname" not in cmdline and "root=LABEL=vmstream-root" in cmdline, "GRUB booted the image's own kernel"
 
 
 def test_clones_of_the_configured_vm_serve_with_their_own_identity(cli: Cli, web: dict[str, Any], tmp_path: Path) -> None:
