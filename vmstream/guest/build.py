@@ -22,7 +22,8 @@ from vmstream.errors import GuestError
 from vmstream.guest import cpio
 
 # Drivers the guest needs, by module name; dependencies come from modules.dep.
-MODULES = ("virtio_pci", "virtio_net", "virtio_console", "virtio_blk", "virtio_balloon", "crc32c_generic", "ext4")
+MODULES = ("virtio_pci", "virtio_net", "virtio_console", "virtio_blk", "virtio_balloon", "crc32c_generic", "ext4",
+           "isofs")  # isofs: a disk guest booted by this kernel reads its cloud-init seed (an ISO 9660 volume)
 GUEST_FILES = ("init", "vmstream-agent.c", "vmstream-agent.sh", "memcheck.c", "statusd.c", "vmclock.c", "clone.d/50-record-params")
 BUSYBOX = Path("/bin/busybox")
 
