@@ -137,3 +137,22 @@ def wait_pool(cli: Cli, image: str, timeout: float = 60) -> list[int]:
             return list(pool["pids"][image])
         time.sleep(0.2)
     raise AssertionError(f"no pooled QEMU for {image} after {timeout}s")
+
+
+CLOCK_TOLERANCE_S = 0.05  # a clone's wall clock against the host's: a correctness bound, not a speed
+
+
+def clone_clock(cli: Cli, name: str, qga: bool = False, timeout: float = 120) -> dict[str, Any]:
+    """A clone's clock against the host's (vmstream guest clock), once the agent has set it."""
+    deadline = time.monotonic() + timeout
+    while not cli.json("show", name)["clock"]:
+        assert time.monotonic() < deadline, f"the clock of {name} was not set in {timeout}s"
+        time.sleep(0.2)
+    reading: dict[str, Any] = cli.json("guest", "clock", name, *(["--qga"] if qga else []))
+    return reading
+
+
+def assert_clock_is_the_hosts(cli: Cli, name: str, qga: bool = False) -> None:
+    r = clone_clock(cli, name, qga)
+    assert abs(r["offset_s"]) < CLOCK_TOLERANCE_S, f"{name}'s clock is {r['offset_s'] * 1000:+.1f} ms off the host's: {r}"
+    assert r["error_s"] < CLOCK_TOLERANCE_S, f"{name}'s clock could not be read to within 50 ms: {r}"

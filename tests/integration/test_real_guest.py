@@ -11,12 +11,13 @@ import base64
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from tests.hosts import Cli, status
-from tests.integration.conftest import wait_pool
+from tests.integration.conftest import assert_clock_is_the_hosts, wait_hooks, wait_pool
 
 
 def qga(cli: Cli, vm: str, execute: str, **arguments: Any) -> Any:
@@ -34,6 +35,16 @@ def write_file(cli: Cli, vm: str, path: str, text: str) -> None:
     qga(cli, vm, "guest-file-close", handle=handle)
     qga(cli, vm, "guest-exec", path="/bin/sync")
     time.sleep(1.0)  # guest-exec returns at once; give sync its moment
+
+
+def guest_has_file(cli: Cli, vm: str, path: str) -> bool:
+    """Whether qemu-guest-agent can open the guest's file."""
+    r = cli.run("guest", "qga", vm, "guest-file-open", "--timeout", "60", "--arguments", json.dumps({"path": path, "mode": "r"}))
+    if r.returncode != 0:
+        assert "No such file" in r.stderr, r.stderr
+        return False
+    qga(cli, vm, "guest-file-close", handle=json.loads(r.stdout)["return"])
+    return True
 
 
 def read_file(cli: Cli, vm: str, path: str) -> str:
@@ -92,3 +103,62 @@ def test_debian_image_clones_share_its_disk_and_keep_their_own_writes(cli: Cli, 
         for c in clones:
             cli.run("destroy", c["name"])
         cli.run("live-image", "delete", "deb-img")
+
+
+
+SSH_KEY = "/etc/ssh/ssh_host_ed25519_key.pub"
+
+
+@dataclass
+class DebianClones:
+    image_id: str  # the image's /etc/machine-id
+    image_key: str | None  # its SSH host key, where openssh-server is installed
+    vms: list[dict[str, Any]]  # two started together, one from the clone pool
+
+
+@pytest.fixture(scope="module")
+def debian_clones(cli: Cli, debian: dict[str, Any]) -> Iterator[DebianClones]:
+    """Clones of a Debian live image, once their clone hooks have run."""
+    image_id = read_file(cli, "deb", "/etc/machine-id").strip()
+    image_key = read_file(cli, "deb", SSH_KEY) if guest_has_file(cli, "deb", SSH_KEY) else None
+    cli.json("live-image", "create", "deb", "deb-id-img")
+    vms: list[dict[str, Any]] = []
+    try:
+        vms += cli.json("live-image", "start", "deb-id-img", "--count", "2", "--name", "debid", timeout=600)["vms"]
+        wait_pool(cli, "deb-id-img")
+        vms += cli.json("live-image", "start", "deb-id-img", "--name", "debidp", timeout=600)["vms"]
+        for vm in vms:
+            hooks = wait_hooks(cli, vm["name"], timeout=900)  # under TCG an RSA key alone takes tens of seconds
+            by_name = {h["hook"]: h for h in hooks["hooks"]}
+            assert set(by_name) >= {"10-machine-id", "20-ssh-host-keys"}, hooks
+            assert all(h["rc"] == 0 for h in by_name.values()), hooks
+        yield DebianClones(image_id, image_key, vms)
+    finally:
+        for vm in vms:
+            cli.run("destroy", vm["name"])
+        cli.run("live-image", "delete", "deb-id-img")
+
+
+def test_debian_clones_get_their_own_machine_id(cli: Cli, debian_clones: DebianClones) -> None:
+    ids = {}
+    for vm in debian_clones.vms:
+        ids[vm["name"]] = read_file(cli, vm["name"], "/etc/machine-id").strip()
+        assert len(ids[vm["name"]]) == 32
+        # journald restarted onto the new id: the clone logs under its own directory
+        assert guest_has_file(cli, vm["name"], f"/var/log/journal/{ids[vm['name']]}/system.journal")
+    assert len(set(ids.values())) == len(ids) and debian_clones.image_id not in ids.values(), (debian_clones.image_id, ids)
+    assert read_file(cli, "deb", "/etc/machine-id").strip() == debian_clones.image_id, "the source VM keeps its id"
+
+
+def test_debian_clones_clock_is_the_hosts(cli: Cli, debian_clones: DebianClones) -> None:
+    for vm in debian_clones.vms:
+        assert_clock_is_the_hosts(cli, vm["name"])  # as the vmstream agent reads it
+        assert_clock_is_the_hosts(cli, vm["name"], qga=True)  # and qemu-guest-agent
+
+
+def test_debian_clones_get_their_own_ssh_host_keys(cli: Cli, debian_clones: DebianClones) -> None:
+    if debian_clones.image_key is None:
+        pytest.skip(f"no {SSH_KEY} in the Debian test image (openssh-server is not installed)")
+    keys = {vm["name"]: read_file(cli, vm["name"], SSH_KEY) for vm in debian_clones.vms}
+    assert len(set(keys.values())) == len(keys) and debian_clones.image_key not in keys.values(), keys
+    assert all(key.strip().endswith(f"root@{name}") for name, key in keys.items()), "made under the clone's name"

@@ -300,6 +300,19 @@ def guest_qga(
     print(json.dumps(_client().call("POST", f"/v1/vms/{vm}/qga", json=body, timeout=timeout + 10), indent=2))
 
 
+@guest_app.command("clock")
+def guest_clock(
+    vm: str,
+    qga: Annotated[bool, typer.Option("--qga", help="Read it through qemu-guest-agent (disk guests).")] = False,
+    samples: Annotated[int, typer.Option(help="Round trips; the shortest is kept.", min=1, max=50)] = 5,
+    as_json: JsonOpt = False,
+) -> None:
+    """The guest's wall clock against this host's (offset, and the most it can be off)."""
+    r = _client().call("GET", f"/v1/vms/{vm}/clock", params={"source": "qga" if qga else "agent", "samples": samples})
+    _emit(r, as_json, lambda r: out.print(f"{r['vm']}: guest clock {r['offset_s'] * 1000:+.1f} ms against the host's "
+                                          f"(± {r['error_s'] * 1000:.1f} ms, read through {r['source']})"))
+
+
 @guest_app.command("agent-installer")
 def guest_agent_installer(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write to this file instead of stdout.")] = None,

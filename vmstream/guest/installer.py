@@ -7,6 +7,11 @@ agent, which runs the clone hooks and is the agent on any other architecture;
 then its systemd unit (or says how to start it where there is no systemd). The
 guest needs a virtio-serial port named org.vmstream.agent, which every vmstream
 VM has.
+
+It also puts in the shipped clone hooks (SHIPPED_HOOKS, files/hooks/): what a
+systemd guest's clones would otherwise share, a machine id and SSH host keys,
+is made anew in each clone. A hook turned off with chmod -x stays off when the
+installer runs again.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from pathlib import Path
 from vmstream.guest.build import compile_static
 
 SHELL_AGENT = "/usr/local/sbin/vmstream-agent"
+HOOKS_DIR = "/etc/vmstream/clone.d"
+SHIPPED_HOOKS = ("10-machine-id", "20-ssh-host-keys")
 NATIVE_AGENT = "/usr/local/lib/vmstream/vmstream-agent"
 
 
@@ -34,6 +41,23 @@ def native_agent() -> bytes:
     source = (resources.files("vmstream.guest") / "files" / "vmstream-agent.c").read_bytes()
     with tempfile.TemporaryDirectory() as tmp:
         return compile_static("vmstream-agent", source, Path(tmp), flags=("-s",))  # stripped: the script carries it
+
+
+def shipped_hook(name: str) -> str:
+    return _file(f"hooks/{name}")
+
+
+def hooks_part(hooks_dir: str = HOOKS_DIR) -> str:
+    """Shell that writes the shipped hooks: executable, unless the user made one not."""
+    parts = ["""install_hook() {  # install_hook NAME < text: a hook turned off (chmod -x) stays off
+  f=""" + hooks_dir + """/$1
+  mode=755; [ -e "$f" ] && [ ! -x "$f" ] && mode=644
+  cat > "$f.tmp" && chmod "$mode" "$f.tmp" && mv "$f.tmp" "$f"
+}
+"""]
+    for name in SHIPPED_HOOKS:
+        parts.append(f"install_hook {name} <<'VMSTREAM_HOOK_EOF'\n{shipped_hook(name)}VMSTREAM_HOOK_EOF\n")
+    return "".join(parts)
 
 
 def _unit(exec_start: str) -> str:
@@ -60,11 +84,11 @@ fi
     return f"""#!/bin/sh
 # vmstream in-guest agent installer: run as root inside the guest.
 set -e
-install -d /usr/local/sbin /etc/vmstream/clone.d
+install -d /usr/local/sbin {HOOKS_DIR}
 cat > {SHELL_AGENT} <<'VMSTREAM_AGENT_EOF'
 {_file("vmstream-agent.sh")}VMSTREAM_AGENT_EOF
 chmod 755 {SHELL_AGENT}
-kind=portable
+{hooks_part()}kind=portable
 {native_part}if command -v systemctl >/dev/null 2>&1; then
   if [ "$kind" = native ]; then
     cat > /etc/systemd/system/vmstream-agent.service <<'VMSTREAM_UNIT_EOF'
@@ -87,5 +111,6 @@ elif [ "$kind" = native ]; then
 else
   echo "vmstream-agent installed; no systemd here: start '/bin/sh {SHELL_AGENT} &' at boot"
 fi
-echo "clone hooks go in /etc/vmstream/clone.d/ (executable files, run in name order)"
+echo "clone hooks go in {HOOKS_DIR}/ (executable files, run in name order); shipped:" \
+  "{", ".join(SHIPPED_HOOKS)} (turn one off with chmod -x)"
 """

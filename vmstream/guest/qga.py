@@ -15,12 +15,15 @@ from typing import Any
 from vmstream.errors import QemuError
 from vmstream.guest.channel import channel_errors
 
+LINE_LIMIT = 64 << 20  # qemu-guest-agent's guest-file-read returns at most 48 MB, as base64
+
 
 async def qga(socket_path: Path, execute: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
     """Run one qemu-guest-agent command; its 'return' value, or QemuError."""
     with channel_errors("qemu-guest-agent", socket_path, execute, timeout, " (is it installed and running?)"):
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_unix_connection(str(socket_path))
+            # one answer is one line: a guest-file-read of 64 KiB is ~87 KB of base64 (asyncio's default limit is 64 KiB)
+            reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=LINE_LIMIT)
             try:
                 sync_id = secrets.randbelow(1 << 31)
                 writer.write(json.dumps({"execute": "guest-sync", "arguments": {"id": sync_id}}).encode() + b"\n")

@@ -10,9 +10,9 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -22,6 +22,7 @@ from vmstream.host.manager import HostManager
 from vmstream.host.schemas import (
     BootRequest,
     BootSource,
+    ClockReading,
     CreateImageRequest,
     GuestBuildRequest,
     GuestCommand,
@@ -121,6 +122,10 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
     @app.post("/v1/vms/{name}/guest", dependencies=v1)
     async def ask(name: str, req: GuestCommand) -> dict[str, Any]:
         return await manager.ask(name, req.command, req.timeout)
+
+    @app.get("/v1/vms/{name}/clock", dependencies=v1)
+    async def clock(name: str, source: Literal["agent", "qga"] = "agent", samples: Annotated[int, Query(ge=1, le=50)] = 5) -> ClockReading:
+        return await manager.clock(name, source, samples)
 
     @app.post("/v1/vms/{name}/qga", dependencies=v1)
     async def qga(name: str, req: QgaCommand) -> dict[str, Any]:

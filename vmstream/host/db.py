@@ -40,6 +40,7 @@ class VmRecord(Base):
     identity_applied_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     hooks: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON from the guest
     phases: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: start-up phase -> seconds
+    clock: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: a clone's clock setting (vmstream.guest.clock)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=lambda: datetime.now(UTC))
     # A VM that arrived by migration: its QEMU machine as JSON (the source's, with
     # this host's vm_id, port and guest files), since it differs from a booted VM's.

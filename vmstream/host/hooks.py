@@ -14,10 +14,12 @@ import json
 import time
 
 from vmstream.errors import QemuError
+from vmstream.guest.clock import sync_agent_clock
 from vmstream.guest.qga import qga
 from vmstream.host.db import VmRecord
 from vmstream.host.registry import VmRegistry
 from vmstream.host.starter import Starter
+from vmstream.host.tasks import log
 from vmstream.qemu import QemuProcess
 
 HOOKS_TIMEOUT_S = 300.0
@@ -40,6 +42,19 @@ class HookWatcher:
         self.registry = registry
         self.starter = starter
 
+    async def set_clock(self, rec: VmRecord, proc: QemuProcess) -> None:
+        """Measure the clone's clock and step it to the host's (vmstream.guest.clock); the
+        identity set it already, but with a time stamped before the guest ran."""
+        try:
+            result = await sync_agent_clock(proc.agent_path)
+        except QemuError as exc:
+            log.warning("setting the clock of %s failed: %s", rec.name, exc)
+            return
+        if result.method == "set" and rec.disk:  # an old agent: qemu-guest-agent sets it too, as before
+            with contextlib.suppress(QemuError):
+                await qga(proc.rundir / "qga.sock", "guest-set-time", {"time": time.time_ns()}, timeout=10)
+        self.registry.update(rec.name, clock=json.dumps(result.as_dict()))
+
     async def start_hooks(self, proc: QemuProcess) -> None:
         """Run a clone's deferred hooks (a no-op where they already ran)."""
         with contextlib.suppress(QemuError):
@@ -48,14 +63,10 @@ class HookWatcher:
     async def after_start(self, rec: VmRecord, proc: QemuProcess, batch: Batch) -> None:
         """Set the clone's clock exactly, start its hooks when its batch serves, then
         wait for them and keep their results."""
-        with contextlib.suppress(QemuError):
-            await self.starter.ask(proc, f"clock {time.time():.9f}", 10)
+        await self.set_clock(rec, proc)
         if batch.defer_hooks:
             await batch.done.wait()
             await self.start_hooks(proc)
-        if rec.disk:  # where the guest has qemu-guest-agent, it sets the clock too
-            with contextlib.suppress(QemuError):
-                await qga(proc.rundir / "qga.sock", "guest-set-time", {"time": time.time_ns()}, timeout=10)
         deadline = time.monotonic() + HOOKS_TIMEOUT_S
         while time.monotonic() < deadline and proc.alive():
             with contextlib.suppress(QemuError):

@@ -24,11 +24,13 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vmstream import __version__
 from vmstream.config import check_name, parse_memory, parse_size
 from vmstream.errors import InvalidInput
+from vmstream.guest.clock import agent_clock, qga_clock
+from vmstream.guest.clock import read as read_clock
 from vmstream.guest.cloudinit import check_user_data, write_seed
 from vmstream.guest.qga import qga
 from vmstream.guest.readiness import AGENT, STATUS, parse_publish, parse_readiness
@@ -43,7 +45,7 @@ from vmstream.host.migration import Migrations
 from vmstream.host.peers import Peers
 from vmstream.host.pool import ClonePool
 from vmstream.host.registry import VmRegistry
-from vmstream.host.schemas import BootSource, HostInfo, VmInfo
+from vmstream.host.schemas import BootSource, ClockReading, HostInfo, VmInfo
 from vmstream.host.starter import Starter
 from vmstream.host.state import Op, VmState, check
 from vmstream.host.tasks import Tasks, log, operation
@@ -263,6 +265,18 @@ class HostManager:
     async def ask(self, name: str, command: str, timeout: float) -> dict[str, Any]:
         rec = self._live(name, Op.ASK)
         return await self.starter.ask(self.starter.proc(rec), command, timeout)
+
+    async def clock(self, name: str, source: Literal["agent", "qga"], samples: int) -> ClockReading:
+        """The VM's wall clock against the host's, read through its vmstream agent or
+        (source 'qga', disk guests) qemu-guest-agent."""
+        rec = self._live(name, Op.ASK if source == "agent" else Op.QGA)
+        proc = self.starter.proc(rec)
+        if source == "qga" and not rec.disk:
+            raise InvalidInput(f"VM {name} is not a disk guest: qemu-guest-agent runs in disk guests only")
+        reader = agent_clock(proc.agent_path) if source == "agent" else qga_clock(proc.rundir / "qga.sock")
+        sample = await read_clock(reader, samples)
+        return ClockReading(vm=name, source=source, offset_s=sample.offset_s, error_s=sample.error_s,
+                            guest_time=sample.guest, host_time=(sample.sent + sample.received) / 2)
 
     async def qga(self, name: str, execute: str, arguments: dict[str, Any] | None, timeout: float) -> Any:
         rec = self.registry.get(name)

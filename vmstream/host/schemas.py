@@ -61,6 +61,7 @@ class VmInfo(BaseModel):
     identity_applied_s: float | None = None  # request to new identity applied in the guest
     hooks: dict[str, Any] | None = None  # clone hook results, once they have run
     phases: dict[str, float] | None = None  # start-up phases, seconds since the request
+    clock: dict[str, Any] | None = None  # a clone's clock, once set: offset found, steps, offset left
     footprint: Footprint | None = None
     migrated_from: str | None = None  # the peer this VM came from, if it arrived by migration
     disk: str | None = None  # a disk guest's current qcow2 overlay
@@ -110,6 +111,17 @@ class QgaCommand(BaseModel):
     execute: str
     arguments: dict[str, Any] | None = None
     timeout: float = Field(10.0, gt=0, le=600)
+
+
+class ClockReading(BaseModel):
+    """A guest's wall clock against the host's, from the shortest of a few round trips."""
+
+    vm: str
+    source: Literal["agent", "qga"]  # the vmstream agent's 'time', or qemu-guest-agent's guest-get-time
+    offset_s: float  # guest minus host
+    error_s: float  # the most offset_s can be off: half the round trip
+    guest_time: float
+    host_time: float  # the round trip's midpoint
 
 
 class GuestCommand(BaseModel):

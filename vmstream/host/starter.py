@@ -191,6 +191,7 @@ class Starter:
             ready_s=rec.ready_s, created_at=rec.created_at, footprint=fp, hostname=rec.hostname, mac=rec.mac,
             vmgenid=rec.vmgenid, identity_applied_s=rec.identity_applied_s, migrated_from=rec.migrated_from, disk=rec.disk,
             hooks=json.loads(rec.hooks) if rec.hooks else None, phases=json.loads(rec.phases) if rec.phases else None,
+            clock=json.loads(rec.clock) if rec.clock else None,
             ready=str(self.readiness(rec)), ports={str(g): h for g, h in published(rec).items()},
             boot="firmware" if not rec.kernel else ("vmstream" if rec.append is None else f"kernel {rec.kernel}"),
             cloud_init_seed=bool(rec.seed),

@@ -3,14 +3,18 @@
  *
  *   vmclock get            print CLOCK_REALTIME as SECONDS.NANOSECONDS
  *   vmclock set S.N        set CLOCK_REALTIME
+ *   vmclock step [+-]S.N   step CLOCK_REALTIME by that many seconds (the
+ *                          kernel adds it: no time lost between read and set)
  *
  * A clone resumes with the clock of the moment its image was taken; the host
  * sends its own time with the clone's identity and this puts it right.
  * busybox date only sets whole seconds.
  */
+#define _GNU_SOURCE /* clock_adjtime */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/timex.h>
 #include <time.h>
 
 int main(int argc, char **argv) {
@@ -36,6 +40,30 @@ int main(int argc, char **argv) {
         }
         return 0;
     }
-    fprintf(stderr, "usage: vmclock get | vmclock set SECONDS[.NANOSECONDS]\n");
+    if (argc == 3 && strcmp(argv[1], "step") == 0) {
+        const char *text = argv[2];
+        int negative = *text == '-';
+        if (*text == '-' || *text == '+') text++;
+        char *end;
+        long long ns = strtoll(text, &end, 10) * 1000000000LL;
+        if (*end == '.') {
+            long scale = 100000000;
+            for (const char *p = end + 1; *p >= '0' && *p <= '9' && scale > 0; p++, scale /= 10) ns += (*p - '0') * scale;
+        }
+        if (negative) ns = -ns;
+        struct timex tx = {.modes = ADJ_SETOFFSET | ADJ_NANO};
+        tx.time.tv_sec = (time_t)(ns / 1000000000LL);
+        tx.time.tv_usec = (long)(ns % 1000000000LL);
+        if (tx.time.tv_usec < 0) {
+            tx.time.tv_sec -= 1;
+            tx.time.tv_usec += 1000000000L;
+        }
+        if (clock_adjtime(CLOCK_REALTIME, &tx) < 0) {
+            perror("vmclock: clock_adjtime");
+            return 1;
+        }
+        return 0;
+    }
+    fprintf(stderr, "usage: vmclock get | vmclock set SECONDS[.NANOSECONDS] | vmclock step [+-]SECONDS[.NANOSECONDS]\n");
     return 2;
 }

@@ -9,7 +9,12 @@
  * Applying an identity here is a handful of system calls; only the clone
  * hooks are run in a child, after the answer.
  *
- *   ping | status | time | random | clock S.N
+ *   ping | status | random
+ *   time               the guest's wall clock, read right before the answer
+ *   clock S.N          set the wall clock to S.N
+ *   clock-step D       step the wall clock by D seconds (signed): the host
+ *                      measured the offset, and a step, unlike a time sent
+ *                      ahead, is right however late it is applied
  *   identity B64       B64 = lines "time S.N", "hostname H", "ip A.B.C.D/LEN", "mac M",
  *                      "param NAME B64VALUE", "userdata B64", and
  *                      "hooks deferred": the hooks wait for start-hooks
@@ -21,6 +26,7 @@
  *   memcheck-dirty MIB RATE    rewrite a MIB MiB region at RATE MB/s until
  *   memcheck-dirty-stop        stopped (a migration load)
  */
+#define _GNU_SOURCE /* clock_adjtime */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -37,6 +43,7 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/timex.h>
 #include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
@@ -143,6 +150,35 @@ static int set_clock(const char *text) {
             ts.tv_nsec += (*p - '0') * scale;
     }
     return clock_settime(CLOCK_REALTIME, &ts);
+}
+
+/* "[+-]SECONDS[.FRACTION]": step the clock by that much. ADJ_SETOFFSET adds it
+ * in the kernel, so no time passes between reading the clock and setting it. */
+static int step_clock(const char *text) {
+    int negative = *text == '-';
+    if (*text == '-' || *text == '+') text++;
+    char *end;
+    long long ns = strtoll(text, &end, 10) * 1000000000LL;
+    if (end == text && *end != '.') return -1;
+    if (*end == '.') {
+        long scale = 100000000;
+        for (const char *p = end + 1; *p >= '0' && *p <= '9' && scale > 0; p++, scale /= 10) ns += (*p - '0') * scale;
+    }
+    if (negative) ns = -ns;
+    struct timex tx = {.modes = ADJ_SETOFFSET | ADJ_NANO};
+    tx.time.tv_sec = (time_t)(ns / 1000000000LL);
+    tx.time.tv_usec = (long)(ns % 1000000000LL); /* nanoseconds with ADJ_NANO, in [0, 1e9) */
+    if (tx.time.tv_usec < 0) {
+        tx.time.tv_sec -= 1;
+        tx.time.tv_usec += 1000000000L;
+    }
+    if (clock_adjtime(CLOCK_REALTIME, &tx) >= 0) return 0;
+    struct timespec now; /* a kernel without ADJ_SETOFFSET: read, add, set */
+    clock_gettime(CLOCK_REALTIME, &now);
+    long long t = now.tv_sec * 1000000000LL + now.tv_nsec + ns;
+    now.tv_sec = (time_t)(t / 1000000000LL);
+    now.tv_nsec = (long)(t % 1000000000LL);
+    return clock_settime(CLOCK_REALTIME, &now);
 }
 
 /* The VM's NIC: eth0 in the demo guest; a real guest's udev may have renamed it
@@ -453,7 +489,11 @@ static void handle(char *line) {
     if (line[0] == '\0') return;
     if (strcmp(line, "ping") == 0) {
         reply("{\"ok\":true}");
-    } else if (strcmp(line, "status") == 0 || strcmp(line, "time") == 0) {
+    } else if (strcmp(line, "time") == 0) { /* lean: the host times the round trip around it */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        reply("{\"ok\":true,\"time\":%s}", seconds_text(&ts, 9));
+    } else if (strcmp(line, "status") == 0) {
         struct utsname u;
         uname(&u);
         char mac[32];
@@ -467,6 +507,11 @@ static void handle(char *line) {
             reply("{\"ok\":true,\"time\":%s}", now_realtime());
         else
             reply("{\"ok\":false,\"error\":\"clock_settime failed\"}");
+    } else if (strcmp(line, "clock-step") == 0) {
+        if (step_clock(arg ? arg : "") == 0)
+            reply("{\"ok\":true,\"time\":%s}", now_realtime());
+        else
+            reply("{\"ok\":false,\"error\":\"clock-step needs [+-]SECONDS, or the step failed\"}");
     } else if (strcmp(line, "random") == 0) {
         unsigned char r[16];
         int fd = open("/dev/urandom", O_RDONLY);

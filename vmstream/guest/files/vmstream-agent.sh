@@ -9,13 +9,43 @@
 #                                 this after applying a clone's identity)
 #
 # Needs only sh, base64, ip, od, sed and date (busybox or coreutils).
+LC_ALL=C; export LC_ALL  # a '.' in $EPOCHREALTIME and in date's output
+# The clock is read without a fork where the shell can ($EPOCHREALTIME: busybox
+# ash, bash 5): the host times its round trip around the reading, and under TCG
+# a fork costs tens of ms. Debian's sh (dash) cannot: serve from bash there.
+if [ -z "${EPOCHREALTIME:-}" ] && [ "$1" != run-hooks ] && [ -x /bin/bash ]; then exec /bin/bash "$0" "$@"; fi
 STATE=/run/vmstream
 HOOKS_DIR=${VMSTREAM_HOOKS_DIR:-/etc/vmstream/clone.d}
 MEMCHECK_RESULT=/run/memcheck.json
 SELF=$(command -v "$0" 2>/dev/null || echo "$0")
 
-now() { if command -v vmclock >/dev/null; then vmclock get; else date +%s; fi; }
-set_clock() { if command -v vmclock >/dev/null; then vmclock set "$1"; else date -s "@${1%%.*}" >/dev/null; fi; }
+# GNU date sets and steps the clock to the nanosecond; busybox date (without the demo
+# guest's vmclock) to the second only. Found once, at start, not on a clone's path
+# (nor for the hooks, which do not set the clock).
+GNU_DATE=""
+[ "$1" = run-hooks ] || ! date --version 2>/dev/null | grep -q GNU || GNU_DATE=1
+now() {
+  if [ -n "${EPOCHREALTIME:-}" ]; then echo "$EPOCHREALTIME"
+  elif command -v vmclock >/dev/null; then vmclock get
+  elif [ -n "$GNU_DATE" ]; then date +%s.%N
+  else date +%s; fi
+}
+set_clock() {
+  if command -v vmclock >/dev/null; then vmclock set "$1"
+  elif [ -n "$GNU_DATE" ]; then date -s "@$1" >/dev/null
+  else date -s "@${1%%.*}" >/dev/null; fi
+}
+# step_clock [+-]S.N: step the clock by that much (the host measured the offset).
+step_clock() {
+  if command -v vmclock >/dev/null; then vmclock step "$1"
+  elif [ -n "$GNU_DATE" ]; then date -s "$1 seconds" >/dev/null
+  else  # busybox date: whole seconds, rounded
+    t=$(date +%s); d=${1#[+-]}; s=${d%%.*}; f=${d#*.}000000000; [ "$d" = "$s" ] && f=000000000
+    [ "$(printf %.1s "$f")" -ge 5 ] && s=$((s + 1))
+    case "$1" in -*) t=$((t - s)) ;; *) t=$((t + s)) ;; esac
+    date -s "@$t" >/dev/null
+  fi
+}
 # The VM's NIC: eth0, or the first Ethernet interface where udev renamed it (ens2, enp0s2).
 iface() {
   [ -e /sys/class/net/eth0 ] && { echo eth0; return; }
@@ -104,10 +134,15 @@ handle() {
   set -- $1
   case "$1" in
     ping) reply '{"ok":true}' ;;
-    status|time)
+    time) if [ -n "${EPOCHREALTIME:-}" ]; then reply "{\"ok\":true,\"time\":$EPOCHREALTIME}"
+          else reply "{\"ok\":true,\"time\":$(now)}"; fi ;;
+    status)
       read -r up _ < /proc/uptime
       reply "{\"ok\":true,\"hostname\":\"$(hostname)\",\"mac\":\"$(mac)\",\"time\":$(now),\"uptime\":$up}" ;;
     clock) set_clock "$2" && reply "{\"ok\":true,\"time\":$(now)}" ;;
+    clock-step)
+      if step_clock "$2"; then reply "{\"ok\":true,\"time\":$(now)}"
+      else reply '{"ok":false,"error":"clock-step needs [+-]SECONDS, or the step failed"}'; fi ;;
     random) reply "{\"ok\":true,\"random\":\"$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')\"}" ;;
     identity) apply_identity "$2" ;;
     prepare) apply_identity "$2" prepare ;;
