@@ -63,6 +63,24 @@ IPv6AcceptRA=no
 # (systemd-networkd above).
 CLOUD_CFG = """datasource_list: [ NoCloud, ConfigDrive ]
 network: {config: disabled}
+ssh_genkeytypes: [ed25519]
+"""
+
+# SSH host keys are made on a VM's first boot, not at build time (every VM of the image
+# would share them), and only ed25519: under TCG an RSA key takes tens of seconds, and
+# each clone's 20-ssh-host-keys hook makes anew the types the image has.
+SSHD_CFG = "HostKey /etc/ssh/ssh_host_ed25519_key\n"
+SSH_KEYGEN_UNIT = """[Unit]
+Description=SSH host key of this VM (made on its first boot)
+ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
+Before=ssh.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key
+
+[Install]
+WantedBy=ssh.service
 """
 
 GRUB_CFG = """set timeout=0
@@ -87,7 +105,8 @@ WantedBy=multi-user.target
 
 def _key() -> str:
     h = hashlib.sha256()
-    for part in (SUITE, *PACKAGES, *MASKED, RECIPE_VERSION, NETWORK, CLOUD_CFG, GRUB_CFG, STATUSD_UNIT, agent_installer()):
+    for part in (SUITE, *PACKAGES, *MASKED, RECIPE_VERSION, NETWORK, CLOUD_CFG, SSHD_CFG, SSH_KEYGEN_UNIT, GRUB_CFG, STATUSD_UNIT,
+                 agent_installer()):
         h.update(part.encode() + b"\0")
     h.update((resources.files("vmstream.guest") / "files" / "statusd.c").read_bytes())
     return h.hexdigest()[:16]
@@ -173,6 +192,10 @@ def _customize(root: Path, work: Path) -> None:
     write("etc/fstab", "LABEL=vmstream-root / ext4 rw,relatime 0 0\n")
     write("etc/cloud/cloud.cfg.d/90-vmstream.cfg", CLOUD_CFG)
     write("boot/grub/grub.cfg", GRUB_CFG)
+    write("etc/ssh/sshd_config.d/60-vmstream.conf", SSHD_CFG)
+    write("etc/systemd/system/vmstream-ssh-hostkey.service", SSH_KEYGEN_UNIT)
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
     write("etc/systemd/network/10-vmstream.network", NETWORK)
     statusd = compile_static("statusd", (resources.files("vmstream.guest") / "files" / "statusd.c").read_bytes(), work)
     write("usr/local/bin/vmstream-statusd", statusd, 0o755)
@@ -180,7 +203,8 @@ def _customize(root: Path, work: Path) -> None:
     # the one command a user runs in a real guest to get the agent
     write("root/vmstream-agent-installer.sh", agent_installer(), 0o755)
     _run(["chroot", str(root), "/bin/sh", "/root/vmstream-agent-installer.sh"], "the agent installer")
-    _run(["chroot", str(root), "systemctl", "enable", "systemd-networkd.service", "vmstream-statusd.service"],
+    _run(["chroot", str(root), "systemctl", "enable", "systemd-networkd.service", "vmstream-statusd.service",
+          "vmstream-ssh-hostkey.service"],
          "enabling the guest's services")
     _run(["chroot", str(root), "systemctl", "mask", *MASKED], "masking slow services")
     (root / "etc/machine-id").write_text("")  # each boot (and each booted VM) makes its own
