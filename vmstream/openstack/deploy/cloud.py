@@ -142,7 +142,7 @@ class Cloud:
     def create_servers(self, name: str, image: str, flavor: str, count: int = 1) -> str:
         """POST /servers with min_count = max_count = count and no network; returns the reservation."""
         body = {"server": {"name": name, "imageRef": image, "flavorRef": flavor, "networks": "none",
-                           "min_count": count, "max_count": count}, "return_reservation_id": True}
+                           "min_count": count, "max_count": count, "return_reservation_id": True}}
         return str(self.json("compute", "POST", "/servers", json=body, microversion="2.37")["reservation_id"])
 
     def servers(self, **query: str) -> list[dict[str, Any]]:

@@ -131,8 +131,8 @@ def uwsgi_env(layout: Layout, service: str) -> dict[str, str]:
         return {"OS_KEYSTONE_CONFIG_FILES": str(layout.conf("keystone", "keystone.conf"))}
     if service == "placement":
         return {"OS_PLACEMENT_CONFIG_DIR": str(layout.conf("placement"))}
-    # nova-api needs the database config; the computes must not see it
-    return {"OS_NOVA_CONFIG_DIR": str(layout.conf("nova")), "OS_NOVA_CONFIG_FILES": "nova.conf;nova-db.conf"}
+    # nova-api needs the database config (the computes must not see it); the first file is the paste pipeline
+    return {"OS_NOVA_CONFIG_DIR": str(layout.conf("nova")), "OS_NOVA_CONFIG_FILES": "api-paste.ini;nova.conf;nova-db.conf"}
 
 
 def placement_conf(layout: Layout, secrets: Secrets) -> str:

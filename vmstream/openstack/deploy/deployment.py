@@ -316,10 +316,15 @@ class Deployment:
         new = {c.host for c in computes} - mapped
         if not new:
             return
-        hypervisors = {h["hypervisor_hostname"] for h in cloud.json("compute", "GET", "/os-hypervisors")["hypervisors"]}
-        if new - hypervisors:
-            raise DeployError(f"computes {', '.join(sorted(new - hypervisors))} sent heartbeats but have no compute node: "
-                              f"see their logs in {self.layout.log}")
+        deadline = time.monotonic() + 60
+        while True:  # the compute node row is written by the compute's first resource update
+            hypervisors = {h["hypervisor_hostname"] for h in cloud.json("compute", "GET", "/os-hypervisors")["hypervisors"]}
+            if not new - hypervisors:
+                break
+            if time.monotonic() > deadline:
+                raise DeployError(f"computes {', '.join(sorted(new - hypervisors))} sent heartbeats but made no compute "
+                                  f"node within 60s (hypervisors: {sorted(hypervisors)}): see their logs in {self.layout.log}")
+            time.sleep(0.5)
         bootstrap.run(["nova-manage", *nova_db, "cell_v2", "discover_hosts"], log)
         mapped_file.write_text(json.dumps(sorted(mapped | new)))
 
