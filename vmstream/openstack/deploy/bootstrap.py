@@ -31,18 +31,21 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def run(argv: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 300) -> str:
-    """Run a setup command with its output appended to `log`; its output, or a DeployError."""
+def run(argv: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 300,
+        hide: tuple[str, ...] = ()) -> str:
+    """Run a setup command with its output appended to `log`; its output, or a DeployError.
+    Strings in `hide` (passwords on the command line) are shown as *** in the log and errors."""
     t0 = time.monotonic()
+    shown = " ".join("***" if a in hide else a for a in argv)
     try:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               env={**clean_env(), **(env or {})}, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise DeployError(f"`{' '.join(argv[:3])}` did not finish within {timeout:.0f}s") from None
+        raise DeployError(f"`{shown}` did not finish within {timeout:.0f}s") from None
     with open(log, "a") as f:
-        f.write(f"==== {' '.join(argv)} (exit {proc.returncode}, {time.monotonic() - t0:.1f}s)\n{proc.stdout}{proc.stderr}\n")
+        f.write(f"==== {shown} (exit {proc.returncode}, {time.monotonic() - t0:.1f}s)\n{proc.stdout}{proc.stderr}\n")
     if proc.returncode != 0:
-        raise DeployError(f"`{' '.join(argv[:4])}` failed (exit {proc.returncode}); end of its output (all in {log}):\n"
+        raise DeployError(f"`{shown}` failed (exit {proc.returncode}); end of its output (all in {log}):\n"
                           + log_tail(log, 15))
     return proc.stdout
 
@@ -64,12 +67,12 @@ def create_databases(layout: Layout, secrets: Secrets, log: Path) -> None:
     sql = [f"CREATE USER IF NOT EXISTS 'os'@'{HOST}' IDENTIFIED BY '{secrets.database}';"]
     for db in DATABASES:
         sql += [f"CREATE DATABASE IF NOT EXISTS {db};", f"GRANT ALL PRIVILEGES ON {db}.* TO 'os'@'{HOST}';"]
-    run(["mariadb", f"--defaults-file={layout.conf('mysql', 'my.cnf')}", "-e", " ".join(sql)], log)
+    run(["mariadb", f"--defaults-file={layout.conf('mysql', 'my.cnf')}", "-e", " ".join(sql)], log, hide=(" ".join(sql),))
 
 
 def rabbitmq_user(secrets: Secrets, env: dict[str, str], log: Path) -> None:
     ctl = str(rabbitmq_sbin() / "rabbitmqctl")
-    run([ctl, "add_user", "os", secrets.rabbitmq], log, env)
+    run([ctl, "add_user", "os", secrets.rabbitmq], log, env, hide=(secrets.rabbitmq,))
     run([ctl, "set_permissions", "-p", "/", "os", ".*", ".*", ".*"], log, env)
 
 
@@ -100,8 +103,9 @@ def sync_schemas(layout: Layout, secrets: Secrets, log: Path, progress: Progress
             for argv in cmds:
                 if errors:
                     return
-                progress(f"  {' '.join(a for a in argv if not a.startswith('/') and a != '--config-file')[:70]}")
-                run(argv, lane_log)
+                words = [a for a in argv if not a.startswith(("/", "-"))]
+                progress(f"  {' '.join(words[:3])}")
+                run(argv, lane_log, hide=(secrets.admin,))
         except BaseException as exc:
             errors.append(exc)
 

@@ -75,7 +75,12 @@ class Deployment:
         self.layout = Layout(root)
         self.procs = ProcessTable(self.layout.pids)
         self._computes = computes
-        self.progress = progress
+        self._progress = progress
+        self._t0 = time.monotonic()
+
+    def progress(self, line: str) -> None:
+        """One progress line, with the seconds since `up` or `down` began."""
+        self._progress(f"[{time.monotonic() - self._t0:5.1f}s] {line}")
 
     # ---- what is there ---------------------------------------------------------------------
 
@@ -155,7 +160,7 @@ class Deployment:
                               "stopping what is left, then starting everything")
                 self._stop_all()
             timings: dict[str, float] = {}
-            t_all = time.monotonic()
+            t_all = self._t0 = time.monotonic()
             if install:
                 missing = packages.missing_packages()
                 if missing:
@@ -190,6 +195,7 @@ class Deployment:
         if fresh:
             bootstrap.create_databases(lay, secrets, boot_log)
         self._wait_port("rabbitmq", PORTS["rabbitmq"], 90, also=self._adopt_epmd)
+        self.progress("MariaDB and RabbitMQ answer")
         if fresh:
             rabbit_user = threading.Thread(target=bootstrap.rabbitmq_user, args=(secrets, rabbit_env, boot_log), daemon=True)
             rabbit_user.start()
@@ -198,6 +204,7 @@ class Deployment:
 
         self._start_uwsgi("keystone")
         self._wait_http("keystone", 60)
+        self.progress("Keystone answers")
         creds = bootstrap.admin_credentials(secrets)
         creds.save(lay.cloud_json, lay.openrc)
         if fresh:
@@ -219,6 +226,7 @@ class Deployment:
         self._start("nova-conductor", ["/usr/bin/nova-conductor", *nova_db], env)
         self._start("nova-scheduler", ["/usr/bin/nova-scheduler", *nova_db], env)
         self._wait_conductor_consumes(rabbit_env, 120)
+        self.progress("nova-conductor consumes its queue")
         self.progress(f"starting {len(computes)} computes ({', '.join(c.host for c in computes)})")
         started = datetime.now(UTC).replace(microsecond=0, tzinfo=None)  # Nova's times: naive UTC, whole seconds in MariaDB
         for c in computes:
@@ -226,11 +234,13 @@ class Deployment:
                                  "--config-file", str(lay.conf("nova", f"{c.host}.conf"))], env)
         for name in ("placement", "glance", "neutron", "nova-api"):
             self._wait_http(name, 120)
+        self.progress("the APIs answer; waiting for the computes' first heartbeats")
         with Cloud(creds) as cloud:
             # Neutron bug: if its first request is a port list (nova-api makes one per server list and
             # per delete), every port list fails with 500 until another query has run.
             cloud.request("network", "GET", "/v2.0/networks")
             self._wait_heartbeats(cloud, computes, started, 120)
+            self.progress("every compute has sent a heartbeat")
             self._discover_hosts(cloud, computes, nova_db, boot_log)
         timings["start_s"] = time.monotonic() - t_start
         self.progress(f"up in {time.monotonic() - t0:.0f}s: credentials in {lay.openrc} (`. {lay.openrc}; openstack server list`)")
@@ -336,7 +346,7 @@ class Deployment:
         with self._locked():
             if not self.procs.records():
                 return {"stopped": [], "killed": [], "seconds": 0.0}
-            t0 = time.monotonic()
+            t0 = self._t0 = time.monotonic()
             stopped = [r.name for r in self.procs.records()]
             killed = self._stop_all()
             return {"stopped": stopped, "killed": killed, "seconds": round(time.monotonic() - t0, 2)}
