@@ -167,7 +167,9 @@ def neutron_conf(layout: Layout, secrets: Secrets) -> str:
                     "api_workers": 0, "rpc_workers": 1, "rpc_state_report_workers": 0,
                     # no agents and no port binding: Nova need not hear about ports
                     "notify_nova_on_port_status_changes": False, "notify_nova_on_port_data_changes": False,
-                    "state_path": str(layout.neutron), "api_paste_config": str(layout.conf("neutron", "api-paste.ini"))},
+                    "state_path": str(layout.neutron), "api_paste_config": str(layout.conf("neutron", "api-paste.ini")),
+                    # its parent waits this long for its RPC worker on SIGTERM (default 60 s: `down` had to SIGKILL it)
+                    "graceful_shutdown_timeout": 3},
         "database": {"connection": db_url(secrets, "neutron")},
         "keystone_authtoken": _authtoken("neutron", secrets),
         "oslo_concurrency": {"lock_path": str(layout.locks / "neutron")},
