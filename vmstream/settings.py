@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     vm_addresses: str = Field("", description="With a bridge: the addresses this host hands out, FIRST-LAST/PREFIX.")
     vm_gateway: str | None = Field(None, description="With a bridge: the VMs' default gateway.")
 
+    # ---- OpenStack (`vmstream openstack up|down|status`)
+    openstack_dir: Path | None = Field(None, description="The state folder of the one-machine OpenStack (configs, databases, "
+                                       "logs, PIDs, credentials). Empty: <home>/openstack.")
+
     # ---- guests
     debian_mirror: str = Field("http://deb.debian.org/debian", description="The Debian mirror `vmstream guest rootfs` debootstraps from.")
 
@@ -69,10 +73,14 @@ class Settings(BaseSettings):
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().absolute()
 
-    @field_validator("bridge", "netns", "vm_gateway", "peer_token", mode="before")
+    @field_validator("bridge", "netns", "vm_gateway", "peer_token", "openstack_dir", mode="before")
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return v or None
+
+    @property
+    def openstack_state(self) -> Path:
+        return (self.openstack_dir or self.home / "openstack").expanduser().absolute()
 
     @property
     def store_spec(self) -> str:

@@ -15,6 +15,7 @@ from rich.table import Table
 from vmstream.cli.bench import bench_app
 from vmstream.cli.context import client, settings
 from vmstream.cli.migrate import migrate, peer_app
+from vmstream.cli.openstack import openstack_app
 from vmstream.errors import InvalidInput, VmstreamError
 from vmstream.guest.identity import parse_params
 
@@ -30,6 +31,7 @@ app.add_typer(guest_app, name="guest")
 app.add_typer(agent_app, name="agent")
 app.add_typer(bench_app, name="bench")
 app.add_typer(peer_app, name="peer")
+app.add_typer(openstack_app, name="openstack")
 app.command()(migrate)
 
 out = Console()
