@@ -45,6 +45,9 @@ def identity_answer(answer: dict[str, Any]) -> bool:
     return "hostname" in answer or not answer.get("ok", True)
 
 
+ATTEMPT_MAX_S = 16.0  # the longest one readiness probe waits for its answer
+
+
 class Starter:
     process_class: Callable[[str, Path, int | None], QemuProcess] = QemuProcess
 
@@ -229,14 +232,21 @@ class Starter:
     async def wait_ready(self, rec: VmRecord, proc: QemuProcess, timeout: float, attempt_s: float = 2.0,
                          ready: Readiness | None = None) -> None:
         """Probe the guest until it is ready (its readiness check); fail fast if QEMU dies.
-        attempt_s: how long one probe may wait for its answer."""
+        attempt_s: how long the first probe may wait for its answer. Each one that goes
+        unanswered waits longer (up to ATTEMPT_MAX_S): an app that needs more than
+        attempt_s to answer (a guest slowed by a busy host, its memory still coming in)
+        would otherwise be asked anew forever and never be found ready."""
         ready = ready or self.readiness(rec)
         host, port = self._probe_address(rec, ready)
         netns = self.vm_netns if rec.ip else None
         deadline = time.monotonic() + timeout
+        attempt = attempt_s
         while True:
-            if await probe(ready, host, port, proc.agent_path, attempt_s, netns, bridged=bool(rec.ip)):
+            asked = time.monotonic()
+            if await probe(ready, host, port, proc.agent_path, min(attempt, max(0.1, deadline - asked)), netns, bridged=bool(rec.ip)):
                 return
+            if time.monotonic() - asked >= attempt * 0.9:  # it waited out its time, not refused at once
+                attempt = min(attempt * 2, ATTEMPT_MAX_S)
             if not proc.alive():
                 raise QemuError(f"VM {rec.name}'s QEMU exited before the guest was ready ({ready}): "
                                 f"QEMU said: {proc.log_tail() or 'nothing'}; guest console: {proc.serial_tail() or 'nothing'}; "
