@@ -58,9 +58,10 @@ def write_outputs(out: Path, name: str, result: dict[str, Any], markdown: str, f
     return {k: str(v) for k, v in paths.items()}
 
 
-def run_and_write(bench_module: Any, bench: Any, out: Path, **kw: Any) -> dict[str, Any]:
-    """Run one bench module (its run() and render()) and write its JSON, table and plot."""
+def run_and_write(bench_module: Any, bench: Any, out: Path, output_name: str | None = None, **kw: Any) -> dict[str, Any]:
+    """Run one bench module (its run() and render()) and write its JSON, table and plot
+    as output_name.* (default: the module's name)."""
     res: dict[str, Any] = bench_module.run(bench, **kw)
     md, fig = bench_module.render(res)
-    res["files"] = write_outputs(out, bench_module.__name__.rsplit(".", 1)[-1], res, md, fig)
+    res["files"] = write_outputs(out, output_name or bench_module.__name__.rsplit(".", 1)[-1], res, md, fig)
     return res

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from typing import Any
 
 from qemu.qmp import QMPError
@@ -98,6 +99,7 @@ class ClonePool:
         while len(self._ready.get(image_name, [])) < self.size:
             image = self.images.get(image_name)
             g = image.guest
+            t0 = time.perf_counter()
             (rec,) = await self.registry.reserve(
                 [POOL_PREFIX + secrets.token_hex(6)], state=VmState.POOLED, memory_bytes=g.memory_bytes, cpus=g.cpus,
                 kernel=g.kernel, initrd=g.initrd, accel=g.accel, parent_image=image_name, ready=g.ready,
@@ -112,6 +114,8 @@ class ClonePool:
                 if self.run_through:
                     prepare = CloneIdentity(rec.hostname, rec.mac, ip=self.starter.address(rec)).command(verb="prepare")
                     await self.starter.run_through(rec, proc, prepare)
+            # how long a refill takes decides how closely spaced starts still find one ready
+            log.info("pooled QEMU %s of image %s ready in %.3f s", rec.name, image_name, time.perf_counter() - t0)
             self._ready.setdefault(image_name, []).append(rec.name)
             async with self._added:
                 self._added.notify_all()
