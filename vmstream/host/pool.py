@@ -10,6 +10,15 @@ and address (which the clone keeps), and answers HTTP once. No hooks run and
 none of their inputs are written: the clone's identity brings those. An agent
 that does not know 'prepare' (images from before it) answers with an error, and
 the guest is paused again as it is.
+
+The run-through must fit in the pooled QEMU's translation cache: when the cache
+fills, TCG drops all of it, and with it most of what the run-through translated.
+The demo guest's run-through translates ~8 MB; the Debian guest's (systemd and
+its services wake up too) ~14 MB, which overflowed the default 10 MiB, so its
+pooled clones still spent 0.05-0.2 s translating their identity and HTTP paths.
+So after each run-through the pool asks QEMU how often it flushed the cache;
+more than the state load's one flush and the image's next pooled QEMUs get twice
+the cache (up to TB_MIB_MAX). Only the used part of the cache costs memory.
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ from vmstream.image import ImageRepository
 from vmstream.settings import Settings
 
 log = logging.getLogger("vmstream.host.pool")
+TB_MIB_MAX = 64  # a pooled QEMU's translation cache grows up to a booted VM's (MachineSpec.tb_mib)
+LOAD_FLUSHES = 1  # TCG drops its translated code once when the state loads; more: the cache overflowed
 POOL_WAIT_S = 2.0  # a single start waits this long for a pooled QEMU being prepared (further along than a new one)
 
 
@@ -49,6 +60,7 @@ class ClonePool:
         self.images = images
         self.tasks = tasks
         self._ready: dict[str, list[str]] = {}  # image -> names of its pooled rows, ready to take
+        self._tb_mib: dict[str, int] = {}  # image -> cache size its run-through needed, where tb_mib was too small
         self._fills: dict[str, asyncio.Task[None]] = {}
         self._added = asyncio.Condition()
 
@@ -108,17 +120,28 @@ class ClonePool:
             async with self.starter.starting(rec) as proc:
                 if g.disk:  # its own overlay on the image's disk layer, which the clone that takes it keeps
                     await self.starter.overlay_disk(rec, self.images.image_dir(image) / disks.LAYER)
-                spec = self.starter.pooled_spec(self.starter.spec(rec, image), self.tb_mib if self.run_through else None)
+                tb_mib = self.tb_mib_for(image_name)
+                spec = self.starter.pooled_spec(self.starter.spec(rec, image), tb_mib if self.run_through else None)
                 await self.starter.launch(rec, proc, spec)
                 await self.starter.load_paused(rec, proc, image)
                 if self.run_through:
                     prepare = CloneIdentity(rec.hostname, rec.mac, ip=self.starter.address(rec)).command(verb="prepare")
-                    await self.starter.run_through(rec, proc, prepare)
+                    flushes = await self.starter.run_through(rec, proc, prepare)
+                    if flushes is not None and flushes > LOAD_FLUSHES and tb_mib < TB_MIB_MAX:
+                        # this QEMU is kept (its last translations are still warm); the next ones get room
+                        self._tb_mib[image_name] = min(2 * tb_mib, TB_MIB_MAX)
+                        log.info("the run-through of pooled QEMU %s of image %s filled its %d MiB translation cache "
+                                 "(%d flushes): the image's next pooled QEMUs get %d MiB", rec.name, image_name, tb_mib,
+                                 flushes, self._tb_mib[image_name])
             # how long a refill takes decides how closely spaced starts still find one ready
             log.info("pooled QEMU %s of image %s ready in %.3f s", rec.name, image_name, time.perf_counter() - t0)
             self._ready.setdefault(image_name, []).append(rec.name)
             async with self._added:
                 self._added.notify_all()
+
+    def tb_mib_for(self, image_name: str) -> int:
+        """The translation cache (MiB) of the image's next pooled QEMU."""
+        return self._tb_mib.get(image_name, self.tb_mib)
 
     def _filled(self, image_name: str, task: asyncio.Task[None]) -> None:
         self._fills.pop(image_name, None)
