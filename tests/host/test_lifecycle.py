@@ -102,9 +102,13 @@ def test_a_run_through_that_overflowed_the_translation_cache_gets_the_next_poole
     a.start("img")
     a.wait_pool("img")
     (first,) = _pooled_tb_mib(a)
+    a.starter.tb_flushes = 1  # from here on it fits
     a.start("img")  # takes it; the refill starts with what the run-through showed
     a.wait_pool("img")
     assert _pooled_tb_mib(a) == [2 * first if grows else first]
+    (anew,) = a.start("img", pool=False)  # a clone started anew gets the grown cache too, else its own default
+    spec = cast(FakeProcess, a.starter.proc(a.manager.registry.get(anew["name"]))).spec
+    assert spec is not None and spec.tb_mib == (2 * first if grows else a.manager.settings.clone_tb_mib)
 
 
 def test_a_failing_pool_fill_does_not_fail_starts(pooled_agent: Agent) -> None:

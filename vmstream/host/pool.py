@@ -143,6 +143,11 @@ class ClonePool:
         """The translation cache (MiB) of the image's next pooled QEMU."""
         return self._tb_mib.get(image_name, self.tb_mib)
 
+    def grown_tb_mib(self, image_name: str) -> int | None:
+        """The cache a run-through of this image showed it needs, where the default was too small
+        (None: it fitted, or no pooled QEMU ran through yet). A clone's start runs the same paths."""
+        return self._tb_mib.get(image_name)
+
     def _filled(self, image_name: str, task: asyncio.Task[None]) -> None:
         self._fills.pop(image_name, None)
         if not task.cancelled() and (exc := task.exception()) is not None:
