@@ -123,7 +123,9 @@ class ClonePool:
                 tb_mib = self.tb_mib_for(image_name)
                 spec = self.starter.pooled_spec(self.starter.spec(rec, image), tb_mib if self.run_through else None)
                 await self.starter.launch(rec, proc, spec)
+                t_launched = time.perf_counter()
                 await self.starter.load_paused(rec, proc, image)
+                t_loaded = time.perf_counter()
                 if self.run_through:
                     prepare = CloneIdentity(rec.hostname, rec.mac, ip=self.starter.address(rec)).command(verb="prepare")
                     flushes = await self.starter.run_through(rec, proc, prepare)
@@ -134,7 +136,9 @@ class ClonePool:
                                  "(%d flushes): the image's next pooled QEMUs get %d MiB", rec.name, image_name, tb_mib,
                                  flushes, self._tb_mib[image_name])
             # how long a refill takes decides how closely spaced starts still find one ready
-            log.info("pooled QEMU %s of image %s ready in %.3f s", rec.name, image_name, time.perf_counter() - t0)
+            t = time.perf_counter()
+            log.info("pooled QEMU %s of image %s ready in %.3f s (launched %.3f, state loaded %.3f, run through %.3f)",
+                     rec.name, image_name, t - t0, t_launched - t0, t_loaded - t_launched, t - t_loaded)
             self._ready.setdefault(image_name, []).append(rec.name)
             async with self._added:
                 self._added.notify_all()
