@@ -15,6 +15,7 @@ request, timed until all of them answer HTTP.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,7 @@ def run(bench: Bench, mib: int | None = None, runs: int = 5, clone_runs: int = 1
     img = bench.create_image(source, image)
     bench.destroy(source)
     say(f"live image {image}: pause {img['pause_ms']:.1f} ms")
+    load = {"before_clones": os.getloadavg()[0]}  # the host is shared: what else ran shows here
 
     clones: list[float] = []
     agent_ready: list[float] = []
@@ -113,7 +115,9 @@ def run(bench: Bench, mib: int | None = None, runs: int = 5, clone_runs: int = 1
             unpooled_phases.setdefault(phase, []).append(at)
         bench.destroy(vms[0]["name"])
         say(f"clone without the pool {i + 1}/{runs}: {t:.3f} s")
+    load["after_clones"] = os.getloadavg()[0]
     bursts, burst_firsts = _burst(bench, image, burst_runs)
+    load["after_bursts"] = os.getloadavg()[0]
     bench.delete_image(image)
 
     state = bench.scratch / f"save-{mib}.mig"
@@ -158,6 +162,8 @@ def run(bench: Bench, mib: int | None = None, runs: int = 5, clone_runs: int = 1
         "burst10_p90_s": bu["p90"],
         "burst10": bu,
         "burst10_first_serving": summary(burst_firsts),
+        "host_cpus": facts.cpus,
+        "host_load_1m": {k: round(v, 2) for k, v in load.items()},
     }
 
 
@@ -192,6 +198,9 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
                f"{res.get('clone_spacing_s', 0):g} s apart (the pool refills in between), with and without the pool.\n")
     if res.get("clone_no_pool_phases_s"):
         md += ("Without the pool: " + ", ".join(f"{k} {v:.3f}" for k, v in res["clone_no_pool_phases_s"].items()) + ".\n")
+    if res.get("host_load_1m"):
+        md += (f"Host load average (1 min, {res['host_cpus']} cores): "
+               + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in res["host_load_1m"].items()) + ".\n")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = ["cold boot", "QEMU restore", "vmstream clone"]
