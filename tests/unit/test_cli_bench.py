@@ -57,7 +57,7 @@ def test_bench_json_prints_exactly_one_json_document(fake_clone_bench: Path) -> 
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["bench"] == "clone" and res["kw"] == {"mib": None, "runs": 2, "clone_runs": 10, "guest": "demo", "burst_runs": 3,
-                                                     "output_name": "clone"}
+                                                     "spacing": 0.25, "output_name": "clone"}
 
 
 def test_bench_clone_debian_writes_its_own_files(fake_clone_bench: Path) -> None:

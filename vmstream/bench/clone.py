@@ -69,7 +69,7 @@ def _burst(bench: Bench, image: str, runs: int) -> tuple[list[float], list[float
 
 
 def run(bench: Bench, mib: int | None = None, runs: int = 5, clone_runs: int = 10, guest: str = "demo",
-        burst_runs: int = 3) -> dict[str, Any]:
+        burst_runs: int = 3, spacing: float = CLONE_SPACING_S) -> dict[str, Any]:
     g = GUESTS[guest]
     mib = mib or g.mib
     facts = bench.facts()
@@ -96,7 +96,7 @@ def run(bench: Bench, mib: int | None = None, runs: int = 5, clone_runs: int = 1
     phases: dict[str, list[float]] = {}
     pooled = 0
     for i in range(clone_runs):  # as a user gets them: the agent's clone pool on (after the first)
-        time.sleep(CLONE_SPACING_S if i else 0)
+        time.sleep(spacing if i else 0)
         vms, t = bench.start(image, 1, bench.name("clone", i))
         clones.append(t)
         agent_ready.append(vms[0]["ready_s"])
@@ -108,7 +108,7 @@ def run(bench: Bench, mib: int | None = None, runs: int = 5, clone_runs: int = 1
     unpooled: list[float] = []
     unpooled_phases: dict[str, list[float]] = {}
     for i in range(runs):  # every QEMU started anew: what the pool saves
-        time.sleep(CLONE_SPACING_S)
+        time.sleep(spacing)
         vms, t = bench.start(image, 1, bench.name("nopool", i), pool=False)
         unpooled.append(t)
         for phase, at in (vms[0].get("phases") or {}).items():
@@ -145,7 +145,7 @@ def run(bench: Bench, mib: int | None = None, runs: int = 5, clone_runs: int = 1
         "clone": c,
         "clone_agent_ready": summary(agent_ready),
         "clone_pooled_runs": pooled,
-        "clone_spacing_s": CLONE_SPACING_S,
+        "clone_spacing_s": spacing,
         "clone_no_pool_s": u["median"],
         "clone_no_pool": u,
         "speedup_vs_boot_no_pool": ratio(median(cold), median(unpooled)),

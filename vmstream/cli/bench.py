@@ -101,13 +101,15 @@ def clone(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 5,
           guest: Annotated[CloneGuest, typer.Option(help="demo: the initramfs guest; debian: the Debian disk guest "
                                                          "(boot --disk debian), files clone-debian.*.")] = CloneGuest.demo,
           burst_runs: Annotated[int, typer.Option(min=1, help="Bursts of 10 clones started by one request.")] = 3,
+          spacing: Annotated[float, typer.Option(min=0, help="Seconds between one clone's removal and the next start "
+                                                              "(the clone pool refills in between).")] = 0.25,
           as_json: JsonOpt = False) -> None:
     """Cold boot vs clone vs QEMU save/restore: time to first HTTP answer; and a burst of 10 clones."""
     from vmstream.bench import clone as b
 
     name = "clone" if guest is CloneGuest.demo else f"clone-{guest.value}"
     _run(b, out, as_json, mib=memory_mib, runs=runs, clone_runs=clone_runs, guest=guest.value, burst_runs=burst_runs,
-         output_name=name)
+         spacing=spacing, output_name=name)
 
 
 @bench_app.command()
