@@ -112,8 +112,10 @@ class FakeStarter(Starter):
     async def load_paused(self, rec: VmRecord, proc: Any, image: LiveImage) -> None:
         self._maybe_fail("pool", rec.name)
 
-    async def run_through(self, rec: VmRecord, proc: Any, prepare: str) -> None:
-        pass
+    tb_flushes: int | None = 1  # what a run-through reports: 1 is the state load's flush only
+
+    async def run_through(self, rec: VmRecord, proc: Any, prepare: str) -> int | None:
+        return self.tb_flushes
 
     async def ask(self, proc: Any, command: str, timeout: float, expect: Any = None) -> dict[str, Any]:
         self.asked.append((proc.vm_id, command))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from tests.host.conftest import Agent, make_agent
+from tests.host.conftest import Agent, FakeProcess, make_agent
 from vmstream.host.state import Op, VmState
 
 
@@ -82,6 +83,32 @@ def test_a_pooled_qemu_is_taken_by_the_next_start(pooled_agent: Agent) -> None:
     a.call("DELETE", "/v1/live-images/img")  # stops the image's pool too
     assert [r.name for r in a.manager.registry.all(pooled=True)] == ["src"]
     assert a.call("GET", "/v1/host")["clone_pool"] == {"ready": {}, "pids": {}}
+
+
+def _pooled_tb_mib(a: Agent) -> list[int]:
+    """The translation cache sizes of the pooled QEMUs ready now."""
+    recs = [r for r in a.manager.registry.all(pooled=True) if r.state == VmState.POOLED]
+    procs = [cast(FakeProcess, a.starter.proc(r)) for r in recs]
+    return [p.spec.tb_mib for p in procs if p.spec is not None]
+
+
+@pytest.mark.parametrize(("flushes", "grows"), [(1, False), (3, True), (None, False)])
+def test_a_run_through_that_overflowed_the_translation_cache_gets_the_next_pooled_qemu_more(
+        pooled_agent: Agent, flushes: int | None, grows: bool) -> None:
+    a = pooled_agent
+    a.starter.tb_flushes = flushes  # 1: only the state load flushed; more: the cache filled up; None: QEMU did not say
+    a.boot("src")
+    a.image("src", "img")
+    a.start("img")
+    a.wait_pool("img")
+    (first,) = _pooled_tb_mib(a)
+    a.starter.tb_flushes = 1  # from here on it fits
+    a.start("img")  # takes it; the refill starts with what the run-through showed
+    a.wait_pool("img")
+    assert _pooled_tb_mib(a) == [2 * first if grows else first]
+    (anew,) = a.start("img", pool=False)  # a clone started anew gets the grown cache too, else its own default
+    spec = cast(FakeProcess, a.starter.proc(a.manager.registry.get(anew["name"]))).spec
+    assert spec is not None and spec.tb_mib == (2 * first if grows else a.manager.settings.clone_tb_mib)
 
 
 def test_a_failing_pool_fill_does_not_fail_starts(pooled_agent: Agent) -> None:

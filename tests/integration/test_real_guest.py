@@ -69,6 +69,8 @@ def test_debian_guest_boots_with_both_agents(cli: Cli, debian: dict[str, Any]) -
     assert status(debian["endpoint"])["hostname"] == "deb", "systemd took the VM's name"
     assert cli.ask("deb", "ping")["ok"], "the vmstream agent the installer put in the image answers"
     assert qga(cli, "deb", "guest-info")["version"], "qemu-guest-agent answers"
+    # a clone's new MAC is announced, or slirp keeps sending to the image's (bursts of clones waited seconds)
+    assert read_file(cli, "deb", "/proc/sys/net/ipv4/conf/all/arp_notify").strip() == "1", "the agent turned on arp_notify"
 
 
 def test_debian_image_clones_share_its_disk_and_keep_their_own_writes(cli: Cli, debian: dict[str, Any]) -> None:

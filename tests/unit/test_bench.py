@@ -120,3 +120,21 @@ def test_a_failed_bench_is_named_in_the_doc(tmp_path: Path) -> None:
     doc = tmp_path / "docs" / "benchmarks.md"
     suite.write_doc(doc, tmp_path / "out", summary)
     assert "**This bench failed in this run:** QemuError: it broke" in doc.read_text()
+
+
+def test_a_separate_bench_in_the_out_dir_goes_into_the_doc(tmp_path: Path) -> None:
+    from vmstream.bench import suite
+
+    summary = {"command": "vmstream bench all", "source": "abc", "started_at": "now", "total_s": 60.0,
+               "durations_s": {}, "targets": [], "results": {}, "errors": {},
+               "host": {"cpus": 2, "mem_total_bytes": 1 << 30, "kernel": "k", "qemu": "7.2", "accelerator": "tcg",
+                        "accelerator_reason": "r"}}
+    doc, out = tmp_path / "docs" / "benchmarks.md", tmp_path / "docs" / "bench"
+    suite.write_doc(doc, out, summary)
+    assert "Debian" not in doc.read_text()
+    out.mkdir(parents=True)
+    (out / "clone-debian.md").write_text("| start | median |\n| --- | --: |\n| clone | 0.080 s |\n")
+    suite.write_doc(doc, out, summary)
+    text = doc.read_text()
+    assert "`vmstream bench clone --guest debian --out docs/bench`: a separate run" in text and "| clone | 0.080 s |" in text
+    assert "(bench/clone-debian.png)" in text

@@ -56,7 +56,21 @@ def test_bench_json_prints_exactly_one_json_document(fake_clone_bench: Path) -> 
     r = CliRunner().invoke(app, ["bench", "clone", "--out", str(fake_clone_bench), "--runs", "2", "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
-    assert res["bench"] == "clone" and res["kw"] == {"mib": 256, "runs": 2, "clone_runs": 10}
+    assert res["bench"] == "clone" and res["kw"] == {"mib": None, "runs": 2, "clone_runs": 10, "guest": "demo", "burst_runs": 3,
+                                                     "spacing": 0.25, "output_name": "clone"}
+
+
+def test_bench_clone_debian_writes_its_own_files(fake_clone_bench: Path) -> None:
+    r = CliRunner().invoke(app, ["bench", "clone", "--guest", "debian", "--out", str(fake_clone_bench), "--json"])
+    assert r.exit_code == 0, r.output
+    kw = json.loads(r.stdout)["kw"]
+    assert kw["guest"] == "debian" and kw["output_name"] == "clone-debian"
+
+
+def test_bench_clone_refuses_an_unknown_guest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMSTREAM_HOME", str(tmp_path))
+    r = CliRunner().invoke(app, ["bench", "clone", "--guest", "windows"])
+    assert r.exit_code == 2, r.output
 
 
 def test_bench_without_json_prints_its_table(fake_clone_bench: Path) -> None:

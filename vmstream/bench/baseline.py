@@ -6,12 +6,17 @@ the state is in, `cont` (the source was stopped, so QEMU leaves it paused),
 then poll HTTP exactly as the agent does for a clone: only after `running`,
 because a probe sent earlier reaches slirp before the guest's NIC is live.
 Every QEMU started here is stopped here (finally blocks).
+
+A disk guest is saved and restored with its disk: the booted VM runs on a qcow2
+overlay of the base image, which the save leaves as it was at the stop (the VM
+never runs again); each restore runs on its own overlay on that one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import socket
 import time
@@ -58,12 +63,12 @@ class BaselineVm:
     running_s: float = 0.0  # process start to state 'running'
 
 
-def _spec(bench: Bench, mib: int, ident: dict[str, str]) -> MachineSpec:
+def _spec(bench: Bench, mib: int, ident: dict[str, str], disk: Path | None = None) -> MachineSpec:
     """The agent's machine for this guest; ident (MAC, VM generation id) is kept across save and restore."""
     f = bench.facts()
     values: dict[str, Any] = {
         "vm_id": "bench-" + secrets.token_hex(5), "hostname": bench.name("qemu"), "memory_bytes": mib << 20,
-        "cpus": 1, "kernel": f.kernel, "initrd": f.initrd, "accel": f.accelerator, "http_port": free_port(),
+        "cpus": 1, "kernel": f.kernel, "initrd": f.initrd, "accel": f.accelerator, "http_port": free_port(), "disk": disk,
     }
     names = {fl.name for fl in fields(MachineSpec)}
     values.update({k: v for k, v in ident.items() if k in names})
@@ -97,23 +102,39 @@ async def _until_running(proc: QemuProcess, qmp: Any, deadline: float) -> None:
     await proc.wait_incoming(qmp, max(0.0, deadline - time.monotonic()))
 
 
+async def overlay(backing: Path, path: Path) -> Path:
+    """A new qcow2 file at path over backing (raw or qcow2), which is never written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = "raw" if backing.suffix == ".raw" else "qcow2"
+    proc = await asyncio.create_subprocess_exec("qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(backing),
+                                                str(path), stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"qemu-img create {path} failed: {err.decode(errors='replace').strip()}")
+    return path
+
+
 @dataclass
 class BootedVm:
     proc: QemuProcess
     ident: dict[str, str]
     boot_s: float
+    disk: Path | None = None  # a disk guest's overlay: after a save, the disk as it was at the stop
 
 
-async def boot(bench: Bench, mib: int) -> BootedVm:
-    """Cold-boot the agent's machine for this guest directly; returns it serving HTTP. The caller stops it."""
+async def boot(bench: Bench, mib: int, base_disk: Path | None = None) -> BootedVm:
+    """Cold-boot the agent's machine for this guest directly (a disk guest on an overlay of
+    base_disk); returns it serving HTTP. The caller stops it."""
     ident = new_identity()
-    spec = _spec(bench, mib, ident)
+    vm_id = "bench-" + secrets.token_hex(5)
+    disk = await overlay(base_disk, bench.scratch / "disk" / f"{vm_id}.qcow2") if base_disk else None
+    spec = dataclasses.replace(_spec(bench, mib, ident, disk), vm_id=vm_id)
     proc = QemuProcess(spec.vm_id, bench.scratch / "run" / spec.vm_id)
     try:
         t0 = time.perf_counter()
         proc.start(spec)
         await _wait_http(proc, spec.http_port, BOOT_TIMEOUT_S)
-        return BootedVm(proc, ident, time.perf_counter() - t0)
+        return BootedVm(proc, ident, time.perf_counter() - t0, disk)
     except BaseException:
         await asyncio.shield(proc.stop())
         raise
@@ -140,12 +161,13 @@ async def save(vm: BootedVm, state_file: Path, resume: bool = False) -> dict[str
         save_s = time.perf_counter() - t1
         if resume:
             await qmp.execute("cont")
-    return {"save_s": save_s, "state_bytes": state_file.stat().st_size, "ident": vm.ident}
+    return {"save_s": save_s, "state_bytes": state_file.stat().st_size, "ident": vm.ident, "disk": vm.disk}
 
 
-async def boot_and_save(bench: Bench, mib: int, state_file: Path) -> dict[str, Any]:
-    """Cold-boot a VM, let it settle, save it in full to state_file; the VM is stopped afterwards."""
-    vm = await boot(bench, mib)
+async def boot_and_save(bench: Bench, mib: int, state_file: Path, base_disk: Path | None = None) -> dict[str, Any]:
+    """Cold-boot a VM, let it settle, save it in full to state_file; the VM is stopped afterwards.
+    A disk guest's result has "disk": its overlay as saved, for the restores."""
+    vm = await boot(bench, mib, base_disk)
     try:
         await asyncio.sleep(1.0)
         return {"boot_s": vm.boot_s, **await save(vm, state_file)}
@@ -153,9 +175,12 @@ async def boot_and_save(bench: Bench, mib: int, state_file: Path) -> dict[str, A
         await vm.proc.stop()
 
 
-async def restore(bench: Bench, mib: int, ident: dict[str, str], state_file: Path) -> BaselineVm:
-    """Start a QEMU from a full save; returns it serving HTTP. The caller stops it."""
-    spec = _spec(bench, mib, ident)
+async def restore(bench: Bench, mib: int, ident: dict[str, str], state_file: Path, disk: Path | None = None) -> BaselineVm:
+    """Start a QEMU from a full save (a disk guest: on a new overlay of its saved disk);
+    returns it serving HTTP. The caller stops it."""
+    vm_id = "bench-" + secrets.token_hex(5)
+    own_disk = await overlay(disk, bench.scratch / "disk" / f"{vm_id}.qcow2") if disk else None
+    spec = dataclasses.replace(_spec(bench, mib, ident, own_disk), vm_id=vm_id)
     proc = QemuProcess(spec.vm_id, bench.scratch / "run" / spec.vm_id)
     try:
         t0 = time.perf_counter()
@@ -180,11 +205,12 @@ async def restore(bench: Bench, mib: int, ident: dict[str, str], state_file: Pat
         raise
 
 
-async def restore_times(bench: Bench, mib: int, ident: dict[str, str], state_file: Path, runs: int) -> list[float]:
+async def restore_times(bench: Bench, mib: int, ident: dict[str, str], state_file: Path, runs: int,
+                        disk: Path | None = None) -> list[float]:
     """Restore runs times, one at a time, stopping each VM before the next."""
     times = []
     for _ in range(runs):
-        vm = await restore(bench, mib, ident, state_file)
+        vm = await restore(bench, mib, ident, state_file, disk)
         try:
             times.append(vm.ready_s)
         finally:

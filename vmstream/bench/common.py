@@ -107,9 +107,13 @@ class Bench:
 
     # ---- agent operations, timed from the client's side (what a user waits) ----
 
-    def boot(self, name: str, mib: int, client: AgentClient | None = None) -> tuple[dict[str, Any], float]:
+    def boot(self, name: str, mib: int, client: AgentClient | None = None, disk: str | None = None) -> tuple[dict[str, Any], float]:
+        """Cold-boot the demo guest, or a disk guest (disk: 'debian' or an image path); returns when it is ready."""
+        body: dict[str, Any] = {"name": name, "memory": f"{mib}M", "cpus": 1}
+        if disk is not None:
+            body["disk"] = disk
         t0 = time.perf_counter()
-        vm = (client or self.client).call("POST", "/v1/vms", json={"name": name, "memory": f"{mib}M", "cpus": 1})
+        vm = (client or self.client).call("POST", "/v1/vms", json=body)
         return vm, time.perf_counter() - t0
 
     def create_image(self, vm: str, image: str) -> dict[str, Any]:

@@ -7,6 +7,9 @@ the CLI must not pay for the import when it only prints help.
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -58,9 +61,17 @@ def write_outputs(out: Path, name: str, result: dict[str, Any], markdown: str, f
     return {k: str(v) for k, v in paths.items()}
 
 
-def run_and_write(bench_module: Any, bench: Any, out: Path, **kw: Any) -> dict[str, Any]:
-    """Run one bench module (its run() and render()) and write its JSON, table and plot."""
+def command_line() -> str:
+    """The command as typed, with the environment that changes what it measures."""
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in ("VMSTREAM_HOME", "VMSTREAM_ACCEL", "PYTHONPATH") if k in os.environ]
+    return " ".join([*env, "vmstream", *map(shlex.quote, sys.argv[1:])])
+
+
+def run_and_write(bench_module: Any, bench: Any, out: Path, output_name: str | None = None, **kw: Any) -> dict[str, Any]:
+    """Run one bench module (its run() and render()) and write its JSON, table and plot
+    as output_name.* (default: the module's name)."""
     res: dict[str, Any] = bench_module.run(bench, **kw)
+    res.setdefault("command", command_line())
     md, fig = bench_module.render(res)
-    res["files"] = write_outputs(out, bench_module.__name__.rsplit(".", 1)[-1], res, md, fig)
+    res["files"] = write_outputs(out, output_name or bench_module.__name__.rsplit(".", 1)[-1], res, md, fig)
     return res

@@ -12,6 +12,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -87,14 +88,28 @@ def _leave_nothing(client: Any) -> None:
         client.call("POST", "/v1/host/cache/drop")
 
 
+class CloneGuest(StrEnum):
+    demo = "demo"
+    debian = "debian"
+
+
 @bench_app.command()
-def clone(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 5, memory_mib: MemOpt = 256,
+def clone(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 5,
+          memory_mib: Annotated[int | None, typer.Option("--memory-mib", min=64,
+                                                         help="Guest RAM in MiB (default: 256 demo, 512 debian).")] = None,
           clone_runs: Annotated[int, typer.Option(min=1, help="Clone starts (cheap, so more than --runs).")] = 10,
+          guest: Annotated[CloneGuest, typer.Option(help="demo: the initramfs guest; debian: the Debian disk guest "
+                                                         "(boot --disk debian), files clone-debian.*.")] = CloneGuest.demo,
+          burst_runs: Annotated[int, typer.Option(min=1, help="Bursts of 10 clones started by one request.")] = 3,
+          spacing: Annotated[float, typer.Option(min=0, help="Seconds between one clone's removal and the next start "
+                                                              "(the clone pool refills in between).")] = 0.25,
           as_json: JsonOpt = False) -> None:
-    """Cold boot vs clone vs QEMU save/restore: time to first HTTP answer."""
+    """Cold boot vs clone vs QEMU save/restore: time to first HTTP answer; and a burst of 10 clones."""
     from vmstream.bench import clone as b
 
-    _run(b, out, as_json, mib=memory_mib, runs=runs, clone_runs=clone_runs)
+    name = "clone" if guest is CloneGuest.demo else f"clone-{guest.value}"
+    _run(b, out, as_json, mib=memory_mib, runs=runs, clone_runs=clone_runs, guest=guest.value, burst_runs=burst_runs,
+         spacing=spacing, output_name=name)
 
 
 @bench_app.command()

@@ -88,14 +88,7 @@ install -d /usr/local/sbin {HOOKS_DIR}
 cat > {SHELL_AGENT} <<'VMSTREAM_AGENT_EOF'
 {_file("vmstream-agent.sh")}VMSTREAM_AGENT_EOF
 chmod 755 {SHELL_AGENT}
-{hooks_part()}# A clone takes its own MAC as it starts: with arp_notify the kernel announces it
-# (gratuitous ARP), so the host side (slirp, a bridge) stops sending the clone's
-# packets to its image's MAC at once, not when its neighbour entry goes stale.
-install -d /etc/sysctl.d
-cat > /etc/sysctl.d/60-vmstream.conf <<'VMSTREAM_SYSCTL_EOF'
-net.ipv4.conf.all.arp_notify = 1
-VMSTREAM_SYSCTL_EOF
-kind=portable
+{hooks_part()}kind=portable
 {native_part}if command -v systemctl >/dev/null 2>&1; then
   if [ "$kind" = native ]; then
     cat > /etc/systemd/system/vmstream-agent.service <<'VMSTREAM_UNIT_EOF'
@@ -105,7 +98,6 @@ kind=portable
 {_file("vmstream-agent.service")}VMSTREAM_UNIT_EOF
   fi
   if [ -d /run/systemd/system ]; then
-    sysctl -q -w net.ipv4.conf.all.arp_notify=1 || true
     systemctl daemon-reload
     systemctl enable vmstream-agent.service
     systemctl restart vmstream-agent.service

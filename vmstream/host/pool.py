@@ -10,6 +10,15 @@ and address (which the clone keeps), and answers HTTP once. No hooks run and
 none of their inputs are written: the clone's identity brings those. An agent
 that does not know 'prepare' (images from before it) answers with an error, and
 the guest is paused again as it is.
+
+The run-through must fit in the pooled QEMU's translation cache: when the cache
+fills, TCG drops all of it, and with it most of what the run-through translated.
+The demo guest's run-through translates ~8 MB; the Debian guest's (systemd and
+its services wake up too) ~14 MB, which overflowed the default 10 MiB, so its
+pooled clones still spent 0.05-0.2 s translating their identity and HTTP paths.
+So after each run-through the pool asks QEMU how often it flushed the cache;
+more than the state load's one flush and the image's next pooled QEMUs get twice
+the cache (up to TB_MIB_MAX). Only the used part of the cache costs memory.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from typing import Any
 
 from qemu.qmp import QMPError
@@ -34,6 +44,8 @@ from vmstream.image import ImageRepository
 from vmstream.settings import Settings
 
 log = logging.getLogger("vmstream.host.pool")
+TB_MIB_MAX = 64  # a pooled QEMU's translation cache grows up to a booted VM's (MachineSpec.tb_mib)
+LOAD_FLUSHES = 1  # TCG drops its translated code once when the state loads; more: the cache overflowed
 POOL_WAIT_S = 2.0  # a single start waits this long for a pooled QEMU being prepared (further along than a new one)
 
 
@@ -48,6 +60,7 @@ class ClonePool:
         self.images = images
         self.tasks = tasks
         self._ready: dict[str, list[str]] = {}  # image -> names of its pooled rows, ready to take
+        self._tb_mib: dict[str, int] = {}  # image -> cache size its run-through needed, where tb_mib was too small
         self._fills: dict[str, asyncio.Task[None]] = {}
         self._added = asyncio.Condition()
 
@@ -98,6 +111,7 @@ class ClonePool:
         while len(self._ready.get(image_name, [])) < self.size:
             image = self.images.get(image_name)
             g = image.guest
+            t0 = time.perf_counter()
             (rec,) = await self.registry.reserve(
                 [POOL_PREFIX + secrets.token_hex(6)], state=VmState.POOLED, memory_bytes=g.memory_bytes, cpus=g.cpus,
                 accel=g.accel, parent_image=image_name, ready=g.ready,
@@ -106,15 +120,37 @@ class ClonePool:
             async with self.starter.starting(rec) as proc:
                 if g.disk:  # its own overlay on the image's disk layer, which the clone that takes it keeps
                     await self.starter.overlay_disk(rec, self.images.image_dir(image) / disks.LAYER)
-                spec = self.starter.pooled_spec(self.starter.spec(rec, image), self.tb_mib if self.run_through else None)
+                tb_mib = self.tb_mib_for(image_name)
+                spec = self.starter.pooled_spec(self.starter.spec(rec, image), tb_mib if self.run_through else None)
                 await self.starter.launch(rec, proc, spec)
+                t_launched = time.perf_counter()
                 await self.starter.load_paused(rec, proc, image)
+                t_loaded = time.perf_counter()
                 if self.run_through:
                     prepare = CloneIdentity(rec.hostname, rec.mac, ip=self.starter.address(rec)).command(verb="prepare")
-                    await self.starter.run_through(rec, proc, prepare)
+                    flushes = await self.starter.run_through(rec, proc, prepare)
+                    if flushes is not None and flushes > LOAD_FLUSHES and tb_mib < TB_MIB_MAX:
+                        # this QEMU is kept (its last translations are still warm); the next ones get room
+                        self._tb_mib[image_name] = min(2 * tb_mib, TB_MIB_MAX)
+                        log.info("the run-through of pooled QEMU %s of image %s filled its %d MiB translation cache "
+                                 "(%d flushes): the image's next pooled QEMUs get %d MiB", rec.name, image_name, tb_mib,
+                                 flushes, self._tb_mib[image_name])
+            # how long a refill takes decides how closely spaced starts still find one ready
+            t = time.perf_counter()
+            log.info("pooled QEMU %s of image %s ready in %.3f s (launched %.3f, state loaded %.3f, run through %.3f)",
+                     rec.name, image_name, t - t0, t_launched - t0, t_loaded - t_launched, t - t_loaded)
             self._ready.setdefault(image_name, []).append(rec.name)
             async with self._added:
                 self._added.notify_all()
+
+    def tb_mib_for(self, image_name: str) -> int:
+        """The translation cache (MiB) of the image's next pooled QEMU."""
+        return self._tb_mib.get(image_name, self.tb_mib)
+
+    def grown_tb_mib(self, image_name: str) -> int | None:
+        """The cache a run-through of this image showed it needs, where the default was too small
+        (None: it fitted, or no pooled QEMU ran through yet). A clone's start runs the same paths."""
+        return self._tb_mib.get(image_name)
 
     def _filled(self, image_name: str, task: asyncio.Task[None]) -> None:
         self._fills.pop(image_name, None)

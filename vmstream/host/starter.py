@@ -33,7 +33,7 @@ from vmstream.host.registry import VmRegistry, forwards, published
 from vmstream.host.schemas import VmInfo
 from vmstream.host.state import LIVE, VmState
 from vmstream.image import ImageRepository, LiveImage
-from vmstream.qemu import AccelChoice, MachineSpec, QemuProcess, TapNic, choose_accelerator
+from vmstream.qemu import AccelChoice, MachineSpec, QemuProcess, TapNic, choose_accelerator, tb_flushes
 from vmstream.settings import Settings
 
 CLONE_TIMEOUT_S = 90.0
@@ -295,9 +295,9 @@ class Starter:
             await qmp.execute("migrate-incoming", {"uri": f"exec:cat {self.images.devstate_path(image)}"})
             await proc.wait_incoming(qmp, CLONE_TIMEOUT_S, resume=False)
 
-    async def run_through(self, rec: VmRecord, proc: QemuProcess, prepare: str) -> None:
+    async def run_through(self, rec: VmRecord, proc: QemuProcess, prepare: str) -> int | None:
         """Run a paused guest through `prepare` and one HTTP answer, then pause it again
-        (see vmstream.host.pool)."""
+        (see vmstream.host.pool). Returns TCG's translation cache flushes so far (None: not known)."""
         await proc.wait_for_socket(proc.agent_path)
         ask = asyncio.create_task(self.ask(proc, prepare, CLONE_TIMEOUT_S, expect=identity_answer))
         try:
@@ -306,6 +306,7 @@ class Starter:
                 if (await ask).get("ok") and not self.readiness(rec).after_identity:
                     await self.wait_ready(rec, proc, CLONE_TIMEOUT_S, attempt_s=0.5)
                 await qmp.execute("stop")
+                return await tb_flushes(qmp) if rec.accel != "kvm" else None
         finally:
             ask.cancel()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -235,6 +236,22 @@ def header_only_kernel(kernel: Path) -> Path | None:
         return out
     except OSError:
         return None
+
+
+_TB_FLUSHES = re.compile(r"^TB flush count\s+(\d+)", re.MULTILINE)
+
+
+async def tb_flushes(qmp: QMPClient) -> int | None:
+    """How often TCG has dropped all its translated code in this QEMU (x-query-jit):
+    once per state load, and again each time the translation cache filled up.
+    None where QEMU does not say (KVM, or a QEMU without the command)."""
+    try:
+        jit = await qmp.execute("x-query-jit")
+    except QMPError:
+        return None
+    text = jit.get("human-readable-text", "") if isinstance(jit, dict) else ""
+    m = _TB_FLUSHES.search(str(text))
+    return int(m.group(1)) if m else None
 
 
 def pid_alive(pid: int, marker: str) -> bool:

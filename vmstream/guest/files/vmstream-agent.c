@@ -259,6 +259,17 @@ static void ioctl_mac(char *mac, size_t n) {
     }
 }
 
+/* A clone's new MAC is announced at once (gratuitous ARP): otherwise slirp, or the
+ * hosts on a bridge, keep sending to the image's MAC, and a connection opened
+ * across the change waits for retransmissions (seconds, in Debian clones started
+ * together). Set at start, so the identity path writes no file. */
+static void announce_mac_changes(void) {
+    int fd = open("/proc/sys/net/ipv4/conf/all/arp_notify", O_WRONLY);
+    if (fd < 0) return;
+    if (write(fd, "1\n", 2) != 2) { /* not fatal: the MAC still changes */ }
+    close(fd);
+}
+
 static void run_detached(char *const argv[]) {
     pid_t pid = fork();
     if (pid == 0) {
@@ -582,6 +593,7 @@ int main(void) {
     static char line[MAX_LINE];
     if (getenv("VMSTREAM_AGENT_SH")) agent_sh = getenv("VMSTREAM_AGENT_SH");
     find_iface();
+    announce_mac_changes();
     struct sigaction sa = {.sa_handler = SIG_DFL, .sa_flags = SA_NOCLDWAIT};
     sigaction(SIGCHLD, &sa, NULL); /* children (hooks, memcheck) are reaped by the kernel */
     /* SIGIO comes when the host connects or sends data; it is taken with

@@ -194,6 +194,11 @@ handle() {
 
 if [ "$1" = run-hooks ]; then run_hooks; exit 0; fi
 
+# A clone's new MAC is announced at once (gratuitous ARP): otherwise slirp, or the
+# hosts on a bridge, keep sending to the image's MAC, and a connection opened
+# across the change waits for retransmissions (seconds).
+echo 1 > /proc/sys/net/ipv4/conf/all/arp_notify 2>/dev/null
+
 # The port stays open: the guest driver drops what the host sends while it is
 # closed. A read returns at once (end of file) while no host is connected, so
 # then wait a little and read again.
