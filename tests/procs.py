@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def qemu_pids_under(root: Path) -> list[int]:
-    """QEMU processes whose command line points into root (a data dir, a test bed)."""
+def pids_mentioning(root: Path, also: bytes = b"") -> list[int]:
+    """Processes whose command line points into root (and holds also, if given)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -14,6 +14,11 @@ def qemu_pids_under(root: Path) -> list[int]:
                 cmd = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"qemu-system" in cmd and str(root).encode() in cmd:
+            if also in cmd and str(root).encode() in cmd:
                 pids.append(int(entry.name))
     return pids
+
+
+def qemu_pids_under(root: Path) -> list[int]:
+    """QEMU processes whose command line points into root (a data dir, a test bed)."""
+    return pids_mentioning(root, b"qemu-system")

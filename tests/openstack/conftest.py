@@ -3,6 +3,7 @@ and torn down by `down`; teardown checks that none of its processes or listeners
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.procs import pids_mentioning
 from vmstream.openstack.deploy.cloud import Cloud, Credentials
 from vmstream.openstack.deploy.layout import PORTS
 from vmstream.openstack.deploy.processes import is_running, listeners
@@ -49,15 +51,11 @@ def recorded_pids(state: Path) -> list[tuple[str, int, int]]:
 
 def processes_mentioning(state: Path) -> list[str]:
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(state).encode() in cmd:
-                shown = cmd.replace(b"\0", b" ").decode(errors="replace")[:120]
-                found.append(f"{entry.name}: {shown}")
+    for pid in pids_mentioning(state):
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            shown = cmd.replace(b"\0", b" ").decode(errors="replace")[:120]
+            found.append(f"{pid}: {shown}")
     return found
 
 
