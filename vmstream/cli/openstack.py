@@ -99,3 +99,16 @@ def status(state_dir: DirOpt = None, as_json: JsonOpt = False) -> None:
         out.print(t)
     if not rows or not all(r.running and r.answers for r in rows):
         raise typer.Exit(1)
+
+
+@openstack_app.command("install-driver")
+def install_driver(
+    target: Annotated[Path, typer.Argument(help="A directory of its own for the shim, e.g. /usr/local/lib/vmstream-nova.")],
+) -> None:
+    """Write the shim through which nova-compute loads vmstream's driver; put TARGET first on its PYTHONPATH."""
+    from vmstream.openstack.nova import DRIVER
+    from vmstream.openstack.nova.shim import install_shim
+
+    path = install_shim(target.expanduser().absolute())
+    out.print(f"installed in {path}: run nova-compute with PYTHONPATH={path} and, in nova.conf, "
+              f"compute_driver = {DRIVER} plus [vmstream] agent_url and token_file", markup=False)
