@@ -89,7 +89,7 @@ def test_two_servers_run_as_vms_of_their_hosts_agents(vmstream_openstack: OpenSt
             by_host.setdefault(host, []).append(s["id"])
         hypervisors = cloud.json("compute", "GET", "/os-hypervisors/detail")["hypervisors"]
         assert {h["hypervisor_hostname"] for h in hypervisors} == {"compute1", "compute2"}
-        assert {h["hypervisor_type"] for h in hypervisors} == {"QEMU"}
+        assert {h["hypervisor_type"] for h in hypervisors} == {"qemu"}
 
         gone_s = delete(cloud, servers)
         for host in ("compute1", "compute2"):
