@@ -17,7 +17,7 @@ import pytest
 
 from tests.procs import pids_mentioning
 from vmstream.openstack.deploy.cloud import Cloud, Credentials
-from vmstream.openstack.deploy.layout import PORTS
+from vmstream.openstack.deploy.layout import AGENT_PORT_BASE, PORTS
 from vmstream.openstack.deploy.processes import is_running, listeners
 
 UP_TIMEOUT_S = 3600  # a fresh machine installs ~350 packages first
@@ -63,18 +63,22 @@ def assert_nothing_left(state: Path, pids: list[tuple[str, int, int]]) -> None:
     alive = [name for name, pid, ticks in pids if is_running(pid, ticks)]
     assert not alive, f"services left running: {alive}"
     assert not processes_mentioning(state), f"processes left: {processes_mentioning(state)}"
-    busy = {service: listeners(port) for service, port in PORTS.items() if listeners(port)}
+    mounts = [line for line in Path("/proc/mounts").read_text().splitlines() if str(state) in line]
+    assert not mounts, f"mounts left (an agent's memfs): {mounts}"
+    ports = {**PORTS, "agent-compute1": AGENT_PORT_BASE + 1, "agent-compute2": AGENT_PORT_BASE + 2}
+    busy = {service: listeners(port) for service, port in ports.items() if listeners(port)}
     assert not busy, f"listeners left: {busy}"
 
 
-@pytest.fixture(scope="module")
-def openstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenStack]:
+@contextlib.contextmanager
+def deployment(tmp_path_factory: pytest.TempPathFactory, *up_args: str) -> Iterator[OpenStack]:
+    """`vmstream openstack up --dir TMP --computes 2 UP_ARGS`, then `down`, asserting nothing is left."""
     if os.geteuid() != 0:
         pytest.skip("the OpenStack deployment installs packages and runs services as root")
     state = tmp_path_factory.mktemp("openstack")
     pids: list[tuple[str, int, int]] = []
     try:
-        proc = vmstream("openstack", "up", "--dir", str(state), "--computes", "2", "--json", timeout=UP_TIMEOUT_S)
+        proc = vmstream("openstack", "up", "--dir", str(state), "--computes", "2", *up_args, "--json", timeout=UP_TIMEOUT_S)
         pids = recorded_pids(state)
         assert proc.returncode == 0, f"vmstream openstack up failed:\n{proc.stderr[-4000:]}"
         up = json.loads(proc.stdout)
@@ -86,3 +90,17 @@ def openstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenStack]:
         assert down.returncode == 0, f"vmstream openstack down failed:\n{down.stderr[-4000:]}"
         print(f"openstack down: {down.stdout}", file=sys.stderr)
         assert_nothing_left(state, pids)
+
+
+@pytest.fixture(scope="module")
+def openstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenStack]:
+    """Two FakeDriver computes."""
+    with deployment(tmp_path_factory) as os_:
+        yield os_
+
+
+@pytest.fixture(scope="module")
+def vmstream_openstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenStack]:
+    """Two computes with vmstream's driver, each with its own agent."""
+    with deployment(tmp_path_factory, "--vmstream") as os_:
+        yield os_

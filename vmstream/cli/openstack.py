@@ -28,11 +28,18 @@ DirOpt = Annotated[Path | None, typer.Option(
                   "or <data dir>/openstack.")]
 
 
-def _deployment(state_dir: Path | None, computes: int | None = None, driver: str | None = None) -> Deployment:
-    from vmstream.openstack.deploy import ComputeSpec, Deployment
+def _deployment(state_dir: Path | None, computes: int | None = None, driver: str | None = None,
+                vmstream: bool = False) -> Deployment:
+    from vmstream.openstack.deploy import ComputeSpec, Deployment, Layout
 
-    specs = None if computes is None and driver is None else ComputeSpec.fake(computes or 2, driver or "fake.FakeDriver")
-    return Deployment(state_dir or settings().openstack_state, specs)
+    root = state_dir or settings().openstack_state
+    if vmstream:
+        if driver is not None:
+            raise typer.BadParameter("--vmstream sets the driver itself: leave out --compute-driver")
+        specs: list[ComputeSpec] | None = ComputeSpec.vmstream(computes or 2, Layout(root))
+    else:
+        specs = None if computes is None and driver is None else ComputeSpec.fake(computes or 2, driver or "fake.FakeDriver")
+    return Deployment(root, specs)
 
 
 @openstack_app.command("up")
@@ -42,11 +49,13 @@ def up(
         "--computes", min=1, max=16, help="nova-compute services, compute1..computeN (default 2, or as last time).")] = None,
     compute_driver: Annotated[str | None, typer.Option(
         help="Nova's compute_driver for every compute (default fake.FakeDriver).")] = None,
+    vmstream: Annotated[bool, typer.Option(
+        "--vmstream", help="Run vmstream's Nova driver: one vmstream agent per compute (agents/computeN, port 840N).")] = False,
     install: Annotated[bool, typer.Option(help="apt-get install the packages that are missing.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Install what is missing, bootstrap on the first run, start every service; says so if already up."""
-    dep = _deployment(state_dir, computes, compute_driver)
+    dep = _deployment(state_dir, computes, compute_driver, vmstream)
     res = dep.up(install=install)
     body: dict[str, Any] = {"already_up": res.already_up, "state_dir": str(dep.layout.root), "openrc": str(res.openrc),
                             "credentials": str(res.credentials), "computes": [c.host for c in dep.computes],
@@ -90,3 +99,16 @@ def status(state_dir: DirOpt = None, as_json: JsonOpt = False) -> None:
         out.print(t)
     if not rows or not all(r.running and r.answers for r in rows):
         raise typer.Exit(1)
+
+
+@openstack_app.command("install-driver")
+def install_driver(
+    target: Annotated[Path, typer.Argument(help="A directory of its own for the shim, e.g. /usr/local/lib/vmstream-nova.")],
+) -> None:
+    """Write the shim through which nova-compute loads vmstream's driver; put TARGET first on its PYTHONPATH."""
+    from vmstream.openstack.nova import DRIVER
+    from vmstream.openstack.nova.shim import install_shim
+
+    path = install_shim(target.expanduser().absolute())
+    out.print(f"installed in {path}: run nova-compute with PYTHONPATH={path} and, in nova.conf, "
+              f"compute_driver = {DRIVER} plus [vmstream] agent_url and token_file", markup=False)

@@ -21,9 +21,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,8 +37,9 @@ from vmstream.errors import Conflict
 from vmstream.openstack.deploy import bootstrap, configs, packages
 from vmstream.openstack.deploy.cloud import Cloud, Credentials
 from vmstream.openstack.deploy.errors import DeployError, NotRoot, PortInUse, ServiceFailed
-from vmstream.openstack.deploy.layout import HOST, PORTS, ComputeSpec, Layout, Secrets
+from vmstream.openstack.deploy.layout import HOST, PORTS, Agent, ComputeSpec, Layout, Secrets
 from vmstream.openstack.deploy.processes import ProcessTable, cmdline, listeners, log_tail, start_ticks
+from vmstream.openstack.nova.shim import install_shim
 
 Progress = Callable[[str], None]
 DEFAULT_COMPUTES = 2
@@ -47,6 +50,8 @@ HTTP_ROOTS = {"keystone": f"http://{HOST}:{PORTS['keystone']}/v3", "placement": 
 NOVA_RPC = ("nova-conductor", "nova-scheduler")
 BACKENDS = ("mariadb", "rabbitmq", "epmd")
 COMPUTE_PY = "import sys; from nova.cmd.compute import main; sys.exit(main())"
+GUEST_BUILD_TIMEOUT_S = 900.0  # a first build of the demo guest on a busy machine
+AGENT_STOP_TIMEOUT_S = 180.0  # destroying every VM of a busy agent
 
 
 @dataclass
@@ -90,8 +95,9 @@ class Deployment:
 
     def service_names(self, computes: list[ComputeSpec] | None = None) -> list[str]:
         """Every service in start order."""
+        computes = computes or self.computes
         return [*BACKENDS, "keystone", "placement", "glance", "neutron", "nova-api", *NOVA_RPC,
-                *(c.host for c in (computes or self.computes))]
+                *(a.name for a in _agents(computes)), *(c.host for c in computes)]
 
     def credentials(self) -> Credentials:
         if not self.layout.cloud_json.is_file():
@@ -109,6 +115,7 @@ class Deployment:
         names = self.service_names(recorded) if recorded else list(BACKENDS)
         names += [r.name for r in self.procs.records() if r.name not in names]
         nova_states = self._nova_service_states()
+        agent_health = {a.name: a.url + "/health" for a in _agents(recorded)}
         out = []
         for name in names:
             rec = self.procs.get(name)
@@ -119,6 +126,8 @@ class Deployment:
                 answers, detail = False, "not running" if rec is None else "exited: see " + rec.log
             elif name in HTTP_ROOTS:
                 answers = _http_answers(HTTP_ROOTS[name])
+            elif name in agent_health:
+                answers = _http_answers(agent_health[name])
             elif name in PORTS:
                 answers = _tcp_answers(PORTS[name])
             elif nova_states is None:
@@ -167,7 +176,7 @@ class Deployment:
                     self.progress(f"installing {len(missing)} Debian packages: {' '.join(missing)}")
                     timings["install_s"] = packages.install(missing, self.layout.log / "apt.log", self.progress)
                     self.progress(f"installed in {timings['install_s']:.0f}s")
-            self._check_ports()
+            self._check_ports(computes)
             with _sigterm_raises(), self._stopped_on_failure():
                 self._start_all(computes, timings)
             timings["total_s"] = time.monotonic() - t_all
@@ -182,6 +191,9 @@ class Deployment:
         lay.save_computes(computes)
         secrets = Secrets.load_or_create(lay.secrets_file)
         configs.write_configs(lay, secrets, computes)
+        agents = _agents(computes)
+        if agents:
+            install_shim(lay.python)  # Nova imports nova.virt.vmstream from here (the computes' PYTHONPATH)
         boot_log = lay.log / "bootstrap.log"
         t0 = time.monotonic()
 
@@ -225,13 +237,19 @@ class Deployment:
         self._start_uwsgi("nova-api")
         self._start("nova-conductor", ["/usr/bin/nova-conductor", *nova_db], env)
         self._start("nova-scheduler", ["/usr/bin/nova-scheduler", *nova_db], env)
+        for agent in agents:
+            self._start_agent(agent)
         self._wait_conductor_consumes(rabbit_env, 120)
         self.progress("nova-conductor consumes its queue")
+        if agents:
+            self._agents_ready(agents)
         self.progress(f"starting {len(computes)} computes ({', '.join(c.host for c in computes)})")
         started = datetime.now(UTC).replace(microsecond=0, tzinfo=None)  # Nova's times: naive UTC, whole seconds in MariaDB
         for c in computes:
+            # Debian's python3 finds the vmstream driver through the shim (and vmstream through its link there)
+            compute_env = {**env, "PYTHONPATH": str(lay.python)} if c.agent else env
             self._start(c.host, ["/usr/bin/python3", "-c", COMPUTE_PY, "--config-file", str(lay.conf("nova", "nova.conf")),
-                                 "--config-file", str(lay.conf("nova", f"{c.host}.conf"))], env)
+                                 "--config-file", str(lay.conf("nova", f"{c.host}.conf"))], compute_env)
         for name in ("placement", "glance", "neutron", "nova-api"):
             self._wait_http(name, 120)
         self.progress("the APIs answer; waiting for the computes' first heartbeats")
@@ -248,7 +266,36 @@ class Deployment:
     # ---- starting and waiting ------------------------------------------------------------------
 
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.procs.start(name, argv, self.layout.service_log(name), env=env or bootstrap.clean_env(), cwd=self.layout.run)
+        self.procs.start(name, argv, self.layout.service_log(name), env={**bootstrap.clean_env(), **(env or {})},
+                         cwd=self.layout.run)
+
+    def _start_agent(self, agent: Agent) -> None:
+        """A vmstream agent for one compute: this vmstream's Python, its own data dir and port,
+        none of the caller's other VMSTREAM_* settings (they belong to the caller's agent)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VMSTREAM_")}
+        env["VMSTREAM_HOME"] = str(agent.home)
+        agent.home.mkdir(parents=True, exist_ok=True)
+        self.procs.start(agent.name, [sys.executable, "-m", "vmstream", "agent", "--port", str(agent.port)],
+                         self.layout.service_log(agent.name), env=env, cwd=self.layout.run)
+
+    def _agents_ready(self, agents: list[Agent]) -> None:
+        """Each agent answers and has its demo guest built (a first build takes minutes; in the
+        first server's boot it would be counted as boot time)."""
+        for agent in agents:
+            def answers(a: Agent = agent) -> bool:
+                return a.token_file.is_file() and _http_answers(a.url + "/health")
+
+            self._wait(agent.name, answers, 60, f"answer {agent.url}/health")
+        self.progress(f"{len(agents)} vmstream agents answer; building their demo guests (cached in their data dirs)")
+
+        def build(agent: Agent) -> None:
+            headers = {"Authorization": f"Bearer {agent.token_file.read_text().strip()}"}
+            r = httpx.post(agent.url + "/v1/guest/build", json={}, headers=headers, timeout=GUEST_BUILD_TIMEOUT_S)
+            if r.status_code != 200:
+                raise self._failed(agent.name, f"could not build the demo guest ({r.status_code}: {r.text[:300]})")
+
+        with ThreadPoolExecutor(len(agents)) as pool:
+            list(pool.map(build, agents))
 
     def _start_uwsgi(self, service: str) -> None:
         ini = self.layout.conf(service.split("-")[0], "uwsgi.ini")
@@ -354,6 +401,7 @@ class Deployment:
     def _stop_all(self) -> list[str]:
         """APIs and Nova at once, then RabbitMQ (shut down through rabbitmqctl) and epmd, then MariaDB."""
         self._adopt_epmd()  # a failed start may not have recorded it yet
+        self._stop_agents_vms()
         names = [r.name for r in self.procs.records()]
         killed = self.procs.stop([n for n in names if n not in BACKENDS])
         if self.procs.running("rabbitmq"):
@@ -363,10 +411,44 @@ class Deployment:
                                env={**bootstrap.clean_env(), **configs.rabbitmq_env(self.layout)})
         killed += self.procs.stop(["rabbitmq", "epmd"])
         killed += self.procs.stop(["mariadb"], wait_s=30)  # InnoDB's clean shutdown
+        self._kill_agents_leftovers()
         left = [r.name for r in self.procs.records()]
         if left:
             raise DeployError(f"could not stop {', '.join(left)}: see `ps` and {self.layout.pids}")
         return killed
+
+    def _recorded_agents(self) -> list[Agent]:
+        return _agents(self.layout.load_computes() or [])
+
+    def _stop_agents_vms(self) -> None:
+        """Ask each running agent to destroy its VMs and exit: its QEMUs and memfs run in
+        sessions of their own (VMs outlive an agent by design), so SIGTERM alone would leave them."""
+        def shutdown(agent: Agent) -> None:
+            if not self.procs.running(agent.name):
+                return
+            try:
+                headers = {"Authorization": f"Bearer {agent.token_file.read_text().strip()}"}
+                httpx.post(agent.url + "/v1/agent/shutdown", params={"destroy_vms": True}, headers=headers,
+                           timeout=AGENT_STOP_TIMEOUT_S)
+            except (OSError, httpx.HTTPError) as exc:
+                self.progress(f"{agent.name} did not destroy its VMs ({exc}); its leftovers are stopped after it")
+
+        agents = self._recorded_agents()
+        if agents:
+            self.progress(f"destroying the VMs of {len(agents)} vmstream agents")
+            with ThreadPoolExecutor(len(agents)) as pool:
+                list(pool.map(shutdown, agents))
+
+    def _kill_agents_leftovers(self) -> None:
+        """After the agents: any process still running from an agent's data dir (a QEMU or memfs
+        it could not stop) is ours by its command line, and goes."""
+        for agent in self._recorded_agents():
+            marker = str(agent.home) + "/"
+            pids = [p for p in _pids_mentioning(marker) if p != os.getpid()]
+            for pid in pids:
+                self.progress(f"stopping PID {pid} left by {agent.name}: {cmdline(pid)[:80]}")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     # ---- guards ------------------------------------------------------------------------------
 
@@ -392,8 +474,9 @@ class Deployment:
                 self._stop_all()
             raise
 
-    def _check_ports(self) -> None:
-        for service, port in PORTS.items():
+    def _check_ports(self, computes: list[ComputeSpec]) -> None:
+        ports = {**PORTS, **{a.name: a.port for a in _agents(computes)}}
+        for service, port in ports.items():
             pids = listeners(port)
             if pids:
                 who = ", ".join(f"PID {p} ({cmdline(p)[:60]})" for p in pids)
@@ -409,6 +492,21 @@ class Deployment:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
+
+def _agents(computes: list[ComputeSpec]) -> list[Agent]:
+    return [a for a in (c.agent for c in computes) if a is not None]
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    needle = text.encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
 
 
 def _need_root(what: str) -> None:

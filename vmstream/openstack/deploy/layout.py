@@ -12,6 +12,9 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from vmstream.openstack.nova import DRIVER as VMSTREAM_DRIVER
 
 HOST = "127.0.0.1"
 REGION = "RegionOne"
@@ -29,6 +32,9 @@ PORTS: dict[str, int] = {
     "nova-api": 8774,
     "neutron": 9696,
 }
+
+# computeN's vmstream agent listens on AGENT_PORT_BASE + N (`up --vmstream`).
+AGENT_PORT_BASE = 8400
 
 # The service users the catalog gets (besides admin), each with a password of its own.
 SERVICE_USERS = ("glance", "placement", "nova", "neutron")
@@ -52,6 +58,42 @@ class ComputeSpec:
     def fake(count: int, driver: str = "fake.FakeDriver") -> list[ComputeSpec]:
         """compute1 ... computeN with one driver (the FakeDriver by default)."""
         return [ComputeSpec(f"compute{i}", driver) for i in range(1, count + 1)]
+
+    @staticmethod
+    def vmstream(count: int, layout: Layout) -> list[ComputeSpec]:
+        """compute1 ... computeN with vmstream's driver, each with its own agent (data dir
+        agents/computeN, port AGENT_PORT_BASE + N)."""
+        return [ComputeSpec(f"compute{i}", VMSTREAM_DRIVER, {"vmstream": {
+            "agent_url": f"http://{HOST}:{AGENT_PORT_BASE + i}",
+            "token_file": str(layout.agent_home(f"compute{i}") / "agent.token")}}) for i in range(1, count + 1)]
+
+    @property
+    def agent(self) -> Agent | None:
+        """The vmstream agent this compute drives, or None (another driver)."""
+        conf = self.extra.get("vmstream")
+        if self.driver != VMSTREAM_DRIVER or not conf:
+            return None
+        port = urlsplit(conf["agent_url"]).port
+        if port is None:
+            raise ValueError(f"{self.host}: [vmstream] agent_url {conf['agent_url']} names no port")
+        return Agent(f"agent-{self.host}", Path(conf["token_file"]).parent, port)
+
+
+@dataclass(frozen=True)
+class Agent:
+    """A vmstream agent the deployment runs for one compute: service name, data dir, port."""
+
+    name: str
+    home: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def token_file(self) -> Path:
+        return self.home / "agent.token"
 
 
 @dataclass(frozen=True)
@@ -92,6 +134,8 @@ class Layout:
         self.nova = self.root / "nova"
         self.neutron = self.root / "neutron"
         self.locks = self.root / "locks"
+        self.agents = self.root / "agents"  # each vmstream compute's agent data dir (VMSTREAM_HOME)
+        self.python = self.root / "python"  # the Nova driver's namespace shim: the vmstream computes' PYTHONPATH
         self.secrets_file = self.root / "secrets.json"
         self.spec_file = self.root / "deployment.json"
         self.bootstrapped = self.root / "bootstrapped"  # written last by a bootstrap that finished
@@ -111,6 +155,9 @@ class Layout:
 
     def compute_state(self, host: str) -> Path:
         return self.nova / host
+
+    def agent_home(self, host: str) -> Path:
+        return self.agents / host
 
     def make_dirs(self, computes: list[ComputeSpec]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,8 @@ from pathlib import Path
 from vmstream.openstack.deploy.errors import DeployError
 
 PACKAGES = ("mariadb-server", "rabbitmq-server", "keystone", "glance-api", "placement-api", "nova-api",
-            "nova-conductor", "nova-scheduler", "neutron-server", "python3-openstackclient")
+            "nova-conductor", "nova-scheduler", "neutron-server", "python3-openstackclient",
+            "python3-httpx")  # vmstream's Nova driver talks to its agent with httpx, under Debian's python3
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 # Exit 101 tells invoke-rc.d "action forbidden": the packages' postinst scripts then start no
 # service (they would bind the usual ports on all addresses, with /etc's configs).

@@ -88,13 +88,14 @@ class ProcessTable:
 
     def start(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None,
               cwd: Path | None = None) -> Record:
-        """Start a service in its own session, output appended to its log, and record it."""
+        """Start a service in its own session, output appended to its log, and record it.
+        env is its whole environment (None: this process's)."""
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} start: {' '.join(argv)}\n".encode())
             out.flush()
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True)
+                                    env=env, cwd=cwd, start_new_session=True)
         self._children[name] = proc
         ticks = start_ticks(proc.pid)
         return self._write(Record(name, proc.pid, ticks if ticks is not None else -1, argv, str(log)))

@@ -1,0 +1,125 @@
+"""The Nova driver's pure parts (Nova is not in the venv): names, power states, boot requests,
+resources, the namespace shim (imported by Debian's python3 when it has python3-nova), and the
+deployment's config for a vmstream compute."""
+
+from __future__ import annotations
+
+import base64
+import configparser
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vmstream.errors import InvalidInput
+from vmstream.openstack.deploy import configs
+from vmstream.openstack.deploy.layout import ComputeSpec, Layout, Secrets
+from vmstream.openstack.nova import DRIVER, translate
+from vmstream.openstack.nova.shim import install_shim
+
+UUID = "0b6c4d5e-3f0a-4a57-9a55-1c2d3e4f5a6b"
+HOST = {"mem_total_bytes": 8 << 30, "mem_available_bytes": 6 << 30, "vms": 3, "vm_pss_bytes": 300 << 20}
+
+
+def test_vm_names_are_the_instance_uuid_and_round_trip() -> None:
+    name = translate.vm_name(UUID)
+    assert name == f"nova-{UUID}" and len(name) <= 63
+    assert translate.instance_uuid(name) == UUID
+    assert translate.instance_uuid("web") is None and translate.instance_uuid("nova-short") is None
+
+
+def test_agent_states_map_to_nova_power_states() -> None:
+    assert translate.power_state("running") == translate.RUNNING
+    assert translate.power_state("capturing") == translate.RUNNING  # still runs while captured
+    assert translate.power_state("exited") == translate.SHUTDOWN
+    assert translate.power_state("starting") == translate.NOSTATE
+    assert translate.power_state("something new") == translate.NOSTATE
+
+
+def test_the_demo_guest_is_marked_by_a_glance_property() -> None:
+    demo = translate.guest_source({"image_vmstream_guest": "demo"}, "img", "raw")
+    assert demo.kind == "demo"
+    body = translate.boot_request("nova-x", 256, 1, demo, user_data_b64=base64.b64encode(b"#!/bin/sh").decode())
+    assert body == {"name": "nova-x", "memory": "256M", "cpus": 1, "timeout": 600.0}  # no disk, no user data
+
+
+def test_a_disk_image_boots_from_its_file_with_its_user_data() -> None:
+    disk = translate.guest_source({}, "img", "qcow2")
+    assert disk.kind == "disk"
+    body = translate.boot_request("nova-x", 512, 2, disk, disk_path="/var/lib/nova/_base/x",
+                                  user_data_b64=base64.b64encode(b"#cloud-config\n{}\n").decode(), timeout_s=30)
+    assert body["disk"] == "/var/lib/nova/_base/x" and body["user_data"] == "#cloud-config\n{}\n"
+    assert body["memory"] == "512M" and body["cpus"] == 2 and body["timeout"] == 30
+
+
+@pytest.mark.parametrize(("meta", "fmt", "said"), [
+    ({"image_vmstream_guest": "debian"}, "raw", "only value is 'demo'"),
+    ({}, "iso", "disk_format 'iso'"),
+    ({}, None, "disk_format None"),
+])
+def test_images_the_agent_cannot_boot_are_refused_with_the_fix(meta: dict[str, str], fmt: str | None, said: str) -> None:
+    with pytest.raises(InvalidInput, match=said):
+        translate.guest_source(meta, "img", fmt)
+
+
+def test_bad_user_data_is_refused() -> None:
+    with pytest.raises(InvalidInput, match="base64"):
+        translate.boot_request("n", 256, 1, translate.GuestSource("disk", "i", "raw"), disk_path="/x", user_data_b64="%%%")
+
+
+def test_resources_from_the_agent_host_answer() -> None:
+    res = translate.host_resources(HOST, 2, 100 << 30, 40 << 30, "7.2.15")
+    assert (res.memory_mb, res.memory_mb_used, res.vcpus) == (8192, 2048, 2)
+    assert (res.local_gb, res.local_gb_used, res.disk_available_least) == (100, 60, 40)
+    assert res.qemu_version == 7002015 and res.stats["vmstream_vm_pss_mb"] == "300"
+    node = translate.available_resource(res, "compute1")
+    assert node["hypervisor_type"] == "qemu" and node["hypervisor_hostname"] == "compute1"
+    assert node["supported_instances"] == [("x86_64", "qemu", "hvm")] and json.loads(node["cpu_info"])["arch"] == "x86_64"
+    inv = translate.inventory(res, {"VCPU": 16.0, "MEMORY_MB": 1.5, "DISK_GB": 1.0}, {"MEMORY_MB": 512})
+    assert inv["MEMORY_MB"] == {"total": 8192, "min_unit": 1, "max_unit": 8192, "step_size": 1,
+                                "allocation_ratio": 1.5, "reserved": 512}
+    assert set(inv) == {"VCPU", "MEMORY_MB", "DISK_GB"}
+
+
+def test_qemu_versions_as_nova_stores_them() -> None:
+    assert translate.qemu_version_int("QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u13)") == 7002015
+    assert translate.qemu_version_int("8.1") == 8001000
+    assert translate.qemu_version_int("unknown") == 0
+
+
+def test_the_shim_is_idempotent_and_links_the_source(tmp_path: Path) -> None:
+    install_shim(tmp_path)
+    install_shim(tmp_path)
+    assert (tmp_path / "vmstream").resolve() == Path(translate.__file__).parents[2]
+    assert "declare_namespace" in (tmp_path / "nova" / "virt" / "__init__.py").read_text()
+    assert "VmstreamDriver" in (tmp_path / "nova" / "virt" / "vmstream" / "__init__.py").read_text()
+
+
+def test_nova_loads_the_driver_through_the_shim(tmp_path: Path) -> None:
+    """Under Debian's python3 with python3-nova and python3-httpx, as nova-compute does."""
+    probe = subprocess.run(["/usr/bin/python3", "-c", "import nova.virt.driver, httpx"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("Debian's python3-nova and python3-httpx are not installed")
+    install_shim(tmp_path)
+    code = ("from oslo_utils import importutils; import nova.virt.driver as d; "
+            f"c = importutils.import_class('nova.virt.{DRIVER}'); assert issubclass(c, d.ComputeDriver); "
+            "import nova.virt.fake; print(c.__module__)")
+    out = subprocess.run(["/usr/bin/python3", "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "vmstream.openstack.nova.driver"
+
+
+def test_a_vmstream_compute_gets_the_driver_and_its_agent(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "os")
+    computes = ComputeSpec.vmstream(2, layout)
+    files = configs.rendered(layout, Secrets.load_or_create(layout.secrets_file), computes)
+    conf = configparser.ConfigParser(interpolation=None)
+    conf.read_string(files[layout.conf("nova", "compute2.conf")])
+    assert conf["DEFAULT"]["compute_driver"] == DRIVER and conf["DEFAULT"]["host"] == "compute2"
+    assert conf["vmstream"]["agent_url"] == "http://127.0.0.1:8402"
+    assert conf["vmstream"]["token_file"] == str(layout.agent_home("compute2") / "agent.token")
+    agents = [c.agent for c in computes]
+    assert [(a.name, a.port) for a in agents if a] == [("agent-compute1", 8401), ("agent-compute2", 8402)]
+    assert ComputeSpec.fake(1)[0].agent is None
