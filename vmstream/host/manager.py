@@ -151,6 +151,9 @@ class HostManager:
         boot = boot or BootSource()
         memory_bytes = parse_memory(memory)
         if user_data is not None:
+            if not disk:
+                raise InvalidInput("--user-data is for cloud-init in a disk guest (the demo guest has none): give --disk IMAGE "
+                                   "too, or pass data to clones with 'live-image start --user-data'")
             check_user_data(user_data)  # before anything starts
         # the project's own guests serve the status page; another image has only the agent for sure
         readiness = parse_readiness(ready) if ready else (AGENT if disk and disk != "debian" else STATUS)
