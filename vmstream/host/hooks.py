@@ -52,7 +52,7 @@ class HookWatcher:
             return
         if result.method == "set" and rec.disk:  # an old agent: qemu-guest-agent sets it too, as before
             with contextlib.suppress(QemuError):
-                await qga(proc.rundir / "qga.sock", "guest-set-time", {"time": time.time_ns()}, timeout=10)
+                await qga(proc.qga_path, "guest-set-time", {"time": time.time_ns()}, timeout=10)
         self.registry.update(rec.name, clock=json.dumps(result.as_dict()))
 
     async def start_hooks(self, proc: QemuProcess) -> None:

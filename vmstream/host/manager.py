@@ -272,21 +272,22 @@ class HostManager:
     async def clock(self, name: str, source: Literal["agent", "qga"], samples: int) -> ClockReading:
         """The VM's wall clock against the host's, read through its vmstream agent or
         (source 'qga', disk guests) qemu-guest-agent."""
-        rec = self._live(name, Op.ASK if source == "agent" else Op.QGA)
-        proc = self.starter.proc(rec)
-        if source == "qga" and not rec.disk:
-            raise InvalidInput(f"VM {name} is not a disk guest: qemu-guest-agent runs in disk guests only")
-        reader = agent_clock(proc.agent_path) if source == "agent" else qga_clock(proc.rundir / "qga.sock")
+        if source == "qga":
+            reader = qga_clock(self._qga_socket(name))
+        else:
+            reader = agent_clock(self.starter.proc(self._live(name, Op.ASK)).agent_path)
         sample = await read_clock(reader, samples)
         return ClockReading(vm=name, source=source, offset_s=sample.offset_s, error_s=sample.error_s,
                             guest_time=sample.guest, host_time=(sample.sent + sample.received) / 2)
 
     async def qga(self, name: str, execute: str, arguments: dict[str, Any] | None, timeout: float) -> Any:
-        rec = self.registry.get(name)
-        if not rec.disk:
+        return await qga(self._qga_socket(name), execute, arguments, timeout)
+
+    def _qga_socket(self, name: str) -> Path:
+        """A running disk guest's qemu-guest-agent socket, or why there is none."""
+        if not self.registry.get(name).disk:
             raise InvalidInput(f"VM {name} is not a disk guest: qemu-guest-agent runs in disk guests only")
-        self._live(name, Op.QGA)
-        return await qga(self.starter.proc(rec).rundir / "qga.sock", execute, arguments, timeout)
+        return self.starter.proc(self._live(name, Op.QGA)).qga_path
 
     # ---- the host ------------------------------------------------------------------------
 

@@ -288,6 +288,11 @@ class QemuProcess:
         return self.rundir / "agent.sock"
 
     @property
+    def qga_path(self) -> Path:
+        """qemu-guest-agent's socket (disk guests: MachineSpec.command adds the port)."""
+        return self.rundir / "qga.sock"
+
+    @property
     def log_path(self) -> Path:
         return self.rundir / "qemu.log"
 
