@@ -173,8 +173,7 @@ class HostManager:
             if base is not None:
                 await self.starter.overlay_disk(rec, base)
             if user_data is not None:
-                seed = Path(rec.rundir) / disks.SEED
-                Path(rec.rundir).mkdir(parents=True, exist_ok=True)
+                seed = Path(rec.rundir) / disks.SEED  # the run dir: made with the disk's overlay
                 await asyncio.to_thread(write_seed, seed, user_data, rec.vm_id, rec.hostname)
                 rec.seed = str(seed)
                 self.registry.update(name, seed=rec.seed)

@@ -120,7 +120,7 @@ class ClonePool:
             async with self.starter.starting(rec) as proc:
                 if g.disk:  # its own overlay on the image's disk layer, which the clone that takes it keeps
                     await self.starter.overlay_disk(rec, self.images.image_dir(image) / disks.LAYER)
-                tb_mib = self.tb_mib_for(image_name)
+                tb_mib = self._tb_mib.get(image_name, self.tb_mib)
                 spec = self.starter.pooled_spec(self.starter.spec(rec, image), tb_mib if self.run_through else None)
                 await self.starter.launch(rec, proc, spec)
                 t_launched = time.perf_counter()
@@ -142,10 +142,6 @@ class ClonePool:
             self._ready.setdefault(image_name, []).append(rec.name)
             async with self._added:
                 self._added.notify_all()
-
-    def tb_mib_for(self, image_name: str) -> int:
-        """The translation cache (MiB) of the image's next pooled QEMU."""
-        return self._tb_mib.get(image_name, self.tb_mib)
 
     def grown_tb_mib(self, image_name: str) -> int | None:
         """The cache a run-through of this image showed it needs, where the default was too small
