@@ -10,16 +10,15 @@ is how the tests look inside the guests.
 from __future__ import annotations
 
 import base64
-import statistics
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.hosts import Cli
+from tests.integration.conftest import assert_clock_is_the_hosts
 from tests.integration.test_real_guest import qga, read_file
 
 APP_PORT = 8080
@@ -61,24 +60,6 @@ def guest_exec(cli: Cli, vm: str, *argv: str) -> str:
     raise AssertionError(f"{argv} did not finish in the guest {vm}")
 
 
-def clock_offset_s(cli: Cli, vm: str) -> float:
-    """The guest's wall clock minus the host's, from qemu-guest-agent's guest-get-time,
-    taken against the midpoint of the request (best of three: the least delayed answer)."""
-    best: tuple[float, float] | None = None
-    for _ in range(3):
-        t0 = time.time_ns()
-        guest = qga(cli, vm, "guest-get-time")
-        t1 = time.time_ns()
-        rtt = (t1 - t0) / 1e9
-        offset = (guest - (t0 + t1) / 2) / 1e9
-        if best is None or rtt < best[0]:
-            best = (rtt, offset)
-    assert best is not None
-    rtt, offset = best
-    # the request's own delay bounds how exactly the offset is known
-    return max(0.0, abs(offset) - rtt / 2)
-
-
 @pytest.fixture(scope="module")
 def web(cli: Cli, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The Debian image booted by BIOS and GRUB, configured by cloud-init on its first boot."""
@@ -101,7 +82,7 @@ def test_cloud_init_configures_the_booted_image(cli: Cli, web: dict[str, Any]) -
     assert "vmstream.hostname" not in cmdline and "root=LABEL=vmstream-root" in cmdline, "GRUB booted the image's own kernel"
 
 
-def test_clones_of_the_configured_vm_serve_with_their_own_identity(cli: Cli, web: dict[str, Any], tmp_path: Path) -> None:
+def test_clones_of_the_configured_vm_serve_with_their_own_identity(cli: Cli, web: dict[str, Any]) -> None:
     cli.json("live-image", "create", "web", "web-live")
     try:
         res = cli.json("live-image", "start", "web-live", "--count", "5", timeout=600)
@@ -122,8 +103,8 @@ def test_clones_of_the_configured_vm_serve_with_their_own_identity(cli: Cli, web
         assert len(set(macs)) == 5 and web["mac"] not in macs
         randoms = [guest_exec(cli, c["name"], "/bin/cat", "/proc/sys/kernel/random/uuid") for c in clones]
         assert len(set(randoms)) == 5, "the clones' random number generators were reseeded apart"
-        offsets = [clock_offset_s(cli, c["name"]) for c in clones]
-        assert max(offsets) <= 0.05, f"clone clocks off the host's by {offsets} s (median {statistics.median(offsets):.3f})"
+        for c in clones:
+            assert_clock_is_the_hosts(cli, c["name"], qga=True)  # within 50 ms, as qemu-guest-agent reads it
     finally:
         for c in cli.json("list"):
             if c.get("parent_image") == "web-live":
