@@ -28,6 +28,7 @@ from typing import Any, cast
 from vmstream.bench.common import Bench, http_answer
 from vmstream.errors import QemuError
 from vmstream.guest import channel
+from vmstream.host.disks import overlay_at
 from vmstream.qemu import MachineSpec, QemuProcess
 
 BOOT_TIMEOUT_S = 240.0
@@ -102,18 +103,6 @@ async def _until_running(proc: QemuProcess, qmp: Any, deadline: float) -> None:
     await proc.wait_incoming(qmp, max(0.0, deadline - time.monotonic()))
 
 
-async def overlay(backing: Path, path: Path) -> Path:
-    """A new qcow2 file at path over backing (raw or qcow2), which is never written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = "raw" if backing.suffix == ".raw" else "qcow2"
-    proc = await asyncio.create_subprocess_exec("qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(backing),
-                                                str(path), stderr=asyncio.subprocess.PIPE)
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"qemu-img create {path} failed: {err.decode(errors='replace').strip()}")
-    return path
-
-
 @dataclass
 class BootedVm:
     proc: QemuProcess
@@ -127,7 +116,7 @@ async def boot(bench: Bench, mib: int, base_disk: Path | None = None) -> BootedV
     base_disk); returns it serving HTTP. The caller stops it."""
     ident = new_identity()
     vm_id = "bench-" + secrets.token_hex(5)
-    disk = await overlay(base_disk, bench.scratch / "disk" / f"{vm_id}.qcow2") if base_disk else None
+    disk = await overlay_at(base_disk, bench.scratch / "disk" / f"{vm_id}.qcow2") if base_disk else None
     spec = dataclasses.replace(_spec(bench, mib, ident, disk), vm_id=vm_id)
     proc = QemuProcess(spec.vm_id, bench.scratch / "run" / spec.vm_id)
     try:
@@ -179,7 +168,7 @@ async def restore(bench: Bench, mib: int, ident: dict[str, str], state_file: Pat
     """Start a QEMU from a full save (a disk guest: on a new overlay of its saved disk);
     returns it serving HTTP. The caller stops it."""
     vm_id = "bench-" + secrets.token_hex(5)
-    own_disk = await overlay(disk, bench.scratch / "disk" / f"{vm_id}.qcow2") if disk else None
+    own_disk = await overlay_at(disk, bench.scratch / "disk" / f"{vm_id}.qcow2") if disk else None
     spec = dataclasses.replace(_spec(bench, mib, ident, own_disk), vm_id=vm_id)
     proc = QemuProcess(spec.vm_id, bench.scratch / "run" / spec.vm_id)
     try:

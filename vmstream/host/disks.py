@@ -48,11 +48,14 @@ async def partitioned(path: Path) -> bool:
 
 async def overlay(base: Path, rundir: Path) -> Path:
     """A new qcow2 overlay in rundir on base (which is never written)."""
-    rundir.mkdir(parents=True, exist_ok=True)
-    fmt = await image_format(base)
     existing = sorted(rundir.glob("disk-*.qcow2"))
-    path = rundir / f"disk-{len(existing)}.qcow2"
-    await _qemu_img("create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(base), str(path))
+    return await overlay_at(base, rundir / f"disk-{len(existing)}.qcow2")
+
+
+async def overlay_at(base: Path, path: Path) -> Path:
+    """A new qcow2 file at path on base (raw or qcow2, never written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    await _qemu_img("create", "-q", "-f", "qcow2", "-F", await image_format(base), "-b", str(base), str(path))
     return path
 
 
