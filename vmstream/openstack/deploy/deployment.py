@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from vmstream.errors import Conflict
+from vmstream.errors import Conflict, VmstreamError
 from vmstream.openstack.deploy import bootstrap, configs, packages
 from vmstream.openstack.deploy.cloud import Cloud, Credentials
 from vmstream.openstack.deploy.errors import DeployError, NotRoot, PortInUse, ServiceFailed
@@ -289,10 +289,11 @@ class Deployment:
         self.progress(f"{len(agents)} vmstream agents answer; building their demo guests (cached in their data dirs)")
 
         def build(agent: Agent) -> None:
-            headers = {"Authorization": f"Bearer {agent.token_file.read_text().strip()}"}
-            r = httpx.post(agent.url + "/v1/guest/build", json={}, headers=headers, timeout=GUEST_BUILD_TIMEOUT_S)
-            if r.status_code != 200:
-                raise self._failed(agent.name, f"could not build the demo guest ({r.status_code}: {r.text[:300]})")
+            try:
+                with agent.client(GUEST_BUILD_TIMEOUT_S) as client:
+                    client.call("POST", "/v1/guest/build", json={})
+            except VmstreamError as exc:
+                raise self._failed(agent.name, f"could not build the demo guest ({exc})") from exc
 
         with ThreadPoolExecutor(len(agents)) as pool:
             list(pool.map(build, agents))
@@ -427,10 +428,9 @@ class Deployment:
             if not self.procs.running(agent.name):
                 return
             try:
-                headers = {"Authorization": f"Bearer {agent.token_file.read_text().strip()}"}
-                httpx.post(agent.url + "/v1/agent/shutdown", params={"destroy_vms": True}, headers=headers,
-                           timeout=AGENT_STOP_TIMEOUT_S)
-            except (OSError, httpx.HTTPError) as exc:
+                with agent.client(AGENT_STOP_TIMEOUT_S) as client:
+                    client.call("POST", "/v1/agent/shutdown", params={"destroy_vms": True})
+            except (OSError, VmstreamError) as exc:
                 self.progress(f"{agent.name} did not destroy its VMs ({exc}); its leftovers are stopped after it")
 
         agents = self._recorded_agents()

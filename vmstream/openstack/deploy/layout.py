@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from vmstream.agentapi import ApiClient
 from vmstream.openstack.nova import DRIVER as VMSTREAM_DRIVER
 
 HOST = "127.0.0.1"
@@ -94,6 +95,10 @@ class Agent:
     @property
     def token_file(self) -> Path:
         return self.home / "agent.token"
+
+    def client(self, timeout: float) -> ApiClient:
+        """The project's agent client for this agent (its token read now: the agent writes it at its start)."""
+        return ApiClient(self.url, self.token_file.read_text().strip(), f"the vmstream agent {self.name}", timeout)
 
 
 @dataclass(frozen=True)
