@@ -236,7 +236,8 @@ class Deployment:
                                 "--config-file", str(lay.conf("neutron", "ml2_conf.ini"))], env)
         self._start_uwsgi("nova-api")
         self._start("nova-conductor", ["/usr/bin/nova-conductor", *nova_db], env)
-        self._start("nova-scheduler", ["/usr/bin/nova-scheduler", *nova_db], env)
+        # the scheduler loads vmstream's weigher through the same directory as the computes' driver
+        self._start("nova-scheduler", ["/usr/bin/nova-scheduler", *nova_db], {**env, "PYTHONPATH": str(lay.python)} if agents else env)
         for agent in agents:
             self._start_agent(agent)
         self._wait_conductor_consumes(rabbit_env, 120)
@@ -274,6 +275,7 @@ class Deployment:
         none of the caller's other VMSTREAM_* settings (they belong to the caller's agent)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("VMSTREAM_")}
         env["VMSTREAM_HOME"] = str(agent.home)
+        env["VMSTREAM_STORE"] = str(self.layout.store)  # one store for all: a live image made on one host starts on any
         agent.home.mkdir(parents=True, exist_ok=True)
         self.procs.start(agent.name, [sys.executable, "-m", "vmstream", "agent", "--port", str(agent.port)],
                          self.layout.service_log(agent.name), env=env, cwd=self.layout.run)
@@ -297,6 +299,17 @@ class Deployment:
 
         with ThreadPoolExecutor(len(agents)) as pool:
             list(pool.map(build, agents))
+        self._peer_agents(agents)
+
+    def _peer_agents(self, agents: list[Agent]) -> None:
+        """Every agent knows every other as a peer named after its compute host: Nova's live
+        migration names the destination compute, and the source agent moves the VM there."""
+        for agent in agents:
+            with agent.client(30) as client:
+                for other in agents:
+                    if other is not agent:
+                        client.call("PUT", f"/v1/peers/{other.host}",
+                                    json={"url": other.url, "token": other.token_file.read_text().strip()})
 
     def _start_uwsgi(self, service: str) -> None:
         ini = self.layout.conf(service.split("-")[0], "uwsgi.ini")

@@ -89,6 +89,11 @@ class Agent:
     port: int
 
     @property
+    def host(self) -> str:
+        """The compute host it serves: also its name as the other agents' peer (live migration's destination)."""
+        return self.name.removeprefix("agent-")
+
+    @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
@@ -140,6 +145,7 @@ class Layout:
         self.neutron = self.root / "neutron"
         self.locks = self.root / "locks"
         self.agents = self.root / "agents"  # each vmstream compute's agent data dir (VMSTREAM_HOME)
+        self.store = self.root / "store"  # the agents' shared chunk store and live-image catalog (NFS on real hosts)
         self.python = self.root / "python"  # the Nova driver's namespace shim: the vmstream computes' PYTHONPATH
         self.secrets_file = self.root / "secrets.json"
         self.spec_file = self.root / "deployment.json"
