@@ -139,11 +139,46 @@ class Cloud:
                      headers={"Content-Type": "application/octet-stream"})
         return image_id
 
-    def create_servers(self, name: str, image: str, flavor: str, count: int = 1) -> str:
-        """POST /servers with min_count = max_count = count and no network; returns the reservation."""
-        body = {"server": {"name": name, "imageRef": image, "flavorRef": flavor, "networks": "none",
-                           "min_count": count, "max_count": count, "return_reservation_id": True}}
-        return str(self.json("compute", "POST", "/servers", json=body, microversion="2.37")["reservation_id"])
+    def create_servers(self, name: str, image: str, flavor: str, count: int = 1, host: str | None = None,
+                       metadata: dict[str, str] | None = None) -> str:
+        """POST /servers with min_count = max_count = count and no network; returns the
+        reservation. host: put them on that compute (admin's `nova:HOST` availability zone)."""
+        server: dict[str, Any] = {"name": name, "imageRef": image, "flavorRef": flavor, "networks": "none",
+                                  "min_count": count, "max_count": count, "return_reservation_id": True}
+        if host:
+            server["availability_zone"] = f"nova:{host}"
+        if metadata:
+            server["metadata"] = metadata
+        return str(self.json("compute", "POST", "/servers", json={"server": server}, microversion="2.37")["reservation_id"])
+
+    def live_image(self, server_id: str, name: str, timeout: float = 300.0) -> str:
+        """`openstack server image create`: the Glance image's id once it is active and marked
+        as a live image by vmstream's driver."""
+        r = self.request("compute", "POST", f"/servers/{server_id}/action", json={"createImage": {"name": name}},
+                         microversion="2.45")
+        image_id = str(r.json()["image_id"])
+        deadline = time.monotonic() + timeout
+        while True:
+            image = self.json("image", "GET", f"/v2/images/{image_id}")
+            if image["status"] == "active" and image.get("vmstream_live_image"):
+                return image_id
+            if image["status"] in ("killed", "deleted") or time.monotonic() > deadline:
+                raise DeployError(f"live image {name} of server {server_id} not made: image {image_id} is {image['status']}")
+            time.sleep(0.5)
+
+    def delete_image(self, image_id: str) -> None:
+        """Delete a Glance image, unprotecting it first (the driver protects live images)."""
+        patch = json.dumps([{"op": "replace", "path": "/protected", "value": False}]).encode()
+        self.request("image", "PATCH", f"/v2/images/{image_id}", content=patch,
+                     headers={"Content-Type": "application/openstack-images-v2.1-json-patch"})
+        self.request("image", "DELETE", f"/v2/images/{image_id}")
+
+    def delete_servers(self, ids: list[str], timeout: float = 300.0) -> None:
+        """Delete servers and wait until Nova lists none of them."""
+        for server_id in ids:
+            self.request("compute", "DELETE", f"/servers/{server_id}")
+        gone = set(ids)
+        self.wait_servers(lambda ss: not gone & {s["id"] for s in ss}, "deleted", timeout=timeout)
 
     def servers(self, **query: str) -> list[dict[str, Any]]:
         servers: list[dict[str, Any]] = self.json("compute", "GET", "/servers/detail", params=query)["servers"]
