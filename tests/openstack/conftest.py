@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.procs import pids_mentioning
@@ -99,8 +100,39 @@ def openstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenStack]:
         yield os_
 
 
-@pytest.fixture(scope="module")
+MIGRATION_MBPS = "10"  # a capped QEMU live move of a 256 MiB guest with 64 MiB filled takes seconds: time to act
+
+
+@pytest.fixture(scope="session")
 def vmstream_openstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenStack]:
-    """Two computes with vmstream's driver, each with its own agent."""
-    with deployment(tmp_path_factory, "--vmstream") as os_:
+    """Two computes with vmstream's driver, each with its own agent; live moves capped at
+    MIGRATION_MBPS. For the whole session (its modules share it): the modules that use the
+    FakeDriver deployment (test_deploy.py) sort before its first user, and ports are fixed,
+    so only one deployment runs at a time."""
+    with deployment(tmp_path_factory, "--vmstream", "--migration-max-bandwidth", MIGRATION_MBPS) as os_:
         yield os_
+
+
+MARKER_IMAGE = b"vmstream demo guest: the driver boots its own demo guest, these bytes are never read\n"
+
+
+def agent_call(openstack: OpenStack, host: str, method: str, path: str, **kw: Any) -> Any:
+    """One request to a compute's vmstream agent, through its own API."""
+    home = openstack.state / "agents" / host
+    port = json.loads((home / "agent.json").read_text())["port"]
+    token = (home / "agent.token").read_text().strip()
+    r = httpx.request(method, f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {token}"},
+                      timeout=kw.pop("timeout", 60), **kw)
+    assert r.status_code < 300, f"{method} {path} on {host}'s agent: {r.status_code} {r.text[:500]}"
+    return r.json()
+
+
+def agent_vms(openstack: OpenStack, host: str) -> dict[str, dict[str, Any]]:
+    """The VMs of a compute's agent, by name."""
+    return {vm["name"]: vm for vm in agent_call(openstack, host, "GET", "/v1/vms")}
+
+
+def demo_image(cloud: Cloud) -> str:
+    """The Glance image that stands for vmstream's demo guest (made once)."""
+    found = cloud.json("image", "GET", "/v2/images", params={"name": "vmstream-demo"})["images"]
+    return str(found[0]["id"]) if found else cloud.upload_image("vmstream-demo", MARKER_IMAGE, vmstream_guest="demo")

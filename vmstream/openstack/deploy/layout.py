@@ -61,12 +61,13 @@ class ComputeSpec:
         return [ComputeSpec(f"compute{i}", driver) for i in range(1, count + 1)]
 
     @staticmethod
-    def vmstream(count: int, layout: Layout) -> list[ComputeSpec]:
+    def vmstream(count: int, layout: Layout, migration_mbps: float | None = None) -> list[ComputeSpec]:
         """compute1 ... computeN with vmstream's driver, each with its own agent (data dir
-        agents/computeN, port AGENT_PORT_BASE + N)."""
+        agents/computeN, port AGENT_PORT_BASE + N); migration_mbps caps their live moves."""
+        cap = {"migration_max_bandwidth_mbps": f"{migration_mbps:g}"} if migration_mbps else {}
         return [ComputeSpec(f"compute{i}", VMSTREAM_DRIVER, {"vmstream": {
             "agent_url": f"http://{HOST}:{AGENT_PORT_BASE + i}",
-            "token_file": str(layout.agent_home(f"compute{i}") / "agent.token")}}) for i in range(1, count + 1)]
+            "token_file": str(layout.agent_home(f"compute{i}") / "agent.token"), **cap}}) for i in range(1, count + 1)]
 
     @property
     def agent(self) -> Agent | None:

@@ -58,6 +58,8 @@ OPTS = [
                  help="Seconds a clone start may take until the clone answers (the agent's own limits apply first)."),
     cfg.FloatOpt("migration_timeout", default=900.0, min=1.0,
                  help="Seconds a live migration may run before it is cancelled and the server stays on its source."),
+    cfg.FloatOpt("migration_max_bandwidth_mbps", min=0.1,
+                 help="Cap a QEMU live move's stream at this many MB/s (as [libvirt] live_migration_bandwidth); unset: no cap."),
 ]
 CONF.register_opts(OPTS, group="vmstream")
 
@@ -386,7 +388,8 @@ class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is unt
         ends: done -> post_method; failed or cancelled -> the VM still runs here, recover_method."""
         name = translate.vm_name(instance.uuid)
         try:
-            self._call("POST", f"/v1/vms/{name}/migrate", json={"to": dest, "mode": "auto"})
+            self._call("POST", f"/v1/vms/{name}/migrate",
+                       json={"to": dest, "mode": "auto", "max_bandwidth_mbps": CONF.vmstream.migration_max_bandwidth_mbps})
             state = self._wait_migration(name, CONF.vmstream.migration_timeout)
         except VmstreamError as exc:
             LOG.error("moving %s to %s failed: %s", name, dest, exc, instance=instance)
