@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from vmstream.openstack.deploy.layout import HOST, PORTS, REGION, ComputeSpec, Layout, Secrets
+from vmstream.openstack.deploy.layout import HOST, PORTS, REGION, VMSTREAM_DRIVER, ComputeSpec, Layout, Secrets
 
 Ini = dict[str, dict[str, str | int | bool]]
 
@@ -251,7 +251,7 @@ def rendered(layout: Layout, secrets: Secrets, computes: list[ComputeSpec]) -> d
         layout.conf("glance", "glance-api.conf"): glance_conf(layout, secrets),
         layout.conf("neutron", "neutron.conf"): neutron_conf(layout, secrets),
         layout.conf("neutron", "ml2_conf.ini"): ml2_conf(),
-        layout.conf("nova", "nova.conf"): nova_conf(layout, secrets, any(c.agent for c in computes)),
+        layout.conf("nova", "nova.conf"): nova_conf(layout, secrets, any(c.driver == VMSTREAM_DRIVER for c in computes)),
         layout.conf("nova", "nova-db.conf"): nova_db_conf(secrets),
     }
     for service in WSGI_SCRIPTS:
