@@ -9,6 +9,7 @@ import configparser
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -195,3 +196,16 @@ def test_hosts_holding_the_image_with_memory_to_spare_weigh_more(running: list[s
                                                                    weight: float) -> None:
     assert translate.cache_weight(IMAGE, held, running, spare, 256) == weight
     assert translate.cache_weight(None, held, running, spare, 256) == 0.0
+
+
+def test_lazy_allocations_fetch_once_and_only_when_read() -> None:
+    calls: list[int] = []
+
+    def fetch() -> dict[str, Any]:
+        calls.append(1)
+        return {"c1": {"allocations": {}}}
+
+    lazy = translate.LazyAllocations(fetch)
+    assert not lazy.fetched and not calls
+    assert dict(lazy) == {"c1": {"allocations": {}}} and lazy["c1"] == {"allocations": {}} and len(lazy) == 1
+    assert calls == [1]

@@ -240,3 +240,29 @@ def cache_weight(image_id: str | None, held_stat: str, running_image_refs: list[
     if image_id in running_image_refs:
         return 1.0
     return 0.5 if image_id in held_stat.split(",") else 0.0
+
+
+class LazyAllocations(Mapping[str, Any]):
+    """A mapping that asks for its contents only when first read (see driver.lazy_allocations)."""
+
+    def __init__(self, fetch: Any) -> None:
+        self._fetch = fetch
+        self._data: Mapping[str, Any] | None = None
+
+    def _loaded(self) -> Mapping[str, Any]:
+        if self._data is None:
+            self._data = self._fetch()
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._loaded()[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._loaded())
+
+    def __len__(self) -> int:
+        return len(self._loaded())
+
+    @property
+    def fetched(self) -> bool:
+        return self._data is not None
