@@ -106,7 +106,7 @@ class LiveImageClient:
 
     def live_images(self) -> list[dict[str, Any]]:
         """Glance filters properties by value only, so every image is listed and the live ones kept."""
-        return [i for i in self._list(self.image, "/v2/images", "images") if logic.is_live(i)]
+        return [i for i in self._list(self.image, "/v2/images", "images", {"limit": "1000"}) if logic.is_live(i)]
 
     def find_server(self, ref: str) -> dict[str, Any]:
         """A Nova server by id or exact name (Nova's name filter is a regular expression)."""
@@ -166,7 +166,7 @@ class LiveImageClient:
 
     def wait_live_image(self, image_id: str, timeout: float, progress: Progress) -> dict[str, Any]:
         """Until the Glance image is active and marked by the driver as a live image."""
-        _, image = self._wait(lambda: self._image_step(image_id), timeout, progress, f"live image {image_id}")
+        image: dict[str, Any] = self._wait(lambda: self._image_step(image_id), timeout, progress, f"live image {image_id}")
         return image
 
     def _image_step(self, image_id: str) -> tuple[bool, str, dict[str, Any]]:
@@ -181,11 +181,11 @@ class LiveImageClient:
             servers = self.servers_of_reservation(reservation_id)
             done, what = logic.servers_progress(servers, count)
             return done, what, servers
-        _, servers = self._wait(step, timeout, progress, f"servers of {reservation_id}")
+        servers: list[dict[str, Any]] = self._wait(step, timeout, progress, f"servers of {reservation_id}")
         return servers
 
-    def _wait(self, step: Callable[[], tuple[bool, str, Any]], timeout: float, progress: Progress, what: str) -> tuple[bool, Any]:
-        """Poll step until done; report each change (and now and then the same) with the elapsed time."""
+    def _wait(self, step: Callable[[], tuple[bool, str, Any]], timeout: float, progress: Progress, what: str) -> Any:
+        """Poll step until done, then its value; report each change (and now and then the same) with the elapsed time."""
         start = self.clock()
         last, last_report = "", start
         while True:
@@ -195,7 +195,7 @@ class LiveImageClient:
                 progress(f"{what}: {state} ({now - start:.0f} s)")
                 last, last_report = state, now
             if done:
-                return done, value
+                return value
             if now - start >= timeout:
                 raise VmstreamError(f"{what} still {state} after {timeout:.0f} s: raise --timeout, or look at the compute's log")
             self.sleep(self.poll_s)
