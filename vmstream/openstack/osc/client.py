@@ -4,6 +4,8 @@ The adapters come from osc's session (plugin.make_client); anything with keyston
 `request(url, method, **kwargs)` returning a response works, which is how the unit tests run
 the commands without a cloud. Adapters are made with raise_exc=False: Nova's error bodies are
 not in a shape keystoneauth parses, so _call turns them into vmstream errors naming the cause.
+Paths are Glance's `/v2/...` on its catalog endpoint, which is unversioned by convention (as in
+`vmstream openstack up`), and Nova's on its versioned `/v2.1` one: no version discovery round trip.
 """
 
 from __future__ import annotations
