@@ -117,3 +117,15 @@ def install_driver(
     path = install_shim(target.expanduser().absolute())
     out.print(f"installed in {path}: run nova-compute with PYTHONPATH={path} and, in nova.conf, "
               f"compute_driver = {DRIVER} plus [vmstream] agent_url and token_file", markup=False)
+
+
+@openstack_app.command("install-client-plugin")
+def install_client_plugin(
+    target: Annotated[Path, typer.Argument(help="A directory for PYTHONPATH, e.g. /usr/local/lib/vmstream-osc "
+                                                "(the Nova shim's directory works too).")],
+) -> None:
+    """Give Debian's `openstack` CLI the live-image commands: run it with PYTHONPATH=TARGET."""
+    from vmstream.openstack.osc.install import install_plugin
+
+    path = install_plugin(target.expanduser().absolute())
+    out.print(f"installed in {path}: PYTHONPATH={path} openstack live-image --help", markup=False)
