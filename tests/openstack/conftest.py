@@ -34,10 +34,14 @@ class OpenStack:
     creds: Credentials
     up: dict[str, Any]
 
+    def osc_run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """The `openstack` CLI with the deployment's openrc (vmstream's plugin on PYTHONPATH)."""
+        env = {**os.environ, **self.creds.env(), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(self.state / "osc")}
+        return subprocess.run(["openstack", *args], capture_output=True, text=True, env=env, timeout=timeout)
+
     def osc(self, *args: str, timeout: float = 120) -> Any:
-        """The `openstack` CLI with the deployment's openrc; its JSON output."""
-        env = {**os.environ, **self.creds.env(), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-        proc = subprocess.run(["openstack", *args, "-f", "json"], capture_output=True, text=True, env=env, timeout=timeout)
+        """The `openstack` CLI's JSON output; it must succeed."""
+        proc = self.osc_run(*args, "-f", "json", timeout=timeout)
         assert proc.returncode == 0, f"openstack {' '.join(args)} failed: {proc.stderr[-2000:]}"
         return json.loads(proc.stdout) if proc.stdout.strip() else None
 

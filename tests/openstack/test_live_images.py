@@ -186,6 +186,43 @@ def test_a_destination_that_dies_mid_move_leaves_the_server_on_its_source(vmstre
         cloud.delete_servers([server["id"]])
 
 
+def test_the_client_plugins_verbs(vmstream_openstack: OpenStack, live: LiveImage) -> None:
+    """`openstack live-image ...` (vmstream's osc plugin) end to end, bad input included."""
+    osc, run = vmstream_openstack.osc, vmstream_openstack.osc_run
+    listed = {i["Name"]: i for i in osc("live-image", "list")}
+    assert listed["web-live"]["Live Image"] == live.name and listed["web-live"]["Source Server"] == live.source
+    started = osc("live-image", "start", "web-live", "--count", "2", "--name", "plug", "--param", "role=worker", "--wait",
+                  timeout=600)
+    assert sorted(s["Name"] for s in started) == ["plug-1", "plug-2"] and {s["Status"] for s in started} == {"ACTIVE"}
+    servers = osc("live-image", "servers", "web-live")
+    assert {"plug-1", "plug-2"} <= {s["Name"] for s in servers}
+    for s in started:
+        vm = agent_vms(vmstream_openstack, s["Host"])[vm_name(s["ID"])]
+        assert vm["parent_image"] == live.name
+    # a live image of a clone: layered on its parent's memory
+    child = osc("live-image", "create", "plug-1", "plug-live", timeout=600)
+    assert child["status"] == "active" and child["live_image"] == f"glance-{child['id']}" and child["protected"] is True
+    assert child["source_server"] == next(s["ID"] for s in started if s["Name"] == "plug-1")
+    (grandchild,) = osc("live-image", "start", "plug-live", "--count", "1", "--name", "layer", "--wait", timeout=600)
+    vm = agent_vms(vmstream_openstack, grandchild["Host"])[vm_name(grandchild["ID"])]
+    assert vm["parent_image"] == child["live_image"]
+
+    refused = run("live-image", "delete", "web-live")
+    assert refused.returncode != 0 and "plug-1" in refused.stderr and "delete them first" in refused.stderr, refused.stderr
+    not_live = run("live-image", "start", "vmstream-demo", "--count", "1", "--name", "never")
+    assert not_live.returncode != 0 and "not a live image" in not_live.stderr, not_live.stderr
+    zero = run("live-image", "start", "web-live", "--count", "0", "--name", "never")
+    assert zero.returncode == 2 and "count" in zero.stderr, zero.stderr
+    unknown = run("live-image", "start", "no-such-image", "--count", "1", "--name", "never")
+    assert unknown.returncode != 0 and "no-such-image" in unknown.stderr, unknown.stderr
+    with vmstream_openstack.cloud() as cloud:
+        assert not [s for s in cloud.servers() if s["name"].startswith("never")]
+        cloud.delete_servers([grandchild["ID"]])
+        assert run("live-image", "delete", "plug-live").returncode == 0
+        assert cloud.request("image", "GET", f"/v2/images/{child['id']}", expect=()).status_code == 404
+        cloud.delete_servers([s["ID"] for s in started])
+
+
 def test_a_deleted_live_image_is_reaped_from_the_agents_and_the_store(vmstream_openstack: OpenStack, live: LiveImage) -> None:
     """Last in the module: deletes the module's live image (once no server uses it)."""
     with vmstream_openstack.cloud() as cloud:

@@ -34,7 +34,9 @@ class Credentials:
     def load(cls, path: Path) -> Credentials:
         return cls(**json.loads(path.read_text()))
 
-    def save(self, cloud_json: Path, openrc: Path) -> None:
+    def save(self, cloud_json: Path, openrc: Path, plugin_dir: Path | None = None) -> None:
+        """cloud.json and openrc; with plugin_dir, openrc also puts vmstream's openstack client
+        plugin on PYTHONPATH (`openstack live-image ...`)."""
         cloud_json.write_text(json.dumps(asdict(self), indent=2) + "\n")
         cloud_json.chmod(0o600)
         openrc.write_text(
@@ -44,6 +46,7 @@ class Credentials:
             f"export OS_PROJECT_NAME={self.project_name}\nexport OS_USER_DOMAIN_NAME={self.user_domain_name}\n"
             f"export OS_PROJECT_DOMAIN_NAME={self.project_domain_name}\nexport OS_REGION_NAME={self.region_name}\n"
             "export OS_COMPUTE_API_VERSION=2.37  # servers without networks: --nic none\n"
+            + (f"export PYTHONPATH={plugin_dir}${{PYTHONPATH:+:$PYTHONPATH}}  # openstack live-image ...\n" if plugin_dir else "")
         )
         openrc.chmod(0o600)
 

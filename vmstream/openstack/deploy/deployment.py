@@ -40,6 +40,7 @@ from vmstream.openstack.deploy.errors import DeployError, NotRoot, PortInUse, Se
 from vmstream.openstack.deploy.layout import HOST, PORTS, Agent, ComputeSpec, Layout, Secrets
 from vmstream.openstack.deploy.processes import ProcessTable, cmdline, listeners, log_tail, start_ticks
 from vmstream.openstack.nova.shim import install_shim
+from vmstream.openstack.osc.install import install_plugin
 
 Progress = Callable[[str], None]
 DEFAULT_COMPUTES = 2
@@ -194,6 +195,7 @@ class Deployment:
         agents = _agents(computes)
         if agents:
             install_shim(lay.python)  # Nova imports nova.virt.vmstream from here (the computes' PYTHONPATH)
+            install_plugin(lay.osc)  # `openstack live-image ...` with openrc's PYTHONPATH
         boot_log = lay.log / "bootstrap.log"
         t0 = time.monotonic()
 
@@ -218,7 +220,7 @@ class Deployment:
         self._wait_http("keystone", 60)
         self.progress("Keystone answers")
         creds = bootstrap.admin_credentials(secrets)
-        creds.save(lay.cloud_json, lay.openrc)
+        creds.save(lay.cloud_json, lay.openrc, lay.osc if agents else None)
         if fresh:
             with Cloud(creds) as cloud:
                 bootstrap.create_catalog(cloud, secrets)

@@ -147,6 +147,7 @@ class Layout:
         self.locks = self.root / "locks"
         self.agents = self.root / "agents"  # each vmstream compute's agent data dir (VMSTREAM_HOME)
         self.store = self.root / "store"  # the agents' shared chunk store and live-image catalog (NFS on real hosts)
+        self.osc = self.root / "osc"  # vmstream's openstack client plugin: PYTHONPATH in openrc
         self.python = self.root / "python"  # the Nova driver's namespace shim: the vmstream computes' PYTHONPATH
         self.secrets_file = self.root / "secrets.json"
         self.spec_file = self.root / "deployment.json"
