@@ -28,7 +28,7 @@ pytestmark = pytest.mark.openstack
 
 HOSTS = ("compute1", "compute2")
 MEMCHECK = "memcheck-fill 64 7"  # 64 MiB of the guest's memory filled from seed 7
-REAP_TIMEOUT_S = 200  # the computes' image cache pass runs every 60 s
+REAP_TIMEOUT_S = 300  # the computes' image cache pass runs every 60 s; a parent goes a pass after its children
 
 
 @dataclass

@@ -185,6 +185,8 @@ def test_the_live_images_a_host_holds_are_those_memfs_served() -> None:
               {"name": "web", "memory_root": None}, {"name": "glance-" + "1" * 36, "memory_root": None}]
     memfs = {"glance-" + IMAGE: {"read_bytes": 4096}, "web": {"read_bytes": 10}, "glance-" + "1" * 36: {"read_bytes": 0}}
     assert translate.held_live_images(images, memfs) == sorted([IMAGE, UUID])  # a layered image shares its root's memory
+    memfs["glance-" + IMAGE]["held"] = False  # read before the host dropped its caches
+    assert translate.held_live_images(images, memfs) == []
     res = translate.host_resources(HOST, 2, 100 << 30, 50 << 30, "7.2.0", [IMAGE])
     assert res.stats[translate.HELD_STAT] == IMAGE
 

@@ -180,9 +180,9 @@ class HostResources:
 
 def held_live_images(images: list[Mapping[str, Any]], memfs_images: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """The Glance ids of the live images whose memory this host holds: memfs has served their
-    memory (root) file here, so its chunks are in the host's chunk cache, its pages likely in
-    the page cache. From the agent's GET /v1/live-images and GET /v1/host's memfs images."""
-    read = {name for name, st in memfs_images.items() if int(st.get("read_bytes") or 0) > 0}
+    memory (root) file here since the host's caches were last dropped, so its chunks are in
+    the host's chunk cache, its pages likely in the page cache. From the agent's GET /v1/live-images and GET /v1/host's memfs images."""
+    read = {name for name, st in memfs_images.items() if st.get("held", int(st.get("read_bytes") or 0) > 0)}
     held = (glance_image_id(i["name"]) for i in images if (i.get("memory_root") or i["name"]) in read)
     return sorted(h for h in held if h)
 
