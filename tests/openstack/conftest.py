@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.procs import pids_mentioning
-from vmstream.openstack.deploy.cloud import Cloud, Credentials
+from vmstream.openstack.deploy.cloud import DEMO_MARKER, Cloud, Credentials
 from vmstream.openstack.deploy.layout import AGENT_PORT_BASE, PORTS
 from vmstream.openstack.deploy.processes import is_running, listeners
 
@@ -117,7 +117,7 @@ def vmstream_openstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ope
         yield os_
 
 
-MARKER_IMAGE = b"vmstream demo guest: the driver boots its own demo guest, these bytes are never read\n"
+MARKER_IMAGE = DEMO_MARKER
 
 
 def agent_call(openstack: OpenStack, host: str, method: str, path: str, **kw: Any) -> Any:
@@ -137,6 +137,5 @@ def agent_vms(openstack: OpenStack, host: str) -> dict[str, dict[str, Any]]:
 
 
 def demo_image(cloud: Cloud) -> str:
-    """The Glance image that stands for vmstream's demo guest (made once)."""
-    found = cloud.json("image", "GET", "/v2/images", params={"name": "vmstream-demo"})["images"]
-    return str(found[0]["id"]) if found else cloud.upload_image("vmstream-demo", MARKER_IMAGE, vmstream_guest="demo")
+    """The Glance image that stands for vmstream's demo guest (`up --vmstream` makes it)."""
+    return cloud.ensure_demo_image()

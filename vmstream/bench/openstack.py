@@ -45,7 +45,6 @@ BATCH = 10
 WEIGHER_BATCH = 5
 SERVE_TIMEOUT_S = 900.0  # 10 TCG cold boots on 2 busy cores
 POLL_S = 0.3  # each server list costs Nova a Neutron port query
-MARKER_IMAGE = b"vmstream demo guest: the driver boots its own demo guest, these bytes are never read\n"
 
 
 def say(line: str) -> None:
@@ -156,8 +155,7 @@ def run(root: Path, computes: int = 3, runs: int = 3, keep: bool = False) -> dic
 def _measure(c: Cluster, runs: int) -> dict[str, Any]:
     cloud, hosts = c.cloud, sorted(c.agents)
     flavor = cloud.ensure_flavor()
-    found = cloud.json("image", "GET", "/v2/images", params={"name": "vmstream-demo"})["images"]
-    demo = str(found[0]["id"]) if found else cloud.upload_image("vmstream-demo", MARKER_IMAGE, vmstream_guest="demo")
+    demo = cloud.ensure_demo_image()
     made: list[str] = []  # servers to delete at the end
     live_id: str | None = None
     try:

@@ -58,6 +58,10 @@ class Credentials:
                 "OS_REGION_NAME": self.region_name, "OS_COMPUTE_API_VERSION": "2.37"}
 
 
+DEMO_IMAGE = "vmstream-demo"
+DEMO_MARKER = b"vmstream demo guest: the driver boots its own demo guest, these bytes are never read\n"
+
+
 class Cloud:
     """Requests to the deployment as its admin. The token is fetched once and renewed on 401."""
 
@@ -133,6 +137,12 @@ class Cloud:
                 return str(f["id"])
         body = {"flavor": {"name": name, "ram": ram_mib, "vcpus": vcpus, "disk": disk_gb}}
         return str(self.json("compute", "POST", "/flavors", json=body)["flavor"]["id"])
+
+    def ensure_demo_image(self, name: str = DEMO_IMAGE) -> str:
+        """The Glance image that stands for vmstream's demo guest (property vmstream_guest=demo:
+        the driver boots its own demo guest and never reads these bytes), made if missing."""
+        found = self.json("image", "GET", "/v2/images", params={"name": name})["images"]
+        return str(found[0]["id"]) if found else self.upload_image(name, DEMO_MARKER, vmstream_guest="demo")
 
     def upload_image(self, name: str, data: bytes, disk_format: str = "raw", **properties: str) -> str:
         """A Glance image made from bytes (active when this returns)."""

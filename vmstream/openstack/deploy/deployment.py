@@ -263,6 +263,9 @@ class Deployment:
             self._wait_heartbeats(cloud, computes, started, 120)
             self.progress("every compute has sent a heartbeat")
             self._discover_hosts(cloud, computes, nova_db, boot_log)
+            if agents:  # what a first server needs: a flavor and the demo guest's Glance image
+                cloud.ensure_flavor()
+                cloud.ensure_demo_image()
         timings["start_s"] = time.monotonic() - t_start
         self.progress(f"up in {time.monotonic() - t0:.0f}s: credentials in {lay.openrc} (`. {lay.openrc}; openstack server list`)")
 
