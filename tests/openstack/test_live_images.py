@@ -115,7 +115,7 @@ def test_bad_requests_fail_cleanly(vmstream_openstack: OpenStack, live: LiveImag
         small = cloud.ensure_flavor("vmstream.small", ram_mib=128)
         server = wait_error(cloud, cloud.create_servers("small", live.id, small))
         fault = server["fault"]["message"]
-        assert "256 MB of guest memory" in fault and "at least 256" in fault, fault
+        assert "at least 256 MB of RAM (this one: 128 MB" in fault, fault
         no_vm_anywhere(vmstream_openstack, server["id"])
         cloud.delete_servers([server["id"]])
         # a Glance image that claims a live image vmstream does not have

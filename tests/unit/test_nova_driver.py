@@ -167,7 +167,7 @@ def test_a_clone_of_a_server_gets_its_name_params_and_user_data() -> None:
 
 
 def test_a_flavor_smaller_than_the_live_images_memory_is_refused() -> None:
-    with pytest.raises(InvalidInput, match=r"has 512 MB of guest memory.*gives 256 MB.*at least 512"):
+    with pytest.raises(InvalidInput, match=r"at least 512 MB of RAM \(this one: 256 MB"):
         translate.clone_request("n", 256, {"image_vmstream_memory_mb": "512"}, {}, None, IMAGE)
 
 

@@ -129,9 +129,9 @@ def clone_request(name: str, flavor_memory_mb: int, system_metadata: Mapping[str
     less would let Placement count less than the clone uses, so it is refused."""
     image_mb = system_metadata.get(f"image_{MEMORY_PROPERTY}")
     if image_mb and image_mb.isdigit() and flavor_memory_mb < int(image_mb):
-        raise InvalidInput(f"live image {image_id} has {image_mb} MB of guest memory; the server's flavor gives "
-                           f"{flavor_memory_mb} MB: use a flavor with at least {image_mb} MB (the image's "
-                           f"{FLAVOR_PROPERTY} property names the one it was made with)")
+        # short: Nova keeps 255 characters of a fault, after its own "Build of instance ... Image ... is unacceptable: "
+        raise InvalidInput(f"its clones need a flavor with at least {image_mb} MB of RAM (this one: {flavor_memory_mb} MB; "
+                           f"see the image's {FLAVOR_PROPERTY})")
     body: dict[str, Any] = {"names": [name], "params": dict(metadata)}
     if user_data_b64:
         body["user_data_b64"] = user_data_b64
