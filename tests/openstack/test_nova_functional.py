@@ -154,7 +154,8 @@ def test_nova_functional_harness_on_real_agents(nova_agents: Agents, tmp_path: P
     for name in WHEN_THE_DRIVER_CAN:  # a skip must come from the driver's answer, not from something else going wrong
         c = cases[name]
         assert c["outcome"] == "ok" or c["detail"].startswith("VmstreamDriver."), f"{name}: {c}"
-    assert run["nova_virt_vmstream"].startswith(str(shim)), f"Nova loaded the driver from {run['nova_virt_vmstream']}"
+    loaded = run.get("nova_virt_vmstream") or "nowhere"
+    assert loaded.startswith(str(shim)), f"Nova loaded nova.virt.vmstream from {loaded}, not the shim in {shim}"
     assert {h: nova_agents.nova_vms(h) for h in HOSTS} == {h: [] for h in HOSTS}
 
     print(f"Nova functional harness: {took:.1f}s in all")
