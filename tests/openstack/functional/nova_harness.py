@@ -165,7 +165,7 @@ class VmstreamComputesTest(integrated_helpers.ProviderUsageBaseTestCase):
                 while tb.tb_next is not None:
                     tb = tb.tb_next
                 if tb.tb_frame.f_code.co_name == method:  # raised on entry, not by something it called
-                    return f"{type(drv).__name__}.{method}: {exc or 'NotImplementedError (Nova base driver)'}"
+                    return f"{type(drv).__name__}.{method}: {str(exc) or 'NotImplementedError (Nova base driver)'}"
             except Exception:  # an implementation: the made-up server fails it somewhere
                 pass
         return None
