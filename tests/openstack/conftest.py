@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.procs import pids_mentioning
-from vmstream.openstack.deploy.cloud import Cloud, Credentials
+from vmstream.openstack.deploy.cloud import DEMO_MARKER, Cloud, Credentials
 from vmstream.openstack.deploy.layout import AGENT_PORT_BASE, PORTS
 from vmstream.openstack.deploy.processes import is_running, listeners
 
@@ -33,10 +34,14 @@ class OpenStack:
     creds: Credentials
     up: dict[str, Any]
 
+    def osc_run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """The `openstack` CLI with the deployment's openrc (vmstream's plugin on PYTHONPATH)."""
+        env = {**os.environ, **self.creds.env(), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(self.state / "osc")}
+        return subprocess.run(["openstack", *args], capture_output=True, text=True, env=env, timeout=timeout)
+
     def osc(self, *args: str, timeout: float = 120) -> Any:
-        """The `openstack` CLI with the deployment's openrc; its JSON output."""
-        env = {**os.environ, **self.creds.env(), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-        proc = subprocess.run(["openstack", *args, "-f", "json"], capture_output=True, text=True, env=env, timeout=timeout)
+        """The `openstack` CLI's JSON output; it must succeed."""
+        proc = self.osc_run(*args, "-f", "json", timeout=timeout)
         assert proc.returncode == 0, f"openstack {' '.join(args)} failed: {proc.stderr[-2000:]}"
         return json.loads(proc.stdout) if proc.stdout.strip() else None
 
@@ -99,8 +104,38 @@ def openstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenStack]:
         yield os_
 
 
-@pytest.fixture(scope="module")
+MIGRATION_MBPS = "10"  # a capped QEMU live move of a 256 MiB guest with 64 MiB filled takes seconds: time to act
+
+
+@pytest.fixture(scope="session")
 def vmstream_openstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenStack]:
-    """Two computes with vmstream's driver, each with its own agent."""
-    with deployment(tmp_path_factory, "--vmstream") as os_:
+    """Two computes with vmstream's driver, each with its own agent; live moves capped at
+    MIGRATION_MBPS. For the whole session (its modules share it): the modules that use the
+    FakeDriver deployment (test_deploy.py) sort before its first user, and ports are fixed,
+    so only one deployment runs at a time."""
+    with deployment(tmp_path_factory, "--vmstream", "--migration-max-bandwidth", MIGRATION_MBPS) as os_:
         yield os_
+
+
+MARKER_IMAGE = DEMO_MARKER
+
+
+def agent_call(openstack: OpenStack, host: str, method: str, path: str, **kw: Any) -> Any:
+    """One request to a compute's vmstream agent, through its own API."""
+    home = openstack.state / "agents" / host
+    port = json.loads((home / "agent.json").read_text())["port"]
+    token = (home / "agent.token").read_text().strip()
+    r = httpx.request(method, f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {token}"},
+                      timeout=kw.pop("timeout", 60), **kw)
+    assert r.status_code < 300, f"{method} {path} on {host}'s agent: {r.status_code} {r.text[:500]}"
+    return r.json()
+
+
+def agent_vms(openstack: OpenStack, host: str) -> dict[str, dict[str, Any]]:
+    """The VMs of a compute's agent, by name."""
+    return {vm["name"]: vm for vm in agent_call(openstack, host, "GET", "/v1/vms")}
+
+
+def demo_image(cloud: Cloud) -> str:
+    """The Glance image that stands for vmstream's demo guest (`up --vmstream` makes it)."""
+    return cloud.ensure_demo_image()

@@ -16,29 +16,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.openstack.conftest import OpenStack, vmstream
+from tests.openstack.conftest import MARKER_IMAGE, OpenStack, agent_vms, demo_image, vmstream
 from vmstream.openstack.deploy.cloud import Cloud
 from vmstream.openstack.nova.translate import vm_name
 
 pytestmark = pytest.mark.openstack
 
-MARKER_IMAGE = b"vmstream demo guest: the driver boots its own demo guest, these bytes are never read\n"
 BOOT_TIMEOUT_S = 900  # 10 TCG cold boots sharing 2 busy cores
-
-
-def agent_vms(openstack: OpenStack, host: str) -> dict[str, dict[str, Any]]:
-    """The VMs of a compute's agent, through the agent's own API."""
-    home = openstack.state / "agents" / host
-    port = json.loads((home / "agent.json").read_text())["port"]
-    token = (home / "agent.token").read_text().strip()
-    r = httpx.get(f"http://127.0.0.1:{port}/v1/vms", headers={"Authorization": f"Bearer {token}"}, timeout=30)
-    r.raise_for_status()
-    return {vm["name"]: vm for vm in r.json()}
-
-
-def demo_image(cloud: Cloud) -> str:
-    found = cloud.json("image", "GET", "/v2/images", params={"name": "vmstream-demo"})["images"]
-    return str(found[0]["id"]) if found else cloud.upload_image("vmstream-demo", MARKER_IMAGE, vmstream_guest="demo")
 
 
 def boot(cloud: Cloud, name: str, count: int, image: str | None = None) -> tuple[list[dict[str, Any]], float]:

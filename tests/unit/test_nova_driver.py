@@ -9,6 +9,7 @@ import configparser
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,3 +149,90 @@ def test_a_vmstream_compute_gets_the_driver_and_its_agent(tmp_path: Path) -> Non
     agents = [c.agent for c in computes]
     assert [(a.name, a.port) for a in agents if a] == [("agent-compute1", 8401), ("agent-compute2", 8402)]
     assert ComputeSpec.fake(1)[0].agent is None
+    assert [a.host for a in agents if a] == ["compute1", "compute2"]  # their names as each other's peers
+    nova = configparser.ConfigParser(interpolation=None)
+    nova.read_string(files[layout.conf("nova", "nova.conf")])
+    assert nova["filter_scheduler"]["weight_classes"].endswith(",vmstream.openstack.nova.weigher.LiveImageCacheWeigher")
+    fake = configparser.ConfigParser(interpolation=None)
+    fake.read_string(configs.rendered(layout, Secrets.load_or_create(layout.secrets_file), ComputeSpec.fake(2))[
+        layout.conf("nova", "nova.conf")])
+    assert "filter_scheduler" not in fake  # FakeDriver computes: Nova's own weighers only
+
+
+def test_the_weigher_loads_in_nova_through_the_shim(tmp_path: Path) -> None:
+    probe = subprocess.run(["/usr/bin/python3", "-c", "import nova.scheduler.weights, httpx"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("Debian's python3-nova and python3-httpx are not installed")
+    install_shim(tmp_path)
+    code = ("from nova.scheduler import weights; "
+            f"[c] = weights.HostWeightHandler().get_matching_classes(['{configs.WEIGHER}']); print(c.__name__)")
+    out = subprocess.run(["/usr/bin/python3", "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "LiveImageCacheWeigher"
+
+
+IMAGE = "5d2f8a1e-7c3b-4e9f-a0b1-c2d3e4f5a6b7"
+
+
+def test_live_images_are_named_after_their_glance_image() -> None:
+    live = translate.live_image_name(IMAGE)
+    assert translate.glance_image_id(live) == IMAGE and len(live) <= 63
+    assert translate.glance_image_id("web") is None and translate.glance_image_id("glance-x") is None
+    assert translate.live_image_of({"image_vmstream_live_image": live}) == live
+    assert translate.live_image_of({"image_vmstream_guest": "demo"}) is None
+
+
+def test_a_clone_of_a_server_gets_its_name_params_and_user_data() -> None:
+    sysmeta = {"image_vmstream_live_image": "glance-x", "image_vmstream_memory_mb": "256"}
+    ud = base64.b64encode(b"#!/bin/sh\necho hi\n").decode()
+    body = translate.clone_request("nova-" + UUID, 256, sysmeta, {"role": "web"}, ud, IMAGE)
+    assert body == {"names": ["nova-" + UUID], "params": {"role": "web"}, "user_data_b64": ud}
+    assert "user_data_b64" not in translate.clone_request("n", 512, sysmeta, {}, None, IMAGE)
+
+
+def test_a_flavor_smaller_than_the_live_images_memory_is_refused() -> None:
+    with pytest.raises(InvalidInput, match=r"has 512 MB of guest memory.*gives 256 MB.*at least 512"):
+        translate.clone_request("n", 256, {"image_vmstream_memory_mb": "512"}, {}, None, IMAGE)
+
+
+def test_a_snapshot_overwrites_inherited_live_image_properties() -> None:
+    info = {"name": "glance-" + IMAGE, "memory_bytes": 268443648, "memory_bytes_stored": 1 << 20,
+            "parent_image": "glance-old", "created_at": "2026-11-30T09:00:00Z"}
+    meta, blob = translate.snapshot_image(info, UUID, "42", 256)
+    assert meta["properties"] == {"vmstream_live_image": "glance-" + IMAGE, "vmstream_flavor": "42",
+                                  "vmstream_source_server": UUID, "vmstream_memory_mb": "256"}
+    assert meta["disk_format"] == "raw" and json.loads(blob)["parent_image"] == "glance-old"
+
+
+def test_the_live_images_a_host_holds_are_those_memfs_served() -> None:
+    images = [{"name": "glance-" + IMAGE, "memory_root": None}, {"name": "glance-" + UUID, "memory_root": "glance-" + IMAGE},
+              {"name": "web", "memory_root": None}, {"name": "glance-" + "1" * 36, "memory_root": None}]
+    memfs = {"glance-" + IMAGE: {"read_bytes": 4096}, "web": {"read_bytes": 10}, "glance-" + "1" * 36: {"read_bytes": 0}}
+    assert translate.held_live_images(images, memfs) == sorted([IMAGE, UUID])  # a layered image shares its root's memory
+    memfs["glance-" + IMAGE]["held"] = False  # read before the host dropped its caches
+    assert translate.held_live_images(images, memfs) == []
+    res = translate.host_resources(HOST, 2, 100 << 30, 50 << 30, "7.2.0", [IMAGE])
+    assert res.stats[translate.HELD_STAT] == IMAGE
+
+
+@pytest.mark.parametrize(("running", "held", "spare", "weight"), [
+    ([IMAGE], "", 4096, 1.0), ([], f"x,{IMAGE}", 4096, 0.5), (["other"], "other", 4096, 0.0), ([IMAGE], IMAGE, 100, 0.0),
+])
+def test_hosts_holding_the_image_with_memory_to_spare_weigh_more(running: list[str], held: str, spare: int,
+                                                                   weight: float) -> None:
+    assert translate.cache_weight(IMAGE, held, running, spare, 256) == weight
+    assert translate.cache_weight(None, held, running, spare, 256) == 0.0
+
+
+def test_lazy_allocations_fetch_once_and_only_when_read() -> None:
+    calls: list[int] = []
+
+    def fetch() -> dict[str, Any]:
+        calls.append(1)
+        return {"c1": {"allocations": {}}}
+
+    lazy = translate.LazyAllocations(fetch)
+    assert not lazy.fetched and not calls
+    assert dict(lazy) == {"c1": {"allocations": {}}} and lazy["c1"] == {"allocations": {}} and len(lazy) == 1
+    assert calls == [1]

@@ -165,6 +165,32 @@ def migrate(out: OutOpt = DEFAULT_OUT, memory_mib: MemOpt = 256, as_json: JsonOp
     _run(b, out, as_json, memory_mib=memory_mib)
 
 
+@bench_app.command("openstack")
+def openstack(
+    out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 3,
+    computes: Annotated[int, typer.Option("--computes", min=2, max=8,
+                                          help="vmstream computes, if the bench brings the deployment up.")] = 3,
+    state_dir: Annotated[Path | None, typer.Option("--dir", help="The deployment's state folder (default: VMSTREAM_OPENSTACK_DIR "
+                                                   "or <data dir>/openstack).")] = None,
+    keep: Annotated[bool, typer.Option(help="Leave a deployment the bench brought up running.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """10 clones of a live image vs 10 cold boots, through Nova on a one-machine deployment (brought up if need be)."""
+    from vmstream.bench import openstack as b
+    from vmstream.cli.context import settings
+    from vmstream.errors import VmstreamError
+
+    try:
+        res = b.run_and_write(out, state_dir or settings().openstack_state, computes, runs, keep)
+    except VmstreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(exc.exit_code) from exc
+    if as_json:
+        print(json.dumps(res, indent=2))
+    else:
+        _show_table(res)
+
+
 @bench_app.command("all")
 def all_(out: Annotated[Path, typer.Option("--out", help="Directory for every bench's JSON, markdown and PNG.")] = Path("docs/bench"),
          doc: Annotated[Path, typer.Option("--doc", help="The summary document to write.")] = Path("docs/benchmarks.md"),

@@ -29,14 +29,16 @@ DirOpt = Annotated[Path | None, typer.Option(
 
 
 def _deployment(state_dir: Path | None, computes: int | None = None, driver: str | None = None,
-                vmstream: bool = False) -> Deployment:
+                vmstream: bool = False, migration_mbps: float | None = None) -> Deployment:
     from vmstream.openstack.deploy import ComputeSpec, Deployment, Layout
 
     root = state_dir or settings().openstack_state
     if vmstream:
         if driver is not None:
             raise typer.BadParameter("--vmstream sets the driver itself: leave out --compute-driver")
-        specs: list[ComputeSpec] | None = ComputeSpec.vmstream(computes or 2, Layout(root))
+        specs: list[ComputeSpec] | None = ComputeSpec.vmstream(computes or 2, Layout(root), migration_mbps)
+    elif migration_mbps is not None:
+        raise typer.BadParameter("--migration-max-bandwidth is for vmstream computes: add --vmstream")
     else:
         specs = None if computes is None and driver is None else ComputeSpec.fake(computes or 2, driver or "fake.FakeDriver")
     return Deployment(root, specs)
@@ -51,11 +53,14 @@ def up(
         help="Nova's compute_driver for every compute (default fake.FakeDriver).")] = None,
     vmstream: Annotated[bool, typer.Option(
         "--vmstream", help="Run vmstream's Nova driver: one vmstream agent per compute (agents/computeN, port 840N).")] = False,
+    migration_max_bandwidth: Annotated[float | None, typer.Option(
+        "--migration-max-bandwidth", min=0.1, help="vmstream computes: cap live moves at this many MB/s "
+        "(nova.conf [vmstream] migration_max_bandwidth_mbps).")] = None,
     install: Annotated[bool, typer.Option(help="apt-get install the packages that are missing.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Install what is missing, bootstrap on the first run, start every service; says so if already up."""
-    dep = _deployment(state_dir, computes, compute_driver, vmstream)
+    dep = _deployment(state_dir, computes, compute_driver, vmstream, migration_max_bandwidth)
     res = dep.up(install=install)
     body: dict[str, Any] = {"already_up": res.already_up, "state_dir": str(dep.layout.root), "openrc": str(res.openrc),
                             "credentials": str(res.credentials), "computes": [c.host for c in dep.computes],
@@ -112,3 +117,15 @@ def install_driver(
     path = install_shim(target.expanduser().absolute())
     out.print(f"installed in {path}: run nova-compute with PYTHONPATH={path} and, in nova.conf, "
               f"compute_driver = {DRIVER} plus [vmstream] agent_url and token_file", markup=False)
+
+
+@openstack_app.command("install-client-plugin")
+def install_client_plugin(
+    target: Annotated[Path, typer.Argument(help="A directory for PYTHONPATH, e.g. /usr/local/lib/vmstream-osc "
+                                                "(the Nova shim's directory works too).")],
+) -> None:
+    """Give Debian's `openstack` CLI the live-image commands: run it with PYTHONPATH=TARGET."""
+    from vmstream.openstack.osc.install import install_plugin
+
+    path = install_plugin(target.expanduser().absolute())
+    out.print(f"installed in {path}: PYTHONPATH={path} openstack live-image --help", markup=False)

@@ -80,7 +80,7 @@ VMSTREAM_NATIVE_EOF
   kind=native
 fi
 """
-    native_unit = _unit(f"Environment=VMSTREAM_AGENT_SH={SHELL_AGENT}\nExecStart={NATIVE_AGENT}")
+    native_unit = _unit(f"ExecStart={NATIVE_AGENT}")
     return f"""#!/bin/sh
 # vmstream in-guest agent installer: run as root inside the guest.
 set -e
@@ -107,7 +107,7 @@ chmod 755 {SHELL_AGENT}
     echo "vmstream-agent ($kind) installed and enabled for the next boot (systemd is not running here)"
   fi
 elif [ "$kind" = native ]; then
-  echo "vmstream-agent installed; no systemd here: start 'VMSTREAM_AGENT_SH={SHELL_AGENT} {NATIVE_AGENT} &' at boot"
+  echo "vmstream-agent installed; no systemd here: start '{NATIVE_AGENT} &' at boot"
 else
   echo "vmstream-agent installed; no systemd here: start '/bin/sh {SHELL_AGENT} &' at boot"
 fi

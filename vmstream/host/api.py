@@ -39,6 +39,7 @@ from vmstream.host.schemas import (
     StartRequest,
     StartResult,
     VmInfo,
+    WarmResult,
 )
 from vmstream.store import peer_router
 
@@ -149,7 +150,11 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
             user_data = base64.b64decode(req.user_data_b64, validate=True) if req.user_data_b64 is not None else None
         except binascii.Error as exc:
             raise InvalidInput(f"user_data_b64 is not valid base64: {exc}") from exc
-        return await manager.clones.start(name, req.count, req.name, req.params, user_data, req.prefetch, req.pool)
+        return await manager.clones.start(name, req.count, req.name, req.params, user_data, req.prefetch, req.pool, req.names)
+
+    @app.post("/v1/live-images/{name}/warm", dependencies=v1)
+    async def warm(name: str) -> WarmResult:
+        return await manager.image_ops.warm(name)
 
     @app.delete("/v1/live-images/{name}", dependencies=v1)
     async def delete_image(name: str) -> dict[str, str]:

@@ -66,18 +66,26 @@ class CloneStarter:
 
     async def start(
         self, image_name: str, count: int, prefix: str | None, params: dict[str, str] | None = None,
-        user_data: bytes | None = None, prefetch: bool = True, pool: bool = True,
+        user_data: bytes | None = None, prefetch: bool = True, pool: bool = True, names: list[str] | None = None,
     ) -> StartResult:
-        """Start count clones in parallel; all start, or none is left behind."""
+        """Start count clones in parallel (named PREFIX-N, or the names given, as a Nova
+        driver names its servers' VMs); all start, or none is left behind."""
         t0 = time.perf_counter()
         params = params or {}
         check_params(params)
+        if names is not None:
+            if count not in (1, len(names)):
+                raise InvalidInput(f"count {count} but {len(names)} names given: give count={len(names)} or leave it out")
+            if len(set(names)) != len(names):
+                raise InvalidInput(f"clone names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
+            names = [check_name(n, "clone name") for n in names]
         image = self.images.get(image_name)
-        prefix = check_name(prefix or image_name, "clone name prefix")
+        if names is None:
+            names = self._names(check_name(prefix or image_name, "clone name prefix"), count)
         self._check(image)
         g = image.guest
         recs = await self.registry.reserve(
-            self._names(prefix, count), memory_bytes=g.memory_bytes, cpus=g.cpus, accel=g.accel,
+            names, memory_bytes=g.memory_bytes, cpus=g.cpus, accel=g.accel,
             parent_image=image_name, ready=g.ready, publish=dict.fromkeys(g.guest_ports, 0), **self.starter.image_boot(image),
         )
         batch = Batch(len(recs), self.defer_hooks)

@@ -92,9 +92,17 @@ class ImageInfo(BaseModel):
     source_private_bytes: int
 
 
+class WarmResult(BaseModel):
+    image: str
+    memory_bytes_read: int
+    elapsed_s: float
+
+
 class StartRequest(BaseModel):
     count: int = Field(1, ge=1, le=256)
-    name: str | None = None
+    name: str | None = Field(None, description="the clones' name prefix: they are PREFIX-1, PREFIX-2, ... (default: the image's name)")
+    names: list[str] | None = Field(None, min_length=1, max_length=256,
+                                    description="the clones' exact names instead (count must then be their number or 1)")
     params: dict[str, str] = Field(default_factory=dict)
     user_data_b64: str | None = None
     prefetch: bool = True  # fetch the image's recorded working set if this host lacks it

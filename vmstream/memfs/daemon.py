@@ -60,6 +60,8 @@ class Daemon:
             }
         if cmd == "drop-cache":
             await trio.to_thread.run_sync(fs.cache.clear)
+            for f in fs.files.values():
+                f.held = False
             return {"ok": True}
         if cmd == "shutdown":
             assert self.cancel is not None

@@ -43,6 +43,7 @@ class ImageFile:
     cache_hits: int = 0  # chunk reads served by the host cache
     cache_misses: int = 0
     read_bytes: int = 0  # served to the kernel
+    held: bool = False  # served since the host's caches were last dropped: its chunks are on this host
     errors: int = 0
     last_error: str | None = None
     recording: dict[int, float] | None = None  # chunk index -> first touch, while recording
@@ -63,6 +64,7 @@ class ImageFile:
             "cache_misses": misses,
             "cache_hit_ratio": hits / (hits + misses) if hits + misses else None,
             "read_bytes": self.read_bytes,
+            "held": self.held,
             "errors": self.errors,
             "last_error": self.last_error,
             "recording": self.recording is not None,
@@ -185,6 +187,7 @@ class MemFs(pyfuse3.Operations):
             parts.append(data[lo:hi])
         out = b"".join(parts)
         f.read_bytes += len(out)
+        f.held = True
         return out
 
     # ---- chunks ------------------------------------------------------------------------

@@ -44,6 +44,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/timex.h>
+#include <sys/wait.h>
 #include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
@@ -270,43 +271,137 @@ static void announce_mac_changes(void) {
     close(fd);
 }
 
-static void run_detached(char *const argv[]) {
-    pid_t pid = fork();
-    if (pid == 0) {
-        setsid();
-        /* lowest priority: the hooks must not delay the clone's first answers */
-        setpriority(PRIO_PROCESS, 0, 19);
-        int devnull = open("/dev/null", O_RDWR);
-        dup2(devnull, 0);
-        dup2(devnull, 1);
-        dup2(devnull, 2);
-        execv(argv[0], argv);
-        _exit(127);
+static const char B64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/* base64 of n bytes into dst (room for 4 * ((n + 2) / 3) + 1). */
+static void b64encode(const unsigned char *src, size_t n, char *dst) {
+    size_t o = 0;
+    for (size_t i = 0; i < n; i += 3) {
+        unsigned v = (unsigned)src[i] << 16 | (i + 1 < n ? (unsigned)src[i + 1] << 8 : 0) | (i + 2 < n ? src[i + 2] : 0);
+        dst[o++] = B64[v >> 18 & 63];
+        dst[o++] = B64[v >> 12 & 63];
+        dst[o++] = i + 1 < n ? B64[v >> 6 & 63] : '=';
+        dst[o++] = i + 2 < n ? B64[v & 63] : '=';
     }
+    dst[o] = '\0';
 }
 
-/* The shell agent, which runs the clone hooks: /bin/vmstream-agent.sh in the demo
-   guest; a real guest's installer sets VMSTREAM_AGENT_SH (its systemd unit). */
-static char *agent_sh = "/bin/vmstream-agent.sh";
+#define HOOK_OUTPUT_MAX 65536
+#define HOOKS_DIR "/etc/vmstream/clone.d"
 
+/* One hook: its output (stdout and stderr, at most HOOK_OUTPUT_MAX bytes kept, trailing
+   newlines dropped as a shell's $(...) does) and its exit status (128 + signal if killed). */
+static int run_hook(const char *path, unsigned char *output, size_t *len) {
+    int fds[2];
+    *len = 0;
+    if (pipe(fds) != 0) return 127;
+    pid_t pid = fork();
+    if (pid == 0) {
+        int devnull = open("/dev/null", O_RDONLY);
+        dup2(devnull, 0);
+        dup2(fds[1], 1);
+        dup2(fds[1], 2);
+        close(fds[0]);
+        close(fds[1]);
+        execl(path, path, (char *)NULL);
+        _exit(127);
+    }
+    close(fds[1]);
+    unsigned char scratch[4096];
+    for (;;) {
+        size_t room = HOOK_OUTPUT_MAX - *len;
+        ssize_t got = read(fds[0], room ? output + *len : scratch, room ? room : sizeof scratch);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) break;
+        if (room) *len += (size_t)got;
+    }
+    close(fds[0]);
+    while (*len && output[*len - 1] == '\n') (*len)--;
+    int status = 0;
+    if (pid < 0 || waitpid(pid, &status, 0) < 0) return 127;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+static int hook_file(const struct dirent *e) { return e->d_name[0] != '.'; }
+
+/* The clone hooks, run here rather than by a shell: under TCG, every program started
+   right after a restore costs ~0.1 s of host CPU (its code is translated anew), and a
+   shell runner started a dozen (date, base64, head, tr, basename, mv...). Each hook
+   gets the clone's parameters and VMSTREAM_* in its environment (from params.list:
+   NAME BASE64VALUE lines); the results go to hooks.json, written whole. */
+static void run_hooks(void) {
+    static char line[MAX_LINE];
+    static unsigned char value[MAX_LINE], output[HOOK_OUTPUT_MAX];
+    static char encoded[HOOK_OUTPUT_MAX / 3 * 4 + 8], json[MAX_LINE];
+    FILE *params = fopen(STATE "/params.list", "r");
+    while (params && fgets(line, sizeof line, params)) {
+        line[strcspn(line, "\n")] = '\0';
+        char *b64 = strchr(line, ' ');
+        if (!b64) continue;
+        *b64++ = '\0';
+        long n = b64decode(b64, value, sizeof value - 1);
+        if (n < 0) continue;
+        value[n] = '\0';
+        setenv(line, (char *)value, 1);
+    }
+    if (params) fclose(params);
+    const char *dir = getenv("VMSTREAM_HOOKS_DIR") ? getenv("VMSTREAM_HOOKS_DIR") : HOOKS_DIR;
+    const char *started = now_realtime();
+    size_t used = 0;
+    struct dirent **names = NULL;
+    int count = scandir(dir, &names, hook_file, alphasort);
+    for (int i = 0; i < count; i++) {
+        char path[600];
+        struct stat st;
+        snprintf(path, sizeof path, "%s/%s", dir, names[i]->d_name);
+        if (stat(path, &st) == 0 && S_ISREG(st.st_mode) && access(path, X_OK) == 0) {
+            size_t len;
+            int rc = run_hook(path, output, &len);
+            b64encode(output, len, encoded);
+            if (used + strlen(encoded) + strlen(names[i]->d_name) + 64 < sizeof json)
+                used += (size_t)snprintf(json + used, sizeof json - used, "%s{\"hook\":\"%s\",\"rc\":%d,\"output_b64\":\"%s\"}",
+                                         used ? "," : "", names[i]->d_name, rc, encoded);
+        }
+        free(names[i]);
+    }
+    free(names);
+    FILE *f = fopen(STATE "/hooks.json.tmp", "w");
+    if (!f) return;
+    fprintf(f, "{\"state\":\"done\",\"started\":%s,\"finished\":%s,\"hooks\":[%s]}\n", started, now_realtime(), json);
+    fclose(f);
+    rename(STATE "/hooks.json.tmp", STATE "/hooks.json");
+}
+
+/* In a child at the lowest priority: the hooks must not delay the clone's first answers. */
 static void start_hooks(void) {
     unlink(STATE "/hooks.deferred");
-    char *hooks[] = {"/bin/sh", agent_sh, "run-hooks", NULL};
-    run_detached(hooks);
+    pid_t pid = fork();
+    if (pid != 0) return;
+    setsid();
+    setpriority(PRIO_PROCESS, 0, 19);
+    struct sigaction dfl = {.sa_handler = SIG_DFL}; /* the agent's SA_NOCLDWAIT would keep hooks' statuses away */
+    sigaction(SIGCHLD, &dfl, NULL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL); /* nor should hooks inherit the agent's blocked SIGIO */
+    run_hooks();
+    _exit(0);
 }
 
 /* Where the guest parameters and user data go for the hooks (after the answer). */
 static void write_hook_inputs(char **keys, char **vals, int n, int deferred) {
+    static char encoded[MAX_LINE / 3 * 4 + 8];
     mkdir(STATE, 0755);
     unlink(STATE "/hooks.json");
     if (deferred) close(open(STATE "/hooks.deferred", O_WRONLY | O_CREAT | O_TRUNC, 0644));
-    FILE *env = fopen(STATE "/params.env.tmp", "w");
+    FILE *env = fopen(STATE "/params.list.tmp", "w");
     if (!env) return; /* the hooks then run without parameters; hooks.json says what they saw */
     for (int i = 0; i < n; i++) {
         const char *key = keys[i];
         char *val = vals[i];
         if (strcmp(key, "hostname") == 0) {
-            fprintf(env, "export VMSTREAM_HOSTNAME='%s'\n", val);
+            b64encode((unsigned char *)val, strlen(val), encoded);
+            fprintf(env, "VMSTREAM_HOSTNAME %s\n", encoded);
             if (access("/etc/hostname", F_OK) == 0) { /* a real guest: its name outlives a reboot */
                 FILE *h = fopen("/etc/hostname", "w");
                 if (h) {
@@ -315,24 +410,22 @@ static void write_hook_inputs(char **keys, char **vals, int n, int deferred) {
                 }
             }
         } else if (strcmp(key, "mac") == 0) {
-            fprintf(env, "export VMSTREAM_MAC='%s'\n", val);
+            b64encode((unsigned char *)val, strlen(val), encoded);
+            fprintf(env, "VMSTREAM_MAC %s\n", encoded);
         } else if (strcmp(key, "param") == 0) {
-            char *b64 = strchr(val, ' ');
-            if (!b64) continue;
-            *b64++ = '\0';
-            /* the value stays base64 until the hook's shell decodes it: never re-parsed */
-            fprintf(env, "export %s=\"$(echo %s | base64 -d)\"\n", val, b64);
+            fprintf(env, "%s\n", val); /* NAME BASE64VALUE, as the host sent it */
         } else if (strcmp(key, "userdata") == 0) {
             static unsigned char data[MAX_LINE];
             long len = b64decode(val, data, sizeof data);
             FILE *f = fopen(STATE "/user-data", "w");
             if (f && len >= 0) fwrite(data, 1, (size_t)len, f);
             if (f) fclose(f);
-            fprintf(env, "export VMSTREAM_USER_DATA=" STATE "/user-data\n");
+            b64encode((const unsigned char *)STATE "/user-data", strlen(STATE "/user-data"), encoded);
+            fprintf(env, "VMSTREAM_USER_DATA %s\n", encoded);
         }
     }
     fclose(env);
-    rename(STATE "/params.env.tmp", STATE "/params.env");
+    rename(STATE "/params.list.tmp", STATE "/params.list");
 }
 
 /* Clock, hostname and MAC are a few system calls and are answered at once; the
@@ -545,7 +638,7 @@ static void handle(char *line) {
             reply("{\"ok\":true,\"result\":%s}", json);
         else if (access(STATE "/hooks.deferred", F_OK) == 0)
             reply("{\"ok\":true,\"result\":{\"state\":\"pending\"}}");
-        else if (access(STATE "/params.env", F_OK) == 0)
+        else if (access(STATE "/params.list", F_OK) == 0)
             reply("{\"ok\":true,\"result\":{\"state\":\"running\"}}");
         else
             reply("{\"ok\":true,\"result\":{\"state\":\"none\"}}");
@@ -591,7 +684,6 @@ static int find_port(char *path, size_t n) {
 
 int main(void) {
     static char line[MAX_LINE];
-    if (getenv("VMSTREAM_AGENT_SH")) agent_sh = getenv("VMSTREAM_AGENT_SH");
     find_iface();
     announce_mac_changes();
     struct sigaction sa = {.sa_handler = SIG_DFL, .sa_flags = SA_NOCLDWAIT};

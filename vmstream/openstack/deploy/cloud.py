@@ -34,7 +34,9 @@ class Credentials:
     def load(cls, path: Path) -> Credentials:
         return cls(**json.loads(path.read_text()))
 
-    def save(self, cloud_json: Path, openrc: Path) -> None:
+    def save(self, cloud_json: Path, openrc: Path, plugin_dir: Path | None = None) -> None:
+        """cloud.json and openrc; with plugin_dir, openrc also puts vmstream's openstack client
+        plugin on PYTHONPATH (`openstack live-image ...`)."""
         cloud_json.write_text(json.dumps(asdict(self), indent=2) + "\n")
         cloud_json.chmod(0o600)
         openrc.write_text(
@@ -44,6 +46,7 @@ class Credentials:
             f"export OS_PROJECT_NAME={self.project_name}\nexport OS_USER_DOMAIN_NAME={self.user_domain_name}\n"
             f"export OS_PROJECT_DOMAIN_NAME={self.project_domain_name}\nexport OS_REGION_NAME={self.region_name}\n"
             "export OS_COMPUTE_API_VERSION=2.37  # servers without networks: --nic none\n"
+            + (f"export PYTHONPATH={plugin_dir}${{PYTHONPATH:+:$PYTHONPATH}}  # openstack live-image ...\n" if plugin_dir else "")
         )
         openrc.chmod(0o600)
 
@@ -53,6 +56,10 @@ class Credentials:
                 "OS_PASSWORD": self.password, "OS_PROJECT_NAME": self.project_name,
                 "OS_USER_DOMAIN_NAME": self.user_domain_name, "OS_PROJECT_DOMAIN_NAME": self.project_domain_name,
                 "OS_REGION_NAME": self.region_name, "OS_COMPUTE_API_VERSION": "2.37"}
+
+
+DEMO_IMAGE = "vmstream-demo"
+DEMO_MARKER = b"vmstream demo guest: the driver boots its own demo guest, these bytes are never read\n"
 
 
 class Cloud:
@@ -131,6 +138,12 @@ class Cloud:
         body = {"flavor": {"name": name, "ram": ram_mib, "vcpus": vcpus, "disk": disk_gb}}
         return str(self.json("compute", "POST", "/flavors", json=body)["flavor"]["id"])
 
+    def ensure_demo_image(self, name: str = DEMO_IMAGE) -> str:
+        """The Glance image that stands for vmstream's demo guest (property vmstream_guest=demo:
+        the driver boots its own demo guest and never reads these bytes), made if missing."""
+        found = self.json("image", "GET", "/v2/images", params={"name": name})["images"]
+        return str(found[0]["id"]) if found else self.upload_image(name, DEMO_MARKER, vmstream_guest="demo")
+
     def upload_image(self, name: str, data: bytes, disk_format: str = "raw", **properties: str) -> str:
         """A Glance image made from bytes (active when this returns)."""
         body = {"name": name, "disk_format": disk_format, "container_format": "bare", **properties}
@@ -139,11 +152,46 @@ class Cloud:
                      headers={"Content-Type": "application/octet-stream"})
         return image_id
 
-    def create_servers(self, name: str, image: str, flavor: str, count: int = 1) -> str:
-        """POST /servers with min_count = max_count = count and no network; returns the reservation."""
-        body = {"server": {"name": name, "imageRef": image, "flavorRef": flavor, "networks": "none",
-                           "min_count": count, "max_count": count, "return_reservation_id": True}}
-        return str(self.json("compute", "POST", "/servers", json=body, microversion="2.37")["reservation_id"])
+    def create_servers(self, name: str, image: str, flavor: str, count: int = 1, host: str | None = None,
+                       metadata: dict[str, str] | None = None) -> str:
+        """POST /servers with min_count = max_count = count and no network; returns the
+        reservation. host: put them on that compute (admin's `nova:HOST` availability zone)."""
+        server: dict[str, Any] = {"name": name, "imageRef": image, "flavorRef": flavor, "networks": "none",
+                                  "min_count": count, "max_count": count, "return_reservation_id": True}
+        if host:
+            server["availability_zone"] = f"nova:{host}"
+        if metadata:
+            server["metadata"] = metadata
+        return str(self.json("compute", "POST", "/servers", json={"server": server}, microversion="2.37")["reservation_id"])
+
+    def live_image(self, server_id: str, name: str, timeout: float = 300.0) -> str:
+        """`openstack server image create`: the Glance image's id once it is active and marked
+        as a live image by vmstream's driver."""
+        r = self.request("compute", "POST", f"/servers/{server_id}/action", json={"createImage": {"name": name}},
+                         microversion="2.45")
+        image_id = str(r.json()["image_id"])
+        deadline = time.monotonic() + timeout
+        while True:
+            image = self.json("image", "GET", f"/v2/images/{image_id}")
+            if image["status"] == "active" and image.get("vmstream_live_image"):
+                return image_id
+            if image["status"] in ("killed", "deleted") or time.monotonic() > deadline:
+                raise DeployError(f"live image {name} of server {server_id} not made: image {image_id} is {image['status']}")
+            time.sleep(0.5)
+
+    def delete_image(self, image_id: str) -> None:
+        """Delete a Glance image, unprotecting it first (the driver protects live images)."""
+        patch = json.dumps([{"op": "replace", "path": "/protected", "value": False}]).encode()
+        self.request("image", "PATCH", f"/v2/images/{image_id}", content=patch,
+                     headers={"Content-Type": "application/openstack-images-v2.1-json-patch"})
+        self.request("image", "DELETE", f"/v2/images/{image_id}")
+
+    def delete_servers(self, ids: list[str], timeout: float = 300.0) -> None:
+        """Delete servers and wait until Nova lists none of them."""
+        for server_id in ids:
+            self.request("compute", "DELETE", f"/servers/{server_id}")
+        gone = set(ids)
+        self.wait_servers(lambda ss: not gone & {s["id"] for s in ss}, "deleted", timeout=timeout)
 
     def servers(self, **query: str) -> list[dict[str, Any]]:
         servers: list[dict[str, Any]] = self.json("compute", "GET", "/servers/detail", params=query)["servers"]

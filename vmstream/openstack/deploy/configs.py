@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from vmstream.openstack.deploy.layout import HOST, PORTS, REGION, ComputeSpec, Layout, Secrets
+from vmstream.openstack.deploy.layout import HOST, PORTS, REGION, VMSTREAM_DRIVER, ComputeSpec, Layout, Secrets
 
 Ini = dict[str, dict[str, str | int | bool]]
 
@@ -182,14 +182,24 @@ def ml2_conf() -> str:
                                "extension_drivers": ""}})
 
 
-def nova_conf(layout: Layout, secrets: Secrets) -> str:
-    """What every nova process reads (no database: nova-compute refuses to run with one)."""
+WEIGHER = "vmstream.openstack.nova.weigher.LiveImageCacheWeigher"
+
+
+def nova_conf(layout: Layout, secrets: Secrets, vmstream: bool = False) -> str:
+    """What every nova process reads (no database: nova-compute refuses to run with one).
+    With vmstream computes: the scheduler weighs hosts by the live images they hold, the
+    computes report them every 10 s (not 60) and reap deleted live images every 60 s."""
     nova_auth = _password_auth("nova", secrets.services["nova"])
+    extra: Ini = {}
+    if vmstream:
+        extra = {"filter_scheduler": {"weight_classes": f"nova.scheduler.weights.all_weighers,{WEIGHER}"},
+                 "image_cache": {"manager_interval": 60}}
     return render_ini({
         "DEFAULT": {"transport_url": transport_url(secrets), "state_path": str(layout.nova), "my_ip": HOST,
                     "enabled_apis": "osapi_compute", "osapi_compute_workers": 1,
                     # 0: no periodic refresh of every instance's network info from Neutron
-                    "heal_instance_info_cache_interval": 0},
+                    "heal_instance_info_cache_interval": 0,
+                    **({"update_resources_interval": 10} if vmstream else {})},
         "api": {"auth_strategy": "keystone"},
         "wsgi": {"api_paste_config": str(layout.conf("nova", "api-paste.ini"))},
         "conductor": {"workers": 1},
@@ -204,6 +214,7 @@ def nova_conf(layout: Layout, secrets: Secrets) -> str:
         "vnc": {"enabled": False},
         "oslo_messaging_notifications": {"driver": "noop"},
         "oslo_concurrency": {"lock_path": str(layout.locks / "nova")},
+        **extra,
     })
 
 
@@ -240,7 +251,7 @@ def rendered(layout: Layout, secrets: Secrets, computes: list[ComputeSpec]) -> d
         layout.conf("glance", "glance-api.conf"): glance_conf(layout, secrets),
         layout.conf("neutron", "neutron.conf"): neutron_conf(layout, secrets),
         layout.conf("neutron", "ml2_conf.ini"): ml2_conf(),
-        layout.conf("nova", "nova.conf"): nova_conf(layout, secrets),
+        layout.conf("nova", "nova.conf"): nova_conf(layout, secrets, any(c.driver == VMSTREAM_DRIVER for c in computes)),
         layout.conf("nova", "nova-db.conf"): nova_db_conf(secrets),
     }
     for service in WSGI_SCRIPTS:

@@ -40,6 +40,7 @@ from vmstream.openstack.deploy.errors import DeployError, NotRoot, PortInUse, Se
 from vmstream.openstack.deploy.layout import HOST, PORTS, Agent, ComputeSpec, Layout, Secrets
 from vmstream.openstack.deploy.processes import ProcessTable, cmdline, listeners, log_tail, start_ticks
 from vmstream.openstack.nova.shim import install_shim
+from vmstream.openstack.osc.install import install_plugin
 
 Progress = Callable[[str], None]
 DEFAULT_COMPUTES = 2
@@ -194,6 +195,7 @@ class Deployment:
         agents = _agents(computes)
         if agents:
             install_shim(lay.python)  # Nova imports nova.virt.vmstream from here (the computes' PYTHONPATH)
+            install_plugin(lay.osc)  # `openstack live-image ...` with openrc's PYTHONPATH
         boot_log = lay.log / "bootstrap.log"
         t0 = time.monotonic()
 
@@ -218,7 +220,7 @@ class Deployment:
         self._wait_http("keystone", 60)
         self.progress("Keystone answers")
         creds = bootstrap.admin_credentials(secrets)
-        creds.save(lay.cloud_json, lay.openrc)
+        creds.save(lay.cloud_json, lay.openrc, lay.osc if agents else None)
         if fresh:
             with Cloud(creds) as cloud:
                 bootstrap.create_catalog(cloud, secrets)
@@ -236,7 +238,8 @@ class Deployment:
                                 "--config-file", str(lay.conf("neutron", "ml2_conf.ini"))], env)
         self._start_uwsgi("nova-api")
         self._start("nova-conductor", ["/usr/bin/nova-conductor", *nova_db], env)
-        self._start("nova-scheduler", ["/usr/bin/nova-scheduler", *nova_db], env)
+        # the scheduler loads vmstream's weigher through the same directory as the computes' driver
+        self._start("nova-scheduler", ["/usr/bin/nova-scheduler", *nova_db], {**env, "PYTHONPATH": str(lay.python)} if agents else env)
         for agent in agents:
             self._start_agent(agent)
         self._wait_conductor_consumes(rabbit_env, 120)
@@ -260,6 +263,9 @@ class Deployment:
             self._wait_heartbeats(cloud, computes, started, 120)
             self.progress("every compute has sent a heartbeat")
             self._discover_hosts(cloud, computes, nova_db, boot_log)
+            if agents:  # what a first server needs: a flavor and the demo guest's Glance image
+                cloud.ensure_flavor()
+                cloud.ensure_demo_image()
         timings["start_s"] = time.monotonic() - t_start
         self.progress(f"up in {time.monotonic() - t0:.0f}s: credentials in {lay.openrc} (`. {lay.openrc}; openstack server list`)")
 
@@ -274,6 +280,7 @@ class Deployment:
         none of the caller's other VMSTREAM_* settings (they belong to the caller's agent)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("VMSTREAM_")}
         env["VMSTREAM_HOME"] = str(agent.home)
+        env["VMSTREAM_STORE"] = str(self.layout.store)  # one store for all: a live image made on one host starts on any
         agent.home.mkdir(parents=True, exist_ok=True)
         self.procs.start(agent.name, [sys.executable, "-m", "vmstream", "agent", "--port", str(agent.port)],
                          self.layout.service_log(agent.name), env=env, cwd=self.layout.run)
@@ -297,6 +304,17 @@ class Deployment:
 
         with ThreadPoolExecutor(len(agents)) as pool:
             list(pool.map(build, agents))
+        self._peer_agents(agents)
+
+    def _peer_agents(self, agents: list[Agent]) -> None:
+        """Every agent knows every other as a peer named after its compute host: Nova's live
+        migration names the destination compute, and the source agent moves the VM there."""
+        for agent in agents:
+            with agent.client(30) as client:
+                for other in agents:
+                    if other is not agent:
+                        client.call("PUT", f"/v1/peers/{other.host}",
+                                    json={"url": other.url, "token": other.token_file.read_text().strip()})
 
     def _start_uwsgi(self, service: str) -> None:
         ini = self.layout.conf(service.split("-")[0], "uwsgi.ini")

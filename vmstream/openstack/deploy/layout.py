@@ -61,12 +61,13 @@ class ComputeSpec:
         return [ComputeSpec(f"compute{i}", driver) for i in range(1, count + 1)]
 
     @staticmethod
-    def vmstream(count: int, layout: Layout) -> list[ComputeSpec]:
+    def vmstream(count: int, layout: Layout, migration_mbps: float | None = None) -> list[ComputeSpec]:
         """compute1 ... computeN with vmstream's driver, each with its own agent (data dir
-        agents/computeN, port AGENT_PORT_BASE + N)."""
+        agents/computeN, port AGENT_PORT_BASE + N); migration_mbps caps their live moves."""
+        cap = {"migration_max_bandwidth_mbps": f"{migration_mbps:g}"} if migration_mbps else {}
         return [ComputeSpec(f"compute{i}", VMSTREAM_DRIVER, {"vmstream": {
             "agent_url": f"http://{HOST}:{AGENT_PORT_BASE + i}",
-            "token_file": str(layout.agent_home(f"compute{i}") / "agent.token")}}) for i in range(1, count + 1)]
+            "token_file": str(layout.agent_home(f"compute{i}") / "agent.token"), **cap}}) for i in range(1, count + 1)]
 
     @property
     def agent(self) -> Agent | None:
@@ -87,6 +88,11 @@ class Agent:
     name: str
     home: Path
     port: int
+
+    @property
+    def host(self) -> str:
+        """The compute host it serves: also its name as the other agents' peer (live migration's destination)."""
+        return self.name.removeprefix("agent-")
 
     @property
     def url(self) -> str:
@@ -140,6 +146,8 @@ class Layout:
         self.neutron = self.root / "neutron"
         self.locks = self.root / "locks"
         self.agents = self.root / "agents"  # each vmstream compute's agent data dir (VMSTREAM_HOME)
+        self.store = self.root / "store"  # the agents' shared chunk store and live-image catalog (NFS on real hosts)
+        self.osc = self.root / "osc"  # vmstream's openstack client plugin: PYTHONPATH in openrc
         self.python = self.root / "python"  # the Nova driver's namespace shim: the vmstream computes' PYTHONPATH
         self.secrets_file = self.root / "secrets.json"
         self.spec_file = self.root / "deployment.json"

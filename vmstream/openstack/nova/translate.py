@@ -41,6 +41,16 @@ GUEST_PROPERTY = "vmstream_guest"
 DISK_FORMATS = ("raw", "qcow2")  # what the agent boots a disk guest from
 
 
+# The Glance properties of a live image's Glance image, set by the driver's snapshot(). The
+# image's bytes are a small JSON record; its memory stays in vmstream's store.
+LIVE_IMAGE_PROPERTY = "vmstream_live_image"  # the vmstream live image's name: marks a live image
+FLAVOR_PROPERTY = "vmstream_flavor"  # the source server's flavor id: what clones default to
+SOURCE_PROPERTY = "vmstream_source_server"
+MEMORY_PROPERTY = "vmstream_memory_mb"  # the image's guest memory: a flavor for its clones needs as much
+HELD_STAT = "vmstream_live_images"  # compute node stat: Glance ids of the live images a host holds
+LIVE_IMAGE_PREFIX = "glance-"  # a live image made by Nova is named after its Glance image
+
+
 def vm_name(instance_uuid: str) -> str:
     return VM_PREFIX + instance_uuid
 
@@ -95,6 +105,55 @@ def boot_request(name: str, memory_mb: int, vcpus: int, source: GuestSource, *, 
     return body
 
 
+def live_image_name(glance_image_id: str) -> str:
+    return LIVE_IMAGE_PREFIX + glance_image_id
+
+
+def glance_image_id(live_image: str) -> str | None:
+    """The Glance image a live image was made for; None for one not made through Nova."""
+    rest = live_image[len(LIVE_IMAGE_PREFIX):]
+    return rest if live_image.startswith(LIVE_IMAGE_PREFIX) and len(rest) == 36 else None
+
+
+def live_image_of(system_metadata: Mapping[str, str]) -> str | None:
+    """The live image a server boots from, if its Glance image is one: the property reaches
+    the driver as system_metadata['image_vmstream_live_image']."""
+    return system_metadata.get(f"image_{LIVE_IMAGE_PROPERTY}") or None
+
+
+def clone_request(name: str, flavor_memory_mb: int, system_metadata: Mapping[str, str], metadata: Mapping[str, str],
+                  user_data_b64: str | None, image_id: str) -> dict[str, Any]:
+    """The agent's POST /v1/live-images/{live}/start body for one server: its VM gets the
+    server's VM name; the server's metadata become the clone's guest params (the clone hooks
+    see them) and its user data the clone's. A clone's memory is its image's: a flavor with
+    less would let Placement count less than the clone uses, so it is refused."""
+    image_mb = system_metadata.get(f"image_{MEMORY_PROPERTY}")
+    if image_mb and image_mb.isdigit() and flavor_memory_mb < int(image_mb):
+        raise InvalidInput(f"live image {image_id} has {image_mb} MB of guest memory; the server's flavor gives "
+                           f"{flavor_memory_mb} MB: use a flavor with at least {image_mb} MB (the image's "
+                           f"{FLAVOR_PROPERTY} property names the one it was made with)")
+    body: dict[str, Any] = {"names": [name], "params": dict(metadata)}
+    if user_data_b64:
+        body["user_data_b64"] = user_data_b64
+    return body
+
+
+def snapshot_image(live: Mapping[str, Any], source_uuid: str, flavor_id: str, memory_mb: int) -> tuple[dict[str, Any], bytes]:
+    """The Glance image update for a live image (metadata and its bytes, a small JSON record
+    of what identifies it), from the agent's ImageInfo. Properties inherited from the
+    source server's image (a clone's carries its parent's vmstream_live_image) are
+    overwritten: this image is the new live image."""
+    meta = {
+        "disk_format": "raw", "container_format": "bare",
+        "properties": {LIVE_IMAGE_PROPERTY: live["name"], FLAVOR_PROPERTY: flavor_id, SOURCE_PROPERTY: source_uuid,
+                       MEMORY_PROPERTY: str(memory_mb)},
+    }
+    record = {"vmstream_live_image": live["name"], "memory_bytes": live["memory_bytes"],
+              "memory_bytes_stored": live["memory_bytes_stored"], "parent_image": live.get("parent_image"),
+              "created_at": str(live["created_at"]), "source_server": source_uuid}
+    return meta, json.dumps(record, indent=1).encode() + b"\n"
+
+
 def qemu_version_int(version: str) -> int:
     """'7.2.15' (or 'QEMU emulator version 7.2.15 (Debian ...)') -> 7002015, as Nova stores it."""
     for word in version.split():
@@ -119,8 +178,17 @@ class HostResources:
     stats: dict[str, str]
 
 
+def held_live_images(images: list[Mapping[str, Any]], memfs_images: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The Glance ids of the live images whose memory this host holds: memfs has served their
+    memory (root) file here since the host's caches were last dropped, so its chunks are in
+    the host's chunk cache, its pages likely in the page cache. From the agent's GET /v1/live-images and GET /v1/host's memfs images."""
+    read = {name for name, st in memfs_images.items() if st.get("held", int(st.get("read_bytes") or 0) > 0)}
+    held = (glance_image_id(i["name"]) for i in images if (i.get("memory_root") or i["name"]) in read)
+    return sorted(h for h in held if h)
+
+
 def host_resources(host: Mapping[str, Any], cpus: int, disk_total_bytes: int, disk_free_bytes: int,
-                   qemu_version: str) -> HostResources:
+                   qemu_version: str, held: list[str] | None = None) -> HostResources:
     """From the agent's GET /v1/host (memory, its VMs' footprint), the CPU count and the file
     system of the agent's data dir. Memory is the host's physical RAM: Placement's allocation
     ratio (nova.conf initial_ram_allocation_ratio) decides how far flavors may overcommit it;
@@ -131,6 +199,7 @@ def host_resources(host: Mapping[str, Any], cpus: int, disk_total_bytes: int, di
         "vmstream_mem_available_mb": str(int(host["mem_available_bytes"]) // mib),
         "vmstream_vm_pss_mb": str(int(host.get("vm_pss_bytes", 0)) // mib),
         "vmstream_vms": str(int(host.get("vms", 0))),
+        HELD_STAT: ",".join(held or []),
     }
     return HostResources(
         vcpus=cpus, memory_mb=total // mib, memory_mb_used=(total - int(host["mem_available_bytes"])) // mib,
@@ -157,3 +226,43 @@ def inventory(res: HostResources, ratios: Mapping[str, float], reserved: Mapping
     return {rc: {"total": total, "min_unit": 1, "max_unit": total, "step_size": 1,
                  "allocation_ratio": ratios[rc], "reserved": reserved.get(rc, 0)}
             for rc, total in totals.items() if total > 0}
+
+
+def cache_weight(image_id: str | None, held_stat: str, running_image_refs: list[str], spare_mb: int, flavor_mb: int) -> float:
+    """LiveImageCacheWeigher's raw weight of one host for one server: 1.0 if servers of the
+    image run there now (its pages are in the host's page cache, shared at once), 0.5 if the
+    host holds its memory in the chunk cache (the compute's HELD_STAT), else 0; and 0 for a
+    host without the flavor's memory to spare (MemAvailable as last reported, or Placement's
+    free RAM, whichever is less). The running servers come from the scheduler's instance
+    tracking, which computes update as servers start and go: fresher than the stats."""
+    if not image_id or spare_mb < flavor_mb:
+        return 0.0
+    if image_id in running_image_refs:
+        return 1.0
+    return 0.5 if image_id in held_stat.split(",") else 0.0
+
+
+class LazyAllocations(Mapping[str, Any]):
+    """A mapping that asks for its contents only when first read (see driver.lazy_allocations)."""
+
+    def __init__(self, fetch: Any) -> None:
+        self._fetch = fetch
+        self._data: Mapping[str, Any] | None = None
+
+    def _loaded(self) -> Mapping[str, Any]:
+        if self._data is None:
+            self._data = self._fetch()
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._loaded()[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._loaded())
+
+    def __len__(self) -> int:
+        return len(self._loaded())
+
+    @property
+    def fetched(self) -> bool:
+        return self._data is not None
