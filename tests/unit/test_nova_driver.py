@@ -112,6 +112,31 @@ def test_nova_loads_the_driver_through_the_shim(tmp_path: Path) -> None:
     assert out.stdout.strip() == "vmstream.openstack.nova.driver"
 
 
+def test_computes_in_one_process_each_find_their_own_agent(tmp_path: Path) -> None:
+    """[vmstream] agents (host:url|token_file; the URL's colons survive oslo's dict parsing) by the
+    host init_host gives each driver, not CONF.host, which one process shares (Nova's functional tests)."""
+    probe = subprocess.run(["/usr/bin/python3", "-c", "import nova.virt.driver, httpx"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("Debian's python3-nova and python3-httpx are not installed")
+    install_shim(tmp_path)
+    for n in (1, 2, 9):
+        (tmp_path / f"token{n}").write_text(f"t{n}\n")
+    (tmp_path / "nova.conf").write_text(
+        f"[DEFAULT]\nhost = compute2\n[vmstream]\nagent_url = http://127.0.0.1:8409\ntoken_file = {tmp_path}/token9\n"
+        f"agents = compute1:http://127.0.0.1:8401|{tmp_path}/token1, compute2:http://127.0.0.1:8402|{tmp_path}/token2\n")
+    code = (f"from nova.conf import CONF; from vmstream.openstack.nova.driver import VmstreamDriver; "
+            f"CONF(['--config-file', '{tmp_path}/nova.conf'], project='nova')\n"
+            "for host in ('compute1', 'compute2', 'compute3'):\n"
+            "    d = VmstreamDriver(None); d._call = lambda *a, **kw: {}; d.init_host(host)\n"
+            "    print(host, d._agent().base_url, d._agent().headers['Authorization'], d.get_available_nodes())")
+    out = subprocess.run(["/usr/bin/python3", "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["compute1 http://127.0.0.1:8401 Bearer t1 ['compute1']",
+                                       "compute2 http://127.0.0.1:8402 Bearer t2 ['compute2']",
+                                       "compute3 http://127.0.0.1:8409 Bearer t9 ['compute3']"]  # not listed: agent_url
+
+
 def test_a_vmstream_compute_gets_the_driver_and_its_agent(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "os")
     computes = ComputeSpec.vmstream(2, layout)

@@ -63,6 +63,8 @@ OPTS = [
                      "lazy_allocations in the driver)."),
     cfg.FloatOpt("migration_max_bandwidth_mbps", min=0.1,
                  help="Cap a QEMU live move's stream at this many MB/s (as [libvirt] live_migration_bandwidth); unset: no cap."),
+    cfg.DictOpt("agents", default={}, help="Per compute host, host:agent_url|token_file, for several computes in one "
+                "process (Nova's functional tests); a host not in it uses agent_url and token_file."),
 ]
 CONF.register_opts(OPTS, group="vmstream")
 
@@ -91,7 +93,7 @@ def lazy_allocations() -> None:
 
 
 class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is untyped
-    """One nova-compute's driver: its node is CONF.host, its VMs live in one agent."""
+    """One nova-compute's driver: its node is its host (CONF.host), its VMs live in one agent."""
 
     capabilities = {
         **driver.ComputeDriver.capabilities,
@@ -103,6 +105,7 @@ class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is unt
     def __init__(self, virtapi: Any, read_only: bool = False) -> None:
         super().__init__(virtapi)
         self._api: ApiClient | None = None
+        self._host = CONF.host  # init_host() gives this compute's own: CONF.host is one per process
         self._last: translate.HostResources | None = None  # the agent's last answer on the host's resources
         if CONF.vmstream.lazy_placement_allocations:
             lazy_allocations()
@@ -112,15 +115,16 @@ class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is unt
     def _agent(self) -> ApiClient:
         if self._api is None:
             conf = CONF.vmstream
-            if not conf.token_file:
+            url, token_file = conf.agents[self._host].split("|", 1) if self._host in conf.agents else (conf.agent_url, conf.token_file)
+            if not token_file:
                 raise InvalidInput("nova.conf [vmstream] token_file is not set: point it at agent.token in the agent's data dir")
             try:
-                token = Path(conf.token_file).read_text().strip()
+                token = Path(token_file).read_text().strip()
             except OSError as exc:
-                raise InvalidInput(f"nova.conf [vmstream] token_file {conf.token_file} cannot be read ({exc.strerror}): "
+                raise InvalidInput(f"nova.conf [vmstream] token_file {token_file} cannot be read ({exc.strerror}): "
                                    "start the agent first (it writes the token) or fix the path") from exc
-            self._api = ApiClient(conf.agent_url, token, f"the vmstream agent of {CONF.host}",
-                                  token_fix=f"[vmstream] token_file ({conf.token_file}) holds another agent's token")
+            self._api = ApiClient(url, token, f"the vmstream agent of {self._host}",
+                                  token_fix=f"[vmstream] token_file ({token_file}) holds another agent's token")
         return self._api
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -137,8 +141,9 @@ class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is unt
 
     def init_host(self, host: str) -> None:
         """Fail the compute's start at once, with the reason, if its agent cannot be used."""
+        self._host = host
         info = self._call("GET", "/v1/info")
-        LOG.info("vmstream agent %s: %s, QEMU %s", CONF.vmstream.agent_url, info.get("accelerator"), info.get("qemu_version"))
+        LOG.info("vmstream agent %s: %s, QEMU %s", self._agent().base_url, info.get("accelerator"), info.get("qemu_version"))
 
     def cleanup_host(self, host: str) -> None:
         if self._api is not None:
@@ -151,7 +156,7 @@ class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is unt
     def get_available_nodes(self, refresh: bool = False) -> list[str]:
         # One node per compute service, named after it: two computes on one machine are two
         # resource providers.
-        return [CONF.host]
+        return [self._host]
 
     def _resources(self) -> translate.HostResources:
         host = self._call("GET", "/v1/host")
@@ -164,7 +169,7 @@ class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is unt
     def get_available_resource(self, nodename: str) -> dict[str, Any]:
         """The periodic refresh (update_resources_interval): asks the agent, and keeps the answer
         for update_provider_tree."""
-        if nodename != CONF.host:
+        if nodename != self._host:
             return {}
         self._last = self._resources()
         return translate.available_resource(self._last, nodename)
@@ -343,7 +348,7 @@ class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is unt
                 self._image_file(context, image_id)
             return not present
         warm = self._call("POST", f"/v1/live-images/{live}/warm", timeout=CONF.vmstream.clone_timeout)
-        LOG.info("live image %s warmed on %s: %d bytes read in %.2fs", live, CONF.host, warm["memory_bytes_read"],
+        LOG.info("live image %s warmed on %s: %d bytes read in %.2fs", live, self._host, warm["memory_bytes_read"],
                  warm["elapsed_s"])
         return True
 
