@@ -140,7 +140,7 @@ def test_live_migration_of_a_clone_keeps_its_memory_and_identity(vmstream_openst
         (server,) = wait_active(cloud, cloud.create_servers("mover", live.id, live.flavor, host="compute1"), 1)
         before = agent_vms(vmstream_openstack, "compute1")[vm_name(server["id"])]
         assert ask(vmstream_openstack, "compute1", server["id"], MEMCHECK)["ok"]
-        cloud.request("compute", "POST", f"/servers/{server['id']}/action", microversion="2.30",
+        cloud.request("compute", "POST", f"/servers/{server['id']}/action", microversion="2.34",
                       json={"os-migrateLive": {"host": "compute2", "block_migration": "auto"}})
         cloud.wait_servers(
             lambda ss: ss[0]["OS-EXT-SRV-ATTR:host"] == "compute2" and ss[0]["status"] == "ACTIVE"
@@ -160,7 +160,7 @@ def test_a_destination_that_dies_mid_move_leaves_the_server_on_its_source(vmstre
         flavor = cloud.ensure_flavor()
         (server,) = wait_active(cloud, cloud.create_servers("doomed-move", demo_image(cloud), flavor, host="compute1"), 1)
         assert ask(vmstream_openstack, "compute1", server["id"], MEMCHECK)["ok"]
-        cloud.request("compute", "POST", f"/servers/{server['id']}/action", microversion="2.30",
+        cloud.request("compute", "POST", f"/servers/{server['id']}/action", microversion="2.34",
                       json={"os-migrateLive": {"host": "compute2", "block_migration": "auto"}})
         deadline, pid = time.monotonic() + 120, None
         while pid is None and time.monotonic() < deadline:

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from keystoneauth1 import loading as ks_loading
 from nova import exception
 from nova.compute import power_state as nova_power_state
 from nova.compute import task_states, vm_states
@@ -107,6 +108,8 @@ class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is unt
         self._api: ApiClient | None = None
         self._host = CONF.host  # init_host() gives this compute's own: CONF.host is one per process
         self._last: translate.HostResources | None = None  # the agent's last answer on the host's resources
+        self._glance_session: Any = None
+        self._warned_service_user = False
         if CONF.vmstream.lazy_placement_allocations:
             lazy_allocations()
 
@@ -355,25 +358,40 @@ class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is unt
     def manage_image_cache(self, context: Any, all_instances: Any) -> None:
         """Delete the live images made through Nova whose Glance image is gone and that no VM
         of this agent runs (Glance refuses to delete a protected image; `openstack live-image
-        delete` unprotects it only when no server uses it)."""
-        api = glance.API()
+        delete` unprotects it only when no server uses it). A periodic task's context has no
+        token and no catalog, so Glance is asked as nova.conf's [service_user]."""
+        glance_session = self._service_session()
+        if glance_session is None:
+            return
         for image in self._call("GET", "/v1/live-images"):
             image_id = translate.glance_image_id(image["name"])
             if image_id is None or image.get("clones"):
                 continue
             try:
-                api.get(context, image_id)
-                continue
-            except exception.ImageNotFound:
-                pass
-            except Exception as exc:  # Glance unreachable: try again next pass
+                r = glance_session.get(f"/v2/images/{image_id}", raise_exc=False, endpoint_filter={
+                    "service_type": "image", "interface": "public", "region_name": CONF.glance.region_name})
+            except Exception as exc:  # Glance or Keystone unreachable: try again next pass
                 LOG.warning("cannot check Glance image %s: %s", image_id, exc)
+                continue
+            if r.status_code != 404:
                 continue
             try:
                 self._call("DELETE", f"/v1/live-images/{image['name']}")
                 LOG.info("deleted live image %s: its Glance image is gone", image["name"])
             except VmstreamError as exc:
                 LOG.warning("live image %s could not be deleted: %s", image["name"], exc)
+
+    def _service_session(self) -> Any:
+        """A keystoneauth session as nova.conf's [service_user] (None, said once, without one)."""
+        if self._glance_session is None:
+            auth = ks_loading.load_auth_from_conf_options(CONF, "service_user")
+            if auth is None:
+                if not self._warned_service_user:
+                    LOG.warning("nova.conf has no [service_user] credentials: deleted live images are not reaped")
+                    self._warned_service_user = True
+                return None
+            self._glance_session = ks_loading.load_session_from_conf_options(CONF, "service_user", auth=auth)
+        return self._glance_session
 
     # ---- live migration ---------------------------------------------------------------------
 
