@@ -160,3 +160,18 @@ def test_truncated_or_unknown_stored_chunk_is_corrupt(store: ChunkStore, tmp_pat
     store.backend.put(key, ZSTD + good[1:])
     with pytest.raises(CorruptChunk, match="does not decompress"):
         store.read_chunk(ref)
+
+
+def test_a_local_store_leaves_no_empty_directories(tmp_path: Path) -> None:
+    """An image's meta/images/NAME/ goes with its last file (the store shared by a deployment's agents)."""
+    b = LocalBackend(tmp_path / "store")
+    b.put("meta/images/web/manifest.json", b"{}")
+    b.put("meta/images/web/devstate", b"x")
+    b.put("meta/images/other/manifest.json", b"{}")
+    b.delete("meta/images/web/manifest.json")
+    assert (tmp_path / "store/meta/images/web").is_dir()  # still holds devstate
+    b.delete("meta/images/web/devstate")
+    assert not (tmp_path / "store/meta/images/web").exists()
+    assert (tmp_path / "store/meta/images/other/manifest.json").is_file() and (tmp_path / "store").is_dir()
+    b.put("meta/images/web/manifest.json", b"{}")  # the directory comes back with a new object
+    assert b.get("meta/images/web/manifest.json") == b"{}"

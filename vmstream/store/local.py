@@ -41,8 +41,14 @@ class LocalBackend(Backend):
         path = self._path(key)
         tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            for attempt in (1, 2):  # a delete may remove the directory as it empties: make it again once
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    break
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
             try:
                 view = memoryview(data)
                 while view:
@@ -106,7 +112,17 @@ class LocalBackend(Backend):
         return iter(sorted(found, key=lambda o: o.key))
 
     def delete(self, key: str) -> None:
+        """Delete the object, then the directories it leaves empty (an image's meta/images/NAME/),
+        as a key-value store has no directories to leave behind."""
+        path = self._path(key)
         try:
-            self._path(key).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         except OSError as exc:
             raise self._error("delete", key, exc) from exc
+        parent = path.parent
+        while parent != self.root and self.root in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (or gone): the rest of the path is in use
+                break
+            parent = parent.parent
