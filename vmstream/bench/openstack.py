@@ -44,7 +44,7 @@ from vmstream.openstack.nova.translate import vm_name
 BATCH = 10
 WEIGHER_BATCH = 5
 SERVE_TIMEOUT_S = 900.0  # 10 TCG cold boots on 2 busy cores
-POLL_S = 0.3  # each server list costs Nova a Neutron port query
+POLL_S = 0.5  # each server list costs nova-api and Neutron CPU that the servers being started need
 
 
 def say(line: str) -> None:
