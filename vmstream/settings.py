@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     # ---- the clone pool
     clone_pool: int = Field(1, ge=0, description="Pooled QEMUs kept per live image (started ahead, state loaded, paused); 0: no pool.")
     clone_pool_images: int = Field(4, ge=0, description="How many of the most recently started images keep a pool.")
+    clone_pool_nice: int = Field(10, ge=0, le=19, description="Nice value of pooled QEMUs while they are prepared and wait "
+                                 "(a clone that takes one runs at the agent's own): a refill must not take CPU from starts.")
     clone_pool_run_through: bool = Field(True, description="A pooled QEMU runs once through a clone's start before it is paused.")
     clone_pool_tb_mib: int = Field(10, ge=1, description="TCG translation cache (MiB) of a pooled QEMU (room for its run-through); "
                                    "doubled, up to 64, for an image whose run-through overflowed it.")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import time
 from typing import Any
@@ -49,11 +50,23 @@ LOAD_FLUSHES = 1  # TCG drops its translated code once when the state loads; mor
 POOL_WAIT_S = 2.0  # a single start waits this long for a pooled QEMU being prepared (further along than a new one)
 
 
+def renice(pid: int | None, nice: int) -> None:
+    """Set the nice value of every thread of a process (Linux's setpriority(PRIO_PROCESS)
+    sets one thread's, and QEMU's vCPU threads exist before we are asked)."""
+    if pid is None:
+        return
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+
+
 class ClonePool:
     def __init__(self, settings: Settings, registry: VmRegistry, starter: Starter, images: ImageRepository, tasks: Tasks) -> None:
         self.size = settings.clone_pool
         self.images_kept = settings.clone_pool_images
         self.run_through = settings.clone_pool_run_through
+        self.nice = settings.clone_pool_nice
         self.tb_mib = settings.clone_pool_tb_mib
         self.registry = registry
         self.starter = starter
@@ -76,6 +89,7 @@ class ClonePool:
                 log.warning("pooled QEMU %s of image %s had exited; starting the clone anew", pool_name, image_name)
                 self.starter.remove_row(pool_name)
                 continue
+            renice(self.starter.proc(pool_rec).pid, 0)  # a clone now: as urgent as a new QEMU
             clone = self.registry.take_over(pool_name, rec.name)
             self.starter.hand_over(pool_name, rec.name)
             return clone, True
@@ -123,6 +137,7 @@ class ClonePool:
                 tb_mib = self._tb_mib.get(image_name, self.tb_mib)
                 spec = self.starter.pooled_spec(self.starter.spec(rec, image), tb_mib if self.run_through else None)
                 await self.starter.launch(rec, proc, spec)
+                renice(proc.pid, self.nice)  # preparing ahead must not slow the starts being served now
                 t_launched = time.perf_counter()
                 await self.starter.load_paused(rec, proc, image)
                 t_loaded = time.perf_counter()
