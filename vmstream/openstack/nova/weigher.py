@@ -10,18 +10,22 @@ so this is a weigher (nova.conf):
     cache_weight_multiplier = 10.0
 
 It runs inside nova-scheduler (the namespace shim's directory on its PYTHONPATH) and reads
-only what the scheduler has: the host's instances (kept fresh by the computes as servers
-start and go) and the compute node's stats that VmstreamDriver reports
-(translate.HELD_STAT, vmstream_mem_available_mb), refreshed with the resource tracker.
+what the scheduler has: the host's instances (kept fresh by the computes as servers start
+and go) and the compute node's stats that VmstreamDriver reports (translate.HELD_STAT,
+vmstream_mem_available_mb), refreshed with the resource tracker. Whether the request's image
+is a live image at all it asks Glance, once per image, as nova.conf's [service_user]: other
+images (cold boots) weigh nothing, so Nova's own weighers spread them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from keystoneauth1 import loading as ks_loading
 from nova.conf import CONF
 from nova.scheduler import utils, weights
 from oslo_config import cfg
+from oslo_log import log as logging
 
 from vmstream.openstack.nova import translate
 
@@ -31,16 +35,57 @@ CONF.register_opts([
 ], group="vmstream")
 
 
+LOG = logging.getLogger(__name__)
+
+
+def _image_id(spec_obj: Any) -> str | None:
+    image = spec_obj.image if spec_obj.obj_attr_is_set("image") else None
+    return str(image.id) if image is not None and image.obj_attr_is_set("id") else None
+
+
 class LiveImageCacheWeigher(weights.BaseHostWeigher):  # type: ignore[misc]  # Nova is untyped
     minval = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[str, bool] = {}  # Glance image id -> is it a live image (a property set once, at its making)
+        self._session: Any = None
+        self._image: str | None = None  # this request's image, if a live image
 
     def weight_multiplier(self, host_state: Any) -> float:
         return float(utils.get_weight_multiplier(host_state, "vmstream_cache_weight_multiplier",
                                                  CONF.vmstream.cache_weight_multiplier))
 
+    def weigh_objects(self, weighed_obj_list: Any, spec_obj: Any) -> Any:
+        """Once per request: only a live image's clones gain from its memory on a host (cold
+        boots of one image share nothing), so other images weigh nothing here."""
+        self._image = _image_id(spec_obj)
+        if self._image is not None and not self._is_live(self._image):
+            self._image = None
+        return super().weigh_objects(weighed_obj_list, spec_obj)
+
+    def _is_live(self, image_id: str) -> bool:
+        """Whether Glance marks the image as a live image (custom properties do not reach the
+        scheduler's RequestSpec), asked once per image as nova.conf's [service_user]."""
+        if image_id not in self._live:
+            try:
+                if self._session is None:
+                    auth = ks_loading.load_auth_from_conf_options(CONF, "service_user")
+                    if auth is None:
+                        return False
+                    self._session = ks_loading.load_session_from_conf_options(CONF, "service_user", auth=auth)
+                r = self._session.get(f"/v2/images/{image_id}", raise_exc=False, endpoint_filter={
+                    "service_type": "image", "interface": "public", "region_name": CONF.glance.region_name})
+            except Exception as exc:  # Glance unreachable: no preference this time, ask again next time
+                LOG.warning("cannot ask Glance about image %s: %s", image_id, exc)
+                return False
+            if r.status_code != 200:
+                return False
+            self._live[image_id] = bool(r.json().get(translate.LIVE_IMAGE_PROPERTY))
+        return self._live[image_id]
+
     def _weigh_object(self, host_state: Any, spec_obj: Any) -> float:
-        image = spec_obj.image if spec_obj.obj_attr_is_set("image") else None
-        image_id = image.id if image is not None and image.obj_attr_is_set("id") else None
+        image_id = self._image
         stats = host_state.stats or {}
         available = stats.get("vmstream_mem_available_mb")
         spare = int(host_state.free_ram_mb)
