@@ -52,6 +52,7 @@ NOVA_RPC = ("nova-conductor", "nova-scheduler")
 BACKENDS = ("mariadb", "rabbitmq", "epmd")
 COMPUTE_PY = "import sys; from nova.cmd.compute import main; sys.exit(main())"
 GUEST_BUILD_TIMEOUT_S = 900.0  # a first build of the demo guest on a busy machine
+CONTROL_NICE = -5  # the OpenStack services' priority against the guests (the agents and their QEMUs stay at 0)
 AGENT_STOP_TIMEOUT_S = 180.0  # destroying every VM of a busy agent
 
 
@@ -272,8 +273,10 @@ class Deployment:
     # ---- starting and waiting ------------------------------------------------------------------
 
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        """An OpenStack service, at CONTROL_NICE: on this one machine the control plane shares
+        two cores with the guests, which on a cloud run on other hosts than its controllers."""
         self.procs.start(name, argv, self.layout.service_log(name), env={**bootstrap.clean_env(), **(env or {})},
-                         cwd=self.layout.run)
+                         cwd=self.layout.run, nice=CONTROL_NICE)
 
     def _start_agent(self, agent: Agent) -> None:
         """A vmstream agent for one compute: this vmstream's Python, its own data dir and port,

@@ -87,15 +87,16 @@ class ProcessTable:
         self._children: dict[str, subprocess.Popen[bytes]] = {}  # started by this process: reaped here
 
     def start(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> Record:
+              cwd: Path | None = None, nice: int = 0) -> Record:
         """Start a service in its own session, output appended to its log, and record it.
-        env is its whole environment (None: this process's)."""
+        env is its whole environment (None: this process's); nice is added to ours."""
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} start: {' '.join(argv)}\n".encode())
             out.flush()
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    env=env, cwd=cwd, start_new_session=True)
+                                    env=env, cwd=cwd, start_new_session=True,
+                                    preexec_fn=(lambda: os.nice(nice)) if nice else None)
         self._children[name] = proc
         ticks = start_ticks(proc.pid)
         return self._write(Record(name, proc.pid, ticks if ticks is not None else -1, argv, str(log)))
