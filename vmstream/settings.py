@@ -52,7 +52,8 @@ class Settings(BaseSettings):
     clone_pool_run_through: bool = Field(True, description="A pooled QEMU runs once through a clone's start before it is paused.")
     clone_pool_tb_mib: int = Field(10, ge=1, description="TCG translation cache (MiB) of a pooled QEMU (room for its run-through); "
                                    "doubled, up to 64, for an image whose run-through overflowed it.")
-    batch_defer_hooks: bool = Field(True, description="Clones started by one request run their clone.d hooks once all of them serve.")
+    batch_defer_hooks: bool = Field(True, description="Clones started by one request run their clone.d hooks once all of them serve, "
+                                    "and clones started one by one in quick succession once the host started none for 1 s.")
 
     # ---- background work
     gc_interval_s: float = Field(3600.0, ge=0, description="Seconds between store garbage collections by the agent (0: never).")

@@ -175,3 +175,28 @@ def test_ssh_hook_replaces_the_images_keys_and_reloads_sshd(tmp_path: Path) -> N
     assert set(after) == set(before), "the same key types, and no leftover directory"
     assert all(after[name] != before[name] for name in before), "every key is new"
     assert oct((ssh / "ssh_host_ed25519_key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_burst_of_single_starts_defers_hooks_until_the_host_is_quiet() -> None:
+    import asyncio
+    import time
+
+    from vmstream.host.hooks import Batch, Burst
+
+    async def scenario() -> None:
+        burst = Burst(quiet_s=0.2)
+        assert not Batch(1, True, in_burst=burst.begin()).defer_hooks  # alone: its hooks run at once
+        assert Batch(1, True, in_burst=burst.begin()).defer_hooks  # while the first runs
+        assert not Batch(1, False, in_burst=True).defer_hooks  # the setting turns it off
+        burst.end()
+        burst.end()
+        assert Batch(1, True, in_burst=burst.begin()).defer_hooks  # right after: still the burst
+        burst.end()
+        t0 = time.monotonic()
+        await burst.quiet()
+        assert time.monotonic() - t0 >= 0.15
+        await asyncio.sleep(0.25)
+        assert not Batch(1, True, in_burst=burst.begin()).defer_hooks  # a start after a quiet spell
+        burst.end()
+
+    asyncio.run(scenario())

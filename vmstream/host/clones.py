@@ -88,11 +88,12 @@ class CloneStarter:
             names, memory_bytes=g.memory_bytes, cpus=g.cpus, accel=g.accel,
             parent_image=image_name, ready=g.ready, publish=dict.fromkeys(g.guest_ports, 0), **self.starter.image_boot(image),
         )
-        batch = Batch(len(recs), self.defer_hooks)
+        batch = Batch(len(recs), self.defer_hooks, in_burst=self.hooks.burst.begin())
         try:
             async with operation(f"start {len(recs)} clone(s)", vm=",".join(r.name for r in recs), image=image_name):
                 return await self._start(image, recs, t0, params, user_data, prefetch, pool, batch)
         finally:
+            self.hooks.burst.end()
             batch.finish()
 
     async def _start(

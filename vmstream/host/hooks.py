@@ -1,9 +1,11 @@
 """Clone hooks: when a clone's /etc/vmstream/clone.d hooks run, and their results.
 
-Under TCG a clone's hooks cost several times its start (1.5 CPU-s for the demo
-hook against 0.25 s: every fork and exec in a restored guest is translated
-anew). Run while siblings are still resuming, they take the CPU those need,
-so a batch's hooks start once all of it serves (Batch).
+Under TCG a clone's hooks cost as much as its start (0.25-0.3 CPU-s for the demo
+hook: every program a restored guest starts is translated anew). Run while
+siblings are still resuming, they take the CPU those need, so a batch's hooks
+start once all of it serves (Batch), and so do the hooks of clones started one
+by one in quick succession, as Nova starts a batch of servers (Burst): they wait
+until the host has started no clone for QUIET_S.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ HOOKS_TIMEOUT_S = 300.0
 
 
 class Batch:
-    """Clones started by one request."""
+    """Clones started by one request; in_burst: while other starts run on the host."""
 
-    def __init__(self, size: int, defer_hooks: bool) -> None:
-        self.defer_hooks = size > 1 and defer_hooks
+    def __init__(self, size: int, defer_hooks: bool, in_burst: bool = False) -> None:
+        self.defer_hooks = (size > 1 or in_burst) and defer_hooks
         self.hedge_http = size == 1  # in a burst a second status probe costs the siblings more than it saves
         self.done = asyncio.Event()
 
@@ -37,10 +39,43 @@ class Batch:
         self.done.set()
 
 
+QUIET_S = 1.0  # a burst of single clone starts is over once none came for this long
+
+
+class Burst:
+    """Clone starts on this host that come close together: requests of one clone each."""
+
+    def __init__(self, quiet_s: float = QUIET_S) -> None:
+        self.quiet_s = quiet_s
+        self.in_flight = 0
+        self.last = -float("inf")
+
+    def begin(self) -> bool:
+        """A start begins; True if it is part of a burst (another one runs, or ended just now)."""
+        now = time.monotonic()
+        busy = self.in_flight > 0 or now - self.last < self.quiet_s
+        self.in_flight += 1
+        self.last = now
+        return busy
+
+    def end(self) -> None:
+        self.in_flight -= 1
+        self.last = time.monotonic()
+
+    async def quiet(self) -> None:
+        """Return once no start has run for quiet_s."""
+        while True:
+            wait = self.last + self.quiet_s - time.monotonic()
+            if self.in_flight == 0 and wait <= 0:
+                return
+            await asyncio.sleep(max(wait, 0.1))
+
+
 class HookWatcher:
     def __init__(self, registry: VmRegistry, starter: Starter) -> None:
         self.registry = registry
         self.starter = starter
+        self.burst = Burst()
 
     async def set_clock(self, rec: VmRecord, proc: QemuProcess) -> None:
         """Measure the clone's clock and step it to the host's (vmstream.guest.clock); the
@@ -66,6 +101,7 @@ class HookWatcher:
         await self.set_clock(rec, proc)
         if batch.defer_hooks:
             await batch.done.wait()
+            await self.burst.quiet()
             await self.start_hooks(proc)
         deadline = time.monotonic() + HOOKS_TIMEOUT_S
         while time.monotonic() < deadline and proc.alive():
