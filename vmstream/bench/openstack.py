@@ -156,6 +156,10 @@ def _measure(c: Cluster, runs: int) -> dict[str, Any]:
     cloud, hosts = c.cloud, sorted(c.agents)
     flavor = cloud.ensure_flavor()
     demo = cloud.ensure_demo_image()
+    others = cloud.servers(all_tenants="1")
+    if others:  # their allocations and instances weigh in Nova's placement and in every claim
+        say(f"note: {len(others)} other servers in the deployment ({', '.join(sorted(s['name'] for s in others)[:5])}...): "
+            "they change where Nova puts the bench's servers and how fast")
     made: list[str] = []  # servers to delete at the end
     live_id: str | None = None
     try:
@@ -214,6 +218,7 @@ def _measure(c: Cluster, runs: int) -> dict[str, Any]:
         "command": command_line(),
         "host_cpus": os.cpu_count(),
         "computes": hosts,
+        "other_servers": len(others),
         "clones10_serving_s": round(clones10, 3),
         "clones10_serving_runs_s": [round(b.serving_s, 3) for b in warm],
         "clones10_active_runs_s": [round(b.active_s, 3) for b in warm],
