@@ -186,6 +186,31 @@ def test_a_destination_that_dies_mid_move_leaves_the_server_on_its_source(vmstre
         cloud.delete_servers([server["id"]])
 
 
+def test_aggregate_cache_image_prewarms_a_host(vmstream_openstack: OpenStack, live: LiveImage) -> None:
+    """`openstack aggregate cache image` (compute API 2.81) -> the driver's cache_image: the
+    live image's memory is read onto the aggregate's host and its clone pool filled."""
+    agent_call(vmstream_openstack, "compute2", "POST", "/v1/host/cache/drop")
+    before = agent_call(vmstream_openstack, "compute2", "GET", "/v1/host")["memfs"].get("images", {}).get(live.name, {})
+    assert not before.get("held"), before
+    with vmstream_openstack.cloud() as cloud:
+        agg = cloud.json("compute", "POST", "/os-aggregates", json={"aggregate": {"name": "prewarm"}})["aggregate"]
+        try:
+            cloud.request("compute", "POST", f"/os-aggregates/{agg['id']}/action", json={"add_host": {"host": "compute2"}})
+            cloud.request("compute", "POST", f"/os-aggregates/{agg['id']}/images", json={"cache": [{"id": live.id}]},
+                          microversion="2.81")
+            deadline, stats, pool = time.monotonic() + 180, before, {}
+            while time.monotonic() < deadline and not (stats.get("held") and live.name in pool.get("ready", {})):
+                time.sleep(1)
+                host = agent_call(vmstream_openstack, "compute2", "GET", "/v1/host")
+                stats, pool = host["memfs"]["images"].get(live.name, {}), host["clone_pool"]
+            assert stats.get("held") and stats["read_bytes"] >= stats["size"], stats  # all of it read through memfs
+            assert live.name in pool.get("ready", {}), pool  # and a pooled QEMU of it waits
+        finally:
+            cloud.request("compute", "POST", f"/os-aggregates/{agg['id']}/action", json={"remove_host": {"host": "compute2"}},
+                          expect=())
+            cloud.request("compute", "DELETE", f"/os-aggregates/{agg['id']}", expect=())
+
+
 def test_the_client_plugins_verbs(vmstream_openstack: OpenStack, live: LiveImage) -> None:
     """`openstack live-image ...` (vmstream's osc plugin) end to end, bad input included."""
     osc, run = vmstream_openstack.osc, vmstream_openstack.osc_run

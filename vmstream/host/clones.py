@@ -107,7 +107,7 @@ class CloneStarter:
             for rec in recs:
                 self.starter.remove_row(rec.name)
             raise
-        if pool and len(recs) == 1:  # a batch does not hold its other clones back for one pooled QEMU
+        if pool and len(recs) == 1 and not batch.in_burst:  # a batch or burst is not held back for one pooled QEMU
             await self.pool.wait(image.name)
         taken = [self.pool.take(rec, image.name) if pool else (rec, False) for rec in recs]
         recs = [rec for rec, _ in taken]
@@ -124,9 +124,16 @@ class CloneStarter:
         if errors:
             await asyncio.gather(*(self.starter.remove(r) for r in recs if self.registry.exists(r.name)), return_exceptions=True)
             raise errors[0]
-        self.pool.fill(image.name)
+        if batch.in_burst:  # refilled once the burst is over, not after each of its starts
+            self.tasks.spawn(self._fill_when_quiet(image.name), "clone pool fill", image=image.name)
+        else:
+            self.pool.fill(image.name)
         return StartResult(image=image.name, vms=[self.starter.info(self.registry.get(r.name)) for r in recs],
                            elapsed_s=time.perf_counter() - t0)
+
+    async def _fill_when_quiet(self, image_name: str) -> None:
+        await self.hooks.burst.quiet()
+        self.pool.fill(image_name)
 
     async def _memfs_error(self, image: LiveImage) -> str | None:
         """Why memfs failed to read an image's memory, if it did: the clone died of it."""

@@ -31,6 +31,7 @@ class Batch:
     """Clones started by one request; in_burst: while other starts run on the host."""
 
     def __init__(self, size: int, defer_hooks: bool, in_burst: bool = False) -> None:
+        self.in_burst = in_burst
         self.defer_hooks = (size > 1 or in_burst) and defer_hooks
         self.hedge_http = size == 1  # in a burst a second status probe costs the siblings more than it saves
         self.done = asyncio.Event()
