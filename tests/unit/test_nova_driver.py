@@ -97,19 +97,24 @@ def test_the_shim_is_idempotent_and_links_the_source(tmp_path: Path) -> None:
     assert "VmstreamDriver" in (tmp_path / "nova" / "virt" / "vmstream" / "__init__.py").read_text()
 
 
-def test_nova_loads_the_driver_through_the_shim(tmp_path: Path) -> None:
-    """Under Debian's python3 with python3-nova and python3-httpx, as nova-compute does."""
+def in_nova(tmp_path: Path, code: str) -> str:
+    """code's output under Debian's python3 with python3-nova and python3-httpx and the shim on
+    PYTHONPATH, as nova-compute and nova-scheduler run."""
     probe = subprocess.run(["/usr/bin/python3", "-c", "import nova.virt.driver, httpx"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip("Debian's python3-nova and python3-httpx are not installed")
     install_shim(tmp_path)
-    code = ("from oslo_utils import importutils; import nova.virt.driver as d; "
-            f"c = importutils.import_class('nova.virt.{DRIVER}'); assert issubclass(c, d.ComputeDriver); "
-            "import nova.virt.fake; print(c.__module__)")
     out = subprocess.run(["/usr/bin/python3", "-c", code], capture_output=True, text=True,
                          env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "vmstream.openstack.nova.driver"
+    return out.stdout.strip()
+
+
+def test_nova_loads_the_driver_through_the_shim(tmp_path: Path) -> None:
+    code = ("from oslo_utils import importutils; import nova.virt.driver as d; "
+            f"c = importutils.import_class('nova.virt.{DRIVER}'); assert issubclass(c, d.ComputeDriver); "
+            "import nova.virt.fake; print(c.__module__)")
+    assert in_nova(tmp_path, code) == "vmstream.openstack.nova.driver"
 
 
 def test_computes_in_one_process_each_find_their_own_agent(tmp_path: Path) -> None:
@@ -160,16 +165,9 @@ def test_a_vmstream_compute_gets_the_driver_and_its_agent(tmp_path: Path) -> Non
 
 
 def test_the_weigher_loads_in_nova_through_the_shim(tmp_path: Path) -> None:
-    probe = subprocess.run(["/usr/bin/python3", "-c", "import nova.scheduler.weights, httpx"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip("Debian's python3-nova and python3-httpx are not installed")
-    install_shim(tmp_path)
     code = ("from nova.scheduler import weights; "
             f"[c] = weights.HostWeightHandler().get_matching_classes(['{configs.WEIGHER}']); print(c.__name__)")
-    out = subprocess.run(["/usr/bin/python3", "-c", code], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "LiveImageCacheWeigher"
+    assert in_nova(tmp_path, code) == "LiveImageCacheWeigher"
 
 
 IMAGE = "5d2f8a1e-7c3b-4e9f-a0b1-c2d3e4f5a6b7"

@@ -14,10 +14,10 @@ without the project's virtualenv.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import vmstream
+from vmstream.openstack.source_link import link_source
 
 _NAMESPACE = "__import__('pkg_resources').declare_namespace(__name__)  # vmstream's Nova driver shim\n"
 _REEXPORT = '"""vmstream\'s Nova driver (compute_driver = vmstream.VmstreamDriver); the code is in vmstream.openstack.nova."""\n' \
@@ -40,11 +40,5 @@ def install_shim(target: Path, source: Path | None = None) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
-    link = target / "vmstream"
-    if link.is_symlink() and Path(os.readlink(link)) != source:
-        link.unlink()
-    if not link.is_symlink():
-        if link.exists():
-            raise FileExistsError(f"{link} exists and is not the link to vmstream's source: remove it")
-        link.symlink_to(source, target_is_directory=True)
+    link_source(target / "vmstream", source)
     return target

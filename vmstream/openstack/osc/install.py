@@ -9,11 +9,11 @@ gets a `vmstream_osc_plugin-<version>.dist-info/` (METADATA and entry_points.txt
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import vmstream
 from vmstream.openstack.osc import ENTRY_POINTS
+from vmstream.openstack.source_link import link_source
 
 DIST_NAME = "vmstream_osc_plugin"
 
@@ -38,7 +38,7 @@ def install_plugin(target: Path, source: Path | None = None) -> Path:
     another version (an older install) is removed so stevedore sees the commands once."""
     source = (source or Path(vmstream.__file__).parent).absolute()
     target.mkdir(parents=True, exist_ok=True)
-    _link_source(target / "vmstream", source)
+    link_source(target / "vmstream", source)
     version = vmstream.__version__
     dist_info = target / f"{DIST_NAME}-{version}.dist-info"
     for old in target.glob(f"{DIST_NAME}-*.dist-info"):
@@ -53,13 +53,3 @@ def install_plugin(target: Path, source: Path | None = None) -> Path:
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
     return target
-
-
-def _link_source(link: Path, source: Path) -> None:
-    """target/vmstream -> the package source; the same link the Nova shim makes, so either may come first."""
-    if link.is_symlink() and Path(os.readlink(link)) != source:
-        link.unlink()
-    if not link.is_symlink():
-        if link.exists():
-            raise FileExistsError(f"{link} exists and is not the link to vmstream's source: remove it")
-        link.symlink_to(source, target_is_directory=True)
