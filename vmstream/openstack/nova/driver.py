@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from keystoneauth1 import loading as ks_loading
 from nova import exception
 from nova.compute import power_state as nova_power_state
 from nova.compute import task_states, vm_states
@@ -47,6 +46,7 @@ from oslo_log import log as logging
 from vmstream.agentapi import ApiClient
 from vmstream.errors import GuestError, InvalidInput, NotFound, VmstreamError
 from vmstream.openstack.nova import translate
+from vmstream.openstack.nova.service_glance import ServiceGlance
 
 LOG = logging.getLogger(__name__)
 
@@ -93,6 +93,11 @@ def lazy_allocations() -> None:
     report.SchedulerReportClient.get_allocations_for_provider_tree = lazy
 
 
+def _base_file(image_id: str) -> Path:
+    """Where a Glance disk image is kept on this compute (fetched once, booted by many)."""
+    return Path(CONF.instances_path) / "_base" / f"vmstream-{image_id}"
+
+
 class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is untyped
     """One nova-compute's driver: its node is its host (CONF.host), its VMs live in one agent."""
 
@@ -108,7 +113,7 @@ class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is unt
         self._api: ApiClient | None = None
         self._host = CONF.host  # init_host() gives this compute's own: CONF.host is one per process
         self._last: translate.HostResources | None = None  # the agent's last answer on the host's resources
-        self._glance_session: Any = None
+        self._glance = ServiceGlance()
         self._warned_service_user = False
         if CONF.vmstream.lazy_placement_allocations:
             lazy_allocations()
@@ -255,11 +260,10 @@ class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is unt
     def _image_file(self, context: Any, image_id: str) -> str:
         """The Glance image as a file the agent can boot (it never writes it: each VM runs on
         its own overlay), fetched once per compute into instances_path/_base."""
-        base = Path(CONF.instances_path) / "_base"
-        path = base / f"vmstream-{image_id}"
+        path = _base_file(image_id)
         with lockutils.lock(f"vmstream-image-{image_id}"):
             if not path.exists():
-                base.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(parents=True, exist_ok=True)
                 part = path.with_suffix(".part")
                 images.fetch(context, image_id, str(part))
                 part.rename(path)
@@ -345,8 +349,7 @@ class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is unt
         props = glance.API().get(context, image_id).get("properties", {})
         live = props.get(translate.LIVE_IMAGE_PROPERTY)
         if not live:
-            path = Path(CONF.instances_path) / "_base" / f"vmstream-{image_id}"
-            present = path.exists()
+            present = _base_file(image_id).exists()
             if props.get(translate.GUEST_PROPERTY) != "demo":
                 self._image_file(context, image_id)
             return not present
@@ -360,19 +363,20 @@ class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is unt
         of this agent runs (Glance refuses to delete a protected image; `openstack live-image
         delete` unprotects it only when no server uses it). A periodic task's context has no
         token and no catalog, so Glance is asked as nova.conf's [service_user]."""
-        glance_session = self._service_session()
-        if glance_session is None:
-            return
         for image in self._call("GET", "/v1/live-images"):
             image_id = translate.glance_image_id(image["name"])
             if image_id is None or image.get("clones"):
                 continue
             try:
-                r = glance_session.get(f"/v2/images/{image_id}", raise_exc=False, endpoint_filter={
-                    "service_type": "image", "interface": "public", "region_name": CONF.glance.region_name})
+                r = self._glance.image(image_id)
             except Exception as exc:  # Glance or Keystone unreachable: try again next pass
                 LOG.warning("cannot check Glance image %s: %s", image_id, exc)
                 continue
+            if r is None:
+                if not self._warned_service_user:
+                    LOG.warning("nova.conf has no [service_user] credentials: deleted live images are not reaped")
+                    self._warned_service_user = True
+                return
             if r.status_code != 404:
                 continue
             try:
@@ -380,18 +384,6 @@ class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is unt
                 LOG.info("deleted live image %s: its Glance image is gone", image["name"])
             except VmstreamError as exc:
                 LOG.warning("live image %s could not be deleted: %s", image["name"], exc)
-
-    def _service_session(self) -> Any:
-        """A keystoneauth session as nova.conf's [service_user] (None, said once, without one)."""
-        if self._glance_session is None:
-            auth = ks_loading.load_auth_from_conf_options(CONF, "service_user")
-            if auth is None:
-                if not self._warned_service_user:
-                    LOG.warning("nova.conf has no [service_user] credentials: deleted live images are not reaped")
-                    self._warned_service_user = True
-                return None
-            self._glance_session = ks_loading.load_session_from_conf_options(CONF, "service_user", auth=auth)
-        return self._glance_session
 
     # ---- live migration ---------------------------------------------------------------------
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from keystoneauth1 import loading as ks_loading
 from nova.conf import CONF
 from nova.scheduler import utils, weights
 from oslo_config import cfg
 from oslo_log import log as logging
 
 from vmstream.openstack.nova import translate
+from vmstream.openstack.nova.service_glance import ServiceGlance
 
 CONF.register_opts([
     cfg.FloatOpt("cache_weight_multiplier", default=10.0,
@@ -49,7 +49,7 @@ class LiveImageCacheWeigher(weights.BaseHostWeigher):  # type: ignore[misc]  # N
     def __init__(self) -> None:
         super().__init__()
         self._live: dict[str, bool] = {}  # Glance image id -> is it a live image (a property set once, at its making)
-        self._session: Any = None
+        self._glance = ServiceGlance()
         self._image: str | None = None  # this request's image, if a live image
 
     def weight_multiplier(self, host_state: Any) -> float:
@@ -69,17 +69,11 @@ class LiveImageCacheWeigher(weights.BaseHostWeigher):  # type: ignore[misc]  # N
         scheduler's RequestSpec), asked once per image as nova.conf's [service_user]."""
         if image_id not in self._live:
             try:
-                if self._session is None:
-                    auth = ks_loading.load_auth_from_conf_options(CONF, "service_user")
-                    if auth is None:
-                        return False
-                    self._session = ks_loading.load_session_from_conf_options(CONF, "service_user", auth=auth)
-                r = self._session.get(f"/v2/images/{image_id}", raise_exc=False, endpoint_filter={
-                    "service_type": "image", "interface": "public", "region_name": CONF.glance.region_name})
+                r = self._glance.image(image_id)
             except Exception as exc:  # Glance unreachable: no preference this time, ask again next time
                 LOG.warning("cannot ask Glance about image %s: %s", image_id, exc)
                 return False
-            if r.status_code != 200:
+            if r is None or r.status_code != 200:  # no [service_user], or no such image
                 return False
             self._live[image_id] = bool(r.json().get(translate.LIVE_IMAGE_PROPERTY))
         return self._live[image_id]
