@@ -106,15 +106,20 @@ def test_identity_command_lines() -> None:
         return base64.b64decode(payload).decode().splitlines()
 
     plain = lines(CloneIdentity("h1", "52:54:00:00:00:01", {"A": "x y"}))
+    seeds = [line for line in plain if line.startswith("seed ")]
+    plain = [line for line in plain if not line.startswith("seed ")]
     assert plain[:3] == ["time 12.500000000", "hostname h1", "mac 52:54:00:00:00:01"]
     assert plain[3] == "param A " + base64.b64encode(b"x y").decode()
+    # 32 fresh bytes for the guest kernel's RNG in every command, never the same twice
+    assert len(seeds) == 1 and len(base64.b64decode(seeds[0].split()[1])) == 32
+    assert seeds != [line for line in lines(CloneIdentity("h1", "52:54:00:00:00:01")) if line.startswith("seed ")]
     assert "hooks deferred" not in plain
     assert lines(CloneIdentity("h1", "52:54:00:00:00:01", defer_hooks=True))[-1] == "hooks deferred"
     # a pooled QEMU's run-through: the same lines under a verb older agents refuse
     # (they would run the clone hooks for an 'identity')
     verb, payload = CloneIdentity("h1", "52:54:00:00:00:01", ip="10.0.0.5/24").command(now=1.0, verb="prepare").split(" ", 1)
     assert verb == "prepare"
-    assert base64.b64decode(payload).decode().splitlines() == [
+    assert [line for line in base64.b64decode(payload).decode().splitlines() if not line.startswith("seed ")] == [
         "time 1.000000000", "hostname h1", "ip 10.0.0.5/24", "mac 52:54:00:00:00:01"]
 
 

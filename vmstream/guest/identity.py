@@ -3,13 +3,19 @@
 Clones of one image must not be the same machine: each gets its own
 hostname, MAC, guest parameters and the host's current time (the guest's
 clock otherwise resumes at the moment the image was taken). The VM
-Generation ID is changed by QEMU itself (see MachineSpec.vmgenid); the
-guest kernel reseeds its RNG when it sees the change.
+Generation ID is changed by QEMU itself (see MachineSpec.vmgenid), which a
+guest kernel with the vmgenid driver takes as a reason to reseed its RNG; not
+every kernel has it (Debian's cloud kernel does not), so every identity also
+carries fresh random bytes from the host that the agent credits to the guest
+kernel's pool before forcing a reseed. Without that, clones of one image give
+the same "random" bytes (keys, UUIDs, TCP sequence numbers) until the kernel's
+next timed reseed.
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -58,7 +64,7 @@ class CloneIdentity:
         if self.user_data is not None and len(self.user_data) > MAX_USER_DATA:
             raise InvalidInput(f"user data is {len(self.user_data)} bytes; the limit is {MAX_USER_DATA}")
         t = time.time() if now is None else now
-        lines = [f"time {t:.9f}", f"hostname {self.hostname}"]
+        lines = [f"time {t:.9f}", f"seed {_b64(os.urandom(32))}", f"hostname {self.hostname}"]
         if self.ip is not None:  # before the MAC: the guest announces the new MAC with its new address
             lines.append(f"ip {self.ip}")
         lines.append(f"mac {self.mac}")

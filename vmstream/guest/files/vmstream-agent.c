@@ -15,7 +15,7 @@
  *   clock-step D       step the wall clock by D seconds (signed): the host
  *                      measured the offset, and a step, unlike a time sent
  *                      ahead, is right however late it is applied
- *   identity B64       B64 = lines "time S.N", "hostname H", "ip A.B.C.D/LEN", "mac M",
+ *   identity B64       B64 = lines "time S.N", "seed B64", "hostname H", "ip A.B.C.D/LEN", "mac M",
  *                      "param NAME B64VALUE", "userdata B64", and
  *                      "hooks deferred": the hooks wait for start-hooks
  *   prepare B64        clock, hostname, address and MAC of an identity only: no
@@ -48,6 +48,7 @@
 #include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/random.h>
 
 #define PORT_NAME "org.vmstream.agent"
 #define STATE "/run/vmstream"
@@ -234,6 +235,31 @@ static int set_mac(const char *text) {
     if (eth0_ioctl(SIOCGIFHWADDR, &now) == 0 && memcmp(now.ifr_hwaddr.sa_data, ifr.ifr_hwaddr.sa_data, 6) == 0)
         return 0;
     return eth0_ioctl(SIOCSIFHWADDR, &ifr);
+}
+
+/* The host's random bytes, credited to the kernel's pool, then a reseed of the
+ * kernel's generator: clones resume one image's generator state, and a guest
+ * kernel without the vmgenid driver (Debian's cloud kernel has none) would
+ * otherwise give every clone the same "random" bytes until its next timed
+ * reseed. Credited, so a generator not yet initialised in the image is
+ * initialised from them. */
+static int reseed(const char *b64) {
+    struct {
+        struct rand_pool_info info;
+        unsigned char buf[64];
+    } req;
+    long n = b64decode(b64, req.buf, sizeof req.buf);
+    if (n < 16) return -1;
+    req.info.entropy_count = (int)n * 8;
+    req.info.buf_size = (int)n;
+    int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    int rc = ioctl(fd, RNDADDENTROPY, &req.info);
+    /* a kernel before 4.17 has no RNDRESEEDCRNG: the credit still reseeds it in time */
+    if (rc == 0 && ioctl(fd, RNDRESEEDCRNG) != 0 && errno != EINVAL) rc = -1;
+    close(fd);
+    memset(&req, 0, sizeof req);
+    return rc;
 }
 
 /* eth0's address and netmask (a bridged clone's own, instead of its image's). */
@@ -457,6 +483,9 @@ static void cmd_identity(const char *arg, int prepare) {
         if (strcmp(line, "time") == 0) {
             if (set_clock(val) != 0) error = "clock_settime failed";
             us_clock = mono_us() - t_step;
+        } else if (strcmp(line, "seed") == 0) {
+            if (reseed(val) != 0) error = "reseeding the kernel's random number generator failed";
+            memset(val, 0, strlen(val)); /* the seed is no longer needed in this memory */
         } else if (strcmp(line, "hostname") == 0) {
             if (sethostname(val, strlen(val)) != 0) error = "sethostname failed";
         } else if (strcmp(line, "mac") == 0) {

@@ -80,7 +80,7 @@ run_hooks() {
 
 reply() { printf '%s\n' "$1" >&3; }
 
-# identity B64: one "key value" per line: time, hostname, mac,
+# identity B64: one "key value" per line: time, seed, hostname, mac,
 # param NAME B64VALUE, userdata B64, and "hooks deferred" (wait for start-hooks).
 # Clock, hostname and MAC are applied before the answer; the hooks run
 # afterwards, at the lowest priority.
@@ -95,6 +95,10 @@ apply_identity() {
   while read -r key val; do
     case "$key" in
       time) set_clock "$val" ;;
+      # mixed into the kernel's pool; a shell cannot credit it or force a reseed (the
+      # native agent does), so here the kernel's vmgenid driver or its next timed reseed
+      # sets clones' generators apart
+      seed) echo "$val" | base64 -d > /dev/urandom 2>/dev/null ;;
       hostname) hostname "$val"; echo "$val" > /etc/hostname
                 echo "export VMSTREAM_HOSTNAME='$val'" >> "$STATE/params.env.tmp" ;;
       ip) ip addr flush dev "$(iface)" && ip addr add "$val" dev "$(iface)" ;;
@@ -107,6 +111,7 @@ apply_identity() {
       hooks) [ "$val" = deferred ] && deferred=1 && : > "$STATE/hooks.deferred" ;;
     esac
   done < "$STATE/identity"
+  rm -f "$STATE/identity"  # it held the seed
   reply "{\"ok\":true,\"hostname\":\"$(hostname)\",\"mac\":\"$(mac)\",\"time\":$(now)}"
   if [ "$2" = prepare ]; then rm -f "$STATE/params.env.tmp" "$STATE/hooks.deferred"; return; fi
   mv "$STATE/params.env.tmp" "$STATE/params.env"
