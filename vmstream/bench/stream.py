@@ -2,20 +2,23 @@
 
 Two hosts on one machine: host A (the bench's agent) makes the live images;
 host B is a second agent with its own data dir whose store is host A's agent
-(`peer:http://127.0.0.1:PORT/v1/store`), so B's memory chunks come over a
-real HTTP connection on loopback. Cold runs empty B's chunk cache and the
-page cache of the image file first.
+(`peer:http://127.0.0.1:PORT/v1/store`) behind a delaying proxy (the kernel
+here has no netem), so B's memory chunks come over a real HTTP connection at a
+chosen round-trip time: 0, 2 and 10 ms, interleaved run by run. Cold runs
+empty B's chunk cache and the page cache of the image file first.
 
 - clone_warm_s: B already holds the image.
-- clone_cold_s: nothing on B, no prefetch: every page fault may wait for a fetch.
-- clone_cold_prefetch_s: nothing on B, but the image's recorded working set is
-  fetched in parallel as the clone starts (REAP).
+- clone_cold_s_by_rtt_ms: nothing on B, no prefetch: every page fault may wait for a fetch.
+- clone_cold_prefetch_s_by_rtt_ms: nothing on B, but the image's recorded working set is
+  fetched as the clone starts (REAP); prefetch_speedup_by_rtt_ms is cold / prefetch.
+  clone_cold_s, clone_cold_prefetch_s and prefetch_speedup are the 0 ms figures.
 - fetched_fraction: what an idle clone pulled (cold, no prefetch) over the
   image's non-zero bytes.
 - clone_256m_s / clone_2g_s: warm clones of a 256 MiB and a 2 GiB image.
-- memfs_read_mbps / local_read_mbps: reading a whole image through memfs from
-  a cold host cache (chunks from the peer) vs reading the same bytes from a
-  local file with its page cache dropped.
+- memfs_read_mbps: reading a whole image through memfs on B from a cold host
+  (chunks from the peer, 0 ms); memfs_warm_read_mbps: again with B's chunk cache
+  holding it and the file's page cache dropped; local_read_mbps: the same bytes
+  from a local file with its page cache dropped.
 """
 
 from __future__ import annotations
@@ -30,19 +33,20 @@ from typing import Any
 
 from vmstream.agentapi import AgentClient
 from vmstream.bench.common import Bench, say
+from vmstream.bench.delay import DelayProxy
 from vmstream.bench.report import fmt_s, fmt_x, md_table, pyplot
 from vmstream.bench.stats import ratio, summary
 
 IDLE_S = 5.0  # how long an idle clone runs before its fetched bytes are read
+RTTS_MS = (0, 2, 10)  # round trips between host B and host A
 
 
 @contextlib.contextmanager
-def peer_host(bench: Bench) -> Iterator[AgentClient]:
-    """Host B: an agent with its own data dir, streaming from host A's agent."""
-    port = json.loads((bench.data_dir / "agent.json").read_text())["port"]
+def peer_host(bench: Bench, url: str) -> Iterator[AgentClient]:
+    """Host B: an agent with its own data dir, streaming from host A's agent at url."""
     token = (bench.data_dir / "agent.token").read_text().strip()
     home = bench.scratch / "host-b"
-    client = AgentClient(home, env={"VMSTREAM_STORE": f"peer:http://127.0.0.1:{port}/v1/store", "VMSTREAM_PEER_TOKEN": token})
+    client = AgentClient(home, env={"VMSTREAM_STORE": f"peer:{url}/v1/store", "VMSTREAM_PEER_TOKEN": token})
     try:
         client.connect()
         yield client
@@ -63,7 +67,11 @@ def _image_stats(client: AgentClient, image: str) -> dict[str, Any]:
     return stats
 
 
-def _read_mbps(path: Path, block: int = 4 << 20) -> float:
+def _read_mbps(path: Path, block: int = 4 << 20, drop_first: bool = False) -> float:
+    """A whole-file sequential read; drop_first: its page cache is dropped before."""
+    if drop_first:
+        with open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     t0 = time.perf_counter()
     total = 0
     with open(path, "rb", buffering=0) as f:
@@ -98,7 +106,8 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
         say(f"{mib} MiB image: clone {summary(times)['median']:.3f} s (median)")
     bench.destroy(*(v["name"] for v in bench.call("GET", "/v1/vms") if v["name"].startswith(bench.name("warmup"))))
 
-    with peer_host(bench) as b:
+    port = json.loads((bench.data_dir / "agent.json").read_text())["port"]
+    with DelayProxy(port) as proxy, peer_host(bench, proxy.url) as b:
         def fresh(r: int, prefetch: bool, label: str) -> tuple[float, dict[str, Any]]:
             b.call("POST", "/v1/host/cache/drop")
             before = _image_stats(b, img).get("fetched_bytes", 0)
@@ -111,18 +120,24 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
         b.call("DELETE", f"/v1/vms/{vm['name']}")
         say(f"host B: first clone {t_first:.3f} s; working set recorded")
 
-        cold, cold_prefetch, warm, fetched = [], [], [], []
+        cold: dict[int, list[float]] = {rtt: [] for rtt in RTTS_MS}
+        cold_prefetch: dict[int, list[float]] = {rtt: [] for rtt in RTTS_MS}
+        warm, fetched = [], []
         for r in range(runs):
-            t, info = fresh(r, prefetch=False, label="cold")
-            cold.append(t)
-            if r == 0:  # let this one idle and see what it pulled
-                time.sleep(IDLE_S)
-                fetched.append(_image_stats(b, img)["fetched_bytes"] - info["fetched_before"])
-            b.call("DELETE", f"/v1/vms/{info['vm']}")
-            t, info = fresh(r, prefetch=True, label="prefetch")
-            cold_prefetch.append(t)
-            b.call("DELETE", f"/v1/vms/{info['vm']}")
-            say(f"run {r + 1}/{runs}: cold {cold[-1]:.3f} s, cold with prefetch {cold_prefetch[-1]:.3f} s")
+            for rtt in RTTS_MS:
+                proxy.rtt_ms = rtt
+                t, info = fresh(r, prefetch=False, label=f"cold{rtt}")
+                cold[rtt].append(t)
+                if r == 0 and rtt == 0:  # let this one idle and see what it pulled
+                    time.sleep(IDLE_S)
+                    fetched.append(_image_stats(b, img)["fetched_bytes"] - info["fetched_before"])
+                b.call("DELETE", f"/v1/vms/{info['vm']}")
+                t, info = fresh(r, prefetch=True, label=f"prefetch{rtt}")
+                cold_prefetch[rtt].append(t)
+                b.call("DELETE", f"/v1/vms/{info['vm']}")
+                say(f"run {r + 1}/{runs}, {rtt} ms round trip: cold {cold[rtt][-1]:.3f} s, "
+                    f"cold with prefetch {cold_prefetch[rtt][-1]:.3f} s")
+        proxy.rtt_ms = 0
         keep, _ = _start(b, img, bench.name("keep"))  # holds the page cache warm
         for r in range(runs):
             vm, t = _start(b, img, bench.name("warm", r))
@@ -131,10 +146,12 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
         b.call("DELETE", f"/v1/vms/{keep['name']}")
         stats = _image_stats(b, img)
 
-        # whole-image reads: through memfs from a cold host cache, and from a local file
+        # whole-image reads: through memfs from a cold host, then with the chunks in
+        # B's host cache but not in the page cache, and from a local file
         b.call("POST", "/v1/host/cache/drop")
         memfs_file = b.data_dir / "memfs" / img
         memfs_mbps = _read_mbps(memfs_file)
+        memfs_warm_mbps = _read_mbps(memfs_file, drop_first=True)
         local = bench.scratch / "local-copy"
         local.parent.mkdir(parents=True, exist_ok=True)
         with open(memfs_file, "rb") as src_f, open(local, "wb") as dst:
@@ -142,67 +159,97 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
                 dst.write(data)
             dst.flush()
             os.fsync(dst.fileno())
-        with open(local, "rb") as f:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        local_mbps = _read_mbps(local)
+        local_mbps = _read_mbps(local, drop_first=True)
         local.unlink()
 
     for mib in sizes:
         bench.delete_image(images[mib])
-    s_cold, s_pre, s_warm = summary(cold), summary(cold_prefetch), summary(warm)
-    s_small, s_big = summary(by_size[small]), summary(by_size[big])
-    med = {k: float(v["median"]) for k, v in {"cold": s_cold, "pre": s_pre, "small": s_small, "big": s_big}.items()}  # type: ignore[arg-type]
+    s_cold = {rtt: summary(v) for rtt, v in cold.items()}
+    s_pre = {rtt: summary(v) for rtt, v in cold_prefetch.items()}
+    s_warm, s_small, s_big = summary(warm), summary(by_size[small]), summary(by_size[big])
+
+    def med(s: dict[str, Any]) -> float:
+        return float(s["median"])
+
+    speedup = {str(rtt): ratio(med(s_cold[rtt]), med(s_pre[rtt]), 2) for rtt in RTTS_MS}
     return {
         "bench": "stream",
         "accelerator": facts.accelerator,
-        "store": "peer over loopback HTTP (host B streams from host A's agent)",
+        "store": "peer over loopback HTTP through a delaying proxy (host B streams from host A's agent)",
         "runs": runs,
         "clone_warm_s": s_warm["median"],
-        "clone_cold_s": s_cold["median"],
-        "clone_cold_prefetch_s": s_pre["median"],
-        "prefetch_speedup": ratio(med["cold"], med["pre"], 2),
+        "clone_cold_s_by_rtt_ms": {str(rtt): s["median"] for rtt, s in s_cold.items()},
+        "clone_cold_prefetch_s_by_rtt_ms": {str(rtt): s["median"] for rtt, s in s_pre.items()},
+        "prefetch_speedup_by_rtt_ms": speedup,
+        "clone_cold_s": s_cold[0]["median"],
+        "clone_cold_prefetch_s": s_pre[0]["median"],
+        "prefetch_speedup": speedup["0"],
+        "cold_prefetch_over_warm_by_rtt_ms": {str(rtt): ratio(med(s), med(s_warm), 2) for rtt, s in s_pre.items()},
         "fetched_fraction": round(fetched[0] / stats["nonzero_bytes"], 3),
         "fetched_bytes_idle": fetched[0],
         "image_nonzero_bytes": stats["nonzero_bytes"],
         "chunk_size": stats["chunk_size"],
         "clone_256m_s": s_small["median"],
         "clone_2g_s": s_big["median"],
-        "size_flatness": ratio(med["big"], med["small"], 2),
+        "size_flatness": ratio(med(s_big), med(s_small), 2),
         "memfs_read_mbps": round(memfs_mbps, 1),
+        "memfs_warm_read_mbps": round(memfs_warm_mbps, 1),
         "local_read_mbps": round(local_mbps, 1),
-        "detail": {"warm": s_warm, "cold": s_cold, "cold_prefetch": s_pre, "by_size": {str(k): summary(v) for k, v in by_size.items()},
+        "detail": {"warm": s_warm, "cold": {str(k): v for k, v in s_cold.items()},
+                   "cold_prefetch": {str(k): v for k, v in s_pre.items()},
+                   "by_size": {str(k): summary(v) for k, v in by_size.items()},
                    "host_b_first_clone_s": round(t_first, 3)},
     }
 
 
 def render(res: dict[str, Any]) -> tuple[str, Any]:
     d = res["detail"]
-    rows = [
-        ["warm (host holds the image)", fmt_s(res["clone_warm_s"]), fmt_s(d["warm"]["p90"])],
-        ["cold, no prefetch", fmt_s(res["clone_cold_s"]), fmt_s(d["cold"]["p90"])],
-        ["cold, working-set prefetch", fmt_s(res["clone_cold_prefetch_s"]), fmt_s(d["cold_prefetch"]["p90"])],
-        ["256 MiB image (warm, host A)", fmt_s(res["clone_256m_s"]), fmt_s(d["by_size"][str(256)]["p90"])],
-        ["2 GiB image (warm, host A)", fmt_s(res["clone_2g_s"]), fmt_s(d["by_size"][str(2048)]["p90"])],
+    rtts = list(res["clone_cold_s_by_rtt_ms"])
+    rows = [["warm (host holds the image)", "-", fmt_s(res["clone_warm_s"]), fmt_s(d["warm"]["p90"]), "-"]]
+    for rtt in rtts:
+        rows.append(["cold, no prefetch", f"{rtt} ms", fmt_s(res["clone_cold_s_by_rtt_ms"][rtt]), fmt_s(d["cold"][rtt]["p90"]), "-"])
+        rows.append(["cold, working-set prefetch", f"{rtt} ms", fmt_s(res["clone_cold_prefetch_s_by_rtt_ms"][rtt]),
+                     fmt_s(d["cold_prefetch"][rtt]["p90"]), fmt_x(res["prefetch_speedup_by_rtt_ms"][rtt])])
+    rows += [
+        ["256 MiB image (warm, host A)", "-", fmt_s(res["clone_256m_s"]), fmt_s(d["by_size"][str(256)]["p90"]), "-"],
+        ["2 GiB image (warm, host A)", "-", fmt_s(res["clone_2g_s"]), fmt_s(d["by_size"][str(2048)]["p90"]), "-"],
     ]
     md = (
         f"Clone start to first HTTP answer, median of {res['runs']} runs ({res['accelerator']}); store: {res['store']}.\n\n"
-        + md_table(["clone", "median", "p90"], rows)
+        + md_table(["clone", "round trip", "median", "p90", "prefetch speed-up"], rows)
         + "\n\n"
         + md_table(
-            ["prefetch speed-up", "fetched fraction (idle clone)", "size flatness (2 GiB / 256 MiB)", "memfs read", "local read"],
-            [[fmt_x(res["prefetch_speedup"]), f"{res['fetched_fraction']:.3f} ({res['fetched_bytes_idle'] >> 20} of "
-              f"{res['image_nonzero_bytes'] >> 20} MiB)", f"{res['size_flatness']}", f"{res['memfs_read_mbps']} MB/s",
+            ["fetched fraction (idle clone)", "size flatness (2 GiB / 256 MiB)", "memfs read, cold (peer)", "memfs read, warm",
+             "local read"],
+            [[f"{res['fetched_fraction']:.3f} ({res['fetched_bytes_idle'] >> 20} of {res['image_nonzero_bytes'] >> 20} MiB)",
+              f"{res['size_flatness']}", f"{res['memfs_read_mbps']} MB/s", f"{res['memfs_warm_read_mbps']} MB/s",
               f"{res['local_read_mbps']} MB/s"]],
         )
     )
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    labels = ["warm", "cold", "cold +\nprefetch", "256 MiB", "2 GiB"]
-    values = [res["clone_warm_s"], res["clone_cold_s"], res["clone_cold_prefetch_s"], res["clone_256m_s"], res["clone_2g_s"]]
-    bars = ax.bar(labels, values, color=["#7fbf7f", "#d94f3f", "#3f7fd9", "#bfbfbf", "#8f8f8f"])
-    for bar, v in zip(bars, values, strict=True):
-        ax.annotate(f"{v:.2f} s", (bar.get_x() + bar.get_width() / 2, v), ha="center", xytext=(0, 3), textcoords="offset points")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.38
+    xs = range(len(rtts))
+    for off, key, label, color in ((-width / 2, "clone_cold_s_by_rtt_ms", "cold", "#d94f3f"),
+                                   (width / 2, "clone_cold_prefetch_s_by_rtt_ms", "cold + prefetch", "#3f7fd9")):
+        values = [res[key][rtt] for rtt in rtts]
+        bars = ax.bar([x + off for x in xs], values, width, label=label, color=color)
+        for bar, v in zip(bars, values, strict=True):
+            ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", xytext=(0, 3), textcoords="offset points")
+    ax.axhline(res["clone_warm_s"], color="#3f9f3f", linestyle="--", label=f"warm {res['clone_warm_s']:.2f} s")
+    ax.set_xticks(list(xs), [f"{rtt} ms" for rtt in rtts])
+    ax.set_xlabel("round trip to the host holding the image")
     ax.set_ylabel("seconds to first HTTP answer (median)")
-    ax.set_title(f"Streaming clones ({res['accelerator']}): cache state and RAM size")
+    ax.set_title(f"Clones on a cold host ({res['accelerator']})")
+    ax.legend()
     ax.grid(axis="y", alpha=0.3)
+    names = ["memfs cold\n(peer)", "memfs warm", "local file"]
+    values = [res["memfs_read_mbps"], res["memfs_warm_read_mbps"], res["local_read_mbps"]]
+    bars = ax2.bar(names, values, color=["#d94f3f", "#7fbf7f", "#8f8f8f"])
+    for bar, v in zip(bars, values, strict=True):
+        ax2.annotate(f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", xytext=(0, 3), textcoords="offset points")
+    ax2.set_ylabel("MB/s, sequential whole-image read")
+    ax2.set_title("Reading an image's memory")
+    ax2.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
     return md, fig

@@ -55,11 +55,22 @@ def check(results: dict[str, Any], total_s: float | None) -> list[dict[str, Any]
     stream = results.get("stream")
     if stream:  # the streaming issue's targets
         for key, what, op, limit in (("size_flatness", "stream: clone 2 GiB / 256 MiB", "<=", 1.3),
-                                     ("prefetch_speedup", "stream: cold start speed-up from prefetch", ">=", 2.0),
-                                     ("fetched_fraction", "stream: bytes an idle clone fetched / image", "<=", 0.3)):
+                                     ("fetched_fraction", "stream: bytes an idle clone fetched / image", "<=", 0.3),
+                                     ("memfs_read_mbps", "stream: memfs cold sequential read from a peer", ">=", 500)):
             v = stream.get(key)
             ok = None if v is None else (v <= limit if op == "<=" else v >= limit)
             rows.append(_row(what, f"{op} {limit}", v, ok))
+        over = stream.get("cold_prefetch_over_warm_by_rtt_ms", {})
+        for rtt in ("0", "2"):
+            v = over.get(rtt)
+            rows.append(_row(f"stream: cold clone with prefetch / warm, {rtt} ms round trip", "<= 1.3x", v,
+                             None if v is None else v <= 1.3, "x"))
+        v = stream.get("prefetch_speedup_by_rtt_ms", {}).get("10")
+        rows.append(_row("stream: cold start speed-up from prefetch, 10 ms round trip", ">= 3.7x", v,
+                         None if v is None else v >= 3.7, "x"))
+        warm, local = stream.get("memfs_warm_read_mbps"), stream.get("local_read_mbps")
+        v = None if not warm or not local else round(local / warm, 2)
+        rows.append(_row("stream: local file read / memfs warm read", "<= 2x", v, None if v is None else v <= 2, "x"))
     mig = results.get("migrate")
     if mig:  # the migration issue's targets
         v = mig.get("max_client_gap_ms")

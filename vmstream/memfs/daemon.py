@@ -59,6 +59,7 @@ class Daemon:
                 "images": {name: f.stats() for name, f in fs.files.items()},
             }
         if cmd == "drop-cache":
+            fs._pending.clear()
             await trio.to_thread.run_sync(fs.cache.clear)
             for f in fs.files.values():
                 f.held = False
@@ -136,6 +137,7 @@ class Daemon:
             with trio.CancelScope() as scope:
                 self.cancel = scope
                 await nursery.start(self.serve_control)
+                nursery.start_soon(self.fs.background)
                 nursery.start_soon(_on_signals, scope.cancel)
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
             nursery.cancel_scope.cancel()
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--control", type=Path, required=True)
     p.add_argument("--retry-attempts", type=int, default=4)
     p.add_argument("--retry-deadline", type=float, default=10.0)
-    p.add_argument("--read-ahead-chunks", type=int, default=8)
+    p.add_argument("--read-ahead-chunks", type=int, default=16)
     p.add_argument("--token-stdin", action="store_true", help="read a peer store's token from the first line of stdin")
     args = p.parse_args(argv)
     token = sys.stdin.readline().strip() or None if args.token_stdin else None

@@ -5,18 +5,23 @@ images/<name>/memory. QEMU 7.2 opens its mem-path read-write even for a
 private mapping, so write opens are accepted; writes themselves are refused
 (MAP_PRIVATE never writes back). A chunk that cannot be fetched or verified
 makes the read fail with EIO: never wrong or zero bytes.
+
+The kernel asks for one 4 KiB page per request (read-ahead is off on the
+mount, so a clone's fault pulls only what it touches). Whatever chunk a
+request needs is pushed whole into the file's page cache (FUSE notify_store)
+once it is here, so the chunk's other pages never cross FUSE again, for this
+clone or any other on the host; a sequential reader gets the chunks ahead of
+it pushed too, and prefetch pushes an image's working set in the order its
+first clone touched it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import functools
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,10 @@ from vmstream.store import ChunkMap, ChunkRef, ChunkStore, ObjectNotFound, Store
 from vmstream.store.store import chunk_id
 
 log = logging.getLogger("vmstream.memfs")
-READ_AHEAD_AFTER = 4  # consecutive missed chunks that make a read sequential
+READ_AHEAD_AFTER = 4  # requests at consecutive chunks that make a reader sequential
+PREFETCH_LANES = 4  # concurrent prefetch fetches: demand fetches have their own limit
+PREFETCH_BATCH = 8  # chunks per prefetch fetch (adjacent ones come in one ranged read)
+MAX_AHEAD_CHUNKS = 64  # the largest window pushed ahead of a sequential reader
 
 
 @dataclass
@@ -47,8 +55,11 @@ class ImageFile:
     errors: int = 0
     last_error: str | None = None
     recording: dict[int, float] | None = None  # chunk index -> first touch, while recording
-    last_miss: int = -2  # chunk index of the last cache miss, to see sequential reads
-    run: int = 0  # consecutive chunks missed in order
+    last_index: int = -2  # chunk index of the last request, to see sequential readers
+    run: int = 0  # requests at consecutive chunks
+    ahead_to: int = -1  # the last chunk pushed ahead of a sequential reader
+    pushed_chunks: int = 0  # chunks pushed into the page cache
+    pushing: set[int] = field(default_factory=set)  # chunk indexes queued for the page cache
     record_start: float = 0.0
     prefetch: dict[str, Any] = field(default_factory=dict)
 
@@ -64,6 +75,7 @@ class ImageFile:
             "cache_misses": misses,
             "cache_hit_ratio": hits / (hits + misses) if hits + misses else None,
             "read_bytes": self.read_bytes,
+            "pushed_chunks": self.pushed_chunks,
             "held": self.held,
             "errors": self.errors,
             "last_error": self.last_error,
@@ -73,7 +85,7 @@ class ImageFile:
 
 
 class MemFs(pyfuse3.Operations):
-    def __init__(self, store: ChunkStore, cache: ChunkCache, read_ahead_chunks: int = 8) -> None:
+    def __init__(self, store: ChunkStore, cache: ChunkCache, read_ahead_chunks: int = 16) -> None:
         super().__init__()
         self.store = store
         self.read_ahead_chunks = read_ahead_chunks  # chunks fetched ahead of a sequential reader
@@ -82,7 +94,11 @@ class MemFs(pyfuse3.Operations):
         self.by_inode: dict[int, ImageFile] = {}
         self._next_inode = pyfuse3.ROOT_INODE + 1
         self._inflight: dict[str, trio.Event] = {}
-        self._fetch_limit = trio.CapacityLimiter(16)
+        self._fetch_limit = trio.CapacityLimiter(16)  # demand: a clone's faults
+        self._prefetch_limit = trio.CapacityLimiter(PREFETCH_LANES)  # prefetch and read-ahead
+        self._push_send, self._push_recv = trio.open_memory_channel[tuple[ImageFile, int, bytes]](1024)
+        self._cache_send, self._cache_recv = trio.open_memory_channel[tuple[str, bytes]](256)
+        self._pending: dict[str, bytes] = {}  # fetched chunks on their way into the host cache
         self.nursery: trio.Nursery | None = None  # for background fetches; set by the daemon
         self._zero = bytes(4 << 20)  # zero chunks are served from here (chunks are at most 4 MiB)
 
@@ -179,73 +195,172 @@ class MemFs(pyfuse3.Operations):
             hi = min(end, (index + 1) * cs) - index * cs
             ref = cm.chunks[index]
             if ref is None:
-                parts.append(self._zero[lo:hi])
+                parts.append(self._zero[lo:hi])  # zeros are never pushed: a guest writes them, and pays no page cache
                 continue
             if f.recording is not None and index not in f.recording:
                 f.recording[index] = time.monotonic() - f.record_start
-            data = await self.chunk(f, ref, on_miss=functools.partial(self._read_ahead, f, index))
+            data = await self.chunk(f, ref)
+            self._push(f, index, data)
             parts.append(data[lo:hi])
+        self._follow(f, off // cs)
         out = b"".join(parts)
         f.read_bytes += len(out)
         f.held = True
         return out
 
+    # ---- the page cache ------------------------------------------------------------------
+
+    def _push(self, f: ImageFile, index: int, data: bytes) -> None:
+        """Queue a chunk for the file's page cache (see _pusher); a full queue skips it."""
+        if index in f.pushing:
+            return
+        try:
+            self._push_send.send_nowait((f, index, data))
+            f.pushing.add(index)
+        except trio.WouldBlock:
+            pass  # the kernel asks again for what it lacks
+
+    async def _pusher(self) -> None:
+        """Push queued chunks into the page cache from a thread, a batch at a time.
+
+        notify_store takes each page's lock, and a page that a read request is
+        filling stays locked until that request is answered: from the request
+        loop this would deadlock, from a thread it waits a moment at most."""
+        while True:
+            batch = [await self._push_recv.receive()]
+            while len(batch) < 32:
+                try:
+                    batch.append(self._push_recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            try:
+                await trio.to_thread.run_sync(self._store_pages, batch)
+            finally:
+                for f, index, _ in batch:
+                    f.pushing.discard(index)
+
+    @staticmethod
+    def _store_pages(batch: list[tuple[ImageFile, int, bytes]]) -> None:
+        for f, index, data in batch:
+            try:
+                pyfuse3.notify_store(f.inode, index * f.chunk_map.chunk_size, data)
+                f.pushed_chunks += 1
+            except OSError as exc:  # ENOENT: the kernel holds no inode for it (nobody has it open)
+                log.debug("image %s: chunk %d not pushed to the page cache: %s", f.name, index, exc)
+
+    def _follow(self, f: ImageFile, index: int) -> None:
+        """A reader asking for chunk after chunk (a copy, a migration, a flatten) gets the
+        chunks ahead of it pushed, in one bulk fetch per window; the window doubles each
+        time the reader catches up with it. Clone faults are scattered and get none."""
+        if f.last_index < index <= max(f.last_index, f.ahead_to) + 1:
+            f.run += 1
+        elif index != f.last_index:
+            f.run, f.ahead_to = 1, -1
+        f.last_index = index
+        if f.run < READ_AHEAD_AFTER or not self.read_ahead_chunks or self.nursery is None:
+            return
+        if index <= f.ahead_to - self.read_ahead_chunks // 2:
+            return  # well inside the window: the pushes have not landed yet
+        window = max(self.read_ahead_chunks, 2 * (f.ahead_to - index + 1) if f.ahead_to >= index else self.read_ahead_chunks)
+        window = min(window, MAX_AHEAD_CHUNKS)
+        start, stop = max(index + 1, f.ahead_to + 1), min(index + 1 + window, len(f.chunk_map.chunks))
+        if start < stop:
+            f.ahead_to = stop - 1
+            self.nursery.start_soon(self._fetch_and_push, f, list(range(start, stop)), self._prefetch_limit)
+
     # ---- chunks ------------------------------------------------------------------------
 
-    def _read_ahead(self, f: ImageFile, index: int) -> None:
-        """On misses at consecutive chunks (a sequential read), fetch the next few ahead."""
-        f.run = f.run + 1 if f.last_miss == index - 1 else 1
-        f.last_miss = index
-        if f.run >= READ_AHEAD_AFTER and self.read_ahead_chunks and self.nursery is not None:
-            ahead = list(range(index + 1, min(index + 1 + self.read_ahead_chunks, len(f.chunk_map.chunks))))
-            self.nursery.start_soon(self.fetch_quietly, f, ahead)
+    def _have(self, cid: str) -> bytes | None:
+        data = self._pending.get(cid)
+        return data if data is not None else self.cache.get(cid)
 
-    async def fetch_quietly(self, f: ImageFile, indexes: list[int]) -> None:
-        for i in indexes:
-            ref = f.chunk_map.chunks[i]
-            if ref is not None and ref.id not in self.cache and ref.id not in self._inflight:
-                self.nursery.start_soon(self._fetch_ignoring_errors, f, ref)  # type: ignore[union-attr]
-
-    async def _fetch_ignoring_errors(self, f: ImageFile, ref: ChunkRef) -> None:
-        with contextlib.suppress(pyfuse3.FUSEError):
-            await self.chunk(f, ref, counted=False)
-
-    async def chunk(
-        self, f: ImageFile, ref: ChunkRef, counted: bool = True, on_miss: Callable[[], None] | None = None
-    ) -> bytes:
+    async def chunk(self, f: ImageFile, ref: ChunkRef, counted: bool = True) -> bytes:
         """A verified chunk: from the host cache, else fetched once however many ask."""
-        while True:
-            data = self.cache.get(ref.id)
-            if data is not None:
-                if counted:
-                    f.cache_hits += 1
-                return data
-            waiting = self._inflight.get(ref.id)
-            if waiting is None:
-                break
-            await waiting.wait()
-            if ref.id not in self.cache:  # the fetch failed: surface the error here too
-                raise pyfuse3.FUSEError(errno.EIO)
+        data = self._have(ref.id)
+        if data is not None:
+            if counted:
+                f.cache_hits += 1
+            return data
         if counted:
             f.cache_misses += 1
-        if on_miss is not None:
-            on_miss()
-        done = self._inflight[ref.id] = trio.Event()
+        got = await self._fetch(f, [ref], self._fetch_limit)
+        if ref.id not in got:
+            raise pyfuse3.FUSEError(errno.EIO)
+        return got[ref.id]
+
+    async def _fetch(self, f: ImageFile, refs: list[ChunkRef], limit: trio.CapacityLimiter) -> dict[str, bytes]:
+        """The verified contents of refs by chunk id, those that could be had: from the
+        host cache, from a fetch another task has under way, or fetched here with one
+        ranged read per run of adjacent chunks (ChunkStore.read_chunks). A chunk that
+        cannot be fetched or verified is left out, and logged with its id."""
+        got: dict[str, bytes] = {}
+        mine: dict[str, ChunkRef] = {}
+        theirs: dict[str, trio.Event] = {}
+        for ref in refs:
+            if ref.id in got or ref.id in mine or ref.id in theirs:
+                continue
+            data = self._have(ref.id)
+            if data is not None:
+                got[ref.id] = data
+            elif (event := self._inflight.get(ref.id)) is not None:
+                theirs[ref.id] = event
+            else:
+                mine[ref.id] = ref
+                self._inflight[ref.id] = trio.Event()
+        if mine:
+            try:
+                async with limit:
+                    results = await trio.to_thread.run_sync(self.store.read_chunks, list(mine.values()))
+                for ref, result in zip(mine.values(), results, strict=True):
+                    if isinstance(result, StoreError):
+                        f.errors += 1
+                        f.last_error = str(result)
+                        log.error("image %s: chunk %s: %s", f.name, ref.id[:16], result)
+                        continue
+                    got[ref.id] = result
+                    f.fetched_bytes += len(result)
+                    f.fetched_chunks += 1
+                    self._remember(ref.id, result)
+            finally:
+                for cid in mine:
+                    self._inflight.pop(cid).set()
+        for cid, event in theirs.items():
+            await event.wait()
+            data = self._have(cid)
+            if data is not None:
+                got[cid] = data
+        return got
+
+    def _remember(self, cid: str, data: bytes) -> None:
+        """Into the host cache, written by _cache_writer off the fault's path; until then
+        readers find it in _pending. A full queue leaves it uncached (the page cache has it)."""
         try:
-            async with self._fetch_limit:
-                data = await trio.to_thread.run_sync(self.store.read_chunk, ref)
-            await trio.to_thread.run_sync(self.cache.put, ref.id, data)
-            f.fetched_bytes += len(data)
-            f.fetched_chunks += 1
-            return data
-        except StoreError as exc:
-            f.errors += 1
-            f.last_error = str(exc)
-            log.error("image %s: chunk %s: %s", f.name, ref.id[:16], exc)
-            raise pyfuse3.FUSEError(errno.EIO) from exc
-        finally:
-            del self._inflight[ref.id]
-            done.set()
+            self._cache_send.send_nowait((cid, data))
+            self._pending[cid] = data
+        except trio.WouldBlock:
+            pass
+
+    async def _cache_writer(self) -> None:
+        async for cid, data in self._cache_recv:
+            try:
+                await trio.to_thread.run_sync(self.cache.put, cid, data)
+            except OSError as exc:
+                log.warning("chunk %s not kept in the host cache: %s", cid[:16], exc)
+            finally:
+                self._pending.pop(cid, None)
+
+    async def _fetch_and_push(self, f: ImageFile, indexes: list[int], limit: trio.CapacityLimiter) -> None:
+        at = [(i, r) for i in indexes if 0 <= i < len(f.chunk_map.chunks) and (r := f.chunk_map.chunks[i]) is not None]
+        got = await self._fetch(f, [r for _, r in at], limit)
+        for i, r in at:
+            if r.id in got:
+                self._push(f, i, got[r.id])
+
+    async def background(self) -> None:
+        """The page-cache pusher and the host-cache writer, for as long as the daemon runs."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pusher)
+            nursery.start_soon(self._cache_writer)
 
     def warm(self, f: ImageFile, path: Path) -> int:
         """Fill the host cache from a local copy of the image's memory (the file it
@@ -264,21 +379,22 @@ class MemFs(pyfuse3.Operations):
         return count
 
     async def prefetch(self, f: ImageFile, indexes: list[int]) -> None:
-        """Fetch the given chunks into the host cache, in parallel (the REAP idea)."""
+        """Fetch the given chunks and push them into the page cache, in the order given
+        (the order the image's first clone touched them: REAP), a batch per lane, with
+        lanes of their own: a clone's demand fetches never queue behind them."""
         t0 = time.monotonic()
-        refs = {}
-        for i in indexes:
-            if 0 <= i < len(f.chunk_map.chunks) and (r := f.chunk_map.chunks[i]) is not None and r.id not in self.cache:
-                refs[r.id] = r
-        f.prefetch = {"state": "running", "chunks": len(refs)}
+        cm = f.chunk_map
+        at = {i: r for i in dict.fromkeys(indexes) if 0 <= i < len(cm.chunks) and (r := cm.chunks[i]) is not None}
+        order = list(at)
+        missing = sum(1 for r in at.values() if r.id not in self._pending and r.id not in self.cache)
+        f.prefetch = {"state": "running", "chunks": len(order), "missing": missing}
+        batches = iter([order[b : b + PREFETCH_BATCH] for b in range(0, len(order), PREFETCH_BATCH)])
 
-        async def one(r: ChunkRef) -> None:
-            try:
-                await self.chunk(f, r, counted=False)
-            except pyfuse3.FUSEError:
-                pass  # recorded in f.last_error; the clone's own read will fail clearly
+        async def lane() -> None:
+            for batch in batches:  # shared: each lane takes the next batch in order
+                await self._fetch_and_push(f, batch, self._prefetch_limit)
 
         async with trio.open_nursery() as nursery:
-            for r in refs.values():
-                nursery.start_soon(one, r)
-        f.prefetch = {"state": "done", "chunks": len(refs), "seconds": round(time.monotonic() - t0, 3)}
+            for _ in range(PREFETCH_LANES):
+                nursery.start_soon(lane)
+        f.prefetch = {"state": "done", "chunks": len(order), "missing": missing, "seconds": round(time.monotonic() - t0, 3)}

@@ -38,7 +38,7 @@ def is_mounted(path: Path) -> bool:
 
 class MemfsMount:
     def __init__(self, data_dir: Path, store_spec: str, cache_bytes: int, peer_token: str | None = None,
-                 read_ahead_chunks: int = 8) -> None:
+                 read_ahead_chunks: int = 16) -> None:
         self.mountpoint = data_dir / "memfs"
         self.cache_dir = data_dir / "cache"
         self.control = data_dir / "memfs.sock"

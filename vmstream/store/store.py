@@ -38,6 +38,10 @@ keeps an on-demand fault cheap (a few ms to fetch and decompress), keeps the
 chunk map small (4096 entries per GiB), and is large enough for zstd to work
 well and for per-request overhead on S3 or a peer to stay small."""
 
+MAX_SPAN = 4 << 20
+"""The largest ranged read of adjacent chunks (read_chunks): bulk transfers of a few
+MiB amortise a request's round trip without holding a fault behind a long one."""
+
 DEFAULT_PACK_SIZE = 16 << 20
 """Packs close at about 16 MiB stored: few objects per image (cheap listing and
 GC on S3), small enough that a crash loses little work."""
@@ -307,6 +311,47 @@ class ChunkStore:
         """One chunk's content, verified against its blake3 name (CorruptChunk if not)."""
         blob = self.backend.get(PACKS + ref.pack, ref.offset, ref.length)
         return decode_chunk(blob, ref, str(self.backend))
+
+    def read_chunks(self, refs: list[ChunkRef], max_span: int = MAX_SPAN) -> list[bytes | StoreError]:
+        """The verified contents of refs, in their order, with one ranged read per run of
+        chunks that lie back to back in a pack (up to max_span bytes), runs in parallel.
+        A chunk that cannot be had is its error in the list (a CorruptChunk names it):
+        one bad chunk fails only itself, never its neighbours in the range."""
+        out: list[bytes | StoreError] = [b""] * len(refs)  # every index is set by its run's fetch
+        runs: list[list[int]] = []
+        for i in sorted(range(len(refs)), key=lambda i: (refs[i].pack, refs[i].offset)):
+            r = refs[i]
+            if runs:
+                first, last = refs[runs[-1][0]], refs[runs[-1][-1]]
+                if last.pack == r.pack and last.offset + last.length == r.offset and r.offset + r.length - first.offset <= max_span:
+                    runs[-1].append(i)
+                    continue
+                if last.pack == r.pack and last.offset == r.offset and last.length == r.length:
+                    runs[-1].append(i)  # the same stored chunk twice
+                    continue
+            runs.append([i])
+
+        def fetch(run: list[int]) -> None:
+            first = refs[run[0]]
+            span = max(refs[i].offset + refs[i].length for i in run) - first.offset
+            try:
+                blob = memoryview(self.backend.get(PACKS + first.pack, first.offset, span))
+            except StoreError as exc:
+                for i in run:
+                    out[i] = exc
+                return
+            for i in run:
+                r = refs[i]
+                try:
+                    out[i] = decode_chunk(bytes(blob[r.offset - first.offset : r.offset - first.offset + r.length]), r, str(self.backend))
+                except StoreError as exc:
+                    out[i] = exc
+
+        if len(runs) == 1:
+            fetch(runs[0])  # no hop through the pool for a single fault
+        else:
+            list(self._pool.map(fetch, runs))
+        return out
 
     def read_range(self, chunk_map: ChunkMap, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of the file, clipped at its end, like a read(2)."""
