@@ -35,7 +35,8 @@ class Settings(BaseSettings):
                        "s3://bucket/prefix?endpoint_url=http://..., or peer:http://HOST:PORT/v1/store. Empty: <home>/store.")
     peer_token: str | None = Field(None, description="The peer agent's token when `store` is peer:... (its agent.token).")
     cache_size: str = Field("8G", description="Bound of the host chunk cache (memfs), e.g. 8G.")
-    memfs_read_ahead_chunks: int = Field(16, ge=0, description="Chunks memfs first pushes ahead of a sequential reader (0: off); the window doubles up to 64 as the reader keeps up.")
+    memfs_read_ahead_chunks: int = Field(16, ge=0, description="Chunks memfs first pushes ahead of a sequential reader "
+                                         "(0: off); the window doubles up to 64 as the reader keeps up.")
 
     # ---- QEMU
     accel: Literal["auto", "kvm", "tcg"] = Field("auto", description="Accelerator: auto probes KVM once and falls back to TCG.")

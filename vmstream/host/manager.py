@@ -87,7 +87,7 @@ class HostManager:
         self.pool = ClonePool(settings, self.registry, self.starter, self.images, self.tasks)
         self.hooks = HookWatcher(self.registry, self.starter)
         self.clones = CloneStarter(settings, self.registry, self.starter, self.images, self.memfs, self.pool, self.hooks,
-                                   WorkingSets(self.images, self.memfs), self.tasks)
+                                   WorkingSets(self.images, self.memfs, self.store), self.tasks)
         self.image_ops = ImageOps(self.registry, self.starter, self.images, self.store, self.memfs, self.pool)
         self.peers = Peers(self.session)
         self.migrations = Migrations(self.registry, self.starter, self.images, self.peers)

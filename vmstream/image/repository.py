@@ -22,6 +22,7 @@ from vmstream.image.manifest import LiveImage
 from vmstream.store import Backend
 
 MANIFEST = "manifest.json"
+STREAMED = ".pack"  # an image's files read straight from the store, never copied to a host's image dir
 META = "meta/images/"
 
 
@@ -65,6 +66,8 @@ class ImageRepository:
         stage.mkdir()
         try:
             for obj in self.backend.list(self._meta(name)):
+                if obj.key.endswith(STREAMED):
+                    continue  # memfs streams it from the store when it is needed
                 (stage / obj.key.rsplit("/", 1)[1]).write_bytes(self.backend.get(obj.key))
             with contextlib.suppress(OSError):  # another request fetched it meanwhile: same content
                 os.rename(stage, self._dir(name))
@@ -127,13 +130,19 @@ class ImageRepository:
             raise Conflict(f"a live image named '{image.name}' already exists") from exc
 
     def add_file(self, image: LiveImage, file: str, data: bytes) -> None:
-        """A file learnt after the commit (the working-set profile), kept with the image."""
-        path = self._dir(image.name) / file
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        """A file learnt after the commit (the working-set profile), kept with the image.
+        A file named *.pack goes to the store only (see store_key)."""
+        if not file.endswith(STREAMED):
+            path = self._dir(image.name) / file
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
         if self.backend is not None:
             self.backend.put(self._meta(image.name, file), data)
+
+    def store_key(self, image: LiveImage, file: str) -> str:
+        """Where the store keeps one of the image's files (memfs streams *.pack files from there)."""
+        return self._meta(image.name, file)
 
     def _delete_meta(self, name: str) -> None:
         assert self.backend is not None

@@ -5,7 +5,9 @@
 
 Control protocol: one JSON object per line in, one per line out:
     {"cmd": "stats"}                         host and per-image counters
-    {"cmd": "prefetch", "image": I, "chunks": [...], "wait": bool}
+    {"cmd": "prefetch", "image": I, "chunks": [...], "wait": bool,
+     "pack": {"key": K, "entries": [[index, offset, length], ...]}}   pack: optional,
+                                             the working set as one store object, streamed
     {"cmd": "record-start", "image": I}      log first touches of chunks
     {"cmd": "record-stop", "image": I}       -> {"chunks": [indexes in touch order]}
     {"cmd": "missing", "image": I, "chunks": [...]} -> how many are not cached
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -59,10 +62,7 @@ class Daemon:
                 "images": {name: f.stats() for name, f in fs.files.items()},
             }
         if cmd == "drop-cache":
-            fs._pending.clear()
-            await trio.to_thread.run_sync(fs.cache.clear)
-            for f in fs.files.values():
-                f.held = False
+            await fs.drop_cache()
             return {"ok": True}
         if cmd == "shutdown":
             assert self.cancel is not None
@@ -79,10 +79,16 @@ class Daemon:
         if cmd == "prefetch":
             assert self.nursery is not None
             chunks = [int(i) for i in req.get("chunks", [])]
-            if req.get("wait"):
-                await fs.prefetch(f, chunks)
+            pack = req.get("pack")
+            if pack:
+                entries = [(int(i), int(o), int(n)) for i, o, n in pack["entries"]]
+                job = functools.partial(fs.prefetch_pack, f, str(pack["key"]), entries)
             else:
-                self.nursery.start_soon(fs.prefetch, f, chunks)
+                job = functools.partial(fs.prefetch, f, chunks)
+            if req.get("wait"):
+                await job()
+            else:
+                self.nursery.start_soon(job)
             return {"ok": True}
         if cmd == "warm":
             warmed = await trio.to_thread.run_sync(fs.warm, f, Path(str(req.get("path", ""))))
@@ -90,7 +96,7 @@ class Daemon:
         if cmd == "missing":
             cm = f.chunk_map
             refs = [cm.chunks[i] for i in req.get("chunks", []) if 0 <= i < len(cm.chunks)]
-            return {"ok": True, "missing": sum(1 for r in refs if r is not None and r.id not in fs.cache)}
+            return {"ok": True, "missing": sum(1 for r in refs if r is not None and not fs.holds(r.id))}
         if cmd == "record-start":
             f.recording, f.record_start = {}, time.monotonic()
             return {"ok": True}

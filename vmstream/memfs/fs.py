@@ -31,7 +31,7 @@ import trio
 
 from vmstream.memfs import memory_ref
 from vmstream.memfs.cache import ChunkCache
-from vmstream.store import ChunkMap, ChunkRef, ChunkStore, ObjectNotFound, StoreError
+from vmstream.store import BackendUnavailable, ChunkMap, ChunkRef, ChunkStore, ObjectNotFound, StoreError
 from vmstream.store.store import chunk_id
 
 log = logging.getLogger("vmstream.memfs")
@@ -97,7 +97,9 @@ class MemFs(pyfuse3.Operations):
         self._fetch_limit = trio.CapacityLimiter(16)  # demand: a clone's faults
         self._prefetch_limit = trio.CapacityLimiter(PREFETCH_LANES)  # prefetch and read-ahead
         self._push_send, self._push_recv = trio.open_memory_channel[tuple[ImageFile, int, bytes]](1024)
-        self._cache_send, self._cache_recv = trio.open_memory_channel[tuple[str, bytes]](256)
+        self._cache_send, self._cache_recv = trio.open_memory_channel[tuple[int, str, bytes]](256)
+        self._cache_lock = trio.Lock()  # a drop waits for the write under way
+        self._generation = 0  # bumped by a drop: writes queued before it are not made
         self._pending: dict[str, bytes] = {}  # fetched chunks on their way into the host cache
         self.nursery: trio.Nursery | None = None  # for background fetches; set by the daemon
         self._zero = bytes(4 << 20)  # zero chunks are served from here (chunks are at most 4 MiB)
@@ -270,6 +272,10 @@ class MemFs(pyfuse3.Operations):
 
     # ---- chunks ------------------------------------------------------------------------
 
+    def holds(self, cid: str) -> bool:
+        """On this host: in the host cache or on its way there."""
+        return cid in self._pending or cid in self.cache
+
     def _have(self, cid: str) -> bytes | None:
         data = self._pending.get(cid)
         return data if data is not None else self.cache.get(cid)
@@ -335,19 +341,31 @@ class MemFs(pyfuse3.Operations):
         """Into the host cache, written by _cache_writer off the fault's path; until then
         readers find it in _pending. A full queue leaves it uncached (the page cache has it)."""
         try:
-            self._cache_send.send_nowait((cid, data))
+            self._cache_send.send_nowait((self._generation, cid, data))
             self._pending[cid] = data
         except trio.WouldBlock:
             pass
 
     async def _cache_writer(self) -> None:
-        async for cid, data in self._cache_recv:
-            try:
-                await trio.to_thread.run_sync(self.cache.put, cid, data)
-            except OSError as exc:
-                log.warning("chunk %s not kept in the host cache: %s", cid[:16], exc)
-            finally:
-                self._pending.pop(cid, None)
+        async for generation, cid, data in self._cache_recv:
+            async with self._cache_lock:
+                try:
+                    if generation == self._generation:  # else queued before a drop: dropped too
+                        await trio.to_thread.run_sync(self.cache.put, cid, data)
+                except OSError as exc:
+                    log.warning("chunk %s not kept in the host cache: %s", cid[:16], exc)
+                finally:
+                    if generation == self._generation:
+                        self._pending.pop(cid, None)
+
+    async def drop_cache(self) -> None:
+        """Forget every chunk this host holds (the page cache is the caller's to drop)."""
+        async with self._cache_lock:
+            self._generation += 1
+            self._pending.clear()
+            await trio.to_thread.run_sync(self.cache.clear)
+        for f in self.files.values():
+            f.held = False
 
     async def _fetch_and_push(self, f: ImageFile, indexes: list[int], limit: trio.CapacityLimiter) -> None:
         at = [(i, r) for i in indexes if 0 <= i < len(f.chunk_map.chunks) and (r := f.chunk_map.chunks[i]) is not None]
@@ -378,6 +396,57 @@ class MemFs(pyfuse3.Operations):
                     count += 1
         return count
 
+    async def prefetch_pack(self, f: ImageFile, key: str, entries: list[tuple[int, int, int]]) -> None:
+        """Stream a working-set pack (store object key: the image's working set, stored
+        forms back to back in first-touch order; entries: chunk index, offset, length)
+        and push each chunk into the page cache the moment it is in and verified: the
+        whole working set in one request, REAP's working-set file. Demand fetches run
+        beside it in their own lane. If the stream fails, what it did not bring is
+        prefetched chunk by chunk."""
+        t0 = time.monotonic()
+        cm = f.chunk_map
+        at: list[tuple[int, ChunkRef]] = []
+        for index, offset, length in entries:
+            if 0 <= index < len(cm.chunks) and (ref := cm.chunks[index]) is not None:
+                at.append((index, ChunkRef(id=ref.id, pack=key, offset=offset, length=length)))
+        f.prefetch = {"state": "streaming", "chunks": len(at), "from": key}
+        done: set[int] = set()
+        token = trio.lowlevel.current_trio_token()
+
+        def arrived(batch: list[tuple[int, bytes]]) -> None:  # in trio, from the streaming thread
+            for index, data in batch:
+                cid = cm.chunks[index].id  # type: ignore[union-attr]
+                done.add(index)
+                if not self.holds(cid):
+                    f.fetched_bytes += len(data)
+                    f.fetched_chunks += 1
+                    self._remember(cid, data)
+
+        def stream() -> None:
+            batch: list[tuple[int, bytes]] = []
+            for pos, data in self.store.stream_chunks(key, [r for _, r in at]):
+                index = at[pos][0]
+                if isinstance(data, StoreError):
+                    f.errors += 1
+                    f.last_error = str(data)
+                    log.error("image %s: working-set chunk %d: %s", f.name, index, data)
+                    continue
+                self._store_pages([(f, index, data)])  # straight from this thread: no hop
+                batch.append((index, data))
+                if len(batch) >= 16:
+                    trio.from_thread.run_sync(arrived, batch, trio_token=token)
+                    batch = []
+            if batch:
+                trio.from_thread.run_sync(arrived, batch, trio_token=token)
+
+        try:
+            await trio.to_thread.run_sync(stream)
+        except (StoreError, BackendUnavailable) as exc:  # the stream is not retried: ranged reads are
+            log.warning("image %s: streaming its working set from %s failed (%s): fetching the rest chunk by chunk", f.name, key, exc)
+            await self.prefetch(f, [i for i, _ in at if i not in done])
+            return
+        f.prefetch = {"state": "done", "chunks": len(at), "from": key, "seconds": round(time.monotonic() - t0, 3)}
+
     async def prefetch(self, f: ImageFile, indexes: list[int]) -> None:
         """Fetch the given chunks and push them into the page cache, in the order given
         (the order the image's first clone touched them: REAP), a batch per lane, with
@@ -386,7 +455,7 @@ class MemFs(pyfuse3.Operations):
         cm = f.chunk_map
         at = {i: r for i in dict.fromkeys(indexes) if 0 <= i < len(cm.chunks) and (r := cm.chunks[i]) is not None}
         order = list(at)
-        missing = sum(1 for r in at.values() if r.id not in self._pending and r.id not in self.cache)
+        missing = sum(1 for r in at.values() if not self.holds(r.id))
         f.prefetch = {"state": "running", "chunks": len(order), "missing": missing}
         batches = iter([order[b : b + PREFETCH_BATCH] for b in range(0, len(order), PREFETCH_BATCH)])
 

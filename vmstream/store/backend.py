@@ -63,6 +63,17 @@ class Backend(ABC):
     @abstractmethod
     def delete(self, key: str) -> None: ...
 
+    def stream(self, key: str, piece: int = 1 << 20) -> Iterator[bytes]:
+        """The object from its start, a piece at a time, so a reader can use its head while
+        the rest is on its way. This default makes one ranged get per piece; a backend
+        that can send an object in one streamed request overrides it."""
+        offset = 0
+        while data := self.get(key, offset, piece):
+            yield data
+            offset += len(data)
+            if len(data) < piece:
+                return
+
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections; the backend must not be used afterwards."""
 

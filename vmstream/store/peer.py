@@ -118,6 +118,10 @@ class PeerBackend(Backend):
             r = self.client.request(method, url, **kwargs)
         except httpx.TransportError as exc:  # refused, timed out, cut off mid-body
             raise BackendUnavailable(f"{self.name}: {what} '{key}' failed: {type(exc).__name__}: {exc}") from exc
+        return self._check(r, what, key)
+
+    def _check(self, r: httpx.Response, what: str, key: str) -> httpx.Response:
+        """The response if it is one to use; else the store error its status means."""
         if r.status_code < 400 or r.status_code == 416:
             return r
         if r.status_code == 404:
@@ -157,6 +161,17 @@ class PeerBackend(Backend):
                 raise StoreError(f"{self.name}: get '{key}': peer answered range '{got}' for offset {offset}")
             return r.content
         return r.content[offset:] if size is None else r.content[offset : offset + size]  # server ignored Range
+
+    def stream(self, key: str, piece: int = 1 << 20) -> Iterator[bytes]:
+        """One GET, read as it arrives: one round trip however large the object."""
+        try:
+            with self.client.stream("GET", f"/objects/{check_key(key)}") as r:
+                if r.status_code >= 400:
+                    r.read()
+                    self._check(r, "get", key)
+                yield from r.iter_bytes(piece)
+        except httpx.TransportError as exc:
+            raise BackendUnavailable(f"{self.name}: streaming '{key}' failed: {type(exc).__name__}: {exc}") from exc
 
     def exists(self, key: str) -> bool:
         try:

@@ -77,5 +77,9 @@ class RetryingBackend(Backend):
     def delete(self, key: str) -> None:
         self.policy.call(f"{self.name}: delete '{key}'", lambda: self.inner.delete(key))
 
+    def stream(self, key: str, piece: int = 1 << 20) -> Iterator[bytes]:
+        """Not retried: a reader that loses a stream falls back to ranged reads, which are."""
+        return self.inner.stream(key, piece)
+
     def close(self) -> None:
         self.inner.close()

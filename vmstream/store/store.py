@@ -317,17 +317,64 @@ class ChunkStore:
         chunks that lie back to back in a pack (up to max_span bytes), runs in parallel.
         A chunk that cannot be had is its error in the list (a CorruptChunk names it):
         one bad chunk fails only itself, never its neighbours in the range."""
+        out = self._read_stored(refs, max_span)
+        for i, (r, blob) in enumerate(zip(refs, out, strict=True)):
+            if not isinstance(blob, StoreError):
+                try:
+                    out[i] = decode_chunk(blob, r, str(self.backend))
+                except StoreError as exc:
+                    out[i] = exc
+        return out
+
+    def stored_forms(self, refs: list[ChunkRef]) -> tuple[bytes, list[tuple[int, int]]]:
+        """The stored form of each ref back to back (a working-set pack, to be read in one
+        request), and (offset, length) of each in it. Raises the first read's error."""
+        blobs = self._read_stored(refs, MAX_SPAN)
+        where, offset = [], 0
+        for blob in blobs:
+            if isinstance(blob, StoreError):
+                raise blob
+            where.append((offset, len(blob)))
+            offset += len(blob)
+        return b"".join(blobs), where  # type: ignore[arg-type]  # no errors left
+
+    def stream_chunks(self, key: str, refs: list[ChunkRef], piece: int = 1 << 20) -> Iterator[tuple[int, bytes | StoreError]]:
+        """Chunks stored back to back in the object key (refs give their offsets there, in
+        order), verified, each yielded (its position in refs) as soon as its bytes are in:
+        one streamed request however many chunks. A backend failure mid-way raises
+        (BackendUnavailable); the caller fetches what is left another way."""
+        buf, base, i = bytearray(), 0, 0
+        for data in self.backend.stream(key, piece):
+            buf += data
+            while i < len(refs) and refs[i].offset + refs[i].length <= base + len(buf):
+                r = refs[i]
+                blob = bytes(buf[r.offset - base : r.offset - base + r.length])
+                try:
+                    yield i, decode_chunk(blob, r, f"{self.backend} object {key}")
+                except StoreError as exc:
+                    yield i, exc
+                i += 1
+            cut = (refs[i].offset if i < len(refs) else base + len(buf)) - base
+            if cut > 0:
+                del buf[:cut]
+                base += cut
+            if i == len(refs):
+                return
+        if i < len(refs):
+            raise StoreError(f"{self.backend}: object {key} ended before chunk {refs[i].id} (at offset {refs[i].offset})")
+
+    def _read_stored(self, refs: list[ChunkRef], max_span: int) -> list[bytes | StoreError]:
+        """The stored (encoded) form of each ref, one ranged read per run of adjacent ones."""
         out: list[bytes | StoreError] = [b""] * len(refs)  # every index is set by its run's fetch
         runs: list[list[int]] = []
         for i in sorted(range(len(refs)), key=lambda i: (refs[i].pack, refs[i].offset)):
             r = refs[i]
             if runs:
                 first, last = refs[runs[-1][0]], refs[runs[-1][-1]]
-                if last.pack == r.pack and last.offset + last.length == r.offset and r.offset + r.length - first.offset <= max_span:
+                same = last.pack == r.pack and last.offset == r.offset and last.length == r.length  # a chunk twice
+                adjacent = last.pack == r.pack and last.offset + last.length == r.offset
+                if same or (adjacent and r.offset + r.length - first.offset <= max_span):
                     runs[-1].append(i)
-                    continue
-                if last.pack == r.pack and last.offset == r.offset and last.length == r.length:
-                    runs[-1].append(i)  # the same stored chunk twice
                     continue
             runs.append([i])
 
@@ -341,11 +388,8 @@ class ChunkStore:
                     out[i] = exc
                 return
             for i in run:
-                r = refs[i]
-                try:
-                    out[i] = decode_chunk(bytes(blob[r.offset - first.offset : r.offset - first.offset + r.length]), r, str(self.backend))
-                except StoreError as exc:
-                    out[i] = exc
+                at = refs[i].offset - first.offset
+                out[i] = bytes(blob[at : at + refs[i].length])
 
         if len(runs) == 1:
             fetch(runs[0])  # no hop through the pool for a single fault

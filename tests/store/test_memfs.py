@@ -1,0 +1,171 @@
+"""memfs over a real FUSE mount, streaming from a real peer: one fetch per chunk however
+many ask, a working-set pack in one stream, a peer lost mid-stream or for good."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from tests.store.conftest import PEER_TOKEN, peer_app, serve
+from vmstream.bench.delay import DelayProxy
+from vmstream.memfs.mount import is_mounted
+from vmstream.store import ChunkStore, LocalBackend
+
+CS = 64 << 10
+PACK_KEY = "meta/images/img/workingset.pack"
+
+
+class Memfs:
+    def __init__(self, mount: Path, control: Path) -> None:
+        self.mount, self.control = mount, control
+
+    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(self.control))
+            s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            answer = b""
+            while not answer.endswith(b"\n"):
+                answer += s.recv(65536)
+        out: dict[str, Any] = json.loads(answer)
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        image: dict[str, Any] = self.request("stats")["images"]["img"]
+        return image
+
+
+@contextlib.contextmanager
+def memfs(tmp_path: Path, store: str) -> Iterator[Memfs]:
+    """The memfs daemon as the agent runs it, on its own mount; unmounted and ended after."""
+    mount, control = tmp_path / "mnt", tmp_path / "memfs.sock"
+    with open(tmp_path / "memfs.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vmstream.memfs.daemon", "--mount", str(mount), "--store", store, "--cache", str(tmp_path / "cache"),
+             "--control", str(control), "--retry-attempts", "2", "--retry-deadline", "2", "--token-stdin"],
+            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT)
+    assert proc.stdin is not None
+    proc.stdin.write(PEER_TOKEN.encode() + b"\n")
+    proc.stdin.close()
+    try:
+        deadline = time.monotonic() + 20
+        while not (control.exists() and is_mounted(mount)):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "memfs.log").read_text()
+            time.sleep(0.05)
+        yield Memfs(mount, control)
+    finally:
+        with contextlib.suppress(OSError):
+            Memfs(mount, control).request("shutdown")
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if is_mounted(mount):
+            subprocess.run(["fusermount3", "-u", "-z", str(mount)], check=False)
+
+
+def _image(tmp_path: Path, chunks: int = 48) -> tuple[LocalBackend, bytes]:
+    backend = LocalBackend(tmp_path / "host-a")
+    content = os.urandom(chunks * CS)
+    (tmp_path / "mem").write_bytes(content)
+    ChunkStore(backend, chunk_size=CS).store_file(tmp_path / "mem", ref="images/img/memory")
+    return backend, content
+
+
+def test_clones_faulting_one_chunk_cause_one_fetch(tmp_path: Path) -> None:
+    backend, content = _image(tmp_path)
+    with serve(peer_app(ChunkStore(backend), writable=False)) as url, DelayProxy(int(url.rsplit(":", 1)[1]), rtt_ms=200) as proxy, \
+            memfs(tmp_path, f"peer:{proxy.url}/v1/store") as fs:
+        fd = os.open(fs.mount / "img", os.O_RDONLY)
+        try:
+            pages = [5 * CS + 4096 * k for k in (0, 3, 7, 11)]  # four faults in chunk 5, at once
+            got: dict[int, bytes] = {}
+            threads = [threading.Thread(target=lambda off=off: got.__setitem__(off, os.pread(fd, 4096, off))) for off in pages]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert all(got[off] == content[off : off + 4096] for off in pages)
+            stats = fs.stats()
+            assert stats["fetched_chunks"] == 1, stats
+            # the chunk went whole into the page cache: its other pages never reach memfs
+            deadline = time.monotonic() + 5
+            while fs.stats()["pushed_chunks"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            before = fs.stats()["read_bytes"]
+            assert os.pread(fd, CS, 5 * CS) == content[5 * CS : 6 * CS]
+            assert fs.stats()["read_bytes"] == before
+        finally:
+            os.close(fd)
+
+
+def test_working_set_pack_streams_and_a_cut_stream_is_made_up_chunk_by_chunk(tmp_path: Path) -> None:
+    backend, content = _image(tmp_path)
+    store = ChunkStore(backend, chunk_size=CS)
+    cmap = store.get_ref("images/img/memory")
+    order = [40, 3, 4, 5, 22, 9, 31, 0]
+    blob, where = store.stored_forms([cmap.chunks[i] for i in order])  # type: ignore[misc]
+    backend.put(PACK_KEY, blob)
+    entries = [[i, off, n] for i, (off, n) in zip(order, where, strict=True)]
+    app = peer_app(store, writable=False)
+    cut = {"streams": 0}
+
+    @app.middleware("http")
+    async def cut_the_first_stream(request: Request, call_next: Any) -> Any:
+        if request.url.path.endswith(PACK_KEY) and "range" not in request.headers:
+            cut["streams"] += 1
+            if cut["streams"] == 1:  # half the pack, then the connection drops
+                async def half() -> AsyncIterator[bytes]:
+                    yield blob[: len(blob) // 2]
+                    raise ConnectionError("the peer went away")
+                return StreamingResponse(half(), headers={"content-length": str(len(blob))})
+        return await call_next(request)
+
+    with serve(app) as url, memfs(tmp_path, f"peer:{url}/v1/store") as fs:
+        for attempt in (1, 2):
+            fs.request("drop-cache")
+            fs.request("invalidate", image="img")
+            before = fs.stats()["fetched_chunks"]
+            assert fs.request("prefetch", image="img", chunks=order, wait=True, pack={"key": PACK_KEY, "entries": entries})["ok"]
+            stats = fs.stats()
+            assert stats["prefetch"]["state"] == "done" and stats["fetched_chunks"] - before == len(order), (attempt, stats)
+            assert fs.request("missing", image="img", chunks=order)["missing"] == 0
+            if attempt == 2:
+                assert stats["prefetch"]["from"] == PACK_KEY, "a whole stream: the pack alone brought them"
+        assert cut["streams"] == 2
+        with open(fs.mount / "img", "rb") as f:
+            assert f.read() == content
+        assert fs.stats()["errors"] == 0
+
+
+def test_a_peer_gone_for_good_is_a_clear_error(tmp_path: Path) -> None:
+    backend, content = _image(tmp_path)
+    with serve(peer_app(ChunkStore(backend), writable=False)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        proxy = DelayProxy(port).__enter__()
+        with memfs(tmp_path, f"peer:{proxy.url}/v1/store") as fs:
+            fd = os.open(fs.mount / "img", os.O_RDONLY)
+            try:
+                assert os.pread(fd, 4096, 0) == content[:4096]
+                proxy.__exit__(None, None, None)  # host A is gone
+                with pytest.raises(OSError) as err:
+                    os.pread(fd, 4096, 20 * CS)
+                assert err.value.errno == 5  # EIO: never wrong or zero bytes
+                stats = fs.stats()
+                assert stats["errors"] >= 1 and proxy.url.split("//")[1] in stats["last_error"], stats
+                assert "gave up" in stats["last_error"], stats
+            finally:
+                os.close(fd)
