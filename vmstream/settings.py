@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     peer_token: str | None = Field(None, description="The peer agent's token when `store` is peer:... (its agent.token).")
     cache_size: str = Field("8G", description="Bound of the host chunk cache (memfs), e.g. 8G.")
     memfs_read_ahead_chunks: int = Field(16, ge=0, description="Chunks memfs first pushes ahead of a sequential reader "
-                                         "(0: off); the window doubles up to 64 as the reader keeps up.")
+                                         "(0: off); the window doubles up to 512 as the reader keeps up.")
 
     # ---- QEMU
     accel: Literal["auto", "kvm", "tcg"] = Field("auto", description="Accelerator: auto probes KVM once and falls back to TCG.")

@@ -38,7 +38,8 @@ log = logging.getLogger("vmstream.memfs")
 READ_AHEAD_AFTER = 4  # requests at consecutive chunks that make a reader sequential
 PREFETCH_LANES = 4  # concurrent prefetch fetches: demand fetches have their own limit
 PREFETCH_BATCH = 8  # chunks per prefetch fetch (adjacent ones come in one ranged read)
-MAX_AHEAD_CHUNKS = 64  # the largest window pushed ahead of a sequential reader
+MAX_AHEAD_CHUNKS = 512  # the largest window pushed ahead of a sequential reader
+AHEAD_PIECE = 16  # chunks per fetch of a window: pushes start while the rest is on its way
 
 
 @dataclass
@@ -58,6 +59,7 @@ class ImageFile:
     last_index: int = -2  # chunk index of the last request, to see sequential readers
     run: int = 0  # requests at consecutive chunks
     ahead_to: int = -1  # the last chunk pushed ahead of a sequential reader
+    window: int = 0  # chunks pushed ahead of it (see MemFs._follow)
     pushed_chunks: int = 0  # chunks pushed into the page cache
     pushing: set[int] = field(default_factory=set)  # chunk indexes queued for the page cache
     record_start: float = 0.0
@@ -97,7 +99,7 @@ class MemFs(pyfuse3.Operations):
         self._fetch_limit = trio.CapacityLimiter(16)  # demand: a clone's faults
         self._prefetch_limit = trio.CapacityLimiter(PREFETCH_LANES)  # prefetch and read-ahead
         self._push_send, self._push_recv = trio.open_memory_channel[tuple[ImageFile, int, bytes]](1024)
-        self._cache_send, self._cache_recv = trio.open_memory_channel[tuple[int, str, bytes]](256)
+        self._cache_send, self._cache_recv = trio.open_memory_channel[tuple[int, str, bytes]](1024)
         self._cache_lock = trio.Lock()  # a drop waits for the write under way
         self._generation = 0  # bumped by a drop: writes queued before it are not made
         self._pending: dict[str, bytes] = {}  # fetched chunks on their way into the host cache
@@ -252,23 +254,28 @@ class MemFs(pyfuse3.Operations):
 
     def _follow(self, f: ImageFile, index: int) -> None:
         """A reader asking for chunk after chunk (a copy, a migration, a flatten) gets the
-        chunks ahead of it pushed, in one bulk fetch per window; the window doubles each
-        time the reader catches up with it. Clone faults are scattered and get none."""
+        chunks ahead of it pushed, fetched in pieces of AHEAD_PIECE chunks (one ranged
+        read each) on the prefetch lanes. Pushed pages never reach memfs, so the reader
+        is seen again only when it catches up with the window: then the window doubles,
+        up to MAX_AHEAD_CHUNKS. Clone faults are scattered and get none."""
         if f.last_index < index <= max(f.last_index, f.ahead_to) + 1:
             f.run += 1
         elif index != f.last_index:
-            f.run, f.ahead_to = 1, -1
+            f.run, f.ahead_to, f.window = 1, -1, self.read_ahead_chunks
         f.last_index = index
         if f.run < READ_AHEAD_AFTER or not self.read_ahead_chunks or self.nursery is None:
             return
-        if index <= f.ahead_to - self.read_ahead_chunks // 2:
-            return  # well inside the window: the pushes have not landed yet
-        window = max(self.read_ahead_chunks, 2 * (f.ahead_to - index + 1) if f.ahead_to >= index else self.read_ahead_chunks)
-        window = min(window, MAX_AHEAD_CHUNKS)
-        start, stop = max(index + 1, f.ahead_to + 1), min(index + 1 + window, len(f.chunk_map.chunks))
-        if start < stop:
-            f.ahead_to = stop - 1
-            self.nursery.start_soon(self._fetch_and_push, f, list(range(start, stop)), self._prefetch_limit)
+        f.window = f.window or self.read_ahead_chunks
+        if f.ahead_to >= index + f.window // 2:
+            return  # well inside the window: its pushes have not all landed yet
+        if f.ahead_to >= 0:
+            f.window = min(2 * f.window, MAX_AHEAD_CHUNKS)  # caught up: the reader is faster than the window
+        start, stop = max(index + 1, f.ahead_to + 1), min(index + 1 + f.window, len(f.chunk_map.chunks))
+        if start >= stop:
+            return
+        f.ahead_to = stop - 1
+        for piece in range(start, stop, AHEAD_PIECE):
+            self.nursery.start_soon(self._fetch_and_push, f, list(range(piece, min(piece + AHEAD_PIECE, stop))), self._prefetch_limit)
 
     # ---- chunks ------------------------------------------------------------------------
 
@@ -326,7 +333,11 @@ class MemFs(pyfuse3.Operations):
                     got[ref.id] = result
                     f.fetched_bytes += len(result)
                     f.fetched_chunks += 1
-                    self._remember(ref.id, result)
+                    if limit is self._fetch_limit:
+                        self._remember(ref.id, result)
+                    else:  # prefetch and read-ahead wait for the writer: bulk must not overrun it
+                        self._pending[ref.id] = result
+                        await self._cache_send.send((self._generation, ref.id, result))
             finally:
                 for cid in mine:
                     self._inflight.pop(cid).set()
