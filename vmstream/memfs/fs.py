@@ -40,6 +40,7 @@ PREFETCH_LANES = 4  # concurrent prefetch fetches: demand fetches have their own
 PREFETCH_BATCH = 8  # chunks per prefetch fetch (adjacent ones come in one ranged read)
 MAX_AHEAD_CHUNKS = 512  # the largest window pushed ahead of a sequential reader
 AHEAD_PIECE = 32  # chunks per fetch of a window: pushes start while the rest is on its way
+PUSHERS = 2  # threads pushing into the page cache at once (a 2-core host: both)
 
 
 @dataclass
@@ -199,7 +200,9 @@ class MemFs(pyfuse3.Operations):
             hi = min(end, (index + 1) * cs) - index * cs
             ref = cm.chunks[index]
             if ref is None:
-                parts.append(self._zero[lo:hi])  # zeros are never pushed: a guest writes them, and pays no page cache
+                parts.append(self._zero[lo:hi])  # a clone's zeros are not pushed: a guest writes them, and pays no page cache
+                if f.run >= READ_AHEAD_AFTER:  # a sequential reader's are
+                    self._push(f, index, self._zero[: cm.chunk_length(index)])
                 continue
             if f.recording is not None and index not in f.recording:
                 f.recording[index] = time.monotonic() - f.record_start
@@ -284,7 +287,7 @@ class MemFs(pyfuse3.Operations):
             return
         f.ahead_to = stop - 1
         for piece in range(start, stop, AHEAD_PIECE):
-            self.nursery.start_soon(self._fetch_and_push, f, list(range(piece, min(piece + AHEAD_PIECE, stop))), self._prefetch_limit)
+            self.nursery.start_soon(self._fetch_and_push, f, list(range(piece, min(piece + AHEAD_PIECE, stop))), self._prefetch_limit, True)
 
     # ---- chunks ------------------------------------------------------------------------
 
@@ -391,17 +394,24 @@ class MemFs(pyfuse3.Operations):
         for f in self.files.values():
             f.held = False
 
-    async def _fetch_and_push(self, f: ImageFile, indexes: list[int], limit: trio.CapacityLimiter) -> None:
-        at = [(i, r) for i in indexes if 0 <= i < len(f.chunk_map.chunks) and (r := f.chunk_map.chunks[i]) is not None]
-        got = await self._fetch(f, [r for _, r in at], limit)
+    async def _fetch_and_push(self, f: ImageFile, indexes: list[int], limit: trio.CapacityLimiter, zeros: bool = False) -> None:
+        """Fetch and push chunks; zeros: push zero chunks too (for a sequential reader,
+        which reads them all: a request per zero page would be its slowest part)."""
+        cm = f.chunk_map
+        at = [(i, cm.chunks[i]) for i in indexes if 0 <= i < len(cm.chunks)]
+        got = await self._fetch(f, [r for _, r in at if r is not None], limit)
         for i, r in at:
-            if r.id in got:
+            if r is None:
+                if zeros:
+                    self._push(f, i, self._zero[: cm.chunk_length(i)])
+            elif r.id in got:
                 self._push(f, i, got[r.id])
 
     async def background(self) -> None:
         """The page-cache pusher and the host-cache writer, for as long as the daemon runs."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pusher)
+            for _ in range(PUSHERS):
+                nursery.start_soon(self._pusher)
             nursery.start_soon(self._cache_writer)
 
     def warm(self, f: ImageFile, path: Path) -> int:
