@@ -73,6 +73,7 @@ def test_corrupted_chunk_is_detected(cli: Cli, base_image: BaseImage, vms: VmFac
     assert proc.returncode == 6, (proc.stdout, proc.stderr)
     message = " ".join(proc.stderr.split())
     assert "reading the image memory failed" in message and "the stored copy is damaged" in message, message
+    assert any(c["id"] in message for c in own), "the error names the damaged chunk"
     assert "tampered-1" not in {v["name"] for v in cli.json("list")}
     assert vm_qemu_pids(cli) == before, "the failed clone's QEMU was removed"
     cli.json("live-image", "delete", "tamper-img")

@@ -129,6 +129,7 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
 
         cold: dict[int, list[float]] = {rtt: [] for rtt in RTTS_MS}
         cold_prefetch: dict[int, list[float]] = {rtt: [] for rtt in RTTS_MS}
+        prefetched: dict[int, list[dict[str, Any]]] = {rtt: [] for rtt in RTTS_MS}  # memfs's view, as the clone answered
         warm, fetched = [], []
         for r in range(runs):
             for rtt in RTTS_MS:
@@ -141,6 +142,7 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
                 b.call("DELETE", f"/v1/vms/{info['vm']}")
                 t, info = fresh(r, prefetch=True, label=f"prefetch{rtt}")
                 cold_prefetch[rtt].append(t)
+                prefetched[rtt].append(_image_stats(b, img).get("prefetch", {}))
                 b.call("DELETE", f"/v1/vms/{info['vm']}")
                 say(f"run {r + 1}/{runs}, {rtt} ms round trip: cold {cold[rtt][-1]:.3f} s, "
                     f"cold with prefetch {cold_prefetch[rtt][-1]:.3f} s")
@@ -206,7 +208,8 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
                    "cold_prefetch": {str(k): v for k, v in s_pre.items()},
                    "by_size": {str(k): summary(v) for k, v in by_size.items()},
                    "host_b_first_clone_s": round(t_first, 3),
-                   "working_set_chunks": len(ws.get("chunks", [])), "working_set_pack_bytes": ws.get("pack", {}).get("bytes")},
+                   "working_set_chunks": len(ws.get("chunks", [])), "working_set_pack_bytes": ws.get("pack", {}).get("bytes"),
+                   "prefetch_by_rtt_ms": {str(k): v for k, v in prefetched.items()}},
     }
 
 
