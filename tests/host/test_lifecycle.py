@@ -85,6 +85,17 @@ def test_a_pooled_qemu_is_taken_by_the_next_start(pooled_agent: Agent) -> None:
     assert a.call("GET", "/v1/host")["clone_pool"] == {"ready": {}, "pids": {}}
 
 
+def test_starts_one_after_another_keep_taking_pooled_qemus(pooled_agent: Agent) -> None:
+    """Starts close together in time but never two at once (a user, a bench) wait for the
+    pooled QEMU being readied: only concurrent starts skip it."""
+    a = pooled_agent
+    a.boot("src")
+    a.image("src", "img")
+    a.start("img")  # the first fills the pool
+    taken = ["pool_taken" in a.start("img")[0]["phases"] for _ in range(3)]
+    assert taken == [True, True, True]
+
+
 def _pooled_tb_mib(a: Agent) -> list[int]:
     """The translation cache sizes of the pooled QEMUs ready now."""
     recs = [r for r in a.manager.registry.all(pooled=True) if r.state == VmState.POOLED]

@@ -107,7 +107,11 @@ class CloneStarter:
             for rec in recs:
                 self.starter.remove_row(rec.name)
             raise
-        if pool and len(recs) == 1 and not batch.in_burst:  # a batch or burst is not held back for one pooled QEMU
+        # only a start with no other under way waits for a pooled QEMU being readied: clones asked
+        # for one after another (even 0.25 s apart) keep taking pooled QEMUs, while concurrent
+        # starts (Nova spawning a batch server by server) are not held back for one
+        alone = self.hooks.burst.in_flight == 1
+        if pool and len(recs) == 1 and alone:
             await self.pool.wait(image.name)
         taken = [self.pool.take(rec, image.name) if pool else (rec, False) for rec in recs]
         recs = [rec for rec, _ in taken]
@@ -124,7 +128,7 @@ class CloneStarter:
         if errors:
             await asyncio.gather(*(self.starter.remove(r) for r in recs if self.registry.exists(r.name)), return_exceptions=True)
             raise errors[0]
-        if batch.in_burst:  # refilled once the burst is over, not after each of its starts
+        if self.hooks.burst.in_flight > 1:  # refilled once concurrent starts are over, not after each
             self.tasks.spawn(self._fill_when_quiet(image.name), "clone pool fill", image=image.name)
         else:
             self.pool.fill(image.name)
