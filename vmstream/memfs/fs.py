@@ -337,6 +337,7 @@ class MemFs(pyfuse3.Operations):
                 mine[ref.id] = ref
                 self._inflight[ref.id] = trio.Event()
         if mine:
+            to_write: list[tuple[str, bytes]] = []
             try:
                 async with limit:
                     results = await trio.to_thread.run_sync(self.store.read_chunks, list(mine.values()))
@@ -351,12 +352,14 @@ class MemFs(pyfuse3.Operations):
                     f.fetched_chunks += 1
                     if limit is self._fetch_limit:
                         self._remember(ref.id, result)
-                    else:  # prefetch and read-ahead wait for the writer: bulk must not overrun it
+                    else:
                         self._pending[ref.id] = result
-                        await self._cache_send.send((self._generation, ref.id, result))
+                        to_write.append((ref.id, result))
             finally:
                 for cid in mine:
                     self._inflight.pop(cid).set()
+            for cid, data in to_write:  # prefetch and read-ahead wait for the writer (bulk must not overrun it), readers do not
+                await self._cache_send.send((self._generation, cid, data))
         for cid, event in theirs.items():
             await event.wait()
             data = self._have(cid)
