@@ -56,7 +56,9 @@ def test_survives_a_restart_and_checks_what_it_finds(tmp_path: Path) -> None:
         f.write(b"torn")
     with open(tmp_path / "seg-00000003.idx", "ab") as f:
         f.write(b"\x01" * 10)
+    (tmp_path / "seg-00000009.idx").write_bytes(b"\x02" * 44)  # its data file is gone
     again = ChunkCache(tmp_path, 64 << 20, segment_bytes=1 << 20)
+    assert not (tmp_path / "seg-00000009.idx").exists()
     assert again.get(chunks[3][0]) is None, "torn bytes are never served"
     assert chunks[3][0] not in again
     assert all(again.get(cid) == data for i, (cid, data) in enumerate(chunks) if i != 3)

@@ -63,6 +63,9 @@ class ChunkCache:
             if stale_dir.is_dir():
                 stale_dir.rmdir()
         ids = sorted(int(m.group(1)) for p in self.root.iterdir() if (m := _SEGMENT.match(p.name)))
+        for index in self.root.glob("seg-*.idx"):  # an index whose data a crash removed first
+            if not index.with_suffix(".dat").exists():
+                index.unlink()
         for sid in ids:
             seg = self._open(sid)
             seg.size = os.fstat(seg.fd).st_size
