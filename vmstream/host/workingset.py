@@ -80,11 +80,10 @@ class WorkingSets:
         chunk_map = self.store.get_ref(memory_ref(image.name))
         at = [(i, r) for i in chunks if 0 <= i < len(chunk_map.chunks) and (r := chunk_map.chunks[i]) is not None]
         blob, where = self.store.stored_forms([r for _, r in at])
-        order = [i for i, _ in at]
         try:
             self.images.add_file(image, WORKING_SET_PACK, blob)
         except StoreError as exc:
             log.info("working set of %s kept without its pack (%s): cold hosts prefetch it chunk by chunk", image.name, exc)
             raise
         return {"file": WORKING_SET_PACK, "bytes": len(blob),
-                "entries": [[i, off, length] for i, (off, length) in zip(order, where, strict=True)]}
+                "entries": [[i, off, length] for (i, _), (off, length) in zip(at, where, strict=True)]}

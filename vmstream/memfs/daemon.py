@@ -78,13 +78,12 @@ class Daemon:
             return {"ok": False, "error": f"no memory of image '{image}' in the store"}
         if cmd == "prefetch":
             assert self.nursery is not None
-            chunks = [int(i) for i in req.get("chunks", [])]
             pack = req.get("pack")
             if pack:
                 entries = [(int(i), int(o), int(n)) for i, o, n in pack["entries"]]
                 job = functools.partial(fs.prefetch_pack, f, str(pack["key"]), entries)
             else:
-                job = functools.partial(fs.prefetch, f, chunks)
+                job = functools.partial(fs.prefetch, f, [int(i) for i in req.get("chunks", [])])
             if req.get("wait"):
                 await job()
             else:

@@ -299,15 +299,13 @@ class MemFs(pyfuse3.Operations):
         data = self._pending.get(cid)
         return data if data is not None else self.cache.get(cid)
 
-    async def chunk(self, f: ImageFile, ref: ChunkRef, counted: bool = True) -> bytes:
-        """A verified chunk: from the host cache, else fetched once however many ask."""
+    async def chunk(self, f: ImageFile, ref: ChunkRef) -> bytes:
+        """A verified chunk for a read: from the host cache, else fetched once however many ask."""
         data = self._have(ref.id)
         if data is not None:
-            if counted:
-                f.cache_hits += 1
+            f.cache_hits += 1
             return data
-        if counted:
-            f.cache_misses += 1
+        f.cache_misses += 1
         got = await self._fetch(f, [ref], self._fetch_limit)
         if ref.id not in got:
             raise pyfuse3.FUSEError(errno.EIO)
