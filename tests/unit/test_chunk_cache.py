@@ -77,3 +77,12 @@ def test_clear_and_the_old_layout(tmp_path: Path) -> None:
     assert cache.bytes == 0 and chunk(1)[0] not in cache and not list(tmp_path.iterdir())
     cache.put(*chunk(2))
     assert cache.get(chunk(2)[0]) == chunk(2)[1]
+
+
+def test_a_batch_is_kept_once_and_bounded(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 1 << 20, segment_bytes=256 * KIB)
+    batch = [chunk(n) for n in range(32)] + [chunk(3)]  # 2 MiB into 1 MiB, one chunk twice
+    cache.put_many(batch)
+    assert cache.bytes <= 1 << 20, "the oldest segments go within the batch's write"
+    assert all(cache.get(cid) == data for cid, data in batch[-9:-1]), "the newest stay"
+    assert cache.get(batch[0][0]) is None

@@ -133,11 +133,16 @@ class ChunkCache:
 
     def put(self, cid: str, data: bytes) -> None:
         """Keep a verified chunk; the oldest segments go while over capacity."""
+        self.put_many([(cid, data)])
+
+    def put_many(self, chunks: list[tuple[str, bytes]]) -> None:
+        """Keep verified chunks, under one hold of the lock (a bulk fetch's batch)."""
         with self._lock:
-            if cid in self._where:
-                self._where.move_to_end(cid)
-                return
-            self._append(cid, data)
+            for cid, data in chunks:
+                if cid in self._where:
+                    self._where.move_to_end(cid)
+                else:
+                    self._append(cid, data)
             while self.bytes > self.capacity and len(self._segments) > 1:
                 self._drop(min(self._segments))
 

@@ -40,6 +40,7 @@ PREFETCH_LANES = 4  # concurrent prefetch fetches: demand fetches have their own
 PREFETCH_BATCH = 8  # chunks per prefetch fetch (adjacent ones come in one ranged read)
 MAX_AHEAD_CHUNKS = 512  # the largest window pushed ahead of a sequential reader
 AHEAD_PIECE = 32  # chunks per fetch of a window: pushes start while the rest is on its way
+CACHE_BATCH = 64  # chunks the host-cache writer takes per thread hop
 PUSHERS = 2  # threads pushing into the page cache at once (a 2-core host: both)
 
 
@@ -375,15 +376,24 @@ class MemFs(pyfuse3.Operations):
             pass
 
     async def _cache_writer(self) -> None:
-        async for generation, cid, data in self._cache_recv:
-            async with self._cache_lock:
+        """Write queued chunks into the host cache, all that are waiting in one thread hop."""
+        async for first in self._cache_recv:
+            batch = [first]
+            while len(batch) < CACHE_BATCH:
                 try:
-                    if generation == self._generation:  # else queued before a drop: dropped too
-                        await trio.to_thread.run_sync(self.cache.put, cid, data)
+                    batch.append(self._cache_recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            async with self._cache_lock:
+                # a chunk queued before a drop is dropped too
+                now = [(cid, data) for generation, cid, data in batch if generation == self._generation]
+                try:
+                    if now:
+                        await trio.to_thread.run_sync(self.cache.put_many, now)
                 except OSError as exc:
-                    log.warning("chunk %s not kept in the host cache: %s", cid[:16], exc)
+                    log.warning("%d chunks not kept in the host cache: %s", len(now), exc)
                 finally:
-                    if generation == self._generation:
+                    for cid, _ in now:
                         self._pending.pop(cid, None)
 
     async def drop_cache(self) -> None:

@@ -87,7 +87,10 @@ def decode_chunk(blob: bytes, ref: ChunkRef, where: str) -> bytes:
         data = payload
     elif marker == ZSTD:
         try:
-            data = zstandard.ZstdDecompressor().decompress(payload)
+            dctx = getattr(_local, "dctx", None)
+            if dctx is None:
+                dctx = _local.dctx = zstandard.ZstdDecompressor()
+            data = dctx.decompress(payload)
         except zstandard.ZstdError as exc:
             raise corrupt(f"does not decompress ({exc})") from exc
     else:
