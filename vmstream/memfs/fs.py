@@ -42,6 +42,9 @@ MAX_AHEAD_CHUNKS = 512  # the largest window pushed ahead of a sequential reader
 AHEAD_PIECE = 32  # chunks per fetch of a window: pushes start while the rest is on its way
 CACHE_BATCH = 64  # chunks the host-cache writer takes per thread hop
 PUSHERS = 2  # threads pushing into the page cache at once (a 2-core host: both)
+REST_WAIT_S = 0.02  # the longest a sequential reader's answer waits for the rest of its chunk to be pushed
+_ZERO = bytes(4 << 20)  # zero chunks are served and pushed from here (chunks are at most 4 MiB)
+_ZEROS = memoryview(_ZERO)  # slices of it are views, not copies
 
 
 @dataclass
@@ -100,13 +103,12 @@ class MemFs(pyfuse3.Operations):
         self._inflight: dict[str, trio.Event] = {}
         self._fetch_limit = trio.CapacityLimiter(16)  # demand: a clone's faults
         self._prefetch_limit = trio.CapacityLimiter(PREFETCH_LANES)  # prefetch and read-ahead
-        self._push_send, self._push_recv = trio.open_memory_channel[tuple[ImageFile, int, bytes]](1024)
+        self._push_send, self._push_recv = trio.open_memory_channel[tuple[ImageFile, int, bytes | memoryview]](1024)
         self._cache_send, self._cache_recv = trio.open_memory_channel[tuple[int, str, bytes]](1024)
         self._cache_lock = trio.Lock()  # a drop waits for the write under way
         self._generation = 0  # bumped by a drop: writes queued before it are not made
         self._pending: dict[str, bytes] = {}  # fetched chunks on their way into the host cache
         self.nursery: trio.Nursery | None = None  # for background fetches; set by the daemon
-        self._zero = bytes(4 << 20)  # zero chunks are served from here (chunks are at most 4 MiB)
 
     # ---- images --------------------------------------------------------------------
 
@@ -195,20 +197,23 @@ class MemFs(pyfuse3.Operations):
         if off >= end:
             return b""
         cs = cm.chunk_size
-        parts = []
+        parts: list[bytes | memoryview] = []
         for index in range(off // cs, (end - 1) // cs + 1):
             lo = max(off, index * cs) - index * cs
             hi = min(end, (index + 1) * cs) - index * cs
             ref = cm.chunks[index]
             if ref is None:
-                parts.append(self._zero[lo:hi])  # a clone's zeros are not pushed: a guest writes them, and pays no page cache
+                parts.append(_ZEROS[lo:hi])  # a clone's zeros are not pushed: a guest writes them, and pays no page cache
                 if f.run >= READ_AHEAD_AFTER:  # a sequential reader's are
-                    self._push(f, index, self._zero[: cm.chunk_length(index)])
+                    self._push(f, index, _ZEROS[: cm.chunk_length(index)])
                 continue
             if f.recording is not None and index not in f.recording:
                 f.recording[index] = time.monotonic() - f.record_start
             data = await self.chunk(f, ref)
-            self._push(f, index, data)
+            if f.run >= READ_AHEAD_AFTER and hi < len(data):
+                await self._push_after(f, index * cs + hi, memoryview(data)[hi:])
+            else:
+                self._push(f, index, data)
             parts.append(data[lo:hi])
         self._follow(f, off // cs)
         out = b"".join(parts)
@@ -218,7 +223,7 @@ class MemFs(pyfuse3.Operations):
 
     # ---- the page cache ------------------------------------------------------------------
 
-    def _push(self, f: ImageFile, index: int, data: bytes) -> None:
+    def _push(self, f: ImageFile, index: int, data: bytes | memoryview) -> None:
         """Queue a chunk for the file's page cache (see _pusher); a full queue skips it."""
         if index in f.pushing:
             return
@@ -247,11 +252,29 @@ class MemFs(pyfuse3.Operations):
                 for f, index, _ in batch:
                     f.pushing.discard(index)
 
+    async def _push_after(self, f: ImageFile, offset: int, data: memoryview) -> None:
+        """Push the rest of a sequential reader's chunk before answering it: else it asks
+        again for each of the chunk's pages until the pusher's copy lands (up to 15 more
+        requests per chunk). Only pages after the one asked for are pushed, so two answers
+        waiting like this never wait for each other's page; the wait is bounded anyway."""
+        with trio.move_on_after(REST_WAIT_S):
+            await trio.to_thread.run_sync(self._store, f, offset, data, abandon_on_cancel=True)
+
     @staticmethod
-    def _store_pages(batch: list[tuple[ImageFile, int, bytes]]) -> None:
+    def _store(f: ImageFile, offset: int, data: bytes | memoryview) -> bool:
+        """notify_store: the pages of data into f's page cache at offset."""
+        try:
+            pyfuse3.notify_store(f.inode, offset, data)  # type: ignore[arg-type]  # any buffer: it takes the buffer protocol
+            return True
+        except OSError as exc:  # ENOENT: the kernel holds no inode for it (nobody has it open)
+            log.debug("image %s: %d bytes at %d not pushed to the page cache: %s", f.name, len(data), offset, exc)
+            return False
+
+    @staticmethod
+    def _store_pages(batch: list[tuple[ImageFile, int, bytes | memoryview]]) -> None:
         """notify_store each run of consecutive chunks of a file at once (up to 4 MiB):
         one system call and one pass over the pages' locks for the run."""
-        runs: list[tuple[ImageFile, int, list[bytes]]] = []
+        runs: list[tuple[ImageFile, int, list[bytes | memoryview]]] = []
         for f, index, data in sorted(batch, key=lambda item: (item[0].inode, item[1])):
             last = runs[-1] if runs else None
             if last and last[0] is f and last[1] + len(last[2]) == index and len(last[2]) * len(data) < (4 << 20):
@@ -259,11 +282,14 @@ class MemFs(pyfuse3.Operations):
             elif not (last and last[0] is f and last[1] + len(last[2]) > index):  # not a repeat
                 runs.append((f, index, [data]))
         for f, index, datas in runs:
-            try:
-                pyfuse3.notify_store(f.inode, index * f.chunk_map.chunk_size, datas[0] if len(datas) == 1 else b"".join(datas))
+            if len(datas) == 1:
+                payload = datas[0]
+            elif all(isinstance(d, memoryview) and d.obj is _ZERO for d in datas):
+                payload = _ZEROS[: sum(map(len, datas))]  # a run of zero chunks: no copy to make
+            else:
+                payload = b"".join(datas)
+            if MemFs._store(f, index * f.chunk_map.chunk_size, payload):
                 f.pushed_chunks += len(datas)
-            except OSError as exc:  # ENOENT: the kernel holds no inode for it (nobody has it open)
-                log.debug("image %s: chunks from %d not pushed to the page cache: %s", f.name, index, exc)
 
     def _follow(self, f: ImageFile, index: int) -> None:
         """A reader asking for chunk after chunk (a copy, a migration, a flatten) gets the
@@ -414,7 +440,7 @@ class MemFs(pyfuse3.Operations):
         for i, r in at:
             if r is None:
                 if zeros:
-                    self._push(f, i, self._zero[: cm.chunk_length(i)])
+                    self._push(f, i, _ZEROS[: cm.chunk_length(i)])
             elif r.id in got:
                 self._push(f, i, got[r.id])
 
