@@ -42,7 +42,8 @@ MAX_AHEAD_CHUNKS = 512  # the largest window pushed ahead of a sequential reader
 AHEAD_PIECE = 32  # chunks per fetch of a window: pushes start while the rest is on its way
 CACHE_BATCH = 64  # chunks the host-cache writer takes per thread hop
 PUSHERS = 2  # threads pushing into the page cache at once (a 2-core host: both)
-REST_WAIT_S = 0.02  # the longest a sequential reader's answer waits for the rest of its chunk to be pushed
+REST_WAIT_S = 0.02  # the longest a sequential reader's answer waits for what follows it to be pushed
+PUSH_AFTER_BYTES = 1 << 20  # pushed after a sequential reader's page before it is answered
 _ZERO = bytes(4 << 20)  # zero chunks are served and pushed from here (chunks are at most 4 MiB)
 _ZEROS = memoryview(_ZERO)  # slices of it are views, not copies
 
@@ -197,24 +198,24 @@ class MemFs(pyfuse3.Operations):
         if off >= end:
             return b""
         cs = cm.chunk_size
+        sequential = f.run >= READ_AHEAD_AFTER
         parts: list[bytes | memoryview] = []
+        data: bytes | memoryview = b""
         for index in range(off // cs, (end - 1) // cs + 1):
             lo = max(off, index * cs) - index * cs
             hi = min(end, (index + 1) * cs) - index * cs
             ref = cm.chunks[index]
             if ref is None:
-                parts.append(_ZEROS[lo:hi])  # a clone's zeros are not pushed: a guest writes them, and pays no page cache
-                if f.run >= READ_AHEAD_AFTER:  # a sequential reader's are
-                    self._push(f, index, _ZEROS[: cm.chunk_length(index)])
-                continue
-            if f.recording is not None and index not in f.recording:
-                f.recording[index] = time.monotonic() - f.record_start
-            data = await self.chunk(f, ref)
-            if f.run >= READ_AHEAD_AFTER and hi < len(data):
-                await self._push_after(f, index * cs + hi, memoryview(data)[hi:])
+                data = _ZEROS[: cm.chunk_length(index)]  # a clone's zeros are not pushed: a guest writes them, and pays no page cache
             else:
-                self._push(f, index, data)
+                if f.recording is not None and index not in f.recording:
+                    f.recording[index] = time.monotonic() - f.record_start
+                data = await self.chunk(f, ref)
+                if not sequential:
+                    self._push(f, index, data)
             parts.append(data[lo:hi])
+        if sequential:
+            await self._push_after(f, index, hi, data)
         self._follow(f, off // cs)
         out = b"".join(parts)
         f.read_bytes += len(out)
@@ -252,13 +253,29 @@ class MemFs(pyfuse3.Operations):
                 for f, index, _ in batch:
                     f.pushing.discard(index)
 
-    async def _push_after(self, f: ImageFile, offset: int, data: memoryview) -> None:
-        """Push the rest of a sequential reader's chunk before answering it: else it asks
-        again for each of the chunk's pages until the pusher's copy lands (up to 15 more
-        requests per chunk). Only pages after the one asked for are pushed, so two answers
-        waiting like this never wait for each other's page; the wait is bounded anyway."""
+    async def _push_after(self, f: ImageFile, index: int, hi: int, data: bytes | memoryview) -> None:
+        """Before answering a sequential reader, push what follows the page it asked for:
+        the rest of its chunk, then the chunks after it that this host holds, up to
+        PUSH_AFTER_BYTES. A reader that caught up with its read-ahead (it is faster than
+        any fetch) would otherwise ask again for every page until the pusher lands it.
+        Only pages after the one asked for are pushed, so two answers waiting like this
+        never wait for each other's page; the wait is bounded anyway."""
         with trio.move_on_after(REST_WAIT_S):
-            await trio.to_thread.run_sync(self._store, f, offset, data, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(self._store_after, f, index, hi, data, abandon_on_cancel=True)
+
+    def _store_after(self, f: ImageFile, index: int, hi: int, data: bytes | memoryview) -> None:
+        cm = f.chunk_map
+        parts: list[bytes | memoryview] = [memoryview(data)[hi:]]
+        size, i = len(data) - hi, index + 1
+        while size < PUSH_AFTER_BYTES and i < len(cm.chunks):
+            ref = cm.chunks[i]
+            part = _ZEROS[: cm.chunk_length(i)] if ref is None else self._have(ref.id)
+            if part is None:
+                break  # not here yet: the read-ahead brings it
+            parts.append(part)
+            size, i = size + len(part), i + 1
+        if size and self._store(f, index * cm.chunk_size + hi, parts[0] if len(parts) == 1 else b"".join(parts)):
+            f.pushed_chunks += i - index
 
     @staticmethod
     def _store(f: ImageFile, offset: int, data: bytes | memoryview) -> bool:
