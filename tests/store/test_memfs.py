@@ -169,3 +169,21 @@ def test_a_peer_gone_for_good_is_a_clear_error(tmp_path: Path) -> None:
                 assert "gave up" in stats["last_error"], stats
             finally:
                 os.close(fd)
+
+
+def test_a_sequential_reader_gets_every_byte_and_few_requests(tmp_path: Path) -> None:
+    """A copy of an image (data and zero chunks in runs) reads it right, each stored chunk
+    fetched once, while most of its pages reach the page cache by pushes, not requests."""
+    backend = LocalBackend(tmp_path / "host-a")
+    content = bytearray(os.urandom(256 * CS))
+    for run in range(0, len(content), 32 * CS):
+        content[run + 8 * CS : run + 24 * CS] = bytes(16 * CS)  # half the chunks zero, in runs as in a guest
+    (tmp_path / "mem").write_bytes(content)
+    ChunkStore(backend, chunk_size=CS).store_file(tmp_path / "mem", ref="images/img/memory")
+    with serve(peer_app(ChunkStore(backend), writable=False)) as url, memfs(tmp_path, f"peer:{url}/v1/store") as fs:
+        with open(fs.mount / "img", "rb", buffering=0) as f:
+            copy = b"".join(iter(lambda: f.read(1 << 20), b""))
+        assert copy == content
+        stats = fs.stats()
+        assert stats["fetched_chunks"] == 128, stats
+        assert stats["read_bytes"] < len(content) // 4, f"{stats['read_bytes']} of {len(content)} bytes asked for page by page"
