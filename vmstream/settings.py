@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     clone_kernel_header_only: bool = Field(True, description="Clones get only the kernel's setup header (saves ~8 MiB per clone; "
                                            "a clone cannot reboot).")
     clone_nothp: bool = Field(True, description="Clones run with the no-transparent-huge-pages shim (keeps image pages shared).")
+    balloon: bool = Field(True, description="New VMs get a virtio balloon (free page reporting, deflate on OOM), so the host can take "
+                          "memory back; their images' clones have it too.")
 
     # ---- the clone pool
     clone_pool: int = Field(1, ge=0, description="Pooled QEMUs kept per live image (started ahead, state loaded, paused); 0: no pool.")

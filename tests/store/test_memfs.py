@@ -187,3 +187,32 @@ def test_a_sequential_reader_gets_every_byte_and_few_requests(tmp_path: Path) ->
         stats = fs.stats()
         assert stats["fetched_chunks"] == 128, stats
         assert stats["read_bytes"] < len(content) // 4, f"{stats['read_bytes']} of {len(content)} bytes asked for page by page"
+
+
+def test_the_clone_shim_makes_a_punch_on_memfs_a_no_op(tmp_path: Path) -> None:
+    """QEMU discards a clone's freed RAM by punching a hole in the RAM's file, then
+    MADV_DONTNEED. On memfs (the image, shared by every clone) the shim makes the punch
+    succeed untouched, so the DONTNEED happens; on any other file it is the real one."""
+    from vmstream.qemu.preload import clone_shim_library
+
+    shim = clone_shim_library(tmp_path / "lib")
+    assert shim is not None
+    backend, content = _image(tmp_path, chunks=4)
+    other = tmp_path / "other"
+    other.write_bytes(b"\x07" * (4 * CS))
+    punch = (
+        "import ctypes, os, sys\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "for path in sys.argv[1:]:\n"
+        "    fd = os.open(path, os.O_RDWR)\n"
+        "    print(libc.fallocate(fd, 3, ctypes.c_long(0), ctypes.c_long(65536)), ctypes.get_errno())\n"  # PUNCH_HOLE|KEEP_SIZE
+    )
+    with serve(peer_app(ChunkStore(backend), writable=False)) as url, memfs(tmp_path, f"peer:{url}/v1/store") as fs:
+        image = fs.mount / "img"
+        out = subprocess.run([sys.executable, "-c", punch, str(image), str(other)], env={**os.environ, "LD_PRELOAD": str(shim)},
+                             capture_output=True, text=True, check=True).stdout.split("\n")
+        assert out[0].split()[0] == "0", f"the punch on memfs succeeds: {out}"
+        assert image.read_bytes() == content, "and leaves the image as it was"
+        assert out[1].split()[0] == "0" and other.read_bytes()[:65536] == bytes(65536), "a punch elsewhere is real"
+        bare = subprocess.run([sys.executable, "-c", punch, str(image)], capture_output=True, text=True, check=True).stdout
+        assert bare.split()[0] == "-1", "without the shim memfs refuses it (QEMU then frees nothing)"

@@ -143,6 +143,27 @@ def test_guest_announce_off_and_kept_for_older_machines(tmp_path: Path) -> None:
     assert old_image.guest_announce is True
 
 
+def test_new_machines_have_a_balloon_and_older_ones_keep_none(tmp_path: Path) -> None:
+    """New VMs get a virtio balloon with free page reporting; a machine or image described
+    before balloons (no field) has none, or its device state would not load."""
+    from vmstream.host.machines import machine_from_json, machine_to_json
+    from vmstream.image.manifest import GuestConfig
+    from vmstream.qemu import MachineSpec
+
+    spec = MachineSpec(vm_id="v", hostname="h", memory_bytes=256 << 20, cpus=1, kernel=tmp_path / "k",
+                       initrd=tmp_path / "i", accel="tcg", http_port=1, mac="52:54:00:00:00:01", vmgenid="x")
+    (balloon,) = [a for a in spec.command(tmp_path) if a.startswith("virtio-balloon-pci")]
+    assert "free-page-reporting=on" in balloon and "deflate-on-oom=on" in balloon
+    assert machine_from_json(machine_to_json(spec)).balloon is True
+    old = json.loads(machine_to_json(spec))
+    del old["balloon"]
+    without = machine_from_json(json.dumps(old))
+    assert without.balloon is False and not any(a.startswith("virtio-balloon") for a in without.command(tmp_path))
+    old_image = GuestConfig(memory_bytes=1, cpus=1, kernel="k", initrd="i", accel="tcg", hostname="h",
+                            mac="m", vmgenid="g", qemu_version="7.2")
+    assert old_image.balloon is False
+
+
 def test_tcg_guest_ram_is_off_the_dirty_sync_grid(tmp_path: Path) -> None:
     """Under TCG a new VM's RAM is 8 KiB more than asked, so QEMU 7.2 syncs its dirty
     bitmap page by page (its 256 KiB-word fast path loses writes; see TCG_RAM_PAD).

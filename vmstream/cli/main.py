@@ -16,6 +16,7 @@ from vmstream.cli.bench import bench_app
 from vmstream.cli.context import client, settings
 from vmstream.cli.migrate import migrate, peer_app
 from vmstream.cli.openstack import openstack_app
+from vmstream.config import parse_size
 from vmstream.errors import InvalidInput, VmstreamError
 from vmstream.guest.identity import parse_params
 
@@ -39,6 +40,30 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 
 _client = client
+
+
+MemoryLimitOpt = Annotated[str | None, typer.Option(
+    "--memory-limit", help="The most memory the VM alone may cost the host (what it wrote, and QEMU's own), e.g. 192M; "
+                           "held to through its balloon.")]
+BurstOpt = Annotated[str | None, typer.Option(
+    help="How far above --memory-limit it may go, and for how long at a time: SIZE:SECONDS, e.g. 64M:10.")]
+
+
+def _memory_policy(limit: str | None, burst: str | None) -> dict[str, Any] | None:
+    """The API's memory_policy from --memory-limit and --burst ('none': no limit)."""
+    if limit is None and burst is None:
+        return None
+    policy: dict[str, Any] = {"limit_bytes": None if limit in (None, "none") else parse_size(limit)}
+    if burst not in (None, "none"):
+        size, sep, seconds = burst.partition(":")
+        try:
+            policy["burst_s"] = float(seconds)
+        except ValueError:
+            raise InvalidInput(f"--burst '{burst}' is not SIZE:SECONDS: give e.g. 64M:10") from None
+        if not sep:
+            raise InvalidInput(f"--burst '{burst}' is not SIZE:SECONDS: give e.g. 64M:10")
+        policy["burst_bytes"] = parse_size(size)
+    return policy
 
 
 def _emit(obj: Any, as_json: bool, render: Any = None) -> None:
@@ -100,12 +125,15 @@ def boot(
         help="cloud-init user-data (#cloud-config or a script), handed to the guest in a NoCloud seed on its first boot; "
              "the image needs Debian's cloud-init package (the 'debian' guest has it).",
         exists=True, dir_okay=False, readable=True)] = None,
+    memory_limit: MemoryLimitOpt = None,
+    burst: BurstOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Cold-boot the demo guest (or a disk guest); returns when it is ready."""
     body: dict[str, Any] = {"name": name, "memory": memory, "cpus": cpus, "guest_agent": guest_agent, "disk": disk,
                             "ready": ready, "publish": publish or [], "timeout": timeout, "boot": boot_from,
-                            "kernel": kernel, "initrd": initrd, "append": append}
+                            "kernel": kernel, "initrd": initrd, "append": append,
+                            "memory_policy": _memory_policy(memory_limit, burst)}
     for key in ("disk", "kernel", "initrd"):  # files on this host: the agent does not share our working directory
         if body[key] and body[key] != "debian" and Path(body[key]).exists():
             body[key] = str(Path(body[key]).absolute())
@@ -142,7 +170,32 @@ def show(name: str, as_json: JsonOpt = False) -> None:
             t.add_row(*(_mib(fp[k]) for k in ("resident_bytes", "pss_bytes", "private_bytes", "shared_bytes", "anonymous_bytes")),
                       _mib(g.get("anonymous_bytes")), _mib(g.get("image_bytes")))
             out.print(t)
+        _memory_table(v)
     _emit(_client().call("GET", f"/v1/vms/{name}"), as_json, render)
+
+
+def _memory_table(v: dict[str, Any]) -> None:
+    mem = v.get("memory")
+    if not mem:
+        return
+    p = mem.get("policy") or {}
+    limit = _mib(p.get("limit_bytes")) + (f" (+{_mib(p['burst_bytes'])} for {p['burst_s']:g} s)" if p.get("burst_bytes") else "")
+    t = Table("limit", "now allowed", "private", "balloon leaves guest", "guest free", "bursting")
+    t.add_row(limit, _mib(mem.get("allowed_bytes")), _mib(mem.get("private_bytes")), _mib(mem.get("balloon_bytes")),
+              _mib(mem.get("guest_free_bytes")), "yes" if mem.get("bursting") else "no")
+    out.print(t)
+
+
+@app.command()
+def memory(
+    name: str,
+    limit: Annotated[str, typer.Option(help="The VM's new memory limit (e.g. 192M), or 'none'.")],
+    burst: BurstOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change a running VM's memory limit and bursts; the agent applies them within a second."""
+    policy = _memory_policy(limit, burst) or {}
+    _emit(_client().call("PUT", f"/v1/vms/{name}/memory", json=policy), as_json, _memory_table)
 
 
 @app.command()
@@ -212,10 +265,13 @@ def image_start(
     param: Annotated[list[str] | None, typer.Option(
         help="Guest parameter key=value for the clone hooks (repeatable).")] = None,
     user_data: Annotated[Path | None, typer.Option(help="File handed to the guest as user data.")] = None,
+    memory_limit: MemoryLimitOpt = None,
+    burst: BurstOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start clones of a live image; each continues from the snapshot point with a new identity."""
-    body: dict[str, Any] = {"count": count, "name": name, "params": parse_params(param or [])}
+    body: dict[str, Any] = {"count": count, "name": name, "params": parse_params(param or []),
+                            "memory_policy": _memory_policy(memory_limit, burst)}
     if user_data is not None:
         try:
             body["user_data_b64"] = base64.b64encode(user_data.read_bytes()).decode()

@@ -23,8 +23,10 @@ from vmstream.guest import cpio
 
 # Drivers the guest needs, by module name; dependencies come from modules.dep.
 MODULES = ("virtio_pci", "virtio_net", "virtio_console", "virtio_blk", "virtio_balloon", "crc32c_generic", "ext4",
-           "isofs")  # isofs: a disk guest booted by this kernel reads its cloud-init seed (an ISO 9660 volume)
-GUEST_FILES = ("init", "vmstream-agent.c", "vmstream-agent.sh", "memcheck.c", "statusd.c", "vmclock.c", "clone.d/50-record-params")
+           "isofs",  # isofs: a disk guest booted by this kernel reads its cloud-init seed (an ISO 9660 volume)
+           "zram")  # zram: swap in the guest's own RAM, compressed (the agent's "swap MIB")
+GUEST_FILES = ("init", "vmstream-agent.c", "vmstream-agent.sh", "memcheck.c", "memload.c", "statusd.c", "vmclock.c",
+               "clone.d/50-record-params")
 BUSYBOX = Path("/bin/busybox")
 
 
@@ -135,6 +137,7 @@ def build_guest(cache_dir: Path, kernel: Path | None = None, force: bool = False
             cpio.file("bin/vmclock", compile_static("vmclock", files["vmclock.c"], work), executable=True),
             cpio.file("etc/vmstream/clone.d/50-record-params", files["clone.d/50-record-params"], executable=True),
             cpio.file("bin/memcheck", compile_static("memcheck", files["memcheck.c"], work), executable=True),
+            cpio.file("bin/memload", compile_static("memload", files["memload.c"], work), executable=True),
             cpio.file("etc/modules.order", "".join(Path(m).name + "\n" for m in modules).encode()),
         ]
         entries += [cpio.file("lib/modules/" + Path(m).name, moddir.joinpath(m).read_bytes()) for m in modules]

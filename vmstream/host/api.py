@@ -41,6 +41,7 @@ from vmstream.host.schemas import (
     VmInfo,
     WarmResult,
 )
+from vmstream.policy import MemoryPolicy
 from vmstream.store import peer_router
 
 
@@ -108,12 +109,16 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
         return await manager.boot(
             req.name, req.memory, req.cpus, req.guest_agent, req.disk, req.ready, req.publish, req.timeout,
             boot=BootSource(req.boot, req.kernel, req.initrd, req.append),
-            user_data=req.user_data.encode() if req.user_data is not None else None,
+            user_data=req.user_data.encode() if req.user_data is not None else None, memory_policy=req.memory_policy,
         )
 
     @app.get("/v1/vms/{name}", dependencies=v1)
     async def show(name: str) -> VmInfo:
         return manager.show(name)
+
+    @app.put("/v1/vms/{name}/memory", dependencies=v1)
+    async def set_memory(name: str, policy: MemoryPolicy) -> VmInfo:
+        return manager.set_memory_policy(name, policy)
 
     @app.delete("/v1/vms/{name}", dependencies=v1)
     async def destroy(name: str) -> dict[str, str]:
@@ -150,7 +155,8 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
             user_data = base64.b64decode(req.user_data_b64, validate=True) if req.user_data_b64 is not None else None
         except binascii.Error as exc:
             raise InvalidInput(f"user_data_b64 is not valid base64: {exc}") from exc
-        return await manager.clones.start(name, req.count, req.name, req.params, user_data, req.prefetch, req.pool, req.names)
+        return await manager.clones.start(name, req.count, req.name, req.params, user_data, req.prefetch, req.pool, req.names,
+                                          req.memory_policy)
 
     @app.post("/v1/live-images/{name}/warm", dependencies=v1)
     async def warm(name: str) -> WarmResult:

@@ -26,6 +26,7 @@ from vmstream.host.tasks import Tasks, operation
 from vmstream.host.workingset import WorkingSets
 from vmstream.image import ImageRepository, LiveImage
 from vmstream.memfs.mount import MemfsMount
+from vmstream.policy import MemoryPolicy
 from vmstream.qemu import QemuProcess, qemu_version
 from vmstream.settings import Settings
 
@@ -67,6 +68,7 @@ class CloneStarter:
     async def start(
         self, image_name: str, count: int, prefix: str | None, params: dict[str, str] | None = None,
         user_data: bytes | None = None, prefetch: bool = True, pool: bool = True, names: list[str] | None = None,
+        memory_policy: MemoryPolicy | None = None,
     ) -> StartResult:
         """Start count clones in parallel (named PREFIX-N, or the names given, as a Nova
         driver names its servers' VMs); all start, or none is left behind."""
@@ -84,9 +86,13 @@ class CloneStarter:
             names = self._names(check_name(prefix or image_name, "clone name prefix"), count)
         self._check(image)
         g = image.guest
+        if memory_policy is not None and memory_policy.limit_bytes is not None and not g.balloon:
+            raise InvalidInput(f"image '{image_name}' has no balloon (it was made before VMs had one), so its clones' memory "
+                               "cannot be limited: start them without a memory limit, or make the image again from a new VM")
         recs = await self.registry.reserve(
             names, memory_bytes=g.memory_bytes, cpus=g.cpus, accel=g.accel,
             parent_image=image_name, ready=g.ready, publish=dict.fromkeys(g.guest_ports, 0), **self.starter.image_boot(image),
+            memory_policy=memory_policy.model_dump_json() if memory_policy else None,
         )
         batch = Batch(len(recs), self.defer_hooks, in_burst=self.hooks.burst.begin())
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import DateTime, Float, Integer, String, Text, create_engine, event, inspect, text
+from sqlalchemy import Boolean, DateTime, Float, Integer, String, Text, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -59,6 +59,8 @@ class VmRecord(Base):
     # a given kernel's command line (None: vmstream's own); kernel "" is a firmware boot
     append: Mapped[str | None] = mapped_column(Text, nullable=True)
     seed: Mapped[str | None] = mapped_column(String, nullable=True)  # the cloud-init NoCloud seed it has attached
+    balloon: Mapped[bool | None] = mapped_column(Boolean, nullable=True)  # its machine has a virtio balloon (NULL: a row from before)
+    memory_policy: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON vmstream.policy.MemoryPolicy; NULL: none
 
 
 class PeerRecord(Base):

@@ -110,7 +110,7 @@ class ImageOps:
                     accel=rec.accel, hostname=rec.hostname, mac=rec.mac, vmgenid=rec.vmgenid,
                     qemu_version=qemu_version(), disk=bool(rec.disk), guest_announce=self.starter.guest_announce(rec),
                     ready=str(self.starter.readiness(rec)), guest_ports=tuple(sorted(published(rec))),
-                    append=rec.append, seed=bool(rec.seed),
+                    append=rec.append, seed=bool(rec.seed), balloon=self.starter.balloon(rec),
                 ),
                 pause_ms=result.pause_ms, devstate_bytes=result.devstate_bytes,
                 memory_bytes_stored=result.memory_bytes_stored, source_private_bytes=result.private_bytes,

@@ -88,7 +88,7 @@ class IncomingVms:
         (rec,) = await self.registry.reserve(
             [req.name], identity=req.identity, state=VmState.INCOMING, memory_bytes=source.memory_bytes, cpus=source.cpus,
             kernel=str(guest.kernel), initrd=str(guest.initrd), accel=accel, parent_image=image.name if image else None,
-            migrated_from=req.from_host, ready=req.ready,
+            migrated_from=req.from_host, ready=req.ready, balloon=source.balloon,
             publish={g: 0 for _, g in source.forwards},  # this host's own ports for the guest's published ones
         )
         delta: DeltaTarget | None = None

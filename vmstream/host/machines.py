@@ -43,6 +43,7 @@ def machine_from_dict(data: dict[str, Any]) -> MachineSpec:
         values["extra_append"] = tuple(values.get("extra_append", ()))
         values["forwards"] = tuple((int(h), int(g)) for h, g in values.get("forwards", ()))
         values.setdefault("guest_announce", True)  # described before vmstream turned it off
+        values.setdefault("balloon", False)  # described before VMs had one
         if kind == "incoming":
             return IncomingSpec(**values)
         values.pop("send_configuration", None)

@@ -41,6 +41,7 @@ from vmstream.host.db import VmRecord, open_db
 from vmstream.host.hooks import HookWatcher
 from vmstream.host.images import ImageOps
 from vmstream.host.incoming import IncomingVms
+from vmstream.host.memory import MemoryController
 from vmstream.host.migration import Migrations
 from vmstream.host.peers import Peers
 from vmstream.host.pool import ClonePool
@@ -52,6 +53,7 @@ from vmstream.host.tasks import Tasks, log, operation
 from vmstream.host.workingset import WorkingSets
 from vmstream.image import ImageRepository
 from vmstream.memfs.mount import MemfsMount
+from vmstream.policy import MemoryPolicy
 from vmstream.qemu import guest_ram_bytes, qemu_version
 from vmstream.settings import Settings
 from vmstream.store import ChunkStore, StoreError, collect_garbage
@@ -92,6 +94,7 @@ class HostManager:
         self.peers = Peers(self.session)
         self.migrations = Migrations(self.registry, self.starter, self.images, self.peers)
         self.incoming = IncomingVms(settings, self.registry, self.starter, self.images, self.memfs, self.tasks)
+        self.memory = MemoryController(self.registry, self.starter)
 
     async def info(self) -> HostInfo:
         guest = await asyncio.to_thread(self.starter.guest)
@@ -110,6 +113,7 @@ class HostManager:
         adopted = exited = removed = 0
         if self.settings.gc_interval_s > 0 and not isinstance(self.store.backend, PeerBackend):
             self.tasks.spawn(self._gc_loop(), "store GC")
+        self.tasks.spawn(self.memory.run(), "memory policy")
         if any(r.parent_image for r in self.registry.all(pooled=True)):
             await self.memfs.ensure()  # clones' memory: a no-op if the daemon outlived the agent
         for rec in self.registry.all(pooled=True):
@@ -144,7 +148,7 @@ class HostManager:
     async def boot(
         self, name: str, memory: str, cpus: int, guest_agent: str = "native", disk: str | None = None,
         ready: str | None = None, publish: list[str] | None = None, timeout: float = BOOT_TIMEOUT_S,
-        boot: BootSource | None = None, user_data: bytes | None = None,
+        boot: BootSource | None = None, user_data: bytes | None = None, memory_policy: MemoryPolicy | None = None,
     ) -> VmInfo:
         """Cold-boot the demo guest, or a disk guest; return once it is ready (its readiness check)."""
         check_name(name)
@@ -167,7 +171,8 @@ class HostManager:
         kernel, initrd, append = await self._boot_files(boot, disk, base, guest.kernel, guest.initrd)
         (rec,) = await self.registry.reserve(
             [name], memory_bytes=guest_ram_bytes(memory_bytes, accel.accel), cpus=cpus, kernel=kernel, initrd=initrd, append=append,
-            accel=accel.accel, parent_image=None, ready=str(readiness), publish=ports,
+            accel=accel.accel, parent_image=None, ready=str(readiness), publish=ports, balloon=self.starter.settings.balloon,
+            memory_policy=self._policy_json(memory_policy, self.starter.settings.balloon),
         )
         async with operation("boot", vm=name), self.starter.starting(rec) as proc:
             if base is not None:
@@ -257,7 +262,23 @@ class HostManager:
         return [self.starter.info(r) for r in self.registry.all()]
 
     def show(self, name: str) -> VmInfo:
-        return self.starter.info(self.registry.get(name), with_footprint=True)
+        rec = self.registry.get(name)
+        return self.starter.info(rec, with_footprint=True).model_copy(update={"memory": self.memory.info(rec)})
+
+    @staticmethod
+    def _policy_json(policy: MemoryPolicy | None, balloon: bool) -> str | None:
+        if policy is None or policy.limit_bytes is None:
+            return None
+        if not balloon:
+            raise InvalidInput("this VM has no balloon, so its memory cannot be limited: only VMs booted with one "
+                               "(VMSTREAM_BALLOON, on by default) and their images' clones can")
+        return policy.model_dump_json()
+
+    def set_memory_policy(self, name: str, policy: MemoryPolicy) -> VmInfo:
+        """A running VM's new memory policy, applied from the controller's next look (within a second)."""
+        rec = self.registry.get(name)
+        self.registry.update(name, memory_policy=self._policy_json(policy, self.starter.balloon(rec)))
+        return self.show(name)
 
     def _live(self, name: str, op: Op) -> VmRecord:
         rec = self.registry.get(name)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from vmstream.host.footprint import Footprint
 from vmstream.host.state import VmState
+from vmstream.policy import MemoryPolicy
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,23 @@ class BootRequest(BaseModel):
         "auto", description="a disk guest: 'firmware' (its own bootloader, BIOS), 'vmstream' (vmstream's kernel, root file "
         "system on /dev/vda or /dev/vda1), 'auto' (firmware if the disk has a partition table, except the built Debian guest)")
     kernel: str | None = Field(None, description="a disk guest: boot this kernel (a file on the agent's host) instead")
+    memory_policy: MemoryPolicy | None = Field(None, description="a limit on what the VM alone may cost the host, and bursts above it")
     initrd: str | None = Field(None, description="with kernel: its initrd")
     append: str | None = Field(None, description="with kernel: its command line (default: root=/dev/vda1 ro console=ttyS0)")
     user_data: str | None = Field(None, description="cloud-init user-data, handed to the guest in a NoCloud seed at first boot")
+
+
+class VmMemoryInfo(BaseModel):
+    """A VM's memory policy and what the agent's controller last saw of it."""
+
+    policy: MemoryPolicy | None = None
+    private_bytes: int | None = None  # what the VM alone costs the host now (its QEMU's anonymous memory)
+    balloon_bytes: int | None = None  # the guest RAM the balloon leaves it now
+    guest_free_bytes: int | None = None  # free memory the guest last reported
+    allowed_bytes: int | None = None  # its limit now (with a burst's allowance while one is open)
+    target_bytes: int | None = None  # the balloon size the controller asked for
+    bursting: bool = False
+    sampled_at: float | None = None  # host time of that look
 
 
 class VmInfo(BaseModel):
@@ -69,6 +84,8 @@ class VmInfo(BaseModel):
     ports: dict[str, int] = Field(default_factory=dict)  # published guest port -> host port on 127.0.0.1 (besides 80: endpoint)
     boot: str = "vmstream"  # how it booted: vmstream (its kernel), firmware (the disk's bootloader), kernel PATH
     cloud_init_seed: bool = False  # it has a cloud-init NoCloud seed attached (booted with user-data, or a clone of such a VM)
+    balloon: bool = False  # its machine has a virtio balloon: the host can take memory back (VMs and images from before have none)
+    memory: VmMemoryInfo | None = None  # its memory policy and the controller's last look (show only)
 
 
 class CreateImageRequest(BaseModel):
@@ -107,6 +124,7 @@ class StartRequest(BaseModel):
     user_data_b64: str | None = None
     prefetch: bool = True  # fetch the image's recorded working set if this host lacks it
     pool: bool = True  # take the image's pooled QEMUs if ready (False: start every QEMU anew)
+    memory_policy: MemoryPolicy | None = Field(None, description="each clone's memory limit and bursts")
 
 
 class StartResult(BaseModel):

@@ -109,9 +109,14 @@ class Starter:
             tap=self.tap_for(rec.vm_id, rec.ip) if rec.ip else None,
             incoming=image is not None, tb_mib=s.clone_tb_mib if image else MachineSpec.tb_mib,
             guest_announce=image.guest.guest_announce if image else MachineSpec.guest_announce,
-            kernel_header_only=s.clone_kernel_header_only, nothp=s.clone_nothp,
+            kernel_header_only=s.clone_kernel_header_only, nothp=s.clone_nothp, balloon=bool(rec.balloon),
             forwards=forwards(rec),
         )
+
+    @staticmethod
+    def balloon(rec: VmRecord) -> bool:
+        """Whether the VM's machine has a balloon (an image's clones must have the same)."""
+        return machine_from_json(rec.spec).balloon if rec.spec else bool(rec.balloon)
 
     def guest_announce(self, rec: VmRecord) -> bool:
         """Whether the VM's NIC has guest announce (an image's clones must have the same)."""
@@ -171,7 +176,7 @@ class Starter:
         firmware), initrd, command line, and its cloud-init seed."""
         g = image.guest
         seed = str(self.images.image_dir(image) / disks.SEED) if g.seed else None
-        return {"kernel": g.kernel, "initrd": g.initrd, "append": g.append, "seed": seed}
+        return {"kernel": g.kernel, "initrd": g.initrd, "append": g.append, "seed": seed, "balloon": g.balloon}
 
     async def overlay_disk(self, rec: VmRecord, base: Path) -> None:
         """A disk guest's own qcow2 overlay on base (a disk image or an image's disk layer)."""
@@ -197,7 +202,7 @@ class Starter:
             clock=json.loads(rec.clock) if rec.clock else None,
             ready=str(self.readiness(rec)), ports={str(g): h for g, h in published(rec).items()},
             boot="firmware" if not rec.kernel else ("vmstream" if rec.append is None else f"kernel {rec.kernel}"),
-            cloud_init_seed=bool(rec.seed),
+            cloud_init_seed=bool(rec.seed), balloon=self.balloon(rec),
         )
 
     # ---- the guest ---------------------------------------------------------------------

@@ -32,6 +32,7 @@ class GuestConfig(BaseModel):
     append: str | None = None  # a given kernel's command line; None: vmstream's own
     seed: bool = False  # booted with a cloud-init seed: the image keeps it (seed.iso), clones attach it
     guest_ports: tuple[int, ...] = ()  # guest ports published besides 80; each clone gets its own host ports for them
+    balloon: bool = False  # the machine has a virtio balloon (MachineSpec.balloon); images made before it have none
 
 
 class LiveImage(BaseModel):

@@ -168,6 +168,17 @@ class MemFs(pyfuse3.Operations):
         f = await self.image(os.fsdecode(name))
         return self._attr(f.inode, f.chunk_map.size, stat.S_IFREG | 0o644)
 
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        """What df shows; it also tells a program (the clone QEMUs' shim) that a file is on memfs."""
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = 4096
+        st.f_blocks = sum(f.chunk_map.size for f in self.files.values()) // 4096
+        st.f_bfree = st.f_bavail = 0  # read-only
+        st.f_files = len(self.files)
+        st.f_ffree = st.f_favail = 0
+        st.f_namemax = 255
+        return st
+
     async def opendir(self, inode: int, ctx: Any) -> int:
         if inode != pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.ENOTDIR)

@@ -26,7 +26,7 @@ from qemu.qmp import QMPClient, QMPError
 from qemu.qmp.qmp_client import NegotiationError
 
 from vmstream.errors import QemuError
-from vmstream.qemu.preload import nothp_library
+from vmstream.qemu.preload import clone_shim_library
 
 QEMU_BINARY = "qemu-system-x86_64"
 
@@ -54,6 +54,8 @@ def qemu_version() -> str:
 # 256 MiB demo guest, alternated blocks of 25 moves): 12 oopses in 100 moves with
 # 256 MiB, 0 in 100 with 256 MiB + 8 KiB; a move takes ~0.35 s longer (docs/migration.md).
 TCG_DIRTY_SYNC_WORD = 64 * 4096
+BALLOON_ID = "balloon0"  # the balloon's QOM path is /machine/peripheral/balloon0
+POLICY_QMP = "policy.sock"  # a second QMP monitor: the agent's memory controller keeps it open
 TCG_RAM_PAD = 8 << 10
 
 
@@ -123,7 +125,10 @@ class MachineSpec:
     # Part of the machine: a clone's NIC must match its image's.
     guest_announce: bool = False
     kernel_header_only: bool = True  # a VM resuming an image's memory gets only the kernel's setup header
-    nothp: bool = True  # a VM on an image's memory file runs with the no-huge-pages shim (see vmstream.qemu.preload)
+    nothp: bool = True  # a VM on an image's memory file gets no transparent huge pages (vmstream/qemu/cloneshim.c)
+    # A virtio balloon (free page reporting, deflate on OOM): how the host takes memory back
+    # from a guest. Part of the machine: a clone has its image's; images made before it have none.
+    balloon: bool = True
     forwards: tuple[tuple[int, int], ...] = ()  # slirp: more (host port, guest port) forwards on 127.0.0.1 besides 80
     append: str | None = None  # a given kernel's command line, used as it is; None: vmstream's own (its kernel)
     seed: Path | None = None  # a cloud-init NoCloud seed (ISO, label cidata), attached read-only after the disk
@@ -152,6 +157,7 @@ class MachineSpec:
             *self._boot_args(kernel),
             "-serial", f"file:{rundir / 'serial.log'}",
             "-qmp", f"unix:{rundir / 'qmp.sock'},server=on,wait=off",
+            "-qmp", f"unix:{rundir / POLICY_QMP},server=on,wait=off",  # the memory controller's own monitor, kept open
             "-netdev", netdev,
             "-device", f"virtio-net-pci,netdev=net0,mac={self.mac},romfile=,guest_announce={'on' if self.guest_announce else 'off'}",
             "-device", "virtio-serial-pci",
@@ -159,6 +165,9 @@ class MachineSpec:
             "-device", "virtserialport,chardev=agent,name=org.vmstream.agent",
             "-device", f"vmgenid,guid={self.vmgenid}",
         ]
+        if self.balloon:
+            # free-page-reporting: the guest hands back pages it freed, in 4 MiB blocks, ~2 s later
+            cmd += ["-device", f"virtio-balloon-pci,id={BALLOON_ID},deflate-on-oom=on,free-page-reporting=on"]
         if self.disk is not None:
             cmd += [
                 "-drive", f"file={self.disk},if=none,id=disk0,format=qcow2,cache=writeback,discard=unmap",
@@ -284,6 +293,11 @@ class QemuProcess:
         return self.rundir / "qmp.sock"
 
     @property
+    def policy_qmp_path(self) -> Path:
+        """The memory controller's own QMP monitor (QEMU takes one client per monitor)."""
+        return self.rundir / POLICY_QMP
+
+    @property
     def agent_path(self) -> Path:
         return self.rundir / "agent.sock"
 
@@ -310,12 +324,12 @@ class QemuProcess:
     def start(self, spec: MachineSpec) -> None:
         """Launch QEMU in its own session, its output going to qemu.log.
 
-        A VM on an image's memory file runs with the no-huge-pages shim, built once
-        in lib/ beside the run root (<data dir>/lib for the agent's VMs)."""
+        A VM on an image's memory file runs with the clone shim (cloneshim.c), built
+        once in lib/ beside the run root (<data dir>/lib for the agent's VMs)."""
         self.rundir.mkdir(parents=True, exist_ok=True)
         env = None
-        if spec.memory_file is not None and spec.nothp and (shim := nothp_library(self.rundir.parent.parent / "lib")) is not None:
-            env = {**os.environ, "LD_PRELOAD": str(shim)}
+        if spec.memory_file is not None and (shim := clone_shim_library(self.rundir.parent.parent / "lib")) is not None:
+            env = {**os.environ, "LD_PRELOAD": str(shim), "VMSTREAM_NOTHP": "1" if spec.nothp else "0"}
         with open(self.log_path, "ab") as log:
             self._popen = subprocess.Popen(
                 spec.command(self.rundir),

@@ -36,6 +36,7 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +44,7 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/swap.h>
 #include <sys/timex.h>
 #include <sys/wait.h>
 #include <sys/utsname.h>
@@ -592,6 +594,74 @@ static void cmd_memcheck_dirty_stop(void) {
     reply("{\"ok\":true,\"stopped\":%s,\"result\":%s}", was ? "true" : "false", json ? json : "null");
 }
 
+/* Swap on a zram disk of MIB MiB (compressed in the guest's own RAM): a guest the host
+   holds to a memory limit then pages out what it cannot keep instead of being OOM-killed.
+   The swap header is written here (busybox's mkswap would need a fork the agent avoids). */
+static void cmd_swap(const char *arg) {
+    long mib = arg ? strtol(arg, NULL, 10) : 0;
+    if (mib < 1) {
+        reply("{\"ok\":false,\"error\":\"swap needs a size in MiB, e.g. swap 256\"}");
+        return;
+    }
+    FILE *f = fopen("/sys/block/zram0/disksize", "w");
+    if (!f) {
+        reply("{\"ok\":false,\"error\":\"no zram device in this guest (its kernel has no zram module)\"}");
+        return;
+    }
+    fprintf(f, "%ld", mib << 20);
+    if (fclose(f) != 0) {
+        reply("{\"ok\":false,\"error\":\"zram0 is in use already (swap is on): %s\"}", strerror(errno));
+        return;
+    }
+    unsigned char header[4096];
+    memset(header, 0, sizeof header);
+    uint32_t words[3] = {1u, (uint32_t)((mib << 20) / 4096 - 1), 0u}; /* version, last page, bad pages */
+    memcpy(header + 1024, words, sizeof words);
+    memcpy(header + sizeof header - 10, "SWAPSPACE2", 10);
+    int fd = open("/dev/zram0", O_WRONLY);
+    int wrote = fd >= 0 && pwrite(fd, header, sizeof header, 0) == (ssize_t)sizeof header;
+    if (fd >= 0) close(fd);
+    if (!wrote || swapon("/dev/zram0", 0) != 0) {
+        reply("{\"ok\":false,\"error\":\"swapon /dev/zram0 failed: %s\"}", strerror(errno));
+        return;
+    }
+    reply("{\"ok\":true,\"swap_mib\":%ld}", mib);
+}
+
+/* memload: the memory workload the host drives (memload.c); one at a time. */
+static pid_t memload_pid;
+#define MEMLOAD_RESULT "/run/memload.json"
+
+static void cmd_memload(char *args) {
+    char *argv[64];
+    int n = 0;
+    argv[n++] = "/bin/memload";
+    for (char *tok = strtok(args ? args : "", " "); tok && n < 63; tok = strtok(NULL, " ")) argv[n++] = tok;
+    argv[n] = NULL;
+    if (n == 1) {
+        reply("{\"ok\":false,\"error\":\"memload needs phases: MIB:SECONDS ...\"}");
+        return;
+    }
+    if (memload_pid > 0) kill(memload_pid, SIGTERM);
+    unlink(MEMLOAD_RESULT);
+    memload_pid = fork();
+    if (memload_pid == 0) {
+        setsid();
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    reply("{\"ok\":true,\"pid\":%d,\"phases\":%d}", (int)memload_pid, n - 1);
+}
+
+/* Its last report, and whether it still runs (the guest's OOM killer may have ended it). */
+static void cmd_memload_status(int stop) {
+    int alive = memload_pid > 0 && kill(memload_pid, 0) == 0;
+    if (stop && alive) kill(memload_pid, SIGTERM);
+    if (stop) memload_pid = 0;
+    const char *json = slurp(MEMLOAD_RESULT);
+    reply("{\"ok\":true,\"running\":%s,\"result\":%s}", alive ? "true" : "false", json && *json ? json : "null");
+}
+
 /* Whether a TCP socket listens on port (IPv4 or IPv6): the host's readiness check
    tcp:PORT asks this, since on slirp a connection to the forward proves nothing. */
 static int port_listening(long port) {
@@ -685,6 +755,14 @@ static void handle(char *line) {
         cmd_memcheck_dirty(arg);
     } else if (strcmp(line, "memcheck-dirty-stop") == 0) {
         cmd_memcheck_dirty_stop();
+    } else if (strcmp(line, "swap") == 0) {
+        cmd_swap(arg);
+    } else if (strcmp(line, "memload") == 0) {
+        cmd_memload(arg);
+    } else if (strcmp(line, "memload-status") == 0) {
+        cmd_memload_status(0);
+    } else if (strcmp(line, "memload-stop") == 0) {
+        cmd_memload_status(1);
     } else {
         reply("{\"ok\":false,\"error\":\"unknown command: %s\"}", line);
     }

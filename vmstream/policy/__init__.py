@@ -1,0 +1,9 @@
+"""Memory policy: what each VM may cost the host, and how to steer it there.
+
+Pure decisions over samples (no QEMU, no /proc): the host agent samples its VMs,
+asks `steer` what balloon size each should have, and applies it.
+"""
+
+from vmstream.policy.memory import MIN_GUEST_BYTES, Control, MemoryPolicy, Sample, Step, steer
+
+__all__ = ["MIN_GUEST_BYTES", "Control", "MemoryPolicy", "Sample", "Step", "steer"]
