@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     clone_kernel_header_only: bool = Field(True, description="Clones get only the kernel's setup header (saves ~8 MiB per clone; "
                                            "a clone cannot reboot).")
     clone_nothp: bool = Field(True, description="Clones run with the no-transparent-huge-pages shim (keeps image pages shared).")
+    host_memory_floor: str = Field("5%", description="MemAvailable the host keeps: a boot or clone start that would take it "
+                                   "below is refused, naming the shortfall (a size like 512M, or a share of RAM like 5%; 0: no check).")
     balloon: bool = Field(True, description="New VMs get a virtio balloon (free page reporting, deflate on OOM), so the host can take "
                           "memory back; their images' clones have it too.")
 

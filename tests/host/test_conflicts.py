@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from tests.host.conftest import Agent
+from tests.host.conftest import Agent, FakeProcess, make_agent
+from vmstream.host import footprint
 from vmstream.host.state import Op, VmState
 
 
@@ -83,3 +86,23 @@ def test_a_vm_being_destroyed_cannot_be_destroyed_again(agent: Agent) -> None:
     agent.manager.registry.begin("vm", Op.DESTROY, VmState.STOPPING)
     err = agent.error("DELETE", "/v1/vms/vm", 409)
     assert "stopping" in err["message"]
+
+
+def test_a_start_that_would_take_the_host_below_its_memory_floor_is_refused(tmp_path: Path) -> None:
+    """Admission: the boot or clone start is refused before anything starts, the
+    shortfall named; with a memory limit the same clones are counted for less."""
+    manager, http = make_agent(tmp_path / "home", host_memory_floor="0")
+    with http:
+        agent = Agent(http, manager)
+        agent.boot("src")
+        agent.image("src", "img")
+    manager, http = make_agent(tmp_path / "home", host_memory_floor="99%")
+    with http:
+        agent = Agent(http, manager)
+        err = agent.error("POST", "/v1/vms", 409, json={"name": "big", "memory": "1G"})
+        assert "not enough memory on this host to start VM big" in err["message"] and "MiB short" in err["message"]
+        assert footprint.meminfo()["MemAvailable"] < 0.99 * footprint.meminfo()["MemTotal"]
+        err = agent.error("POST", "/v1/live-images/img/start", 409, json={"count": 2})
+        assert "2 clone(s) of img" in err["message"] and "VMSTREAM_HOST_MEMORY_FLOOR" in err["message"]
+        assert agent.names() == {"src"}, "nothing was started"
+    FakeProcess.running.clear()

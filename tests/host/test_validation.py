@@ -97,3 +97,16 @@ def test_a_forced_delta_move_of_a_booted_vm_is_refused_at_once(agent: Agent) -> 
     err = agent.error("POST", "/v1/vms/vm/migrate", 400, json={"to": "b", "mode": "delta"})
     assert "use --mode live" in err["message"]
     assert agent.call("GET", "/v1/vms/vm")["state"] == "running"
+
+
+def test_a_memory_policy_is_checked_kept_and_shown(agent: Agent) -> None:
+    agent.boot("vm", memory_policy={"limit_bytes": 96 << 20, "burst_bytes": 32 << 20, "burst_s": 5})
+    shown = agent.call("GET", "/v1/vms/vm")
+    assert shown["balloon"] and shown["memory"]["policy"] == {"limit_bytes": 96 << 20, "burst_bytes": 32 << 20, "burst_s": 5.0}
+    for bad, says in (({"limit_bytes": 1 << 20}, "too small"), ({"burst_bytes": 1 << 20, "burst_s": 1}, "needs a memory limit")):
+        assert says in agent.error("PUT", "/v1/vms/vm/memory", 400, json=bad)["message"]
+    assert agent.call("GET", "/v1/vms/vm")["memory"]["policy"]["limit_bytes"] == 96 << 20, "a refused policy changes nothing"
+    assert agent.call("PUT", "/v1/vms/vm/memory", json={"limit_bytes": None})["memory"] is None
+    agent.image("vm", "img")
+    (clone,) = agent.start("img", memory_policy={"limit_bytes": 64 << 20})
+    assert agent.call("GET", f"/v1/vms/{clone['name']}")["memory"]["policy"]["limit_bytes"] == 64 << 20

@@ -73,3 +73,19 @@ def test_a_burst_lasts_its_time_then_the_limit_holds_until_rested() -> None:
 def test_bad_policies_say_what_to_give(kwargs: dict[str, int], says: str) -> None:
     with pytest.raises(ValidationError, match=says):
         MemoryPolicy(**kwargs)
+
+
+def test_admission_counts_limits_or_first_costs_and_names_the_shortfall() -> None:
+    from vmstream.errors import Conflict, InvalidInput
+    from vmstream.policy import CLONE_START_BYTES, check_room, parse_floor, start_cost
+
+    assert start_cost(RAM, None, clone=False) == RAM
+    assert start_cost(RAM, None, clone=True) == CLONE_START_BYTES
+    assert start_cost(RAM, MemoryPolicy(limit_bytes=128 * MIB, burst_bytes=64 * MIB, burst_s=5), clone=False) == 192 * MIB
+    assert start_cost(RAM, MemoryPolicy(limit_bytes=40 * MIB), clone=True) == 40 * MIB
+    check_room(1000 * MIB, 100 * MIB, [450 * MIB, 450 * MIB], "two")
+    with pytest.raises(Conflict, match=r"2 VM\(s\) counted for 901 MiB.*1 MiB short.*lower the floor"):
+        check_room(1000 * MIB, 100 * MIB, [450 * MIB, 451 * MIB], "two")
+    assert parse_floor("5%", 2000 * MIB) == 100 * MIB and parse_floor("512M", 0) == 512 * MIB and parse_floor("0", 1) == 0
+    with pytest.raises(InvalidInput, match="share of the RAM"):
+        parse_floor("150%", 1)

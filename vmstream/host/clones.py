@@ -26,7 +26,7 @@ from vmstream.host.tasks import Tasks, operation
 from vmstream.host.workingset import WorkingSets
 from vmstream.image import ImageRepository, LiveImage
 from vmstream.memfs.mount import MemfsMount
-from vmstream.policy import MemoryPolicy
+from vmstream.policy import MemoryPolicy, start_cost
 from vmstream.qemu import QemuProcess, qemu_version
 from vmstream.settings import Settings
 
@@ -89,6 +89,8 @@ class CloneStarter:
         if memory_policy is not None and memory_policy.limit_bytes is not None and not g.balloon:
             raise InvalidInput(f"image '{image_name}' has no balloon (it was made before VMs had one), so its clones' memory "
                                "cannot be limited: start them without a memory limit, or make the image again from a new VM")
+        self.starter.admit([start_cost(g.memory_bytes, memory_policy, clone=True)] * len(names),
+                           f"{len(names)} clone(s) of {image_name}")
         recs = await self.registry.reserve(
             names, memory_bytes=g.memory_bytes, cpus=g.cpus, accel=g.accel,
             parent_image=image_name, ready=g.ready, publish=dict.fromkeys(g.guest_ports, 0), **self.starter.image_boot(image),

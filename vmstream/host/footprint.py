@@ -74,3 +74,15 @@ def measure(pid: int, ram_bytes: int) -> Footprint:
         anonymous_bytes=roll.get("Anonymous", 0),
         guest_ram=guest,
     )
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (MemTotal, MemAvailable, ...)."""
+    out: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts:
+                out[key] = int(parts[0]) * (_KB if len(parts) > 1 and parts[1] == "kB" else 1)
+    return out

@@ -53,7 +53,7 @@ from vmstream.host.tasks import Tasks, log, operation
 from vmstream.host.workingset import WorkingSets
 from vmstream.image import ImageRepository
 from vmstream.memfs.mount import MemfsMount
-from vmstream.policy import MemoryPolicy
+from vmstream.policy import MemoryPolicy, start_cost
 from vmstream.qemu import guest_ram_bytes, qemu_version
 from vmstream.settings import Settings
 from vmstream.store import ChunkStore, StoreError, collect_garbage
@@ -169,6 +169,7 @@ class HostManager:
         guest = await asyncio.to_thread(self.starter.guest)
         accel = await asyncio.to_thread(self.starter.accelerator, guest)
         kernel, initrd, append = await self._boot_files(boot, disk, base, guest.kernel, guest.initrd)
+        self.starter.admit([start_cost(memory_bytes, memory_policy, clone=False)], f"VM {name}")
         (rec,) = await self.registry.reserve(
             [name], memory_bytes=guest_ram_bytes(memory_bytes, accel.accel), cpus=cpus, kernel=kernel, initrd=initrd, append=append,
             accel=accel.accel, parent_image=None, ready=str(readiness), publish=ports, balloon=self.starter.settings.balloon,

@@ -33,6 +33,7 @@ from vmstream.host.registry import VmRegistry, forwards, published
 from vmstream.host.schemas import VmInfo
 from vmstream.host.state import LIVE, VmState
 from vmstream.image import ImageRepository, LiveImage
+from vmstream.policy import check_room, parse_floor
 from vmstream.qemu import AccelChoice, MachineSpec, QemuProcess, TapNic, choose_accelerator, tb_flushes
 from vmstream.settings import Settings
 
@@ -112,6 +113,14 @@ class Starter:
             kernel_header_only=s.clone_kernel_header_only, nothp=s.clone_nothp, balloon=bool(rec.balloon),
             forwards=forwards(rec),
         )
+
+    def admit(self, costs: list[int], what: str) -> None:
+        """Refuse (Conflict, naming the shortfall) starts that would take the host's
+        MemAvailable below VMSTREAM_HOST_MEMORY_FLOOR (vmstream.policy.admission)."""
+        info = footprint.meminfo()
+        floor = parse_floor(self.settings.host_memory_floor, info.get("MemTotal", 0))
+        if floor > 0:
+            check_room(info.get("MemAvailable", 0), floor, costs, what)
 
     @staticmethod
     def balloon(rec: VmRecord) -> bool:
