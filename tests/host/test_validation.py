@@ -106,6 +106,8 @@ def test_a_memory_policy_is_checked_kept_and_shown(agent: Agent) -> None:
     for bad, says in (({"limit_bytes": 1 << 20}, "too small"), ({"burst_bytes": 1 << 20, "burst_s": 1}, "needs a memory limit")):
         assert says in agent.error("PUT", "/v1/vms/vm/memory", 400, json=bad)["message"]
     assert agent.call("GET", "/v1/vms/vm")["memory"]["policy"]["limit_bytes"] == 96 << 20, "a refused policy changes nothing"
+    host = agent.call("GET", "/v1/host")["memory_policy"]
+    assert host["vms"]["vm"]["policy"]["limit_bytes"] == 96 << 20 and host["floor_bytes"] > 0
     assert agent.call("PUT", "/v1/vms/vm/memory", json={"limit_bytes": None})["memory"] is None
     agent.image("vm", "img")
     (clone,) = agent.start("img", memory_policy={"limit_bytes": 64 << 20})

@@ -86,3 +86,20 @@ def meminfo() -> dict[str, int]:
             if parts:
                 out[key] = int(parts[0]) * (_KB if len(parts) > 1 and parts[1] == "kB" else 1)
     return out
+
+
+def memory_pressure() -> dict[str, float] | None:
+    """/proc/pressure/memory's "some" and "full" 10 s averages (percent of time stalled);
+    None where the kernel has no PSI."""
+    try:
+        text = open("/proc/pressure/memory").read()
+    except OSError:
+        return None
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        kind, *fields = line.split()
+        for field in fields:
+            key, _, value = field.partition("=")
+            if key == "avg10":
+                out[f"{kind}_avg10"] = float(value)
+    return out

@@ -35,7 +35,7 @@ from vmstream.guest.cloudinit import check_user_data, write_seed
 from vmstream.guest.qga import qga
 from vmstream.guest.readiness import AGENT, STATUS, parse_publish, parse_readiness
 from vmstream.guest.rootfs import build_rootfs
-from vmstream.host import disks, network
+from vmstream.host import disks, footprint, network
 from vmstream.host.clones import CloneStarter
 from vmstream.host.db import VmRecord, open_db
 from vmstream.host.hooks import HookWatcher
@@ -53,7 +53,7 @@ from vmstream.host.tasks import Tasks, log, operation
 from vmstream.host.workingset import WorkingSets
 from vmstream.image import ImageRepository
 from vmstream.memfs.mount import MemfsMount
-from vmstream.policy import MemoryPolicy, start_cost
+from vmstream.policy import MemoryPolicy, parse_floor, start_cost
 from vmstream.qemu import guest_ram_bytes, qemu_version
 from vmstream.settings import Settings
 from vmstream.store import ChunkStore, StoreError, collect_garbage
@@ -314,11 +314,7 @@ class HostManager:
 
     async def host_info(self) -> dict[str, Any]:
         """Per host: memory, the host chunk cache, per-image streaming counters, VM totals."""
-        meminfo = {}
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, value = line.split(":", 1)
-                meminfo[key] = int(value.split()[0]) * 1024
+        meminfo = footprint.meminfo()
         vms = [self.starter.info(r, with_footprint=True) for r in self.registry.all()]
         fps = [v.footprint for v in vms if v.footprint is not None]
         memfs: dict[str, Any] = {"running": False}
@@ -332,6 +328,12 @@ class HostManager:
             "vm_private_bytes": sum(f.anonymous_bytes for f in fps),
             "guest_ram_from_images_bytes": sum(f.guest_ram.image_bytes for f in fps if f.guest_ram),
             "store": str(self.store.backend), "memfs": memfs, "clone_pool": self.pool.info(),
+            "memory_policy": {
+                "floor_bytes": parse_floor(self.settings.host_memory_floor, meminfo["MemTotal"]),
+                "memory_pressure": footprint.memory_pressure(),
+                "controller_cpu_s": round(self.memory.cpu_s, 3),
+                "vms": {r.name: info.model_dump() for r in self.registry.all() if (info := self.memory.info(r)) is not None},
+            },
         }
 
     async def drop_caches(self) -> dict[str, Any]:
