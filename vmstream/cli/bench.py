@@ -150,6 +150,17 @@ def density(out: OutOpt = DEFAULT_OUT, memory_mib: MemOpt = 256,
 
 
 @bench_app.command()
+def policy(out: OutOpt = DEFAULT_OUT, count: Annotated[int, typer.Option(help="Clones per run (the paper: at least 12).")] = 12,
+           memory_mib: MemOpt = 384,
+           length: Annotated[float, typer.Option(help="About how long each clone's workload runs, in seconds.")] = 60.0,
+           as_json: JsonOpt = False) -> None:
+    """Memory policy off vs on: N clones running memory workloads, limits, bursts, what comes back."""
+    from vmstream.bench import policy as b
+
+    _run(b, out, as_json, count=count, ram_mib=memory_mib, length_s=length)
+
+
+@bench_app.command()
 def stream(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 5, as_json: JsonOpt = False) -> None:
     """Clones streaming memory from another host's store: warm, cold, cold with prefetch; 256 MiB vs 2 GiB."""
     from vmstream.bench import stream as b

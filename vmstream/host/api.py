@@ -91,6 +91,10 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
     async def host() -> dict[str, Any]:
         return await manager.host_info()
 
+    @app.get("/v1/host/memory", dependencies=v1)
+    async def host_memory() -> dict[str, Any]:
+        return manager.memory_policy_info()
+
     @app.get("/v1/info", dependencies=v1)
     async def info() -> HostInfo:
         return await manager.info()

@@ -328,12 +328,18 @@ class HostManager:
             "vm_private_bytes": sum(f.anonymous_bytes for f in fps),
             "guest_ram_from_images_bytes": sum(f.guest_ram.image_bytes for f in fps if f.guest_ram),
             "store": str(self.store.backend), "memfs": memfs, "clone_pool": self.pool.info(),
-            "memory_policy": {
-                "floor_bytes": parse_floor(self.settings.host_memory_floor, meminfo["MemTotal"]),
-                "memory_pressure": footprint.memory_pressure(),
-                "controller_cpu_s": round(self.memory.cpu_s, 3),
-                "vms": {r.name: info.model_dump() for r in self.registry.all() if (info := self.memory.info(r)) is not None},
-            },
+            "memory_policy": self.memory_policy_info(meminfo),
+        }
+
+    def memory_policy_info(self, meminfo: dict[str, int] | None = None) -> dict[str, Any]:
+        """The memory policy's figures: host floor and pressure, the controller's cost, each limited VM."""
+        meminfo = meminfo or footprint.meminfo()
+        return {
+            "mem_available_bytes": meminfo["MemAvailable"],
+            "floor_bytes": parse_floor(self.settings.host_memory_floor, meminfo["MemTotal"]),
+            "memory_pressure": footprint.memory_pressure(),
+            "controller_cpu_s": round(self.memory.cpu_s, 3),
+            "vms": {r.name: info.model_dump() for r in self.registry.all() if (info := self.memory.info(r)) is not None},
         }
 
     async def drop_caches(self) -> dict[str, Any]:

@@ -54,6 +54,9 @@ class _Vm:
     control: Control
     info: VmMemoryInfo | None = None
     next_look: float = 0.0  # monotonic time of the next sample
+    asked_at: float = -1e9  # when QEMU was last asked for the balloon's size and the guest's statistics
+    balloon_bytes: int = 0
+    guest_free_bytes: int | None = None
 
 
 class MemoryController:
@@ -90,7 +93,7 @@ class MemoryController:
                 log.debug("VM %s: memory policy not applied this time: %s", rec.name, exc)
                 await self._drop(rec.name)
         for name in set(self._vms) - steered:
-            await self._drop(name)
+            await self._release(name)
 
     def info(self, rec: VmRecord) -> VmMemoryInfo | None:
         """The VM's policy and what the controller last saw of it."""
@@ -101,19 +104,26 @@ class MemoryController:
         return VmMemoryInfo(policy=policy) if policy else None
 
     async def _steer(self, rec: VmRecord, policy: MemoryPolicy) -> None:
+        """One look: RssAnon every time (a counter in /proc); the balloon's size and the
+        guest's statistics from QEMU once a second (the guest updates them that often)."""
         assert rec.pid is not None
         vm = await self._monitor(rec)
-        balloon: Any = await vm.qmp.execute("query-balloon")
-        stats: Any = await vm.qmp.execute("qom-get", {"path": BALLOON_PATH, "property": "guest-stats"})
-        free = (stats or {}).get("stats", {}).get("stat-free-memory", -1)
-        fresh = time.time() - float((stats or {}).get("last-update", 0)) < 5 * STATS_S
-        sample = Sample(t=time.monotonic(), private_bytes=rss_anon(rec.pid), ram_bytes=rec.memory_bytes,
-                        balloon_bytes=int(balloon["actual"]), guest_free_bytes=int(free) if free >= 0 and fresh else None)
+        now = time.monotonic()
+        if now - vm.asked_at >= INTERVAL_S - 0.05:
+            balloon: Any = await vm.qmp.execute("query-balloon")
+            stats: Any = await vm.qmp.execute("qom-get", {"path": BALLOON_PATH, "property": "guest-stats"})
+            free = (stats or {}).get("stats", {}).get("stat-free-memory", -1)
+            fresh = time.time() - float((stats or {}).get("last-update", 0)) < 5 * STATS_S
+            vm.balloon_bytes, vm.guest_free_bytes = int(balloon["actual"]), int(free) if free >= 0 and fresh else None
+            vm.asked_at = now
+        sample = Sample(t=now, private_bytes=rss_anon(rec.pid), ram_bytes=rec.memory_bytes,
+                        balloon_bytes=vm.balloon_bytes, guest_free_bytes=vm.guest_free_bytes)
+        asked = vm.control.target_bytes if vm.control.target_bytes is not None else sample.balloon_bytes
         step = steer(policy, sample, vm.control)
-        if abs(step.target_bytes - sample.balloon_bytes) >= SET_SLACK:
+        if abs(step.target_bytes - asked) >= SET_SLACK:
             await vm.qmp.execute("balloon", {"value": step.target_bytes})
         close = step.allowed_bytes is not None and sample.private_bytes >= CLOSE * step.allowed_bytes
-        vm.next_look = sample.t + (CLOSE_INTERVAL_S if close else INTERVAL_S) - 0.05
+        vm.next_look = now + (CLOSE_INTERVAL_S if close else INTERVAL_S) - 0.05
         vm.info = VmMemoryInfo(
             policy=policy, private_bytes=sample.private_bytes, balloon_bytes=sample.balloon_bytes,
             guest_free_bytes=sample.guest_free_bytes, allowed_bytes=step.allowed_bytes, target_bytes=step.target_bytes,
@@ -138,6 +148,16 @@ class MemoryController:
             raise
         vm = self._vms[rec.name] = _Vm(rec.vm_id, qmp, Control())
         return vm
+
+    async def _release(self, name: str) -> None:
+        """A VM no longer limited gets all its RAM back (if it still runs), then is forgotten."""
+        vm = self._vms.get(name)
+        rec = self.registry.find(name) if vm is not None else None
+        if vm is not None and rec is not None and rec.vm_id == vm.vm_id and rec.state == VmState.RUNNING:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await vm.qmp.execute("balloon", {"value": rec.memory_bytes})
+        await self._drop(name)
 
     async def _drop(self, name: str) -> None:
         vm = self._vms.pop(name, None)
