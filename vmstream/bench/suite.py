@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vmstream.agentapi import AgentClient
-from vmstream.bench import burst, capture, clone, density, migrate, scale, stream, targets
+from vmstream.bench import burst, capture, clone, density, migrate, policy, scale, stream, targets
 from vmstream.bench.common import Bench, meminfo, say
 from vmstream.bench.report import command_line, run_and_write
 
@@ -30,6 +30,7 @@ SECTIONS = [
     ("density", "Density: host memory per VM", density),
     ("stream", "Streaming memory: cold and warm hosts, prefetch, RAM size", stream),
     ("migrate", "Migration between hosts", migrate),
+    ("policy", "Memory policy: limits, bursts, what comes back", policy),
 ]
 # Benches `bench all` does not run (the Debian guest needs debootstrap and adds ~5 min), but whose
 # latest output in the same out dir goes into the document, under the command that wrote it.
@@ -66,7 +67,7 @@ def run_all(client: AgentClient, out: Path, doc: Path, runs: int | None, sizes: 
         kw: dict[str, Any] = {}
         if key in ("scale", "capture"):
             kw["sizes"] = sizes
-        if runs is not None and key not in ("density", "migrate"):
+        if runs is not None and key not in ("density", "migrate", "policy"):
             kw["runs"] = runs
         t = time.perf_counter()
         try:

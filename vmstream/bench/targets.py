@@ -79,6 +79,23 @@ def check(results: dict[str, Any], total_s: float | None) -> list[dict[str, Any]
         rows.append(_row("migrate: failed requests + reset connections + guests lost", "0", v, v == 0))
         v = mig.get("delta_sent_over_private")
         rows.append(_row("migrate: delta bytes sent / clone's private bytes", "<= 2x", v, None if v is None else v <= 2, "x"))
+    pol = results.get("policy")
+    if pol:  # the memory policy issue's targets
+        for key, what, op, limit in (
+            ("within_limit_fraction", "policy: samples within limit + 5% (bursts aside)", ">=", 1.0),
+            ("burst_honoured_fraction", "policy: bursts honoured, of their allowed time", ">=", 0.9),
+            ("freed_returned_15s_fraction", "policy: freed memory back on the host within 15 s", ">=", 0.9),
+            ("host_memory_saving", "policy: host memory saved vs static allocation", ">=", 0.3),
+            ("admitted_ratio", "policy: VMs a fixed budget admits, vs static", ">=", 2.0),
+            ("slowdown", "policy: guest slowdown (ops/s)", "<=", 0.05),
+            ("oom_kills", "policy: OOM kills", "<=", 0),
+            ("memcheck_bad_pages", "policy: memcheck bad pages", "<=", 0),
+            ("controller_cpu_fraction", "policy: controller CPU, of one core", "<=", 0.02),
+        ):
+            v = pol.get(key)
+            rows.append(_row(what, f"{op} {limit}", v, None if v is None else (v <= limit if op == "<=" else v >= limit)))
+        v = pol.get("all_workloads_finished")
+        rows.append(_row("policy: every workload finished", "yes", None if v is None else int(bool(v)), v))
     return rows
 
 
