@@ -89,3 +89,20 @@ def test_admission_counts_limits_or_first_costs_and_names_the_shortfall() -> Non
     assert parse_floor("5%", 2000 * MIB) == 100 * MIB and parse_floor("512M", 0) == 512 * MIB and parse_floor("0", 1) == 0
     with pytest.raises(InvalidInput, match="share of the RAM"):
         parse_floor("150%", 1)
+
+
+def test_bench_policy_figures_from_samples() -> None:
+    """bench policy's figures over made-up samples: limits outside bursts, bursts cut short."""
+    from vmstream.bench import policy as bp
+
+    limit = 100 * MIB
+
+    def s(t: float, private_mib: float, bursting: bool = False) -> dict[str, object]:
+        return {"t": t, "private": {"a": int(private_mib * MIB)}, "bursting": {"a": bursting}, "allowed": {"a": None}}
+
+    on = {"limits": {"a": limit}, "samples": [s(0, 90), s(1, 104), s(2, 130, True), s(3, 130, True), s(4, 110)]}
+    assert bp._within(on) == round(2 / 3, 4), "104 is within 5%, 110 outside a burst is not; burst samples aside"
+    # a burst of 8 s allowed that lasted 2 s and ended over the limit: 0.25; one that ended back under: 1
+    assert bp._bursts(on) == 0.25
+    on["samples"] = [s(0, 130, True), s(1, 90)]
+    assert bp._bursts(on) == 1.0
