@@ -72,7 +72,8 @@ class MemoryController:
                 t0 = time.thread_time()
                 await self.tick()
                 self.cpu_s += time.thread_time() - t0
-                await asyncio.sleep(CLOSE_INTERVAL_S)
+                soonest = min((vm.next_look for vm in self._vms.values()), default=time.monotonic() + INTERVAL_S)
+                await asyncio.sleep(min(INTERVAL_S, max(CLOSE_INTERVAL_S, soonest - time.monotonic())))
         finally:
             for name in list(self._vms):
                 await self._drop(name)
