@@ -13,6 +13,7 @@ from typing import Any
 
 from vmstream.agentapi import AgentClient
 from vmstream.guest.status import get_status
+from vmstream.host.footprint import meminfo
 
 MIB = 1 << 20
 
@@ -32,18 +33,6 @@ class HostFacts:
     kernel_release: str
     cpus: int
     mem_total_bytes: int
-
-
-def meminfo() -> dict[str, int]:
-    """/proc/meminfo in bytes."""
-    out: dict[str, int] = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            parts = rest.split()
-            if parts:
-                out[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
-    return out
 
 
 def mem_available() -> int:

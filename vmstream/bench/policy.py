@@ -33,6 +33,7 @@ from typing import Any
 from vmstream.bench.common import MIB, Bench, mem_available, say
 from vmstream.bench.report import md_table, pyplot
 from vmstream.bench.stats import ratio
+from vmstream.host.footprint import rss_anon
 
 SWAP_MIB = 192  # each guest's zram swap: where a guest held to its limit puts what it cannot keep
 ROOM_MIB = 64  # a clone's limit: what it costs at start plus this
@@ -63,13 +64,11 @@ def _phases(phases: list[tuple[float, float]], delay: float) -> str:
 
 
 def _rss_anon(pid: int) -> int:
+    """The clone's private memory, as the controller counts it; 0 once it is gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
+        return rss_anon(pid)
     except OSError:
-        pass
-    return 0
+        return 0
 
 
 def _oom_kills() -> int:

@@ -16,12 +16,12 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPClient
 
 from vmstream.host.db import VmRecord
+from vmstream.host.footprint import rss_anon
 from vmstream.host.registry import VmRegistry
 from vmstream.host.schemas import VmMemoryInfo
 from vmstream.host.starter import Starter
@@ -37,14 +37,6 @@ CLOSE = 0.75
 BALLOON_PATH = f"/machine/peripheral/{BALLOON_ID}"
 STATS_S = 1  # the guest's balloon statistics, as often as the controller looks
 SET_SLACK = 1 << 20  # a balloon within this of its target is left alone
-
-
-def rss_anon(pid: int) -> int:
-    """A process's resident anonymous memory (/proc/PID/status), a cheap counter."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 @dataclass
