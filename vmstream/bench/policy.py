@@ -191,7 +191,7 @@ def _freed(off: dict[str, Any]) -> float | None:
     for n, (kind, delay) in off["plan"].items():
         if kind not in ("ramp, hold, free", OVER):
             continue
-        phases = next(p for k, p in _patterns(_length(off)) if k == kind)
+        phases = next(p for k, p in _patterns(float(off["length_s"])) if k == kind)
         at = delay + phases[0][1] + phases[1][1]  # the free, seconds after the workloads began
         before = [s["private"][n] for s in off["samples"] if at - 3 <= s["t"] <= at - 0.5]
         after = [s["private"][n] for s in off["samples"] if at + FREE_WINDOW_S - 1 <= s["t"] <= at + FREE_WINDOW_S]
@@ -210,10 +210,6 @@ def _slowdown(off: dict[str, Any], on: dict[str, Any], fits: bool) -> float | No
         if (kind != OVER) == fits and a and b:
             ratios.append(b / a)
     return round(1 - sum(ratios) / len(ratios), 3) if ratios else None
-
-
-def _length(run: dict[str, Any]) -> float:
-    return float(run["length_s"])
 
 
 def _peak(run: dict[str, Any]) -> int:

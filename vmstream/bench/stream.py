@@ -37,7 +37,7 @@ from vmstream.agentapi import AgentClient
 from vmstream.bench.common import Bench, say
 from vmstream.bench.delay import DelayProxy
 from vmstream.bench.report import fmt_s, fmt_x, md_table, pyplot
-from vmstream.bench.stats import median, ratio, summary
+from vmstream.bench.stats import ratio, summary
 
 IDLE_S = 5.0  # how long an idle clone runs before its fetched bytes are read
 RTTS_MS = (0, 2, 10)  # round trips between host B and host A
@@ -173,7 +173,8 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
             os.sync()
             reads["memfs_warm"].append(_read_mbps(memfs_file, drop_first=True))
             reads["local"].append(_read_mbps(local, drop_first=True))
-        say("reads (MB/s, median): " + ", ".join(f"{k} {summary(v)['median']:.0f}" for k, v in reads.items()))
+        s_reads = {k: summary(v) for k, v in reads.items()}
+        say("reads (MB/s, median): " + ", ".join(f"{k} {s['median']:.0f}" for k, s in s_reads.items()))
         local.unlink()
 
     for mib in sizes:
@@ -206,17 +207,17 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
         "clone_256m_s": s_small["median"],
         "clone_2g_s": s_big["median"],
         "size_flatness": ratio(med(s_big), med(s_small), 2),
-        "memfs_read_mbps": round(median(reads["memfs_cold"]), 1),
-        "memfs_warm_read_mbps": round(median(reads["memfs_warm"]), 1),
-        "local_read_mbps": round(median(reads["local"]), 1),
-        "local_over_warm_read": ratio(median(reads["local"]), median(reads["memfs_warm"]), 2),
+        "memfs_read_mbps": round(med(s_reads["memfs_cold"]), 1),
+        "memfs_warm_read_mbps": round(med(s_reads["memfs_warm"]), 1),
+        "local_read_mbps": round(med(s_reads["local"]), 1),
+        "local_over_warm_read": ratio(med(s_reads["local"]), med(s_reads["memfs_warm"]), 2),
         "detail": {"warm": s_warm, "cold": {str(k): v for k, v in s_cold.items()},
                    "cold_prefetch": {str(k): v for k, v in s_pre.items()},
                    "by_size": {str(k): summary(v) for k, v in by_size.items()},
                    "host_b_first_clone_s": round(t_first, 3),
                    "working_set_chunks": len(ws.get("chunks", [])), "working_set_pack_bytes": ws.get("pack", {}).get("bytes"),
                    "prefetch_by_rtt_ms": {str(k): v for k, v in prefetched.items()},
-                   "reads_mbps": {k: summary(v) for k, v in reads.items()}},
+                   "reads_mbps": s_reads},
     }
 
 

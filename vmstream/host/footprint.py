@@ -92,7 +92,8 @@ def memory_pressure() -> dict[str, float] | None:
     """/proc/pressure/memory's "some" and "full" 10 s averages (percent of time stalled);
     None where the kernel has no PSI."""
     try:
-        text = open("/proc/pressure/memory").read()
+        with open("/proc/pressure/memory") as f:
+            text = f.read()
     except OSError:
         return None
     out: dict[str, float] = {}

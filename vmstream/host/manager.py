@@ -164,16 +164,17 @@ class HostManager:
         ports = parse_publish(publish or [])
         if readiness.guest_port not in (None, 80) and readiness.guest_port not in ports:
             ports[readiness.guest_port] = 0  # the probe needs it forwarded, and so will the user
+        policy_json = self._policy_json(memory_policy, self.starter.settings.balloon)
+        self.starter.admit([start_cost(memory_bytes, memory_policy, clone=False)], f"VM {name}")  # before any build
         t0 = asyncio.get_running_loop().time()
         base = await self._disk_base(disk) if disk else None
         guest = await asyncio.to_thread(self.starter.guest)
         accel = await asyncio.to_thread(self.starter.accelerator, guest)
         kernel, initrd, append = await self._boot_files(boot, disk, base, guest.kernel, guest.initrd)
-        self.starter.admit([start_cost(memory_bytes, memory_policy, clone=False)], f"VM {name}")
         (rec,) = await self.registry.reserve(
             [name], memory_bytes=guest_ram_bytes(memory_bytes, accel.accel), cpus=cpus, kernel=kernel, initrd=initrd, append=append,
             accel=accel.accel, parent_image=None, ready=str(readiness), publish=ports, balloon=self.starter.settings.balloon,
-            memory_policy=self._policy_json(memory_policy, self.starter.settings.balloon),
+            memory_policy=policy_json,
         )
         async with operation("boot", vm=name), self.starter.starting(rec) as proc:
             if base is not None:

@@ -41,11 +41,24 @@ PREFETCH_BATCH = 8  # chunks per prefetch fetch (adjacent ones come in one range
 MAX_AHEAD_CHUNKS = 512  # the largest window pushed ahead of a sequential reader
 AHEAD_PIECE = 32  # chunks per fetch of a window: pushes start while the rest is on its way
 CACHE_BATCH = 64  # chunks the host-cache writer takes per thread hop
+PUSH_BATCH = 32  # chunks a pusher takes per thread hop
 PUSHERS = 2  # threads pushing into the page cache at once (a 2-core host: both)
 REST_WAIT_S = 0.02  # the longest a sequential reader's answer waits for what follows it to be pushed
 PUSH_AFTER_BYTES = 1 << 20  # pushed after a sequential reader's page before it is answered
 _ZERO = bytes(4 << 20)  # zero chunks are served and pushed from here (chunks are at most 4 MiB)
 _ZEROS = memoryview(_ZERO)  # slices of it are views, not copies
+
+
+async def _batch(recv: trio.MemoryReceiveChannel[Any], most: int) -> list[Any]:
+    """The next item of a queue, and up to most - 1 more that are waiting already:
+    one thread hop for them all."""
+    batch = [await recv.receive()]
+    while len(batch) < most:
+        try:
+            batch.append(recv.receive_nowait())
+        except trio.WouldBlock:
+            break
+    return batch
 
 
 @dataclass
@@ -252,12 +265,7 @@ class MemFs(pyfuse3.Operations):
         filling stays locked until that request is answered: from the request
         loop this would deadlock, from a thread it waits a moment at most."""
         while True:
-            batch = [await self._push_recv.receive()]
-            while len(batch) < 32:
-                try:
-                    batch.append(self._push_recv.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            batch = await _batch(self._push_recv, PUSH_BATCH)
             try:
                 await trio.to_thread.run_sync(self._store_pages, batch)
             finally:
@@ -431,13 +439,8 @@ class MemFs(pyfuse3.Operations):
 
     async def _cache_writer(self) -> None:
         """Write queued chunks into the host cache, all that are waiting in one thread hop."""
-        async for first in self._cache_recv:
-            batch = [first]
-            while len(batch) < CACHE_BATCH:
-                try:
-                    batch.append(self._cache_recv.receive_nowait())
-                except trio.WouldBlock:
-                    break
+        while True:
+            batch = await _batch(self._cache_recv, CACHE_BATCH)
             async with self._cache_lock:
                 # a chunk queued before a drop is dropped too
                 now = [(cid, data) for generation, cid, data in batch if generation == self._generation]

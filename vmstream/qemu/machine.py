@@ -166,7 +166,7 @@ class MachineSpec:
             "-device", f"vmgenid,guid={self.vmgenid}",
         ]
         if self.balloon:
-            # free-page-reporting: the guest hands back pages it freed, in 4 MiB blocks, ~2 s later
+            # free-page-reporting: the guest hands back pages it freed, in blocks of 2 MiB or more, ~2 s later
             cmd += ["-device", f"virtio-balloon-pci,id={BALLOON_ID},deflate-on-oom=on,free-page-reporting=on"]
         if self.disk is not None:
             cmd += [
