@@ -123,6 +123,16 @@ class FakeStarter(Starter):
             return {"ok": True, "result": {"state": "done", "hooks": []}}
         return {"ok": True, "command": command}
 
+    paused: set[str] = set()  # vm_ids whose fake QEMU took 'stop'
+
+    async def run_state(self, rec: VmRecord, proc: Any, command: str) -> None:
+        self._maybe_fail("qmp", rec.name)
+        (self.paused.add if command == "stop" else self.paused.discard)(proc.vm_id)
+
+    @staticmethod
+    async def qemu_status(proc: Any) -> str | None:
+        return "paused" if proc.vm_id in FakeStarter.paused else "running"
+
     async def capture(self, rec: VmRecord, proc: Any, stage: Path, root_memory: Path | None,
                       flatten_above: int | None) -> tuple[CaptureResult, list[Path]]:
         self._maybe_fail("capture", rec.name)
@@ -207,6 +217,7 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
     with http:
         yield Agent(http, manager)
     FakeProcess.running.clear()
+    FakeStarter.paused.clear()
 
 
 @pytest.fixture
@@ -215,3 +226,4 @@ def pooled_agent(tmp_path: Path) -> Iterator[Agent]:
     with http:
         yield Agent(http, manager)
     FakeProcess.running.clear()
+    FakeStarter.paused.clear()

@@ -167,3 +167,38 @@ def test_agent_restart_reattaches(cli: Cli, base_image: BaseImage, vms: VmFactor
     # its memory is served by memfs, which outlived the agent: still every page right
     verify = cli.ask(clone["name"], "memcheck-verify")
     assert verify["ok"] and verify["result"]["bad_pages"] == 0, verify
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_pause_stops_the_guest_and_unpause_runs_it_on(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
+    (clone,) = vms.clones("base-img", prefix="napper")
+    name = clone["name"]
+    assert cli.json("pause", name)["state"] == "paused"
+    try:
+        httpx.get(clone["endpoint"], timeout=2)
+        raise AssertionError("a paused guest answered HTTP")
+    except httpx.TimeoutException:
+        pass  # QEMU's user network takes the connection; the stopped guest never answers
+    before = _cpu_ticks(clone["pid"])
+    time.sleep(2)
+    assert _cpu_ticks(clone["pid"]) - before < 20, "a paused VM's QEMU kept using CPU"  # 0.2 s of 2 s: vCPUs stopped
+    refused = cli.run("live-image", "create", name, "napper-img")
+    said = " ".join(refused.stderr.split())  # the terminal width wraps it
+    assert refused.returncode == 4 and "is paused" in said and f"vmstream unpause {name}" in said, refused.stderr
+
+    # an agent that restarts keeps it paused (QEMU says so)
+    old_agent = json.loads((cli.home / "agent.json").read_text())["pid"]
+    os.kill(old_agent, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{old_agent}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {v["name"]: v for v in cli.json("list")}[name]["state"] == "paused"
+
+    assert cli.json("unpause", name)["state"] == "running"
+    assert status(clone["endpoint"])["hostname"] == name
+    verify = cli.ask(name, "memcheck-verify")
+    assert verify["ok"] and verify["result"]["bad_pages"] == 0, verify

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.openstack.conftest import OpenStack, agent_call, agent_vms, demo_image
@@ -151,6 +152,33 @@ def test_live_migration_of_a_clone_keeps_its_memory_and_identity(vmstream_openst
         assert vm_name(server["id"]) not in agent_vms(vmstream_openstack, "compute1")
         assert ask(vmstream_openstack, "compute2", server["id"], "memcheck-verify")["ok"]
         cloud.delete_servers([server["id"]])
+
+
+def test_pause_and_unpause_through_the_openstack_cli(vmstream_openstack: OpenStack, live: LiveImage) -> None:
+    """`openstack server pause` stops the clone's vCPUs (it answers nothing, keeps its memory);
+    a paused server is not live-migrated; `unpause` runs it on from where it was."""
+    with vmstream_openstack.cloud() as cloud:
+        (server,) = wait_active(cloud, cloud.create_servers("napper", live.id, live.flavor, host="compute2"), 1)
+        name = vm_name(server["id"])
+        endpoint = agent_vms(vmstream_openstack, "compute2")[name]["endpoint"]
+        assert ask(vmstream_openstack, "compute2", server["id"], MEMCHECK)["ok"]
+        for verb, status, state in (("pause", "PAUSED", "paused"), ("unpause", "ACTIVE", "running")):
+            proc = vmstream_openstack.osc_run("server", verb, server["id"])
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            cloud.wait_servers(lambda ss, st=status: ss[0]["status"] == st and not ss[0]["OS-EXT-STS:task_state"],
+                               status, timeout=120, uuid=server["id"])
+            assert agent_vms(vmstream_openstack, "compute2")[name]["state"] == state
+            if verb == "pause":
+                with pytest.raises(httpx.TimeoutException):  # QEMU takes the connection; the guest never answers
+                    httpx.get(endpoint, timeout=2)
+                moved = vmstream_openstack.osc_run("server", "migrate", "--live-migration", "--host", "compute1", server["id"])
+                time.sleep(2)  # a refused move is refused at once; one that went ahead would show as MIGRATING
+                s = cloud.json("compute", "GET", f"/servers/{server['id']}")["server"]
+                assert s["OS-EXT-SRV-ATTR:host"] == "compute2" and s["status"] == "PAUSED", (moved.stderr, s)
+        assert httpx.get(endpoint, timeout=30).status_code == 200
+        assert ask(vmstream_openstack, "compute2", server["id"], "memcheck-verify")["ok"]
+        cloud.delete_servers([server["id"]])
+        no_vm_anywhere(vmstream_openstack, server["id"])
 
 
 def test_a_destination_that_dies_mid_move_leaves_the_server_on_its_source(vmstream_openstack: OpenStack) -> None:

@@ -205,6 +205,18 @@ def destroy(name: str, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
+def pause(name: str, as_json: JsonOpt = False) -> None:
+    """Stop a VM's vCPUs: it keeps its memory and connections and uses no CPU until 'unpause'."""
+    _emit(_client().call("POST", f"/v1/vms/{name}/pause"), as_json, lambda v: out.print(f"{v['name']} is {v['state']}"))
+
+
+@app.command()
+def unpause(name: str, as_json: JsonOpt = False) -> None:
+    """Run a paused VM again, from where it stopped."""
+    _emit(_client().call("POST", f"/v1/vms/{name}/unpause"), as_json, lambda v: out.print(f"{v['name']} is {v['state']}"))
+
+
+@app.command()
 def host(
     drop_cache: Annotated[bool, typer.Option("--drop-cache", help="First empty the chunk cache (cold-start tests).")] = False,
     gc: Annotated[bool, typer.Option("--gc", help="Garbage-collect the store now and show what it did.")] = False,

@@ -124,6 +124,14 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
     async def set_memory(name: str, policy: MemoryPolicy) -> VmInfo:
         return manager.set_memory_policy(name, policy)
 
+    @app.post("/v1/vms/{name}/pause", dependencies=v1)
+    async def pause(name: str) -> VmInfo:
+        return await manager.pause(name)
+
+    @app.post("/v1/vms/{name}/unpause", dependencies=v1)
+    async def unpause(name: str) -> VmInfo:
+        return await manager.unpause(name)
+
     @app.delete("/v1/vms/{name}", dependencies=v1)
     async def destroy(name: str) -> dict[str, str]:
         await manager.destroy(name)

@@ -54,7 +54,7 @@ from vmstream.host.workingset import WorkingSets
 from vmstream.image import ImageRepository
 from vmstream.memfs.mount import MemfsMount
 from vmstream.policy import MemoryPolicy, parse_floor, start_cost
-from vmstream.qemu import guest_ram_bytes, qemu_version
+from vmstream.qemu import QemuProcess, guest_ram_bytes, qemu_version
 from vmstream.settings import Settings
 from vmstream.store import ChunkStore, StoreError, collect_garbage
 from vmstream.store.gc import DEFAULT_GRACE
@@ -125,6 +125,7 @@ class HostManager:
                 adopted += 1
                 # an operation the dead agent was running is over: the VM runs
                 self.registry.set_state(rec.name, VmState.RUNNING, only_if=[VmState.CAPTURING, VmState.MIGRATING])
+                await self._adopt_run_state(rec.name, proc)
                 if rec.parent_image and not rec.hooks:  # its batch's hooks may still wait for the agent that died
                     self.tasks.spawn(self.hooks.start_hooks(proc), "clone hooks", vm=rec.name)
             else:
@@ -132,6 +133,14 @@ class HostManager:
                 exited += 1
         log.info("agent started: %d VM(s) adopted, %d exited, %d half-started removed", adopted, exited, removed)
         return {"adopted": adopted, "exited": exited, "removed_half_started": removed}
+
+    async def _adopt_run_state(self, name: str, proc: QemuProcess) -> None:
+        """A pause or unpause the dead agent was in may have reached QEMU or not: QEMU says."""
+        status = await self.starter.qemu_status(proc)
+        if status == "paused":
+            self.registry.set_state(name, VmState.PAUSED, only_if=[VmState.RUNNING])
+        elif status == "running":
+            self.registry.set_state(name, VmState.RUNNING, only_if=[VmState.PAUSED])
 
     async def shutdown(self) -> None:
         """Cancel background work (hook collection, migrations) and stop the pool; VMs keep running."""
@@ -251,6 +260,28 @@ class HostManager:
         rec = self.registry.begin(name, Op.DESTROY, VmState.STOPPING)
         async with operation("destroy", vm=name):
             await self.starter.remove(rec)
+
+    async def pause(self, name: str) -> VmInfo:
+        """Stop a VM's vCPUs: it keeps its memory, devices and connections, uses no CPU and
+        answers nothing until unpaused (Nova's pause). A paused VM is not captured or moved."""
+        rec = self.registry.begin(name, Op.PAUSE, VmState.PAUSED)
+        await self._run_state(rec, "stop", VmState.PAUSED, undo=VmState.RUNNING)
+        return self.show(name)
+
+    async def unpause(self, name: str) -> VmInfo:
+        rec = self.registry.begin(name, Op.UNPAUSE, VmState.RUNNING)
+        await self._run_state(rec, "cont", VmState.RUNNING, undo=VmState.PAUSED)
+        return self.show(name)
+
+    async def _run_state(self, rec: VmRecord, command: str, to: VmState, undo: VmState) -> None:
+        """QEMU's side of pause/unpause, after the row moved to `to` (so no other operation
+        starts meanwhile); the row goes back to `undo` if QEMU did not take it."""
+        async with operation(str(Op.PAUSE if to == VmState.PAUSED else Op.UNPAUSE), vm=rec.name):
+            try:
+                await self.starter.run_state(rec, self.starter.proc(rec), command)
+            except BaseException:
+                self.registry.set_state(rec.name, undo, only_if=[to])
+                raise
 
     async def destroy_all(self) -> int:
         await self.migrations.shutdown()  # a VM being moved is back to running (or gone) first

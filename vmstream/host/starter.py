@@ -324,6 +324,23 @@ class Starter:
         finally:
             ask.cancel()
 
+    async def run_state(self, rec: VmRecord, proc: QemuProcess, command: str) -> None:
+        """Stop or continue a VM's vCPUs (QMP 'stop' / 'cont')."""
+        try:
+            async with proc.qmp() as qmp:
+                await qmp.execute(command)
+        except (QMPError, EOFError, OSError) as exc:
+            raise QemuError(f"QEMU of VM {rec.name} did not take '{command}': {proc.log_tail() or exc}") from exc
+
+    @staticmethod
+    async def qemu_status(proc: QemuProcess) -> str | None:
+        """QEMU's run state ('running', 'paused', ...), or None if its monitor does not answer."""
+        with contextlib.suppress(QMPError, EOFError, OSError, TimeoutError):
+            async with asyncio.timeout(5), proc.qmp() as qmp:
+                status: dict[str, Any] = await qmp.execute("query-status")  # type: ignore[assignment]
+                return str(status["status"])
+        return None
+
     async def capture(
         self, rec: VmRecord, proc: QemuProcess, stage: Path, root_memory: Path | None, flatten_above: int | None,
     ) -> tuple[CaptureResult, list[Path]]:

@@ -22,6 +22,7 @@ class VmState(StrEnum):
     EXITED = "exited"  # its QEMU is gone (the guest powered off or crashed); the row waits for destroy
     INCOMING = "incoming"  # migrating to this host
     POOLED = "pooled"  # a clone pool's paused QEMU, not a VM anybody named
+    PAUSED = "paused"  # its vCPUs stopped (vmstream pause): memory and devices kept, no CPU used
 
 
 class Op(StrEnum):
@@ -30,17 +31,23 @@ class Op(StrEnum):
     MIGRATE = "migrate"
     ASK = "guest ask"
     QGA = "qga"
+    PAUSE = "pause"
+    UNPAUSE = "unpause"
 
 
+# Where the guest runs (its agents answer).
+GUEST_RUNS = frozenset({VmState.RUNNING, VmState.CAPTURING, VmState.MIGRATING})
 # Where a VM's QEMU runs as the VM (a process to watch).
-LIVE = frozenset({VmState.RUNNING, VmState.CAPTURING, VmState.MIGRATING})
+LIVE = GUEST_RUNS | {VmState.PAUSED}
 
 ALLOWED: dict[Op, frozenset[VmState]] = {
-    Op.DESTROY: frozenset({VmState.RUNNING, VmState.EXITED}),
+    Op.DESTROY: frozenset({VmState.RUNNING, VmState.PAUSED, VmState.EXITED}),
     Op.CAPTURE: frozenset({VmState.RUNNING}),
     Op.MIGRATE: frozenset({VmState.RUNNING}),
-    Op.ASK: LIVE,
-    Op.QGA: LIVE,
+    Op.ASK: GUEST_RUNS,
+    Op.QGA: GUEST_RUNS,
+    Op.PAUSE: frozenset({VmState.RUNNING}),
+    Op.UNPAUSE: frozenset({VmState.PAUSED}),
 }
 
 _WHY: dict[VmState, str] = {
@@ -50,6 +57,8 @@ _WHY: dict[VmState, str] = {
     VmState.STOPPING: "it is being destroyed",
     VmState.EXITED: "its QEMU has exited: 'vmstream destroy {name}' removes it",
     VmState.INCOMING: "it is migrating to this host: wait for it to arrive",
+    VmState.PAUSED: "'vmstream unpause {name}' runs it again",
+    VmState.RUNNING: "it runs already",
 }
 
 

@@ -479,13 +479,16 @@ class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is unt
     def get_instance_disk_info(self, instance: Any, block_device_info: Any = None) -> str:
         return "[]"  # no disks for Nova to move: the agents move the overlay with the VM
 
-    # ---- not supported ------------------------------------------------------------------------
+    # ---- pause ---------------------------------------------------------------------------------
 
     def pause(self, instance: Any) -> None:
-        raise NotImplementedError(NOT_YET.format(what="pause", when="the agent has no pause operation"))
+        """The VM's vCPUs stop; memory, devices and connections stay (the agent's pause)."""
+        self._call("POST", f"/v1/vms/{translate.vm_name(instance.uuid)}/pause")
 
     def unpause(self, instance: Any) -> None:
-        raise NotImplementedError(NOT_YET.format(what="unpause", when="the agent has no pause operation"))
+        self._call("POST", f"/v1/vms/{translate.vm_name(instance.uuid)}/unpause")
+
+    # ---- not supported ------------------------------------------------------------------------
 
     def suspend(self, context: Any, instance: Any) -> None:
         raise NotImplementedError(NOT_YET.format(what="suspend", when="the agent has no suspend operation"))

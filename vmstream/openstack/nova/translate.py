@@ -31,6 +31,7 @@ POWER_STATES: dict[str, int] = {
     "capturing": RUNNING,
     "migrating": RUNNING,
     "incoming": NOSTATE,
+    "paused": PAUSED,
     "stopping": SHUTDOWN,
     "exited": SHUTDOWN,  # the guest powered off or crashed; the row waits for destroy
 }
