@@ -187,10 +187,8 @@ def _measure(c: Cluster, runs: int) -> dict[str, Any]:
     demo = cloud.ensure_demo_image()
     others = cloud.servers(all_tenants="1")
     if others:  # their allocations and instances weigh in Nova's placement and in every claim
-        say(
-            f"note: {len(others)} other servers in the deployment ({', '.join(sorted(s['name'] for s in others)[:5])}...): "
-            "they change where Nova puts the bench's servers and how fast"
-        )
+        say(f"note: {len(others)} other servers in the deployment ({', '.join(sorted(s['name'] for s in others)[:5])}...): "
+            "they change where Nova puts the bench's servers and how fast")
     made: list[str] = []  # servers to delete at the end
     live_id: str | None = None
     try:
@@ -211,10 +209,8 @@ def _measure(c: Cluster, runs: int) -> dict[str, Any]:
         after = c.fetched()
         say(f"first batch (image only in the store): {first.serving_s:.2f}s, on {first.hosts}")
         image_bytes = next((v["nonzero_bytes"] for h in hosts for k, v in after[h].items() if k == live_name), None)
-        per_host = {
-            h: after[h].get(live_name, {}).get("fetched_bytes", 0) - before[h].get(live_name, {}).get("fetched_bytes", 0)
-            for h in first.hosts
-        }
+        per_host = {h: after[h].get(live_name, {}).get("fetched_bytes", 0) - before[h].get(live_name, {}).get("fetched_bytes", 0)
+                    for h in first.hosts}
         cloud.delete_servers(first.ids)
         made = [m for m in made if m not in first.ids]
 
@@ -276,11 +272,8 @@ def _measure(c: Cluster, runs: int) -> dict[str, Any]:
 
 def render(res: dict[str, Any]) -> tuple[str, Any]:
     rows = [
-        [
-            "10 clones of a live image (image on the hosts), median",
-            fmt_s(res["clones10_serving_s"]),
-            ", ".join(fmt_s(x) for x in res["clones10_serving_runs_s"]),
-        ],
+        ["10 clones of a live image (image on the hosts), median", fmt_s(res["clones10_serving_s"]),
+         ", ".join(fmt_s(x) for x in res["clones10_serving_runs_s"])],
         ["10 clones, first batch (image only in the store)", fmt_s(res["clones10_first_serving_s"]), str(res["first_batch_hosts"])],
         ["10 cold boots of the demo guest (baseline)", fmt_s(res["boots10_serving_s"]), str(res.get("boots10_hosts", "-"))],
         ["1 cold boot (the source server)", fmt_s(res["boot1_serving_s"]), ""],
@@ -297,11 +290,8 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
     )
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, key, color in (
-        ("clones (image on hosts)", "clones", "#3f7fd9"),
-        ("clones, first batch", "first", "#7fbf7f"),
-        ("cold boots", "boots", "#d94f3f"),
-    ):
+    for label, key, color in (("clones (image on hosts)", "clones", "#3f7fd9"), ("clones, first batch", "first", "#7fbf7f"),
+                              ("cold boots", "boots", "#d94f3f")):
         times = res["per_server_s"][key]
         ax.step(times, range(1, len(times) + 1), where="post", color=color, label=label)
     ax.axvline(6.0, color="#999999", ls=":", label="target for 10 clones (6 s)")
