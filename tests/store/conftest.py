@@ -28,6 +28,7 @@ import uvicorn
 from fastapi import FastAPI, Header, HTTPException
 
 from vmstream.store import Backend, ChunkStore, LocalBackend, PeerBackend, RetryPolicy, S3Backend, peer_router
+from vmstream.store.bulk import BulkServer
 
 S3_CREDENTIALS: dict[str, Any] = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
 PEER_TOKEN = "peer-test-token"
@@ -83,16 +84,29 @@ def make_bucket(endpoint: str) -> str:
     return name
 
 
-def peer_app(backend: Backend | ChunkStore, token: str = PEER_TOKEN, writable: bool = True) -> FastAPI:
-    """An app shaped like the host agent's: the store router under /v1/store, bearer auth."""
+def peer_app(backend: Backend | ChunkStore, token: str = PEER_TOKEN, writable: bool = True,
+             bulk: BulkServer | None = None) -> FastAPI:
+    """An app shaped like the host agent's: the store router under /v1/store, bearer auth;
+    with bulk, the router names that sendfile server as the agent's does."""
     app = FastAPI()
 
     def auth(authorization: str = Header("")) -> None:
         if not secrets.compare_digest(authorization, f"Bearer {token}"):
             raise HTTPException(401, "missing or wrong agent token")
 
-    app.include_router(peer_router(backend, auth, writable=writable), prefix="/v1/store")
+    app.include_router(peer_router(backend, auth, writable=writable, bulk_port=lambda: bulk.port if bulk else None),
+                       prefix="/v1/store")
     return app
+
+
+@contextlib.contextmanager
+def bulk_server(backend: LocalBackend, token: str = PEER_TOKEN) -> Iterator[BulkServer]:
+    server = BulkServer(backend, token)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @contextlib.contextmanager
@@ -120,9 +134,10 @@ def serve(app: FastAPI) -> Iterator[str]:
 
 @pytest.fixture
 def peer_url(tmp_path: Path) -> Iterator[tuple[str, LocalBackend]]:
-    """A peer serving a fresh local store (writable, so the full suite applies); yields its URL and that store."""
+    """A peer serving a fresh local store (writable, so the full suite applies) as the agent
+    does, reads by sendfile included; yields its URL and that store."""
     served = LocalBackend(tmp_path / "peer-store")
-    with serve(peer_app(served)) as url:
+    with bulk_server(served) as bulk, serve(peer_app(served, bulk=bulk)) as url:
         yield url + "/v1/store", served
 
 

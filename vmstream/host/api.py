@@ -42,15 +42,27 @@ from vmstream.host.schemas import (
     WarmResult,
 )
 from vmstream.policy import MemoryPolicy
-from vmstream.store import peer_router
+from vmstream.store import LocalBackend, RetryingBackend, peer_router
+from vmstream.store.bulk import BulkServer
 
 
 def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]) -> FastAPI:
+    # other hosts read this host's store ranges by sendfile, when it is a local one
+    backend = manager.store.backend
+    local = backend.inner if isinstance(backend, RetryingBackend) else backend
+    bulk = BulkServer(local, token) if isinstance(local, LocalBackend) else None
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await manager.reattach()
-        yield
-        await manager.shutdown()
+        if bulk is not None:
+            bulk.start()
+        try:
+            yield
+        finally:
+            if bulk is not None:
+                bulk.close()
+            await manager.shutdown()
 
     app = FastAPI(title="vmstream host agent", version=__version__, lifespan=lifespan)
 
@@ -73,7 +85,7 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
 
     v1 = [Depends(auth)]
     # other hosts stream this host's chunks (PeerBackend), with the same token
-    app.include_router(peer_router(manager.store, auth), prefix="/v1/store")
+    app.include_router(peer_router(manager.store, auth, bulk_port=lambda: bulk.port if bulk else None), prefix="/v1/store")
 
     @app.post("/v1/host/cache/drop", dependencies=v1)
     async def drop_cache() -> dict[str, Any]:

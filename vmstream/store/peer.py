@@ -6,6 +6,8 @@ peer_router(backend, auth) is a FastAPI router for the host agent to mount
     GET    /objects/{key}          the object; honours one "Range: bytes=a-b" (206)
     HEAD   /objects/{key}          200 if present, 404 if not
     GET    /list?prefix=P          [{"key", "size", "mtime"}], sorted by key
+    GET    /bulk                   {"port": N}: the agent's sendfile server (vmstream.store.bulk),
+                                   where PeerBackend reads ranges; 404 if it has none
     PUT    /objects/{key}          store the body      (only with writable=True)
     DELETE /objects/{key}          delete              (only with writable=True)
 
@@ -41,8 +43,10 @@ def _error_response(exc: VmstreamError) -> JSONResponse:
     return JSONResponse({"error": type(exc).__name__, "message": str(exc)}, status_code=status)
 
 
-def peer_router(source: Backend | ChunkStore, auth: Callable[..., Any] | None = None, *, writable: bool = False) -> APIRouter:
+def peer_router(source: Backend | ChunkStore, auth: Callable[..., Any] | None = None, *, writable: bool = False,
+                bulk_port: Callable[[], int | None] | None = None) -> APIRouter:
     """Serve a store's objects over HTTP; auth is a FastAPI dependency (e.g. the agent's bearer check).
+    bulk_port: the port of a BulkServer of the same store, if one runs.
 
     The server does not verify chunks: the reading host does, against the chunk map it holds.
     """
@@ -74,6 +78,13 @@ def peer_router(source: Backend | ChunkStore, auth: Callable[..., Any] | None = 
             return Response(status_code=200 if backend.exists(check_key(key)) else 404)
         except VmstreamError as exc:
             return Response(status_code=_error_response(exc).status_code)
+
+    @router.get("/bulk")
+    def bulk() -> Response:
+        port = bulk_port() if bulk_port else None
+        if port is None:
+            return JSONResponse({"error": "NotFound", "message": "this peer has no bulk server: read through /objects"}, 404)
+        return JSONResponse({"port": port})
 
     @router.get("/list")
     def list_objects(prefix: str = "") -> Response:
@@ -119,9 +130,37 @@ class PeerBackend(Backend):
         self.http = urllib3.PoolManager(
             num_pools=4, maxsize=connections, retries=False, timeout=urllib3.Timeout(connect=timeout, read=timeout)
         )
+        self._bulk: str | None = None  # the peer's sendfile server's base URL, once asked ("" if it has none)
 
-    def _request(self, method: str, what: str, key: str, url: str | None = None, **kwargs: Any) -> urllib3.BaseHTTPResponse:
-        url = self.base_url + (url or f"/objects/{check_key(key)}")
+    def _bulk_base(self) -> str:
+        """Where to read objects: the peer's bulk server if it names one (asked once), else the router."""
+        if self._bulk is None:
+            bulk = ""
+            try:
+                r = self.http.request("GET", self.base_url + "/bulk", headers=self.headers)
+                if r.status == 200:
+                    url = urllib3.util.parse_url(self.base_url)
+                    bulk = f"{url.scheme}://{url.host}:{int(r.json()['port'])}"
+            except (urllib3.exceptions.HTTPError, ValueError, KeyError, TypeError):
+                pass  # an older peer, or one without a local store: the router serves everything
+            self._bulk = bulk
+        return self._bulk or self.base_url
+
+    def _read(self, key: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
+        """GET an object (or a range) from the bulk server, or the router; a bulk server that
+        went away (its agent restarted on another port) is asked for again, once."""
+        base = self._bulk_base()
+        try:
+            return self._request("GET", "get", key, base=base, **kwargs)
+        except BackendUnavailable:
+            if base == self.base_url:
+                raise
+            self._bulk = None
+            return self._request("GET", "get", key, base=self._bulk_base(), **kwargs)
+
+    def _request(self, method: str, what: str, key: str, url: str | None = None, base: str | None = None,
+                 **kwargs: Any) -> urllib3.BaseHTTPResponse:
+        url = (base or self.base_url) + (url or f"/objects/{check_key(key)}")
         try:
             r = self.http.request(method, url, headers={**self.headers, **kwargs.pop("headers", {})}, **kwargs)
         except urllib3.exceptions.HTTPError as exc:  # refused, timed out, cut off mid-body
@@ -161,7 +200,7 @@ class PeerBackend(Backend):
         headers = {}
         if offset or size is not None:
             headers["Range"] = f"bytes={offset}-" + ("" if size is None else str(offset + size - 1))
-        r = self._request("GET", "get", key, headers=headers)
+        r = self._read(key, headers=headers)
         if r.status == 416:
             return b""
         if r.status == 206:
@@ -173,7 +212,7 @@ class PeerBackend(Backend):
 
     def stream(self, key: str, piece: int = 1 << 20) -> Iterator[bytes]:
         """One GET, read as it arrives: one round trip however large the object."""
-        url = f"{self.base_url}/objects/{check_key(key)}"
+        url = f"{self._bulk_base()}/objects/{check_key(key)}"
         try:
             r = self.http.request("GET", url, headers=self.headers, preload_content=False)
             try:
