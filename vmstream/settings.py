@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     # ---- where things live
     home: Path = Field(default_factory=_default_home, description="The data dir: state, images, chunk cache, run dirs, agent token.")
     store: str = Field("", description="The chunk store: an absolute directory (local or NFS), "
-                       "s3://bucket/prefix?endpoint_url=http://..., or peer:http://HOST:PORT/v1/store. Empty: <home>/store.")
+                       "s3://bucket/prefix?endpoint_url=http://..., or peer:http://HOST:PORT/v1/store (?bulk=off, or "
+                       "?bulk=http://HOST:PORT: the peer's sendfile server as this host reaches it). Empty: <home>/store.")
     peer_token: str | None = Field(None, description="The peer agent's token when `store` is peer:... (its agent.token).")
     cache_size: str = Field("8G", description="Bound of the host chunk cache (memfs), e.g. 8G.")
     memfs_read_ahead_chunks: int = Field(16, ge=0, description="Chunks memfs first pushes ahead of a sequential reader "

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from tests.store.conftest import PEER_TOKEN, bulk_server, peer_app, serve
 from tests.store.test_bulk import CountingBackend
 from vmstream.store import ChunkStore, LocalBackend, ObjectNotFound, PeerBackend, StoreError, peer_router
+from vmstream.store.spec import open_backend
 
 AUTH = {"Authorization": f"Bearer {PEER_TOKEN}"}
 
@@ -99,3 +100,20 @@ def test_a_wrong_token_at_the_bulk_server_is_a_clear_error(tmp_path: Path) -> No
     with bulk_server(served, token="other") as bulk, serve(peer_app(served, bulk=bulk)) as url:
         with pytest.raises(StoreError, match="token"):
             PeerBackend(url + "/v1/store", PEER_TOKEN).get("k", 0, 1)
+
+
+def test_bulk_reads_can_be_pointed_elsewhere_or_turned_off(tmp_path: Path) -> None:
+    """A proxy between the hosts moves the bulk server's port: the store spec names it, or turns it off."""
+    served = CountingBackend(tmp_path)
+    served.put("k", b"0123456789")
+    with bulk_server(served) as bulk, serve(peer_app(served, bulk=bulk)) as url:
+        via = open_backend(f"peer:{url}/v1/store?bulk=http://127.0.0.1:{bulk.port}", PEER_TOKEN)
+        assert via.get("k", 2, 3) == b"234" and served.gets == []
+        off = open_backend(f"peer:{url}/v1/store?bulk=off", PEER_TOKEN)
+        assert off.get("k", 2, 3) == b"234" and served.gets == [("k", 2, 3)]
+        via.close()
+        off.close()
+    with pytest.raises(StoreError, match="bulk"):
+        open_backend("peer:http://127.0.0.1:1/v1/store?bulk=sometimes", PEER_TOKEN)
+    with pytest.raises(StoreError, match="unknown option"):
+        open_backend("peer:http://127.0.0.1:1/v1/store?bluk=off", PEER_TOKEN)

@@ -83,6 +83,18 @@ def test_resources_from_the_agent_host_answer() -> None:
     assert set(inv) == {"VCPU", "MEMORY_MB", "DISK_GB"}
 
 
+def test_memory_overcommit_follows_how_densely_the_vms_run() -> None:
+    clones = translate.host_resources({**HOST, "vm_memory_bytes": 3 * (256 << 20)}, 2, 100 << 30, 40 << 30, "7.2")
+    assert clones.memory_density == 2.56 and clones.stats["vmstream_memory_density"] == "2.56"  # 768 MiB given, 300 PSS
+    assert translate.ram_allocation_ratio(None, 1.0, clones.memory_density, 4.0) == 2.56
+    assert translate.ram_allocation_ratio(None, 1.0, 9.5, 4.0) == 4.0  # at most the cap
+    assert translate.ram_allocation_ratio(None, 1.5, 1.1, 4.0) == 1.5  # never under Nova's initial ratio
+    assert translate.ram_allocation_ratio(2.0, 1.0, 3.0, 4.0) == 2.0  # the operator's explicit ratio wins
+    assert translate.ram_allocation_ratio(None, 1.0, 3.0, 1.0) == 1.0  # off
+    empty = translate.host_resources({**HOST, "vm_pss_bytes": 0, "vms": 0}, 2, 100 << 30, 40 << 30, "7.2")
+    assert empty.memory_density is None and translate.ram_allocation_ratio(None, 1.0, empty.memory_density, 4.0) == 1.0
+
+
 def test_qemu_versions_as_nova_stores_them() -> None:
     assert translate.qemu_version_int("QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u13)") == 7002015
     assert translate.qemu_version_int("8.1") == 8001000

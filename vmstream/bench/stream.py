@@ -2,8 +2,9 @@
 
 Two hosts on one machine: host A (the bench's agent) makes the live images;
 host B is a second agent with its own data dir whose store is host A's agent
-(`peer:http://127.0.0.1:PORT/v1/store`) behind a delaying proxy (the kernel
-here has no netem), so B's memory chunks come over a real HTTP connection at a
+(`peer:http://127.0.0.1:PORT/v1/store?bulk=...`) behind a delaying proxy (the kernel
+here has no netem), and A's sendfile server behind another (the store spec names it),
+so B's memory chunks come over real HTTP connections at a
 chosen round-trip time: 0, 2 and 10 ms, interleaved run by run. Cold runs
 empty B's chunk cache and the page cache of the image file first.
 
@@ -44,11 +45,13 @@ RTTS_MS = (0, 2, 10)  # round trips between host B and host A
 
 
 @contextlib.contextmanager
-def peer_host(bench: Bench, url: str) -> Iterator[AgentClient]:
-    """Host B: an agent with its own data dir, streaming from host A's agent at url."""
+def peer_host(bench: Bench, url: str, bulk_url: str | None = None) -> Iterator[AgentClient]:
+    """Host B: an agent with its own data dir, streaming from host A's agent at url (and its
+    sendfile server at bulk_url: the port A names is not the one behind the proxy)."""
     token = (bench.data_dir / "agent.token").read_text().strip()
     home = bench.scratch / "host-b"
-    client = AgentClient(home, env={"VMSTREAM_STORE": f"peer:{url}/v1/store", "VMSTREAM_PEER_TOKEN": token})
+    store = f"peer:{url}/v1/store" + (f"?bulk={bulk_url}" if bulk_url else "?bulk=off")
+    client = AgentClient(home, env={"VMSTREAM_STORE": store, "VMSTREAM_PEER_TOKEN": token})
     try:
         client.connect()
         yield client
@@ -109,7 +112,8 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
     bench.destroy(*(v["name"] for v in bench.call("GET", "/v1/vms") if v["name"].startswith(bench.name("warmup"))))
 
     port = json.loads((bench.data_dir / "agent.json").read_text())["port"]
-    with DelayProxy(port) as proxy, peer_host(bench, proxy.url) as b:
+    bulk_port = bench.call("GET", "/v1/store/bulk")["port"]  # host A's sendfile server: behind a proxy of its own
+    with DelayProxy(port) as proxy, DelayProxy(bulk_port) as bulk_proxy, peer_host(bench, proxy.url, bulk_proxy.url) as b:
         def fresh(r: int, prefetch: bool, label: str) -> tuple[float, dict[str, Any]]:
             b.call("POST", "/v1/host/cache/drop")
             before = _image_stats(b, img).get("fetched_bytes", 0)
@@ -135,7 +139,7 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
         warm, fetched = [], []
         for r in range(runs):
             for rtt in RTTS_MS:
-                proxy.rtt_ms = rtt
+                proxy.rtt_ms = bulk_proxy.rtt_ms = rtt
                 t, info = fresh(r, prefetch=False, label=f"cold{rtt}")
                 cold[rtt].append(t)
                 if r == 0 and rtt == 0:  # let this one idle and see what it pulled
@@ -148,7 +152,7 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
                 b.call("DELETE", f"/v1/vms/{info['vm']}")
                 say(f"run {r + 1}/{runs}, {rtt} ms round trip: cold {cold[rtt][-1]:.3f} s, "
                     f"cold with prefetch {cold_prefetch[rtt][-1]:.3f} s")
-        proxy.rtt_ms = 0
+        proxy.rtt_ms = bulk_proxy.rtt_ms = 0
         keep, _ = _start(b, img, bench.name("keep"))  # holds the page cache warm
         for r in range(runs):
             vm, t = _start(b, img, bench.name("warm", r))

@@ -357,6 +357,7 @@ class HostManager:
             "mem_total_bytes": meminfo["MemTotal"], "mem_available_bytes": meminfo["MemAvailable"],
             "vms": len(vms), "running_vms": sum(v.state == VmState.RUNNING for v in vms),
             "vm_pss_bytes": sum(f.pss_bytes for f in fps),
+            "vm_memory_bytes": sum(v.memory_bytes for v in vms if v.footprint is not None),  # the RAM those VMs were given
             "vm_private_bytes": sum(f.anonymous_bytes for f in fps),
             "guest_ram_from_images_bytes": sum(f.guest_ram.image_bytes for f in fps if f.guest_ram),
             "store": str(self.store.backend), "memfs": memfs, "clone_pool": self.pool.info(),

@@ -122,7 +122,13 @@ class PeerBackend(Backend):
     into one buffer): a 4 MiB range arrives ~3x faster than through httpx, whose
     pure-Python parser was the limit of a cold host's bulk reads (docs/memfs.md)."""
 
-    def __init__(self, base_url: str, token: str | None = None, *, timeout: float = 10.0, connections: int = 32) -> None:
+    def __init__(self, base_url: str, token: str | None = None, *, timeout: float = 10.0, connections: int = 32,
+                 bulk: str = "auto") -> None:
+        """bulk: where to read ranges and streams: "auto" (the server the peer names at /bulk,
+        if any), "off" (the router only), or that server's URL as this host reaches it (a proxy
+        or NAT between the hosts changes its port)."""
+        if bulk not in ("auto", "off") and not re.match(r"^https?://[^/]+$", bulk.rstrip("/")):
+            raise StoreError(f"peer bulk reads '{bulk}' are not understood: give auto, off, or http://HOST:PORT")
         self.base_url = base_url.rstrip("/")
         self.name = f"peer:{self.base_url}"
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}  # given with each request: urllib3 does not merge
@@ -130,7 +136,9 @@ class PeerBackend(Backend):
         self.http = urllib3.PoolManager(
             num_pools=4, maxsize=connections, retries=False, timeout=urllib3.Timeout(connect=timeout, read=timeout)
         )
-        self._bulk: str | None = None  # the peer's sendfile server's base URL, once asked ("" if it has none)
+        self.bulk_mode = bulk
+        # the peer's sendfile server's base URL ("": none, the router serves), asked once in auto mode
+        self._bulk: str | None = {"auto": None, "off": ""}.get(bulk, bulk.rstrip("/"))
 
     def _bulk_base(self) -> str:
         """Where to read objects: the peer's bulk server if it names one (asked once), else the router."""
@@ -147,16 +155,17 @@ class PeerBackend(Backend):
         return self._bulk or self.base_url
 
     def _read(self, key: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
-        """GET an object (or a range) from the bulk server, or the router; a bulk server that
-        went away (its agent restarted on another port) is asked for again, once."""
+        """GET an object (or a range) from the bulk server, or the router. A bulk server that
+        does not answer: the router serves this read, and (auto) the peer is asked again next time."""
         base = self._bulk_base()
         try:
             return self._request("GET", "get", key, base=base, **kwargs)
         except BackendUnavailable:
             if base == self.base_url:
                 raise
-            self._bulk = None
-            return self._request("GET", "get", key, base=self._bulk_base(), **kwargs)
+            if self.bulk_mode == "auto":
+                self._bulk = None  # its agent may have restarted on another port
+            return self._request("GET", "get", key, **kwargs)
 
     def _request(self, method: str, what: str, key: str, url: str | None = None, base: str | None = None,
                  **kwargs: Any) -> urllib3.BaseHTTPResponse:

@@ -4,8 +4,12 @@
     s3://bucket[/prefix]?endpoint_url=http://127.0.0.1:9000
                                       S3-compatible storage; credentials from
                                       the usual AWS_* environment variables
-    peer:http://127.0.0.1:PORT        another host agent's chunks (read-only);
-                                      with the peer's agent token
+    peer:http://127.0.0.1:PORT/v1/store[?bulk=auto|off|http://HOST:PORT]
+                                      another host agent's chunks (read-only);
+                                      with the peer's agent token. bulk: where
+                                      ranges are read by sendfile (auto: where
+                                      the peer says; a URL: its bulk server as
+                                      this host reaches it, through a proxy)
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ def open_backend(spec: str, peer_token: str | None = None) -> Backend:
         options: dict[str, Any] = {k: v[-1] for k, v in parse_qs(url.query).items()}
         return S3Backend(url.netloc, url.path.strip("/"), endpoint_url=options.pop("endpoint_url", None), **options)
     if spec.startswith("peer:"):
-        return PeerBackend(spec[len("peer:") :], peer_token)
+        peer_url, _, query = spec[len("peer:") :].partition("?")
+        opts = {k: v[-1] for k, v in parse_qs(query).items()}
+        unknown = set(opts) - {"bulk"}
+        if unknown:
+            raise StoreError(f"store '{spec}': unknown option(s) {', '.join(sorted(unknown))}: a peer store takes only bulk=")
+        return PeerBackend(peer_url, peer_token, bulk=opts.get("bulk", "auto"))
     path = spec[len("local:") :] if spec.startswith("local:") else spec
     if not path.startswith("/"):
         raise StoreError(

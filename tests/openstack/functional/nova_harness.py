@@ -273,9 +273,15 @@ class VmstreamComputesTest(integrated_helpers.ProviderUsageBaseTestCase):
             status = self._guest_status(vm)
             self.assertEqual(vm["name"], status["hostname"])
             self.assertGreaterEqual(status["counter"], counted, f"{vm['name']} went on from the snapshot: {status}")
+        # Placement counts the hosts' RAM as densely as the clones use it (flavor RAM over PSS)
+        self._run_periodics()
+        ratios = {}
+        for h in {c["OS-EXT-SRV-ATTR:host"] for c in clones}:
+            ratios[h] = self._get_provider_inventory(self._get_provider_uuid_by_host(h))["MEMORY_MB"]["allocation_ratio"]
+            self.assertGreater(ratios[h], 1.0, f"{h} runs clones: its MEMORY_MB ratio should follow their real footprint")
         self._delete([*clones, source])
         record("live-image", cold_boot_s=round(boot_s, 2), snapshot_s=round(snapshot_s, 2), clones=CLONES,
-               clones_active_s=round(clones_s, 2),
+               clones_active_s=round(clones_s, 2), ram_allocation_ratios=ratios,
                split=dict(collections.Counter(c["OS-EXT-SRV-ATTR:host"] for c in clones)))
 
     def test_live_migration_moves_the_vm_to_the_other_hosts_agent(self):

@@ -64,6 +64,10 @@ OPTS = [
                      "lazy_allocations in the driver)."),
     cfg.FloatOpt("migration_max_bandwidth_mbps", min=0.1,
                  help="Cap a QEMU live move's stream at this many MB/s (as [libvirt] live_migration_bandwidth); unset: no cap."),
+    cfg.FloatOpt("footprint_ram_ratio_max", default=4.0,
+                 help="MEMORY_MB's allocation ratio follows how densely the host's VMs use their RAM (flavor RAM over "
+                      "PSS), up to this (the paper's 2-4x); <= 1: Nova's ratios as configured. An explicit "
+                      "[DEFAULT] ram_allocation_ratio always wins."),
     cfg.DictOpt("agents", default={}, help="Per compute host, host:agent_url|token_file, for several computes in one "
                 "process (Nova's functional tests); a host not in it uses agent_url and token_file."),
 ]
@@ -192,6 +196,8 @@ class VmstreamDriver(driver.ComputeDriver):  # type: ignore[misc]  # Nova is unt
                     "DISK_GB": self._get_reserved_host_disk_gb_from_config()}
         if self._last is None:
             self._last = self._resources()
+        ratios["MEMORY_MB"] = translate.ram_allocation_ratio(CONF.ram_allocation_ratio, CONF.initial_ram_allocation_ratio,
+                                                             self._last.memory_density, CONF.vmstream.footprint_ram_ratio_max)
         provider_tree.update_inventory(nodename, translate.inventory(self._last, ratios, reserved))
         provider_tree.add_traits(nodename, "CUSTOM_VMSTREAM")  # `trait:CUSTOM_VMSTREAM=required` picks vmstream hosts
 

@@ -177,6 +177,7 @@ class HostResources:
     disk_available_least: int
     qemu_version: int
     stats: dict[str, str]
+    memory_density: float | None = None  # the RAM the host's VMs were given over their real footprint (PSS)
 
 
 def held_live_images(images: list[Mapping[str, Any]], memfs_images: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -191,21 +192,40 @@ def held_live_images(images: list[Mapping[str, Any]], memfs_images: Mapping[str,
 def host_resources(host: Mapping[str, Any], cpus: int, disk_total_bytes: int, disk_free_bytes: int,
                    qemu_version: str, held: list[str] | None = None) -> HostResources:
     """From the agent's GET /v1/host (memory, its VMs' footprint), the CPU count and the file
-    system of the agent's data dir. Memory is the host's physical RAM: Placement's allocation
-    ratio (nova.conf initial_ram_allocation_ratio) decides how far flavors may overcommit it;
-    the VMs' real footprint (PSS, what clones share) goes to the scheduler as stats."""
+    system of the agent's data dir. Memory is the host's physical RAM; how far flavors may
+    overcommit it follows the VMs' density (ram_allocation_ratio); their real footprint (PSS,
+    what clones share) goes to the scheduler as stats too."""
     mib, gib = 1 << 20, 1 << 30
     total = int(host["mem_total_bytes"])
+    pss, given = int(host.get("vm_pss_bytes", 0)), int(host.get("vm_memory_bytes", 0))
+    density = round(given / pss, 2) if pss > 0 and given > 0 else None
     stats = {
         "vmstream_mem_available_mb": str(int(host["mem_available_bytes"]) // mib),
         "vmstream_vm_pss_mb": str(int(host.get("vm_pss_bytes", 0)) // mib),
         "vmstream_vms": str(int(host.get("vms", 0))),
         HELD_STAT: ",".join(held or []),
+        "vmstream_memory_density": str(density or ""),
     }
     return HostResources(
         vcpus=cpus, memory_mb=total // mib, memory_mb_used=(total - int(host["mem_available_bytes"])) // mib,
         local_gb=disk_total_bytes // gib, local_gb_used=(disk_total_bytes - disk_free_bytes) // gib,
-        disk_available_least=disk_free_bytes // gib, qemu_version=qemu_version_int(qemu_version), stats=stats)
+        disk_available_least=disk_free_bytes // gib, qemu_version=qemu_version_int(qemu_version), stats=stats,
+        memory_density=density)
+
+
+def ram_allocation_ratio(configured: float | None, initial: float, density: float | None, cap: float) -> float:
+    """MEMORY_MB's allocation ratio. The operator's [DEFAULT] ram_allocation_ratio if set; else
+    how densely this host's VMs really use the RAM their flavors give them (their RAM over their
+    PSS: clones share the image's pages and pay for what they write), kept between
+    initial_ram_allocation_ratio and cap ([vmstream] footprint_ram_ratio_max; <= 1: off), so
+    Placement packs clones as densely as they run. A start the host cannot hold after all is
+    refused by the agent's admission control (VMSTREAM_HOST_MEMORY_FLOOR), and Nova tries
+    another host. Not read back from the inventory: that would keep a ratio once reached."""
+    if configured:
+        return configured
+    if density is None or cap <= 1:
+        return initial
+    return round(max(initial, min(cap, density)), 2)
 
 
 def available_resource(res: HostResources, nodename: str, arch: str = "x86_64") -> dict[str, Any]:
