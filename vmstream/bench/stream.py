@@ -16,6 +16,8 @@ empty B's chunk cache and the page cache of the image file first.
 - fetched_fraction: what an idle clone pulled (cold, no prefetch) over the
   image's non-zero bytes.
 - clone_256m_s / clone_2g_s: warm clones of a 256 MiB and a 2 GiB image.
+- peer_serving: host A serving 4 MiB ranges of a pack to one reader, straight (no proxy),
+  through its API's router and by sendfile: MB/s and A's agent's CPU-s per GB served.
 - memfs_read_mbps: reading a whole image through memfs on B from a cold host
   (chunks from the peer, 0 ms); memfs_warm_read_mbps: again with B's chunk cache
   holding it and the file's page cache dropped; local_read_mbps: the same bytes
@@ -38,7 +40,8 @@ from vmstream.agentapi import AgentClient
 from vmstream.bench.common import Bench, say
 from vmstream.bench.delay import DelayProxy
 from vmstream.bench.report import fmt_s, fmt_x, md_table, pyplot
-from vmstream.bench.stats import ratio, summary
+from vmstream.bench.stats import median, ratio, summary
+from vmstream.store import PeerBackend
 
 IDLE_S = 5.0  # how long an idle clone runs before its fetched bytes are read
 RTTS_MS = (0, 2, 10)  # round trips between host B and host A
@@ -180,6 +183,9 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
         s_reads = {k: summary(v) for k, v in reads.items()}
         say("reads (MB/s, median): " + ", ".join(f"{k} {s['median']:.0f}" for k, s in s_reads.items()))
         local.unlink()
+    serving = _peer_serving(bench, runs)
+    say("host A serving 4 MiB ranges (MB/s, its CPU-s per GB; medians): "
+        + ", ".join(f"{k} {v['mbps']:.0f} MB/s, {v['cpu_s_per_gb']:.2f}" for k, v in serving.items()))
 
     for mib in sizes:
         bench.delete_image(images[mib])
@@ -215,6 +221,7 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
         "memfs_warm_read_mbps": round(med(s_reads["memfs_warm"]), 1),
         "local_read_mbps": round(med(s_reads["local"]), 1),
         "local_over_warm_read": ratio(med(s_reads["local"]), med(s_reads["memfs_warm"]), 2),
+        "peer_serving": serving,
         "detail": {"warm": s_warm, "cold": {str(k): v for k, v in s_cold.items()},
                    "cold_prefetch": {str(k): v for k, v in s_pre.items()},
                    "by_size": {str(k): summary(v) for k, v in by_size.items()},
@@ -223,6 +230,38 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
                    "prefetch_by_rtt_ms": {str(k): v for k, v in prefetched.items()},
                    "reads_mbps": s_reads},
     }
+
+
+def process_cpu_s(pid: int) -> float:
+    """A process's CPU time so far (user + system, all threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _peer_serving(bench: Bench, runs: int, total: int = 256 << 20, piece: int = 4 << 20) -> dict[str, dict[str, float]]:
+    """Host A serving ranges of its largest pack, straight (no proxy), through its API's router
+    and by sendfile, interleaved: MB/s for one reader and host A's agent's CPU per GB served."""
+    token = (bench.data_dir / "agent.token").read_text().strip()
+    port = json.loads((bench.data_dir / "agent.json").read_text())["port"]
+    pid = int(bench.call("GET", "/health")["pid"])
+    url = f"http://127.0.0.1:{port}/v1/store"
+    peers = {"router": PeerBackend(url, token, bulk="off"), "sendfile": PeerBackend(url, token)}
+    try:
+        pack = max(peers["router"].list("packs/"), key=lambda o: o.size)
+        size = min(total, pack.size - pack.size % piece)
+        got: dict[str, list[tuple[float, float]]] = {k: [] for k in peers}
+        for _ in range(runs):
+            for name, peer in peers.items():
+                c0, t0 = process_cpu_s(pid), time.perf_counter()
+                for off in range(0, size, piece):
+                    peer.get(pack.key, off, piece)
+                t, cpu = time.perf_counter() - t0, process_cpu_s(pid) - c0
+                got[name].append((size / t / 1e6, cpu / (size / 1e9)))
+        return {k: {"mbps": round(median([m for m, _ in v]), 1), "cpu_s_per_gb": round(median([c for _, c in v]), 3)}
+                for k, v in got.items()}
+    finally:
+        for peer in peers.values():
+            peer.close()
 
 
 def render(res: dict[str, Any]) -> tuple[str, Any]:
@@ -249,6 +288,10 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
               f"{res['local_read_mbps']} MB/s"]],
         )
     )
+    if res.get("peer_serving"):
+        md += "\n\nHost A serving 4 MiB ranges to one reader (medians):\n\n" + md_table(
+            ["served", "MB/s", "host A's CPU-s per GB"],
+            [[k, f"{v['mbps']:.0f}", f"{v['cpu_s_per_gb']:.2f}"] for k, v in res["peer_serving"].items()])
     plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.38
