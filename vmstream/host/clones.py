@@ -136,7 +136,10 @@ class CloneStarter:
         if errors:
             await asyncio.gather(*(self.starter.remove(r) for r in recs if self.registry.exists(r.name)), return_exceptions=True)
             raise errors[0]
-        if self.hooks.burst.in_flight > 1:  # refilled once concurrent starts are over, not after each
+        # refilled once a burst is over, not after each start, when other starts run beside this
+        # one or the pool still holds QEMUs for the next ones (a deeper pool: VMSTREAM_CLONE_POOL);
+        # a start alone that emptied it refills at once, for the next one to find
+        if self.hooks.burst.in_flight > 1 or self.pool.stocked(image.name):
             self.tasks.spawn(self._fill_when_quiet(image.name), "clone pool fill", image=image.name)
         else:
             self.pool.fill(image.name)

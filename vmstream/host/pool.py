@@ -95,6 +95,10 @@ class ClonePool:
             return clone, True
         return rec, False
 
+    def stocked(self, image_name: str) -> bool:
+        """Pooled QEMUs of the image are ready to take."""
+        return bool(self._ready.get(image_name))
+
     async def wait(self, image_name: str) -> None:
         """If the image's pool is being filled, wait a little for the QEMU on its way."""
 

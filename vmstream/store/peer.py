@@ -143,14 +143,17 @@ class PeerBackend(Backend):
     def _bulk_base(self) -> str:
         """Where to read objects: the peer's bulk server if it names one (asked once), else the router."""
         if self._bulk is None:
-            bulk = ""
             try:
                 r = self.http.request("GET", self.base_url + "/bulk", headers=self.headers)
+            except urllib3.exceptions.HTTPError:
+                return self.base_url  # the peer does not answer now: ask again next time
+            bulk = ""  # an older peer, or one without a local store: the router serves everything
+            try:
                 if r.status == 200:
                     url = urllib3.util.parse_url(self.base_url)
                     bulk = f"{url.scheme}://{url.host}:{int(r.json()['port'])}"
-            except (urllib3.exceptions.HTTPError, ValueError, KeyError, TypeError):
-                pass  # an older peer, or one without a local store: the router serves everything
+            except (ValueError, KeyError, TypeError):
+                pass
             self._bulk = bulk
         return self._bulk or self.base_url
 
