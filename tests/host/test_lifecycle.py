@@ -96,6 +96,29 @@ def test_starts_one_after_another_keep_taking_pooled_qemus(pooled_agent: Agent) 
     assert taken == [True, True, True]
 
 
+def test_a_deeper_pool_refills_after_the_burst_not_after_each_start(tmp_path: Path) -> None:
+    """With QEMUs left in the pool, a start does not refill it at once (that would take CPU from
+    the next starts of a batch, Nova's one by one); once starts stop, it is filled again."""
+    manager, http = make_agent(tmp_path / "home", clone_pool=3)
+    with http:
+        a = Agent(http, manager)
+        a.boot("src")
+        a.image("src", "img")
+        a.start("img")  # the first fills the pool
+        deadline = time.monotonic() + 10
+        while a.call("GET", "/v1/host")["clone_pool"]["ready"].get("img", 0) < 3:
+            assert time.monotonic() < deadline, "the pool never held 3"
+            time.sleep(0.02)
+        for left in (2, 1):
+            assert "pool_taken" in a.start("img")[0]["phases"]
+            assert a.call("GET", "/v1/host")["clone_pool"]["ready"]["img"] == left  # no refill yet
+        deadline = time.monotonic() + 10
+        while a.call("GET", "/v1/host")["clone_pool"]["ready"].get("img", 0) < 3:  # quiet: refilled
+            assert time.monotonic() < deadline, "the pool was not refilled after the burst"
+            time.sleep(0.05)
+    FakeProcess.running.clear()
+
+
 def _pooled_tb_mib(a: Agent) -> list[int]:
     """The translation cache sizes of the pooled QEMUs ready now."""
     recs = [r for r in a.manager.registry.all(pooled=True) if r.state == VmState.POOLED]

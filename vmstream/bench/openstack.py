@@ -17,7 +17,9 @@ through Nova's compute API, as an operator's request would:
 
 Each time runs from the compute API's create request (the `openstack` CLI's own start-up
 is not counted) until every server is ACTIVE and has answered HTTP through its agent's
-endpoint. The source server, the live image and every server are deleted at the end.
+endpoint, watched through the agents so that the watching costs Nova nothing (Cluster.batch).
+Each batch starts SETTLE_S after the last one's servers are gone, from a quiet deployment.
+The source server, the live image and every server are deleted at the end.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ BATCH = 10
 WEIGHER_BATCH = 5
 SERVE_TIMEOUT_S = 900.0  # 10 TCG cold boots on 2 busy cores
 POLL_S = 0.2  # the agents' VM lists and the servers' HTTP: cheap, but 3 agents at 10 Hz cost ~0.1 core
+SETTLE_S = 10.0  # between batches: a refill of 3 hosts' pools and Nova's deletes take a few seconds on 2 cores
 NOVA_POLL_S = 2.0  # a server list with details costs nova-api and Neutron CPU that the servers being built need
 
 
@@ -181,6 +184,12 @@ def run(root: Path, computes: int = 3, runs: int = 3, keep: bool = False) -> dic
             c.close()
 
 
+def settle() -> None:
+    """Each measured batch starts from a quiet deployment: the last one's teardown (Nova's
+    deletes, Placement, the agents' VMs) and the clone pools' refills behind it are over."""
+    time.sleep(SETTLE_S)
+
+
 def _measure(c: Cluster, runs: int) -> dict[str, Any]:
     cloud, hosts = c.cloud, sorted(c.agents)
     flavor = cloud.ensure_flavor()
@@ -212,6 +221,7 @@ def _measure(c: Cluster, runs: int) -> dict[str, Any]:
         per_host = {h: after[h].get(live_name, {}).get("fetched_bytes", 0) - before[h].get(live_name, {}).get("fetched_bytes", 0)
                     for h in first.hosts}
         cloud.delete_servers(first.ids)
+        settle()
         made = [m for m in made if m not in first.ids]
 
         warm: list[Batch] = []
@@ -220,6 +230,7 @@ def _measure(c: Cluster, runs: int) -> dict[str, Any]:
             warm.append(b)
             say(f"run {r + 1}/{runs}: 10 clones serving in {b.serving_s:.2f}s (ACTIVE {b.active_s:.2f}s), on {b.hosts}")
             cloud.delete_servers(b.ids)
+            settle()
 
         # only one host runs a clone of the image: where does the weigher put the next batch?
         # (what the scheduler knows at once: the computes tell it as servers start and go)
@@ -228,6 +239,7 @@ def _measure(c: Cluster, runs: int) -> dict[str, Any]:
         w = c.batch("bench-weigher", live_id, flavor, WEIGHER_BATCH)
         say(f"weigher: a clone runs on {keeper} alone; a batch of {WEIGHER_BATCH} went to {w.hosts}")
         cloud.delete_servers(w.ids + one.ids)
+        settle()
 
         say("baseline: 10 cold boots of the demo guest through the same Nova")
         cold = c.batch("bench-boots", demo, flavor, BATCH)
