@@ -105,18 +105,19 @@ def test_a_deeper_pool_refills_after_the_burst_not_after_each_start(tmp_path: Pa
         a.boot("src")
         a.image("src", "img")
         a.start("img")  # the first fills the pool
-        deadline = time.monotonic() + 10
-        while a.call("GET", "/v1/host")["clone_pool"]["ready"].get("img", 0) < 3:
-            assert time.monotonic() < deadline, "the pool never held 3"
-            time.sleep(0.02)
+        _wait_ready(a, 3)
         for left in (2, 1):
             assert "pool_taken" in a.start("img")[0]["phases"]
             assert a.call("GET", "/v1/host")["clone_pool"]["ready"]["img"] == left  # no refill yet
-        deadline = time.monotonic() + 10
-        while a.call("GET", "/v1/host")["clone_pool"]["ready"].get("img", 0) < 3:  # quiet: refilled
-            assert time.monotonic() < deadline, "the pool was not refilled after the burst"
-            time.sleep(0.05)
+        _wait_ready(a, 3)  # quiet: refilled
     FakeProcess.running.clear()
+
+
+def _wait_ready(a: Agent, count: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while a.call("GET", "/v1/host")["clone_pool"]["ready"].get("img", 0) < count:
+        assert time.monotonic() < deadline, f"the pool of img never held {count}"
+        time.sleep(0.02)
 
 
 def _pooled_tb_mib(a: Agent) -> list[int]:
