@@ -81,6 +81,19 @@ class Backend(ABC):
         return self.name
 
 
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+def parse_range(header: str) -> tuple[int, int | None] | None:
+    """An HTTP "Range: bytes=a-b" or "bytes=a-" as (offset, size or None); None for any other
+    form (suffix ranges, several ranges, b < a), which the peer servers answer with 416."""
+    m = _RANGE.match(header.strip())
+    if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+        return None
+    start = int(m.group(1))
+    return start, (int(m.group(2)) - start + 1 if m.group(2) else None)
+
+
 def check_range(offset: int, size: int | None) -> None:
     if offset < 0 or (size is not None and size < 0):
         raise InvalidInput(f"invalid range: offset {offset}, size {size}; both must be >= 0")

@@ -19,7 +19,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,11 +26,10 @@ from typing import Any
 from urllib.parse import unquote
 
 from vmstream.errors import VmstreamError
-from vmstream.store.backend import check_key
+from vmstream.store.backend import check_key, parse_range
 from vmstream.store.local import LocalBackend
 
 log = logging.getLogger("vmstream.store.bulk")
-RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 IDLE_S = 120.0  # a kept-alive connection nobody uses for this long is closed (its thread ends)
 
 
@@ -91,14 +89,14 @@ class _Handler(BaseHTTPRequestHandler):
         with f:
             size = os.fstat(f.fileno()).st_size
             start, end, status = 0, size, 200
-            wanted = self.headers.get("Range")
-            if wanted is not None:
-                m = RANGE.match(wanted.strip())
-                if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
-                    self._error(416, "InvalidInput", f"unsupported Range '{wanted}': use bytes=a-b")
+            header = self.headers.get("Range")
+            if header is not None:
+                wanted = parse_range(header)
+                if wanted is None:
+                    self._error(416, "InvalidInput", f"unsupported Range '{header}': use bytes=a-b")
                     return
-                start = int(m.group(1))
-                end = min(size, int(m.group(2)) + 1) if m.group(2) else size
+                start = wanted[0]
+                end = size if wanted[1] is None else min(size, start + wanted[1])
                 if start >= size:
                     self._error(416, "InvalidInput", f"range starts at {start}, past the object's {size} bytes",
                                 {"Content-Range": f"bytes */{size}"})

@@ -30,11 +30,10 @@ from starlette.concurrency import run_in_threadpool
 
 from vmstream.agentapi import decode_error
 from vmstream.errors import VmstreamError
-from vmstream.store.backend import Backend, ObjectInfo, check_key, check_range
+from vmstream.store.backend import Backend, ObjectInfo, check_key, check_range, parse_range
 from vmstream.store.errors import BackendUnavailable, ObjectNotFound, StoreError
 from vmstream.store.store import ChunkStore
 
-_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 TOKEN_FIX = "give it that agent's agent.token (VMSTREAM_PEER_TOKEN, for VMSTREAM_STORE=peer:URL)"
 
 
@@ -59,11 +58,10 @@ def peer_router(source: Backend | ChunkStore, auth: Callable[..., Any] | None = 
             check_key(key)
             if range is None:
                 return Response(backend.get(key), media_type="application/octet-stream")
-            m = _RANGE.match(range.strip())
-            if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+            wanted = parse_range(range)
+            if wanted is None:
                 return JSONResponse({"error": "InvalidInput", "message": f"unsupported Range '{range}': use bytes=a-b"}, 416)
-            start = int(m.group(1))
-            size = int(m.group(2)) - start + 1 if m.group(2) else None
+            start, size = wanted
             data = backend.get(key, start, size)
             if not data:
                 return Response(status_code=416, headers={"Content-Range": "bytes */*"})
