@@ -41,6 +41,7 @@ from vmstream.bench.common import Bench, say
 from vmstream.bench.delay import DelayProxy
 from vmstream.bench.report import fmt_s, fmt_x, md_table, pyplot
 from vmstream.bench.stats import median, ratio, summary
+from vmstream.host.footprint import cpu_seconds
 from vmstream.store import PeerBackend
 
 IDLE_S = 5.0  # how long an idle clone runs before its fetched bytes are read
@@ -232,12 +233,6 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
     }
 
 
-def process_cpu_s(pid: int) -> float:
-    """A process's CPU time so far (user + system, all threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _peer_serving(bench: Bench, runs: int, total: int = 512 << 20, piece: int = 4 << 20) -> dict[str, dict[str, float]]:
     """Host A serving ranges of its largest pack (over and over, `total` bytes a pass: CPU time
     counts in 10 ms ticks), straight (no proxy), through its API's router and by sendfile,
@@ -253,10 +248,10 @@ def _peer_serving(bench: Bench, runs: int, total: int = 512 << 20, piece: int = 
         got: dict[str, list[tuple[float, float]]] = {k: [] for k in peers}
         for _ in range(runs):
             for name, peer in peers.items():
-                c0, t0, n = process_cpu_s(pid), time.perf_counter(), 0
+                c0, t0, n = cpu_seconds(pid), time.perf_counter(), 0
                 for off in offsets:
                     n += len(peer.get(pack.key, off, piece))
-                t, cpu = time.perf_counter() - t0, process_cpu_s(pid) - c0
+                t, cpu = time.perf_counter() - t0, cpu_seconds(pid) - c0
                 got[name].append((n / t / 1e6, cpu / (n / 1e9)))
         return {k: {"mbps": round(median([m for m, _ in v]), 1), "cpu_s_per_gb": round(median([c for _, c in v]), 3)}
                 for k, v in got.items()}
