@@ -264,23 +264,22 @@ class HostManager:
     async def pause(self, name: str) -> VmInfo:
         """Stop a VM's vCPUs: it keeps its memory, devices and connections, uses no CPU and
         answers nothing until unpaused (Nova's pause). A paused VM is not captured or moved."""
-        rec = self.registry.begin(name, Op.PAUSE, VmState.PAUSED)
-        await self._run_state(rec, "stop", VmState.PAUSED, undo=VmState.RUNNING)
+        await self._run_state(name, Op.PAUSE, "stop", to=VmState.PAUSED, undo=VmState.RUNNING)
         return self.show(name)
 
     async def unpause(self, name: str) -> VmInfo:
-        rec = self.registry.begin(name, Op.UNPAUSE, VmState.RUNNING)
-        await self._run_state(rec, "cont", VmState.RUNNING, undo=VmState.PAUSED)
+        await self._run_state(name, Op.UNPAUSE, "cont", to=VmState.RUNNING, undo=VmState.PAUSED)
         return self.show(name)
 
-    async def _run_state(self, rec: VmRecord, command: str, to: VmState, undo: VmState) -> None:
-        """QEMU's side of pause/unpause, after the row moved to `to` (so no other operation
-        starts meanwhile); the row goes back to `undo` if QEMU did not take it."""
-        async with operation(str(Op.PAUSE if to == VmState.PAUSED else Op.UNPAUSE), vm=rec.name):
+    async def _run_state(self, name: str, op: Op, command: str, to: VmState, undo: VmState) -> None:
+        """The row moves to `to` first (so no other operation starts meanwhile), then QEMU is
+        asked; the row goes back to `undo` if QEMU did not take it."""
+        rec = self.registry.begin(name, op, to)
+        async with operation(str(op), vm=name):
             try:
                 await self.starter.run_state(rec, self.starter.proc(rec), command)
             except BaseException:
-                self.registry.set_state(rec.name, undo, only_if=[to])
+                self.registry.set_state(name, undo, only_if=[to])
                 raise
 
     async def destroy_all(self) -> int:
