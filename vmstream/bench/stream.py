@@ -8,7 +8,10 @@ so B's memory chunks come over real HTTP connections at a
 chosen round-trip time: 0, 2 and 10 ms, interleaved run by run. Cold runs
 empty B's chunk cache and the page cache of the image file first.
 
-- clone_warm_s: B already holds the image.
+- clone_warm_s: B already holds the image; the clone starts the way a cold one does (a new
+  QEMU, no pooled one), so the two differ only in where the memory comes from.
+- clone_warm_pooled_s: B holds the image and a pooled QEMU of it is ready (given time to
+  fill between starts): the fastest start, which a host that never ran the image cannot have.
 - clone_cold_s_by_rtt_ms: nothing on B, no prefetch: every page fault may wait for a fetch.
 - clone_cold_prefetch_s_by_rtt_ms: nothing on B, but the image's recorded working set is
   fetched as the clone starts (REAP); prefetch_speedup_by_rtt_ms is cold / prefetch.
@@ -65,10 +68,20 @@ def peer_host(bench: Bench, url: str, bulk_url: str | None = None) -> Iterator[A
         client.close()
 
 
-def _start(client: AgentClient, image: str, prefix: str, prefetch: bool = True) -> tuple[dict[str, Any], float]:
+def _start(client: AgentClient, image: str, prefix: str, prefetch: bool = True, pool: bool = False) -> tuple[dict[str, Any], float]:
+    """One clone, timed; pool=False: a new QEMU even if a pooled one is ready (cold and warm
+    clones alike, so they differ only in where the memory comes from)."""
     t0 = time.perf_counter()
-    res = client.call("POST", f"/v1/live-images/{image}/start", json={"count": 1, "name": prefix, "prefetch": prefetch})
+    res = client.call("POST", f"/v1/live-images/{image}/start",
+                      json={"count": 1, "name": prefix, "prefetch": prefetch, "pool": pool})
     return res["vms"][0], time.perf_counter() - t0
+
+
+def _pool_ready(client: AgentClient, image: str, timeout: float = 10.0) -> None:
+    """Wait until a pooled QEMU of the image is ready on the host."""
+    deadline = time.monotonic() + timeout
+    while not client.call("GET", "/v1/host")["clone_pool"]["ready"].get(image) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _image_stats(client: AgentClient, image: str) -> dict[str, Any]:
@@ -140,7 +153,7 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
         cold: dict[int, list[float]] = {rtt: [] for rtt in RTTS_MS}
         cold_prefetch: dict[int, list[float]] = {rtt: [] for rtt in RTTS_MS}
         prefetched: dict[int, list[dict[str, Any]]] = {rtt: [] for rtt in RTTS_MS}  # memfs's view, as the clone answered
-        warm, fetched = [], []
+        warm, warm_pooled, fetched = [], [], []
         for r in range(runs):
             for rtt in RTTS_MS:
                 proxy.rtt_ms = bulk_proxy.rtt_ms = rtt
@@ -157,11 +170,16 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
                 say(f"run {r + 1}/{runs}, {rtt} ms round trip: cold {cold[rtt][-1]:.3f} s, "
                     f"cold with prefetch {cold_prefetch[rtt][-1]:.3f} s")
         proxy.rtt_ms = bulk_proxy.rtt_ms = 0
-        keep, _ = _start(b, img, bench.name("keep"))  # holds the page cache warm
-        for r in range(runs):
+        keep, _ = _start(b, img, bench.name("keep"), pool=True)  # holds the page cache warm; fills the pool
+        for r in range(runs):  # interleaved: the same start path as the cold clones, then a pooled QEMU's
             vm, t = _start(b, img, bench.name("warm", r))
             warm.append(t)
             b.call("DELETE", f"/v1/vms/{vm['name']}")
+            _pool_ready(b, img)
+            vm, t = _start(b, img, bench.name("pooled", r), pool=True)
+            warm_pooled.append(t)
+            b.call("DELETE", f"/v1/vms/{vm['name']}")
+            _pool_ready(b, img)
         b.call("DELETE", f"/v1/vms/{keep['name']}")
         stats = _image_stats(b, img)
 
@@ -192,7 +210,8 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
         bench.delete_image(images[mib])
     s_cold = {rtt: summary(v) for rtt, v in cold.items()}
     s_pre = {rtt: summary(v) for rtt, v in cold_prefetch.items()}
-    s_warm, s_small, s_big = summary(warm), summary(by_size[small]), summary(by_size[big])
+    s_warm, s_pooled = summary(warm), summary(warm_pooled)
+    s_small, s_big = summary(by_size[small]), summary(by_size[big])
 
     def med(s: dict[str, Any]) -> float:
         return float(s["median"])
@@ -204,6 +223,7 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
         "store": "peer over loopback HTTP through a delaying proxy (host B streams from host A's agent)",
         "runs": runs,
         "clone_warm_s": s_warm["median"],
+        "clone_warm_pooled_s": s_pooled["median"],
         "clone_cold_s_by_rtt_ms": {str(rtt): s["median"] for rtt, s in s_cold.items()},
         "clone_cold_prefetch_s_by_rtt_ms": {str(rtt): s["median"] for rtt, s in s_pre.items()},
         "prefetch_speedup_by_rtt_ms": speedup,
@@ -211,6 +231,7 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
         "clone_cold_prefetch_s": s_pre[0]["median"],
         "prefetch_speedup": speedup["0"],
         "cold_prefetch_over_warm_by_rtt_ms": {str(rtt): ratio(med(s), med(s_warm), 2) for rtt, s in s_pre.items()},
+        "cold_prefetch_over_warm_pooled_by_rtt_ms": {str(rtt): ratio(med(s), med(s_pooled), 2) for rtt, s in s_pre.items()},
         "fetched_fraction": round(fetched[0] / stats["nonzero_bytes"], 3),
         "fetched_bytes_idle": fetched[0],
         "image_nonzero_bytes": stats["nonzero_bytes"],
@@ -223,7 +244,7 @@ def run(bench: Bench, runs: int = 5, sizes: tuple[int, int] = (256, 2048)) -> di
         "local_read_mbps": round(med(s_reads["local"]), 1),
         "local_over_warm_read": ratio(med(s_reads["local"]), med(s_reads["memfs_warm"]), 2),
         "peer_serving": serving,
-        "detail": {"warm": s_warm, "cold": {str(k): v for k, v in s_cold.items()},
+        "detail": {"warm": s_warm, "warm_pooled": s_pooled, "cold": {str(k): v for k, v in s_cold.items()},
                    "cold_prefetch": {str(k): v for k, v in s_pre.items()},
                    "by_size": {str(k): summary(v) for k, v in by_size.items()},
                    "host_b_first_clone_s": round(t_first, 3),
@@ -263,7 +284,9 @@ def _peer_serving(bench: Bench, runs: int, total: int = 512 << 20, piece: int = 
 def render(res: dict[str, Any]) -> tuple[str, Any]:
     d = res["detail"]
     rtts = list(res["clone_cold_s_by_rtt_ms"])
-    rows = [["warm (host holds the image)", "-", fmt_s(res["clone_warm_s"]), fmt_s(d["warm"]["p90"]), "-"]]
+    rows = [["warm (host holds the image), new QEMU", "-", fmt_s(res["clone_warm_s"]), fmt_s(d["warm"]["p90"]), "-"]]
+    if "clone_warm_pooled_s" in res:
+        rows.append(["warm, pooled QEMU ready", "-", fmt_s(res["clone_warm_pooled_s"]), fmt_s(d["warm_pooled"]["p90"]), "-"])
     for rtt in rtts:
         rows.append(["cold, no prefetch", f"{rtt} ms", fmt_s(res["clone_cold_s_by_rtt_ms"][rtt]), fmt_s(d["cold"][rtt]["p90"]), "-"])
         rows.append(["cold, working-set prefetch", f"{rtt} ms", fmt_s(res["clone_cold_prefetch_s_by_rtt_ms"][rtt]),

@@ -63,7 +63,7 @@ def check(results: dict[str, Any], total_s: float | None) -> list[dict[str, Any]
         over = stream.get("cold_prefetch_over_warm_by_rtt_ms", {})
         for rtt in ("0", "2"):
             v = over.get(rtt)
-            rows.append(_row(f"stream: cold clone with prefetch / warm, {rtt} ms round trip", "<= 1.3x", v,
+            rows.append(_row(f"stream: cold clone with prefetch / warm (both a new QEMU), {rtt} ms round trip", "<= 1.3x", v,
                              None if v is None else v <= 1.3, "x"))
         v = stream.get("prefetch_speedup_by_rtt_ms", {}).get("10")
         rows.append(_row("stream: cold start speed-up from prefetch, 10 ms round trip", ">= 3.7x", v,
