@@ -80,11 +80,22 @@ def test_bad_peer_is_refused(agent: Agent, name: str, url: str, says: str) -> No
     assert agent.call("GET", "/v1/peers") == []
 
 
-@pytest.mark.parametrize("header", [None, "Bearer wrong", TOKEN])
-def test_every_v1_route_needs_the_token(agent: Agent, header: str | None) -> None:
+@pytest.mark.parametrize("header", [None, "Bearer wrong", TOKEN, f"Basic {TOKEN}", f"Bearer {TOKEN}x"])
+def test_every_route_but_health_needs_the_token(agent: Agent, header: str | None) -> None:
+    """Every operation in the agent's OpenAPI schema (the peer store's included), with no
+    token, a wrong one or a malformed header: 401 in the agent's error shape, before any
+    work (a body that would be refused for itself is not looked at)."""
     headers = {"Authorization": header} if header else {}
-    r = agent.http.get("/v1/vms", headers=headers)
-    assert r.status_code == 401 and "token" in r.text
+    paths = agent.http.get("/openapi.json").json()["paths"]
+    operations = [(method.upper(), path.replace("{name}", "x").replace("{key}", "packs/x"))
+                  for path, ops in paths.items() if path != "/health" for method in ops]
+    assert len(operations) >= 35
+    for method, path in operations:
+        r = agent.http.request(method, path, headers=headers, json={})
+        assert r.status_code == 401, (method, path, r.status_code, r.text)
+        if method != "HEAD":
+            assert r.json()["error"] == "Unauthorized" and "token" in r.json()["message"], (method, path, r.text)
+            assert r.headers["WWW-Authenticate"] == "Bearer"
 
 
 def test_health_needs_no_token(agent: Agent) -> None:

@@ -12,6 +12,8 @@ from typing import Any
 
 from vmstream.errors import QemuError
 
+ANSWER_LIMIT = 1 << 20  # the longest answer line read (the in-guest agent writes at most 256 KiB)
+
 
 @contextlib.contextmanager
 def channel_errors(who: str, socket_path: Path, what: str, timeout: float, hint: str = "") -> Iterator[None]:
@@ -34,7 +36,7 @@ async def ask_guest(
     try:
         with channel_errors("the guest agent", socket_path, f"'{command}'", timeout):
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_unix_connection(str(socket_path))
+                reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=ANSWER_LIMIT)
                 try:
                     writer.write(command.encode() + b"\n")
                     await writer.drain()

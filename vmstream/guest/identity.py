@@ -25,6 +25,10 @@ from vmstream.errors import InvalidInput
 _PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _RESERVED = {"PATH", "HOME", "IFS", "SHELL", "PWD", "ENV", "PS1", "PS4"}
 MAX_USER_DATA = 64 << 10
+MAX_PARAM_LINES = 64 << 10  # the guest parameters as the agent receives them (base64 values, a line each)
+MAX_GUEST_COMMAND = 4096  # a command line sent as is (`vmstream guest ask`); identities are bounded by the two above
+# The in-guest agent drops a line of 256 KiB or more unanswered (MAX_LINE in vmstream-agent.c). The bounds
+# above keep an identity (base64 of its lines: params, user data, ~300 bytes more) under ~205 KiB.
 
 
 def parse_params(items: list[str]) -> dict[str, str]:
@@ -40,12 +44,30 @@ def parse_params(items: list[str]) -> dict[str, str]:
 
 
 def check_params(params: dict[str, str]) -> None:
+    """Names the guest can take as variables, and a size its agent's line can carry."""
     for key in params:
         if not _PARAM_RE.match(key) or key in _RESERVED or key.startswith(("VMSTREAM_", "LD_")):
             raise InvalidInput(
                 f"guest parameter name '{key}' is not allowed: use letters, digits and '_' (not starting "
                 "with a digit), and not PATH, HOME, IFS, SHELL or names starting VMSTREAM_ or LD_"
             )
+    size = sum(len(_param_line(k, v)) for k, v in params.items())
+    if size > MAX_PARAM_LINES:
+        raise InvalidInput(
+            f"guest parameters are too large: {size} bytes as sent to the guest (values in base64, a line each); "
+            f"the limit is {MAX_PARAM_LINES} (about {MAX_PARAM_LINES * 3 // 4 >> 10} KiB of values): "
+            f"pass bulk data as user data (up to {MAX_USER_DATA >> 10} KiB) or let the guest fetch it"
+        )
+
+
+def check_user_data(user_data: bytes | None) -> None:
+    if user_data is not None and len(user_data) > MAX_USER_DATA:
+        raise InvalidInput(f"user data is {len(user_data)} bytes; the limit is {MAX_USER_DATA} ({MAX_USER_DATA >> 10} KiB): "
+                           "keep bulk data elsewhere and let the guest fetch it")
+
+
+def _param_line(key: str, value: str) -> str:
+    return f"param {key} {_b64(value.encode())}\n"
 
 
 @dataclass(frozen=True)
@@ -61,14 +83,13 @@ class CloneIdentity:
         """The agent command line: 'identity <base64 of key-value lines>'.
         verb 'prepare': the agent applies clock, hostname, address and MAC, and
         writes nothing for the hooks and runs none (a pooled QEMU's run-through)."""
-        if self.user_data is not None and len(self.user_data) > MAX_USER_DATA:
-            raise InvalidInput(f"user data is {len(self.user_data)} bytes; the limit is {MAX_USER_DATA}")
+        check_user_data(self.user_data)
         t = time.time() if now is None else now
         lines = [f"time {t:.9f}", f"seed {_b64(os.urandom(32))}", f"hostname {self.hostname}"]
         if self.ip is not None:  # before the MAC: the guest announces the new MAC with its new address
             lines.append(f"ip {self.ip}")
         lines.append(f"mac {self.mac}")
-        lines += [f"param {k} {_b64(v.encode())}" for k, v in self.params.items()]
+        lines += [_param_line(k, v)[:-1] for k, v in self.params.items()]
         if self.user_data is not None:
             lines.append(f"userdata {_b64(self.user_data)}")
         if self.defer_hooks:

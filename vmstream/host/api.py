@@ -9,12 +9,14 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vmstream import __version__
 from vmstream.errors import InvalidInput, VmstreamError
@@ -24,6 +26,7 @@ from vmstream.host.schemas import (
     BootSource,
     ClockReading,
     CreateImageRequest,
+    ErrorBody,
     GuestBuildRequest,
     GuestCommand,
     HostInfo,
@@ -45,6 +48,9 @@ from vmstream.policy import MemoryPolicy
 from vmstream.store import LocalBackend, RetryingBackend, peer_router
 from vmstream.store.bulk import BulkServer
 
+# what any route may answer instead (VmstreamError's statuses, and 401 for the token), in one shape
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 422, 500, 503)}
+
 
 def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]) -> FastAPI:
     # other hosts read this host's store ranges by sendfile, when it is a local one
@@ -64,11 +70,18 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
                 bulk.close()
             await manager.shutdown()
 
-    app = FastAPI(title="vmstream host agent", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="vmstream host agent", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES)
 
     def auth(authorization: str = Header("")) -> None:
         if not secrets.compare_digest(authorization, f"Bearer {token}"):
-            raise HTTPException(401, "missing or wrong agent token: the CLI reads it from the data dir")
+            raise HTTPException(401, "missing or wrong agent token: the CLI reads it from the data dir",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """FastAPI's own errors (a wrong token, an unknown route or method) in the agent's error shape."""
+        kind = HTTPStatus(exc.status_code).phrase.replace(" ", "") if exc.status_code in HTTPStatus._value2member_map_ else "Error"
+        return JSONResponse({"error": kind, "message": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(VmstreamError)
     async def vmstream_error(_: Request, exc: VmstreamError) -> JSONResponse:
@@ -177,7 +190,7 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
     async def start(name: str, req: StartRequest) -> StartResult:
         try:
             user_data = base64.b64decode(req.user_data_b64, validate=True) if req.user_data_b64 is not None else None
-        except binascii.Error as exc:
+        except (binascii.Error, ValueError) as exc:  # ValueError: characters outside ASCII
             raise InvalidInput(f"user_data_b64 is not valid base64: {exc}") from exc
         return await manager.clones.start(name, req.count, req.name, req.params, user_data, req.prefetch, req.pool, req.names,
                                           req.memory_policy)

@@ -13,7 +13,7 @@ from qemu.qmp import QMPError
 
 from vmstream.config import check_name
 from vmstream.errors import GuestError, InvalidInput, QemuError
-from vmstream.guest.identity import CloneIdentity, check_params
+from vmstream.guest.identity import CloneIdentity, check_params, check_user_data
 from vmstream.host import disks
 from vmstream.host.db import VmRecord
 from vmstream.host.hooks import Batch, HookWatcher
@@ -75,6 +75,7 @@ class CloneStarter:
         t0 = time.perf_counter()
         params = params or {}
         check_params(params)
+        check_user_data(user_data)
         if names is not None:
             if count not in (1, len(names)):
                 raise InvalidInput(f"count {count} but {len(names)} names given: give count={len(names)} or leave it out")

@@ -9,9 +9,23 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Boolean, DateTime, Float, Integer, String, Text, create_engine, event, inspect, text
+from sqlalchemy import Boolean, DateTime, Dialect, Float, Integer, String, Text, TypeDecorator, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A UTC time: SQLite keeps no time zone, so one read back is made aware again
+    (the API's times are RFC 3339 date-times, which need the offset)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return value.astimezone(UTC).replace(tzinfo=None) if value is not None and value.tzinfo else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 class Base(DeclarativeBase):
@@ -41,7 +55,7 @@ class VmRecord(Base):
     hooks: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON from the guest
     phases: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: start-up phase -> seconds
     clock: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: a clone's clock setting (vmstream.guest.clock)
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=lambda: datetime.now(UTC))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=lambda: datetime.now(UTC))
     # A VM that arrived by migration: its QEMU machine as JSON (the source's, with
     # this host's vm_id, port and guest files), since it differs from a booted VM's.
     spec: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -71,7 +85,7 @@ class PeerRecord(Base):
     name: Mapped[str] = mapped_column(String, primary_key=True)
     url: Mapped[str] = mapped_column(String)
     token: Mapped[str] = mapped_column(String)
-    added_at: Mapped[datetime] = mapped_column(DateTime, default=lambda: datetime.now(UTC))
+    added_at: Mapped[datetime] = mapped_column(UtcDateTime, default=lambda: datetime.now(UTC))
 
 
 def open_db(path: Path) -> sessionmaker:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from vmstream.guest.identity import MAX_GUEST_COMMAND
 from vmstream.host.footprint import Footprint
 from vmstream.host.state import VmState
 from vmstream.policy import MemoryPolicy
@@ -136,7 +137,7 @@ class StartResult(BaseModel):
 class QgaCommand(BaseModel):
     execute: str
     arguments: dict[str, Any] | None = None
-    timeout: float = Field(10.0, gt=0, le=600)
+    timeout: float = Field(10.0, ge=1, le=600)
 
 
 class ClockReading(BaseModel):
@@ -151,8 +152,17 @@ class ClockReading(BaseModel):
 
 
 class GuestCommand(BaseModel):
-    command: str
-    timeout: float = Field(30.0, gt=0, le=600)
+    # one line for the in-guest agent: printable, a verb and its arguments (see `vmstream guest ask`)
+    command: str = Field(min_length=1, max_length=MAX_GUEST_COMMAND, pattern=r"^[^\x00-\x1f\x7f]*[^\x00-\x20\x7f][^\x00-\x1f\x7f]*$",
+                         description="a command line for the in-guest agent: printable characters, not only spaces")
+    timeout: float = Field(30.0, ge=1, le=600)
+
+
+class ErrorBody(BaseModel):
+    """Every error the agent answers: the error's kind and what to do about it."""
+
+    error: str
+    message: str
 
 
 class GuestBuildRequest(BaseModel):

@@ -52,7 +52,13 @@ def peer_router(source: Backend | ChunkStore, auth: Callable[..., Any] | None = 
     backend = source.backend if isinstance(source, ChunkStore) else source
     router = APIRouter(dependencies=[Depends(auth)] if auth else [])
 
-    @router.get("/objects/{key:path}")
+    ranged: dict[int | str, dict[str, Any]] = {
+        200: {"description": "the whole object", "content": {"application/octet-stream": {}}},
+        206: {"description": "the byte range asked for", "content": {"application/octet-stream": {}}},
+        416: {"description": "a Range this server does not serve, or one past the object's end"},
+    }
+
+    @router.get("/objects/{key:path}", responses=ranged)
     def get_object(key: str, range: str | None = Header(None)) -> Response:
         try:
             check_key(key)
@@ -70,12 +76,16 @@ def peer_router(source: Backend | ChunkStore, auth: Callable[..., Any] | None = 
         except VmstreamError as exc:
             return _error_response(exc)
 
-    @router.head("/objects/{key:path}")
+    @router.head("/objects/{key:path}", responses={200: {"description": "the object exists",
+                                                          "content": {"application/octet-stream": {}}}})
     def head_object(key: str) -> Response:
+        """200 if the object exists, else its error's status (no body, as HEAD has none)."""
         try:
-            return Response(status_code=200 if backend.exists(check_key(key)) else 404)
+            if backend.exists(check_key(key)):
+                return Response(status_code=200, media_type="application/octet-stream")
+            return Response(status_code=404, media_type="application/json")
         except VmstreamError as exc:
-            return Response(status_code=_error_response(exc).status_code)
+            return Response(status_code=_error_response(exc).status_code, media_type="application/json")
 
     @router.get("/bulk")
     def bulk() -> Response:
