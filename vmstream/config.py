@@ -50,11 +50,21 @@ def check_name(name: str, what: str = "VM") -> str:
     return name
 
 
+def private_dir(path: Path) -> Path:
+    """The data dir, made or kept reachable by its owner only (0700): it holds the token, VM
+    state, guests' memory images and QEMU's control sockets, which no other user may read."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid == os.getuid() and st.st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
 def agent_token(data_dir: Path) -> str:
     """The secret the CLI sends the agent; created (mode 0600) on first use."""
     path = data_dir / "agent.token"
     if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(data_dir)
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

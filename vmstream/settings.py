@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     clone_nothp: bool = Field(True, description="Clones run with the no-transparent-huge-pages shim (keeps image pages shared).")
     host_memory_floor: str = Field("5%", description="MemAvailable the host keeps: a boot or clone start that would take it "
                                    "below is refused, naming the shortfall (a size like 512M, or a share of RAM like 5%; 0: no check).")
+    guest_outbound: bool = Field(False, description="Guests on slirp (the single-host default) may open connections out of the VM. "
+                                 "Off, they cannot reach the host's loopback (slirp's 10.0.2.2), where the agent's API and the "
+                                 "other VMs' ports listen; connections into a guest (its forwarded ports) work either way.")
     balloon: bool = Field(True, description="New VMs get a virtio balloon (free page reporting, deflate on OOM), so the host can take "
                           "memory back; their images' clones have it too.")
 

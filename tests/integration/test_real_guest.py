@@ -73,6 +73,27 @@ def test_debian_guest_boots_with_both_agents(cli: Cli, debian: dict[str, Any]) -
     assert read_file(cli, "deb", "/proc/sys/net/ipv4/conf/all/arp_notify").strip() == "1", "the agent turned on arp_notify"
 
 
+def exit_code(cli: Cli, vm: str, *argv: str) -> int:
+    """A command's exit code in the guest, through qemu-guest-agent."""
+    pid = qga(cli, vm, "guest-exec", path=argv[0], arg=list(argv[1:]))["pid"]
+    for _ in range(300):
+        st = qga(cli, vm, "guest-exec-status", pid=pid)
+        if st["exited"]:
+            return int(st["exitcode"])
+        time.sleep(0.1)
+    raise AssertionError(f"{argv} did not finish in the guest {vm}")
+
+
+def test_a_guest_cannot_reach_the_agents_api(cli: Cli, debian: dict[str, Any]) -> None:
+    """slirp's gateway is the host's loopback, where the agent listens: a guest's connection to
+    it (or anywhere out of the VM) goes nowhere, while the host still reaches the guest."""
+    port = json.loads((cli.home / "agent.json").read_text())["port"]
+    probe = f"exec 3<>/dev/tcp/10.0.2.2/{port}"
+    assert exit_code(cli, "deb", "/usr/bin/timeout", "5", "/bin/bash", "-c", "exec 3<>/dev/null") == 0, "the probe itself works"
+    assert exit_code(cli, "deb", "/usr/bin/timeout", "5", "/bin/bash", "-c", probe) != 0, "the guest reached the agent's port"
+    assert status(debian["endpoint"])["hostname"] == "deb"
+
+
 def test_debian_image_clones_share_its_disk_and_keep_their_own_writes(cli: Cli, debian: dict[str, Any]) -> None:
     write_file(cli, "deb", "/root/marker", "before-capture")
     image = cli.json("live-image", "create", "deb", "deb-img")

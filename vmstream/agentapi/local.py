@@ -80,8 +80,8 @@ class AgentClient:
 
     def _start(self) -> tuple[int, int]:
         """Launch `vmstream agent` in the background, detached, logging to agent.log."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.data_dir / LOG_FILE, "ab") as log:
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the agent keeps it 0700 (vmstream.config.private_dir)
+        with open(os.open(self.data_dir / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "vmstream", "agent"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

@@ -16,7 +16,7 @@ import socket
 
 import uvicorn
 
-from vmstream.config import agent_token
+from vmstream.config import agent_token, private_dir
 from vmstream.errors import Conflict
 from vmstream.host.api import create_app
 from vmstream.host.manager import HostManager
@@ -24,8 +24,8 @@ from vmstream.settings import Settings
 
 
 def run_agent(settings: Settings, port: int = 0) -> None:
-    data_dir = settings.home
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = private_dir(settings.home)
+    os.umask(0o077)  # what the agent, memfs and QEMU make in it is their owner's alone too
     # the operation log: stderr, which the CLI points at agent.log when it starts the agent
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     lock = open(data_dir / "agent.lock", "w")

@@ -111,7 +111,7 @@ class Starter:
             incoming=image is not None, tb_mib=s.clone_tb_mib if image else MachineSpec.tb_mib,
             guest_announce=image.guest.guest_announce if image else MachineSpec.guest_announce,
             kernel_header_only=s.clone_kernel_header_only, nothp=s.clone_nothp, balloon=bool(rec.balloon),
-            forwards=forwards(rec),
+            forwards=forwards(rec), outbound=s.guest_outbound,
         )
 
     def admit(self, costs: list[int], what: str) -> None:

@@ -132,6 +132,10 @@ class MachineSpec:
     forwards: tuple[tuple[int, int], ...] = ()  # slirp: more (host port, guest port) forwards on 127.0.0.1 besides 80
     append: str | None = None  # a given kernel's command line, used as it is; None: vmstream's own (its kernel)
     seed: Path | None = None  # a cloud-init NoCloud seed (ISO, label cidata), attached read-only after the disk
+    # slirp: the guest may open connections out of the VM. Off (restrict=on): slirp's gateway
+    # 10.0.2.2 is the host's loopback, where the agent's API, its sendfile server and the
+    # other VMs' forwarded ports listen; forwards into the guest work either way.
+    outbound: bool = False
 
     def command(self, rundir: Path) -> list[str]:
         size = _qemu_size(self.memory_bytes)
@@ -145,6 +149,8 @@ class MachineSpec:
         kernel = self._kernel()
         if self.tap is None:
             netdev = "user,id=net0," + ",".join(f"hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in ((self.http_port, 80), *self.forwards))
+            if not self.outbound:
+                netdev += ",restrict=on"
         else:
             netdev = f"tap,id=net0,ifname={self.tap.ifname},script=no,downscript=no"
         cmd = [
