@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pytest
 
 from tests.host.conftest import TOKEN, Agent
@@ -123,3 +125,26 @@ def test_a_memory_policy_is_checked_kept_and_shown(agent: Agent) -> None:
     agent.image("vm", "img")
     (clone,) = agent.start("img", memory_policy={"limit_bytes": 64 << 20})
     assert agent.call("GET", f"/v1/vms/{clone['name']}")["memory"]["policy"]["limit_bytes"] == 64 << 20
+
+
+@pytest.mark.parametrize("bad", ["..", "../etc", "a/../../b", ".hidden", "x\x00y", "%2e%2e", "a b"])
+def test_names_that_could_escape_the_data_dir_are_refused(agent: Agent, bad: str) -> None:
+    """Every name that becomes a file or directory (VM, live image, clone, peer, store key) is
+    checked before it is used: a 400 naming it, or a 404 for a name nothing can have."""
+    agent.boot("src")
+    agent.image("src", "img")
+    before = (agent.names(), sorted(p.name for p in agent.manager.settings.home.iterdir()))
+    for method, path, body in [
+        ("POST", "/v1/vms", {"name": bad, "memory": "64M"}),
+        ("POST", "/v1/live-images", {"vm": "src", "name": bad}),
+        ("POST", "/v1/live-images/img/start", {"name": bad}),
+        ("POST", "/v1/live-images/img/start", {"names": [bad]}),
+        ("PUT", f"/v1/peers/{quote(bad, safe='')}", {"url": "http://127.0.0.1:1", "token": "t"}),
+        ("GET", f"/v1/store/objects/packs/{quote(bad, safe='/')}", None),
+    ]:
+        r = agent.http.request(method, path, json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code in (400, 404), (method, path, body, r.status_code, r.text)
+        if r.status_code == 400:
+            assert set(r.json()) == {"error", "message"}, r.text
+    assert (agent.names(), sorted(p.name for p in agent.manager.settings.home.iterdir())) == before
+    assert [i["name"] for i in agent.call("GET", "/v1/live-images")] == ["img"]
