@@ -116,6 +116,8 @@ class HostManager:
         self.tasks.spawn(self.memory.run(), "memory policy")
         if any(r.parent_image for r in self.registry.all(pooled=True)):
             await self.memfs.ensure()  # clones' memory: a no-op if the daemon outlived the agent
+        if leftovers := self.images.remove_leftovers():
+            log.info("removed what unfinished captures left: %s", ", ".join(leftovers))
         for rec in self.registry.all(pooled=True):
             proc = self.starter.proc(rec)
             if rec.state in (VmState.STARTING, VmState.INCOMING, VmState.POOLED, VmState.STOPPING):
@@ -123,6 +125,9 @@ class HostManager:
                 removed += 1
             elif proc.alive():
                 adopted += 1
+                if rec.state == VmState.CAPTURING and (was := await self.starter.resume_if_paused(proc)):
+                    # the capture stopped the guest; nobody else asked for it
+                    log.info("resumed %s, whose capture the agent did not finish (QEMU was %s)", rec.name, was)
                 # an operation the dead agent was running is over: the VM runs
                 self.registry.set_state(rec.name, VmState.RUNNING, only_if=[VmState.CAPTURING, VmState.MIGRATING])
                 await self._adopt_run_state(rec.name, proc)

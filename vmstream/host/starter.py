@@ -341,6 +341,26 @@ class Starter:
                 return str(status["status"])
         return None
 
+    @staticmethod
+    async def resume_if_paused(proc: QemuProcess) -> str | None:
+        """Run a guest that an agent killed mid-capture left stopped: its state save (if still
+        going) is cancelled first, as the image it was for is gone. The run state it resumed
+        from, or None. A monitor that does not answer is left alone (reattach then takes the
+        VM as it finds it)."""
+        with contextlib.suppress(QMPError, EOFError, OSError, TimeoutError):
+            async with asyncio.timeout(10), proc.qmp() as qmp:
+                migration: dict[str, Any] = await qmp.execute("query-migrate")  # type: ignore[assignment]
+                if migration.get("status") in ("setup", "active", "device", "pre-switchover", "cancelling"):
+                    await qmp.execute("migrate_cancel")
+                    while migration.get("status") in ("setup", "active", "device", "pre-switchover", "cancelling"):
+                        await asyncio.sleep(0.05)
+                        migration = await qmp.execute("query-migrate")  # type: ignore[assignment]
+                status: dict[str, Any] = await qmp.execute("query-status")  # type: ignore[assignment]
+                if status["status"] in ("paused", "postmigrate", "finish-migrate"):
+                    await qmp.execute("cont")
+                    return str(status["status"])
+        return None
+
     async def capture(
         self, rec: VmRecord, proc: QemuProcess, stage: Path, root_memory: Path | None, flatten_above: int | None,
     ) -> tuple[CaptureResult, list[Path]]:

@@ -41,6 +41,14 @@ class ImageRepository:
         self.backend = backend
         root.mkdir(parents=True, exist_ok=True)
 
+    def remove_leftovers(self) -> list[str]:
+        """Staging and fetching dirs an agent killed mid-capture or mid-fetch left behind (one
+        agent per data dir: at its start none is in use). Their names, removed."""
+        stale = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith((".staging-", ".fetching-"))]
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+        return [p.name for p in stale]
+
     def _dir(self, name: str) -> Path:
         return self.root / name
 

@@ -1,0 +1,103 @@
+"""Real faults: the agent killed (SIGKILL) in the middle of its work.
+
+After each, the next command starts a new agent, which takes over what still runs: the
+VMs that ran keep running with their memory intact (memcheck), nothing half-made is
+left (no half image, no half-started clone, no QEMU without a row, no staging dir), and
+the work can be done again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from tests.hosts import Cli, status
+from tests.integration.conftest import BaseImage, VmFactory, vm_qemu_pids
+
+
+def _agent(cli: Cli) -> tuple[str, dict[str, str], int]:
+    info = json.loads((cli.home / "agent.json").read_text())
+    token = (cli.home / "agent.token").read_text().strip()
+    return f"http://127.0.0.1:{info['port']}", {"Authorization": f"Bearer {token}"}, int(info["pid"])
+
+
+def _kill_agent_when(cli: Cli, line: str, after_s: float, request: dict[str, Any]) -> dict[str, Any]:
+    """Send request to the agent in a thread; SIGKILL the agent after_s after its log shows
+    line. What the request got (an error: the agent died under it)."""
+    url, headers, pid = _agent(cli)
+    log = cli.home / "agent.log"
+    start = log.stat().st_size
+    got: dict[str, Any] = {}
+
+    def send() -> None:
+        try:
+            got["response"] = httpx.request(request["method"], url + request["path"], json=request.get("json"),
+                                            headers=headers, timeout=120)
+        except httpx.HTTPError as exc:
+            got["error"] = exc
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while line not in log.read_text(errors="replace")[start:]:
+        assert time.monotonic() < deadline, f"the agent never logged {line!r}"
+        time.sleep(0.005)
+    time.sleep(after_s)
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=60)
+    return got
+
+
+def _no_leftovers(cli: Cli) -> None:
+    listed = {v["name"]: v for v in cli.json("list")}  # starts the next agent
+    assert all(v["state"] in ("running", "paused") for v in listed.values()), listed
+    assert len(vm_qemu_pids(cli)) == len(listed), (vm_qemu_pids(cli), sorted(listed))
+    images = cli.home / "images"
+    assert not [p.name for p in images.iterdir() if p.name.startswith((".staging-", ".fetching-"))]
+
+
+def test_agent_killed_mid_capture(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
+    """A booted VM's capture (its whole memory saved and stored: about a second) cut short."""
+    src: dict[str, Any] = cli.json("boot", "capkill", "--memory", "256M")
+    vms.names.append("capkill")
+    assert cli.ask("capkill", "memcheck-fill 48 777")["ok"]
+    got = _kill_agent_when(cli, "live-image create vm=capkill image=capkill-img: started", 0.25,
+                           {"method": "POST", "path": "/v1/live-images", "json": {"vm": "capkill", "name": "capkill-img"}})
+    assert "error" in got, f"the capture was not cut short: {got}"
+    _no_leftovers(cli)
+    after = cli.json("show", "capkill")
+    assert after["state"] == "running", "the capture's pause outlived the agent that made it"
+    assert status(src["endpoint"])["hostname"] == "capkill"
+    assert cli.ask("capkill", "memcheck-verify")["result"]["bad_pages"] == 0
+    images = {i["name"] for i in cli.json("live-image", "list")}
+    if "capkill-img" not in images:  # the capture did not commit: it can be made again, whole
+        cli.json("live-image", "create", "capkill", "capkill-img")
+    [clone] = vms.clones("capkill-img", 1, "capkill-c")
+    assert cli.ask(clone["name"], "memcheck-verify")["result"]["bad_pages"] == 0
+    vms.destroy_all()
+    cli.json("live-image", "delete", "capkill-img")
+
+
+def test_agent_killed_mid_clone_burst(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
+    [keeper] = vms.clones(base_image.name, 1, "burstkeep")  # ran before: must run after
+    got = _kill_agent_when(cli, "start 4 clone(s) vm=burstkill-1", 0.1,
+                           {"method": "POST", "path": f"/v1/live-images/{base_image.name}/start",
+                            "json": {"count": 4, "name": "burstkill"}})
+    assert "error" in got or got["response"].status_code >= 500 or got["response"].status_code == 200, got
+    _no_leftovers(cli)
+    listed = {v["name"] for v in cli.json("list")}
+    assert keeper["name"] in listed
+    assert cli.ask(keeper["name"], "memcheck-verify")["result"]["bad_pages"] == 0
+    survivors = sorted(n for n in listed if n.startswith("burstkill-"))
+    vms.names += survivors  # destroyed at teardown
+    for name in survivors:  # what finished before the kill runs as a clone should
+        assert cli.ask(name, "memcheck-verify")["result"]["bad_pages"] == 0
+    # and the burst can be asked for again, under names not taken
+    again = vms.clones(base_image.name, 4, "burstagain")
+    assert len(again) == 4
