@@ -82,7 +82,7 @@ def agents(bed: TestBed, work: Path) -> Iterator[dict[str, AgentClient]]:
             client.close()
 
 
-def _ask(client: AgentClient, vm: str, command: str, timeout: float = 120.0) -> dict[str, Any]:
+def ask(client: AgentClient, vm: str, command: str, timeout: float = 120.0) -> dict[str, Any]:
     answer: dict[str, Any] = client.call("POST", f"/v1/vms/{vm}/guest", json={"command": command, "timeout": timeout})
     return answer
 
@@ -103,7 +103,7 @@ def _move(client: AgentClient, vm: str, to: str, mode: str) -> dict[str, Any]:
     return job
 
 
-def _serial_tail(client: AgentClient, vm: str, lines: int = 40) -> str:
+def serial_tail(client: AgentClient, vm: str, lines: int = 40) -> str:
     """The last lines of the VM's console (its QEMU's serial log), to see why a guest failed."""
     try:
         pid = client.call("GET", f"/v1/vms/{vm}")["pid"]
@@ -114,11 +114,11 @@ def _serial_tail(client: AgentClient, vm: str, lines: int = 40) -> str:
         return f"(no serial log: {exc!r})"
 
 
-def _one(bed: TestBed, clients: dict[str, AgentClient], vm: str, ip: str, at: str, mode: str, rate: int) -> dict[str, Any]:
+def one_move(bed: TestBed, clients: dict[str, AgentClient], vm: str, ip: str, at: str, mode: str, rate: int) -> dict[str, Any]:
     """One move of vm from host `at` to the other under the client (and the guest writing `rate` MB/s)."""
     src, dst = clients[at], clients[other(at)]
     if rate:
-        answer = _ask(src, vm, f"memcheck-dirty 64 {rate}")
+        answer = ask(src, vm, f"memcheck-dirty 64 {rate}")
         if not answer.get("ok"):
             raise MigrationError(f"cannot start the memory writer: {answer}")
         time.sleep(1.0)
@@ -132,15 +132,15 @@ def _one(bed: TestBed, clients: dict[str, AgentClient], vm: str, ip: str, at: st
     except BaseException:
         if rate:
             with contextlib.suppress(Exception):
-                _ask(src, vm, "memcheck-dirty-stop", timeout=10)
+                ask(src, vm, "memcheck-dirty-stop", timeout=10)
         raise
     # A guest that stops answering after its move is a result of this run (counted,
     # with its console), not the end of the whole bench.
     guest_error, verify = None, {}
     try:
         if rate:
-            _ask(dst, vm, "memcheck-dirty-stop", timeout=GUEST_ANSWER_S)
-        verify = _ask(dst, vm, "memcheck-verify", timeout=GUEST_ANSWER_S)
+            ask(dst, vm, "memcheck-dirty-stop", timeout=GUEST_ANSWER_S)
+        verify = ask(dst, vm, "memcheck-verify", timeout=GUEST_ANSWER_S)
     except VmstreamError as exc:
         guest_error = str(exc)
     broken = guest_error or not verify.get("ok") or verify.get("result", {}).get("bad_pages") or stats.client_gap_ms > 2000
@@ -148,7 +148,7 @@ def _one(bed: TestBed, clients: dict[str, AgentClient], vm: str, ip: str, at: st
     return {
         "guest_error": guest_error,
         # a guest that failed after the move: its console, to see why (a panic shows here)
-        "serial_tail": _serial_tail(dst, vm) if broken else None,
+        "serial_tail": serial_tail(dst, vm) if broken else None,
         "downtime_ms": result["downtime_ms"], "client_gap_ms": stats.client_gap_ms, "total_s": result["total_s"],
         "bytes_sent": result["bytes_sent"], "failed_requests": stats.failed_requests,
         "reset_connections": stats.reset_connections, "requests": stats.requests, "rounds": result["rounds"],
@@ -167,7 +167,7 @@ def _loads(bed: TestBed, clients: dict[str, AgentClient], vm: str, mode: str, lo
     ip = clients["a"].call("GET", f"/v1/vms/{vm}")["endpoint"].removeprefix("http://").rstrip("/")
     at = "a"
     for load in loads:
-        out[load] = _one(bed, clients, vm, ip, at, mode, LOADS[load])
+        out[load] = one_move(bed, clients, vm, ip, at, mode, LOADS[load])
         at = other(at)
         if out[load]["guest_error"]:
             break
@@ -175,9 +175,9 @@ def _loads(bed: TestBed, clients: dict[str, AgentClient], vm: str, mode: str, lo
     return out
 
 
-def _boot_filled(client: AgentClient, name: str, memory_mib: int) -> None:
+def boot_filled(client: AgentClient, name: str, memory_mib: int) -> None:
     client.call("POST", "/v1/vms", json={"name": name, "memory": f"{memory_mib}M", "cpus": 1})
-    fill = _ask(client, name, "memcheck-fill 32 7")
+    fill = ask(client, name, "memcheck-fill 32 7")
     if not fill.get("ok"):
         raise MigrationError(f"memcheck-fill failed in {name}: {fill}")
 
@@ -193,10 +193,10 @@ def measure(work: Path, modes: tuple[str, ...] = ("live", "delta"), loads: tuple
         out["meta"]["accel"] = clients["a"].call("GET", "/v1/info")["accelerator"]
         a = clients["a"]
         if "live" in modes:
-            _boot_filled(a, "live", memory_mib)
+            boot_filled(a, "live", memory_mib)
             out["live"] = _loads(bed, clients, "live", "live", loads)
         if "delta" in modes:
-            _boot_filled(a, "imgsrc", memory_mib)
+            boot_filled(a, "imgsrc", memory_mib)
             a.call("POST", "/v1/live-images", json={"vm": "imgsrc", "name": "image"})
             a.call("DELETE", "/v1/vms/imgsrc")
             started = a.call("POST", "/v1/live-images/image/start", json={"count": 1, "name": "clone", "pool": False})

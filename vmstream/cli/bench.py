@@ -176,6 +176,19 @@ def migrate(out: OutOpt = DEFAULT_OUT, memory_mib: MemOpt = 256, as_json: JsonOp
     _run(b, out, as_json, memory_mib=memory_mib)
 
 
+@bench_app.command("soak")
+def soak(
+    out: OutOpt = DEFAULT_OUT, memory_mib: MemOpt = 256,
+    moves: Annotated[int, typer.Option("--moves", min=2, help="Moves in all, live and delta in turn.")] = 200,
+    clone_every: Annotated[int, typer.Option("--clone-every", min=0, help="A clone started and destroyed every N moves (0: none).")] = 10,
+    as_json: JsonOpt = False,
+) -> None:
+    """Many live moves in a row, memcheck after each: guest losses, lost connections, agent leaks."""
+    from vmstream.bench import soak as b
+
+    _run(b, out, as_json, moves=moves, memory_mib=memory_mib, clone_every=clone_every)
+
+
 @bench_app.command("openstack")
 def openstack(
     out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 3,
