@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.hosts import Cli, status
+from tests.hosts import Cli, our_qemu_pids, status
 from tests.integration.conftest import BaseImage, VmFactory, vm_qemu_pids
 
 
@@ -101,3 +103,32 @@ def test_agent_killed_mid_clone_burst(cli: Cli, base_image: BaseImage, vms: VmFa
     # and the burst can be asked for again, under names not taken
     again = vms.clones(base_image.name, 4, "burstagain")
     assert len(again) == 4
+
+
+def test_a_full_store_during_a_capture(tmp_path: Path) -> None:
+    """The store's file system fills up while a capture writes the image's memory: the capture
+    fails naming the cause, the VM runs on with its memory, nothing of the image is left
+    (no half image, no ref, no temporary file), and with room again the capture succeeds."""
+    store = tmp_path / "store"
+    store.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "vmstream-test-full", str(store)], check=True)
+    cli = Cli(tmp_path / "home", {"VMSTREAM_STORE": str(store)})
+    try:
+        cli.json("boot", "full", "--memory", "256M")
+        assert cli.ask("full", "memcheck-fill 48 4711")["ok"]  # 48 MiB of random pages: they do not compress
+        proc = cli.run("live-image", "create", "full", "full-img")
+        assert proc.returncode != 0
+        assert "No space left on device" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert cli.json("show", "full")["state"] == "running"
+        assert cli.ask("full", "memcheck-verify")["result"]["bad_pages"] == 0
+        assert cli.json("live-image", "list") == []
+        assert not list((tmp_path / "home" / "images").iterdir())
+        assert not [p for p in store.rglob("*") if p.is_file() and (p.name.endswith(".tmp") or "images/full-img" in str(p))]
+        subprocess.run(["mount", "-o", "remount,size=512m", str(store)], check=True)
+        cli.json("live-image", "create", "full", "full-img")
+        [clone] = cli.json("live-image", "start", "full-img")["vms"]
+        assert cli.ask(clone["name"], "memcheck-verify")["result"]["bad_pages"] == 0
+    finally:
+        cli.run("agent", "stop", "--destroy-vms")
+        subprocess.run(["umount", str(store)], check=False)
+        assert not our_qemu_pids(tmp_path / "home")

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +61,7 @@ from vmstream.store import ChunkStore, StoreError, collect_garbage
 from vmstream.store.gc import DEFAULT_GRACE
 from vmstream.store.peer import PeerBackend
 from vmstream.store.spec import open_backend
+from vmstream.store.store import REFS
 
 BOOT_TIMEOUT_S = 240.0
 # A probe sent while a booting guest's network is not up yet hangs (slirp gets no answer to
@@ -396,8 +398,25 @@ class HostManager:
         if isinstance(self.store.backend, PeerBackend):
             raise InvalidInput("this host streams from a peer's store: run the GC on the host that owns it")
         async with operation("store GC"):
+            orphans = await asyncio.to_thread(self._drop_orphan_refs, grace)
             report = await asyncio.to_thread(collect_garbage, self.store, grace=grace)
-        return dataclasses.asdict(report)
+        return {**dataclasses.asdict(report), "orphan_refs": orphans}
+
+    def _drop_orphan_refs(self, grace: float) -> list[str]:
+        """Image memory refs older than grace whose image never committed (its capture was
+        killed between storing the memory and the commit): without this they keep their
+        packs alive for good. The age keeps a capture under way (here or on a host sharing
+        the store) safe: its ref is seconds old when its image commits."""
+        now, dropped = time.time(), []
+        names = self.images.names()
+        for obj in self.store.backend.list(REFS + "images/"):
+            parts = obj.key[len(REFS):].split("/")
+            if len(parts) == 3 and parts[2] == "memory" and parts[1] not in names and now - obj.mtime >= grace:
+                self.store.delete_ref(obj.key[len(REFS):])
+                dropped.append(parts[1])
+        if dropped:
+            log.info("dropped the memory of captures that never committed: %s", ", ".join(dropped))
+        return dropped
 
     async def _gc_loop(self) -> None:
         """Run the store GC every gc_interval_s (a store shared by hosts may run it on each)."""
