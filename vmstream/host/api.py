@@ -80,7 +80,10 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         """FastAPI's own errors (a wrong token, an unknown route or method) in the agent's error shape."""
-        kind = HTTPStatus(exc.status_code).phrase.replace(" ", "") if exc.status_code in HTTPStatus._value2member_map_ else "Error"
+        try:
+            kind = HTTPStatus(exc.status_code).phrase.replace(" ", "")
+        except ValueError:  # a status http.HTTPStatus does not name
+            kind = "Error"
         return JSONResponse({"error": kind, "message": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(VmstreamError)
