@@ -38,6 +38,12 @@ class Cli:
         assert proc.returncode == 0, f"vmstream {' '.join(args)} failed: {proc.stderr or proc.stdout}"
         return json.loads(proc.stdout)
 
+    def agent(self) -> tuple[str, dict[str, str], int]:
+        """The running agent's base URL, its Authorization header and its pid (from the data dir)."""
+        info = json.loads((self.home / "agent.json").read_text())
+        token = (self.home / "agent.token").read_text().strip()
+        return f"http://127.0.0.1:{info['port']}", {"Authorization": f"Bearer {token}"}, int(info["pid"])
+
     def ask(self, vm: str, command: str, timeout: float = 120) -> dict[str, Any]:
         proc = self.run("guest", "ask", vm, command, "--timeout", str(timeout), timeout=timeout + 60)
         assert proc.returncode == 0, proc.stderr

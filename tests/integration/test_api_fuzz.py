@@ -41,12 +41,6 @@ generation.max-examples = 8
 """
 
 
-def _agent(cli: Cli) -> tuple[str, dict[str, str]]:
-    port = json.loads((cli.home / "agent.json").read_text())["port"]
-    token = (cli.home / "agent.token").read_text().strip()
-    return f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
-
-
 def _report(report_dir: Path) -> tuple[int, list[dict[str, Any]]]:
     """Generated cases and failed checks of a schemathesis NDJSON report."""
     cases, failed = 0, []
@@ -78,7 +72,7 @@ def _fuzz(cli: Cli, tmp_path: Path) -> None:
     clones = cli.json("live-image", "start", "fuzzed-img", "--count", "2")["vms"]
     before_vms = {v["name"] for v in cli.json("list")}
     before_images = {i["name"] for i in cli.json("live-image", "list")}
-    url, headers = _agent(cli)
+    url, headers, _ = cli.agent()
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
     report = tmp_path / "report"
@@ -123,7 +117,7 @@ def _fuzz(cli: Cli, tmp_path: Path) -> None:
 def test_oversized_guest_input_is_refused_before_any_qemu_starts(cli: Cli, base_image: BaseImage) -> None:
     """A guest parameter of 200 KB once made a clone whose identity line the guest dropped (500 after
     a timeout); now it is a 400 that names the limit, and nothing starts."""
-    url, headers = _agent(cli)
+    url, headers, _ = cli.agent()
     before = vm_qemu_pids(cli)
     with httpx.Client(base_url=url, headers=headers, timeout=120) as api:
         big = api.post(f"/v1/live-images/{base_image.name}/start", json={"count": 1, "name": "big", "params": {"blob": "x" * 200_000}})

@@ -8,7 +8,6 @@ the work can be done again.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,16 +22,10 @@ from tests.hosts import Cli, our_qemu_pids, status
 from tests.integration.conftest import BaseImage, VmFactory, vm_qemu_pids
 
 
-def _agent(cli: Cli) -> tuple[str, dict[str, str], int]:
-    info = json.loads((cli.home / "agent.json").read_text())
-    token = (cli.home / "agent.token").read_text().strip()
-    return f"http://127.0.0.1:{info['port']}", {"Authorization": f"Bearer {token}"}, int(info["pid"])
-
-
 def _kill_agent_when(cli: Cli, line: str, after_s: float, request: dict[str, Any]) -> dict[str, Any]:
     """Send request to the agent in a thread; SIGKILL the agent after_s after its log shows
     line. What the request got (an error: the agent died under it)."""
-    url, headers, pid = _agent(cli)
+    url, headers, pid = cli.agent()
     log = cli.home / "agent.log"
     start = log.stat().st_size
     got: dict[str, Any] = {}
