@@ -53,6 +53,7 @@ from vmstream.host.state import Op, VmState, check
 from vmstream.host.tasks import Tasks, log, operation
 from vmstream.host.workingset import WorkingSets
 from vmstream.image import ImageRepository
+from vmstream.memfs import memory_ref
 from vmstream.memfs.mount import MemfsMount
 from vmstream.policy import MemoryPolicy, parse_floor, start_cost
 from vmstream.qemu import QemuProcess, guest_ram_bytes, qemu_version
@@ -410,10 +411,11 @@ class HostManager:
         now, dropped = time.time(), []
         names = self.images.names()
         for obj in self.store.backend.list(REFS + "images/"):
-            parts = obj.key[len(REFS):].split("/")
-            if len(parts) == 3 and parts[2] == "memory" and parts[1] not in names and now - obj.mtime >= grace:
-                self.store.delete_ref(obj.key[len(REFS):])
-                dropped.append(parts[1])
+            ref = obj.key[len(REFS):]
+            image = ref.split("/")[1]
+            if ref == memory_ref(image) and image not in names and now - obj.mtime >= grace:
+                self.store.delete_ref(ref)
+                dropped.append(image)
         if dropped:
             log.info("dropped the memory of captures that never committed: %s", ", ".join(dropped))
         return dropped

@@ -47,6 +47,8 @@ def identity_answer(answer: dict[str, Any]) -> bool:
 
 
 ATTEMPT_MAX_S = 16.0  # the longest one readiness probe waits for its answer
+# query-migrate states in which QEMU is still writing a state save (or stopping one)
+SAVE_UNDER_WAY = ("setup", "active", "device", "pre-switchover", "cancelling")
 
 
 class Starter:
@@ -350,11 +352,11 @@ class Starter:
         with contextlib.suppress(QMPError, EOFError, OSError, TimeoutError):
             async with asyncio.timeout(10), proc.qmp() as qmp:
                 migration: dict[str, Any] = await qmp.execute("query-migrate")  # type: ignore[assignment]
-                if migration.get("status") in ("setup", "active", "device", "pre-switchover", "cancelling"):
+                if migration.get("status") in SAVE_UNDER_WAY:
                     await qmp.execute("migrate_cancel")
-                    while migration.get("status") in ("setup", "active", "device", "pre-switchover", "cancelling"):
-                        await asyncio.sleep(0.05)
-                        migration = await qmp.execute("query-migrate")  # type: ignore[assignment]
+                while migration.get("status") in SAVE_UNDER_WAY:
+                    await asyncio.sleep(0.05)
+                    migration = await qmp.execute("query-migrate")  # type: ignore[assignment]
                 status: dict[str, Any] = await qmp.execute("query-status")  # type: ignore[assignment]
                 if status["status"] in ("paused", "postmigrate", "finish-migrate"):
                     await qmp.execute("cont")

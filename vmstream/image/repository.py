@@ -24,6 +24,7 @@ from vmstream.store import Backend
 MANIFEST = "manifest.json"
 STREAMED = ".pack"  # an image's files read straight from the store, never copied to a host's image dir
 META = "meta/images/"
+STAGING, FETCHING = ".staging-", ".fetching-"  # prefixes of the hidden dirs an image is built or fetched in
 
 
 class ImageRepository:
@@ -44,7 +45,7 @@ class ImageRepository:
     def remove_leftovers(self) -> list[str]:
         """Staging and fetching dirs an agent killed mid-capture or mid-fetch left behind (one
         agent per data dir: at its start none is in use). Their names, removed."""
-        stale = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith((".staging-", ".fetching-"))]
+        stale = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith((STAGING, FETCHING))]
         for p in stale:
             shutil.rmtree(p, ignore_errors=True)
         return [p.name for p in stale]
@@ -70,7 +71,7 @@ class ImageRepository:
         """Copy an image's files from the store into the local cache dir."""
         if self.backend is None or not self.backend.exists(self._meta(name, MANIFEST)):
             raise NotFound(f"no live image named '{name}': see 'vmstream live-image list'")
-        stage = self.root / f".fetching-{name}-{uuid.uuid4().hex[:8]}"
+        stage = self.root / f"{FETCHING}{name}-{uuid.uuid4().hex[:8]}"
         stage.mkdir()
         try:
             for obj in self.backend.list(self._meta(name)):
@@ -110,7 +111,7 @@ class ImageRepository:
         """A directory to write a new image into; removed unless committed."""
         if self.exists(name):
             raise Conflict(f"a live image named '{name}' already exists: choose another name or delete it first")
-        stage = self.root / f".staging-{name}-{uuid.uuid4().hex[:8]}"
+        stage = self.root / f"{STAGING}{name}-{uuid.uuid4().hex[:8]}"
         stage.mkdir()
         try:
             yield stage
