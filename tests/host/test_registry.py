@@ -46,6 +46,37 @@ def test_a_bridged_range_runs_out_with_a_clear_error(tmp_path: Path) -> None:
         asyncio.run(reg.reserve(["b"], **ROW))
 
 
+def test_an_address_lent_to_a_departed_vm_is_not_handed_out_until_given_back(tmp_path: Path) -> None:
+    first, last = ipaddress.IPv4Address("10.9.0.2"), ipaddress.IPv4Address("10.9.0.3")
+    reg = _registry(tmp_path, BridgedNet("br0", "vmstream-no-such-ns", first, last, 24, None))
+    (moved,) = asyncio.run(reg.reserve(["moved"], **ROW))
+    assert moved.ip is not None
+    reg.delete("moved", lent_to="hostb")  # it migrated to hostb, keeping its address
+    assert [(r.ip, r.vm, r.to_host) for r in reg.lent()] == [(moved.ip, "moved", "hostb")]
+    (clone,) = asyncio.run(reg.reserve(["clone"], **ROW))
+    assert clone.ip != moved.ip
+    with pytest.raises(Conflict, match=r"1 of them lent to VMs that migrated away"):
+        asyncio.run(reg.reserve(["another"], **ROW))
+    # back from hostb: its row takes the address over, and it is no longer lent
+    ident = {"hostname": "moved", "mac": moved.mac, "vmgenid": moved.vmgenid, "ip": moved.ip}
+    (back,) = asyncio.run(reg.reserve(["moved"], identity=ident, **ROW))
+    assert back.ip == moved.ip and reg.lent() == []
+    reg.delete("moved", lent_to="hostb")
+    assert not reg.release(moved.ip, "someone-else")  # only the VM it was lent to gives it back
+    assert reg.release(moved.ip, "moved") and reg.lent() == []
+    (again,) = asyncio.run(reg.reserve(["again"], **ROW))
+    assert again.ip == moved.ip
+
+
+def test_an_address_of_another_hosts_range_is_not_lent(tmp_path: Path) -> None:
+    one = ipaddress.IPv4Address("10.9.0.2")
+    reg = _registry(tmp_path, BridgedNet("br0", "vmstream-no-such-ns", one, one, 24, None))
+    ident = {"hostname": "v", "mac": "52:54:00:00:00:01", "vmgenid": "g", "ip": "10.9.0.77"}
+    asyncio.run(reg.reserve(["v"], identity=ident, **ROW))  # it came from the host whose range 10.9.0.77 is in
+    reg.delete("v", lent_to="hostc")
+    assert reg.lent() == [] and not reg.owns("10.9.0.77") and reg.owns("10.9.0.2")
+
+
 def test_begin_checks_and_moves_the_state_in_one_step(tmp_path: Path) -> None:
     reg = _registry(tmp_path)
     asyncio.run(reg.reserve(["a"], state=VmState.RUNNING, **ROW))

@@ -8,6 +8,7 @@ to it, when it migrates to the other host.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,6 +60,19 @@ def test_bridged_vms_keep_their_address_and_connection_when_they_move(bed: TestB
         with bed.connect(vm_ip(c2), 80) as s2:
             assert http_get(s2, keep_alive=False) == c2["name"]
         assert len(taps(bed.hosts["a"].netns)) == 2 and len(taps(bed.hosts["b"].netns)) == 1
+        # A keeps the moved VM's address for it: a new clone on A gets another one
+        assert [(r["ip"], r["vm"], r["to_host"]) for r in a.json("peer", "lent")] == [(vm_ip(c1), c1["name"], "b")]
+        (c3,) = a.json("live-image", "start", "br-img", "--name", "br-late")["vms"]
+        assert vm_ip(c3) not in {vm_ip(v) for v in (src, c1, c2)}, c3
+        with bed.connect(vm_ip(c1), 80) as s1:
+            assert http_get(s1, keep_alive=False) == c1["name"], "the moved VM still answers at its address"
+        # destroyed on B, it gives the address back to A (B knows A as a peer)
+        b.json("peer", "add", "a", "--home", str(a.home))
+        assert b.run("destroy", c1["name"]).returncode == 0
+        deadline = time.monotonic() + 30
+        while a.json("peer", "lent") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert a.json("peer", "lent") == [], "B gave the address back when the VM was destroyed there"
     finally:
         for host in (b, a):
             host.run("agent", "stop", "--destroy-vms")

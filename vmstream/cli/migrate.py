@@ -74,6 +74,20 @@ def peer_remove(name: str) -> None:
     out.print(f"peer {name} removed")
 
 
+@peer_app.command("lent")
+def peer_lent(as_json: JsonOpt = False) -> None:
+    """This host's addresses kept for VMs that migrated to peers (bridged hosts): not handed
+    out again until the VM comes back or the host it ends on reports it destroyed."""
+    lent = _client().call("GET", "/v1/addresses/lent")
+    if as_json:
+        print(json.dumps(lent, indent=2))
+        return
+    t = Table("address", "vm", "moved to", "since")
+    for r in lent:
+        t.add_row(r["ip"], r["vm"], r["to_host"], r["lent_at"])
+    out.print(t)
+
+
 def _line(m: dict[str, Any]) -> str:
     p = m.get("progress") or {}
     parts = [f"{m['state']}", f"mode {m.get('mode') or m['requested_mode']}", f"{m['elapsed_s']:.1f}s"]

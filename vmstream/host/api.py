@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vmstream import __version__
-from vmstream.errors import InvalidInput, VmstreamError
+from vmstream.errors import InvalidInput, NotFound, VmstreamError
 from vmstream.host.manager import HostManager
 from vmstream.host.schemas import (
     BootRequest,
@@ -34,6 +34,7 @@ from vmstream.host.schemas import (
     IncomingAnswer,
     IncomingRequest,
     IncomingStatus,
+    LentAddress,
     MigrateRequest,
     MigrationInfo,
     PeerInfo,
@@ -222,6 +223,17 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
     async def remove_peer(name: str) -> dict[str, str]:
         peer_hosts.remove(name)
         return {"removed": name}
+
+    @app.get("/v1/addresses/lent", dependencies=v1)
+    async def lent_addresses() -> list[LentAddress]:
+        return [LentAddress(ip=r.ip, vm=r.vm, to_host=r.to_host, lent_at=r.lent_at) for r in manager.registry.lent()]
+
+    @app.delete("/v1/addresses/lent/{ip}", dependencies=v1)
+    async def release_address(ip: str, vm: str) -> dict[str, str]:
+        """A peer reports VM vm, which left with address ip, destroyed: ip may be handed out again."""
+        if not manager.registry.release(ip, vm):
+            raise NotFound(f"address {ip} is not lent to a VM named '{vm}' by this host: see GET /v1/addresses/lent")
+        return {"released": ip}
 
     @app.post("/v1/vms/{name}/migrate", dependencies=v1, status_code=202)
     async def migrate(name: str, req: MigrateRequest) -> MigrationInfo:

@@ -88,6 +88,18 @@ class PeerRecord(Base):
     added_at: Mapped[datetime] = mapped_column(UtcDateTime, default=lambda: datetime.now(UTC))
 
 
+class LentAddressRecord(Base):
+    """An address of this host's range whose VM migrated to a peer: it stays the VM's, so it is
+    not handed out again until the VM comes back or the host it ends on reports it destroyed."""
+
+    __tablename__ = "lent_addresses"
+
+    ip: Mapped[str] = mapped_column(String, primary_key=True)
+    vm: Mapped[str] = mapped_column(String)
+    to_host: Mapped[str] = mapped_column(String)  # the peer it moved to (it may have moved on since)
+    lent_at: Mapped[datetime] = mapped_column(UtcDateTime, default=lambda: datetime.now(UTC))
+
+
 def open_db(path: Path) -> sessionmaker:
     engine: Engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False})
 

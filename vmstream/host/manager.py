@@ -268,6 +268,12 @@ class HostManager:
         rec = self.registry.begin(name, Op.DESTROY, VmState.STOPPING)
         async with operation("destroy", vm=name):
             await self.starter.remove(rec)
+        if self._borrowed(rec):
+            self.tasks.spawn(self.peers.release_address(rec.ip, rec.name), "give back address", vm=name)  # type: ignore[arg-type]
+
+    def _borrowed(self, rec: VmRecord) -> bool:
+        """A VM that came by migration with an address of another host's range (lent by it)."""
+        return bool(rec.ip) and not self.registry.owns(rec.ip)  # type: ignore[arg-type]
 
     async def pause(self, name: str) -> VmInfo:
         """Stop a VM's vCPUs: it keeps its memory, devices and connections, uses no CPU and
@@ -295,6 +301,7 @@ class HostManager:
         recs = self.registry.all()
         await self.pool.drain()
         await asyncio.gather(*(self.starter.remove(r) for r in recs))
+        await asyncio.gather(*(self.peers.release_address(r.ip, r.name) for r in recs if self._borrowed(r)))  # type: ignore[arg-type]
         await self.memfs.stop()
         return len(recs)
 

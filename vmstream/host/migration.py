@@ -194,7 +194,7 @@ class Migrations:
                                                      netns=self.starter.vm_netns, progress=report, cancel=job.cancel,
                                                      on_failure=target.remove)
                     await target.wait_running(60.0)
-                await self.starter.remove(rec)
+                await self.starter.remove(rec, lent_to=job.to)  # its address stays its own: not handed to a clone here
                 job.state = "completed"
         except BaseException as exc:
             if prepared and job.result is None:

@@ -11,7 +11,8 @@ connections. Set by the agent's settings (vmstream.settings), i.e. its environme
     VMSTREAM_VM_ADDRESSES=10.77.0.10-10.77.0.49/24   addresses this host hands out
     VMSTREAM_VM_GATEWAY=10.77.0.1                optional
 
-Hosts on one segment need disjoint ranges: a VM keeps its address wherever it runs.
+Hosts on one segment need disjoint ranges: a VM keeps its address wherever it runs,
+and its home host keeps it lent meanwhile (VmRegistry.delete, docs/migration.md).
 """
 
 from __future__ import annotations

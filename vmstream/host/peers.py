@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmstream.agentapi import AsyncApiClient
 from vmstream.config import check_name
-from vmstream.errors import InvalidInput, NotFound
+from vmstream.errors import InvalidInput, NotFound, VmstreamError
 from vmstream.host.db import PeerRecord
 from vmstream.host.schemas import PeerInfo
 
 PEER_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+log = logging.getLogger("vmstream.agent")
 
 
 def peer_client(name: str, url: str, token: str) -> AsyncApiClient:
@@ -58,3 +62,19 @@ class Peers:
         if rec is None:
             raise NotFound(f"no peer host named '{name}': add it with 'vmstream peer add {name} URL --token TOKEN'")
         return peer_client(rec.name, rec.url, rec.token)
+
+    async def release_address(self, ip: str, vm: str) -> None:
+        """Tell every peer that VM vm, which came with address ip, is gone: the peer whose
+        range it is (where it was lent, VmRegistry.delete) may hand it out again. A peer that
+        cannot be reached keeps it lent, which is safe: that address is not reused."""
+        async def one(peer: PeerInfo) -> None:
+            try:
+                async with self.client(peer.name) as client:
+                    await client.call("DELETE", f"/v1/addresses/lent/{ip}", params={"vm": vm})
+                log.info("address %s of VM %s given back to peer %s", ip, vm, peer.name)
+            except NotFound:
+                pass  # not that peer's address
+            except (VmstreamError, httpx.HTTPError, OSError) as exc:
+                log.warning("could not give address %s of VM %s back to peer %s (%s): it stays lent there", ip, vm, peer.name, exc)
+
+        await asyncio.gather(*(one(p) for p in self.list()))

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmstream.errors import Conflict, NotFound
-from vmstream.host.db import VmRecord
+from vmstream.host.db import LentAddressRecord, VmRecord
 from vmstream.host.network import BridgedNet
 from vmstream.host.state import Op, VmState, check
 
@@ -116,16 +116,40 @@ class VmRegistry:
             s.commit()
             return True
 
-    def delete(self, name: str) -> VmRecord | None:
-        """Drop a row (its QEMU already stopped), and its tap on a bridged host."""
+    def delete(self, name: str, lent_to: str | None = None) -> VmRecord | None:
+        """Drop a row (its QEMU already stopped), and its tap on a bridged host.
+        lent_to: the peer the VM moved to; an address of this host's range stays reserved
+        for it (lent) in the same transaction, so no clone here is given it meanwhile."""
         with self.session() as s:
             rec = s.get(VmRecord, name)
             if rec is not None:
                 s.delete(rec)
+                if lent_to and rec.ip and self.owns(rec.ip):
+                    s.merge(LentAddressRecord(ip=rec.ip, vm=name, to_host=lent_to))
                 s.commit()
         if rec is not None and rec.ip and self.net is not None:
             self.net.remove_tap(rec.vm_id)
         return rec
+
+    def owns(self, ip: str) -> bool:
+        """Whether ip is in this host's range (VMSTREAM_VM_ADDRESSES)."""
+        return self.net is not None and ip in self.net.addresses()
+
+    def lent(self) -> list[LentAddressRecord]:
+        """This host's addresses held by VMs that migrated to peers."""
+        with self.session() as s:
+            return list(s.scalars(select(LentAddressRecord).order_by(LentAddressRecord.ip)))
+
+    def release(self, ip: str, vm: str) -> bool:
+        """A lent address is free again: VM vm was destroyed on the host it moved to.
+        False if ip is not lent to vm (already released, or lent again to another VM)."""
+        with self.session() as s:
+            row = s.get(LentAddressRecord, ip)
+            if row is None or row.vm != vm:
+                return False
+            s.delete(row)
+            s.commit()
+            return True
 
     async def reserve(
         self, names: list[str], *, identity: dict[str, str] | None = None, state: VmState = VmState.STARTING,
@@ -142,7 +166,12 @@ class VmRegistry:
                 used = set(s.scalars(select(VmRecord.http_port)))
                 for forwards in s.scalars(select(VmRecord.ports).where(VmRecord.ports.is_not(None))):
                     used.update(int(h) for h in json.loads(forwards or "{}").values())
-                used_ips = set(s.scalars(select(VmRecord.ip)))
+                used_ips = set(s.scalars(select(VmRecord.ip))) | set(s.scalars(select(LentAddressRecord.ip)))
+                back = (identity or {}).get("ip")
+                if back:  # a VM coming back with an address this host lent it: its row holds it now
+                    lent = s.get(LentAddressRecord, back)
+                    if lent is not None:
+                        s.delete(lent)
                 free_ips = [a for a in self.net.addresses() if a not in used_ips] if self.net else []
                 recs = []
                 for name in names:
@@ -152,8 +181,10 @@ class VmRegistry:
                     ident = dict(identity or {"hostname": name, "mac": random_mac(), "vmgenid": str(uuid.uuid4())})
                     if self.net is not None and not ident.get("ip"):
                         if not free_ips:
+                            n_lent = len(set(s.scalars(select(LentAddressRecord.ip))))
+                            lent_note = f" ({n_lent} of them lent to VMs that migrated away: GET /v1/addresses/lent)" if n_lent else ""
                             raise Conflict(f"no free VM address left in {self.net.first}-{self.net.last} "
-                                           "(VMSTREAM_VM_ADDRESSES): destroy a VM or give this host a larger range")
+                                           f"(VMSTREAM_VM_ADDRESSES){lent_note}: destroy a VM or give this host a larger range")
                         ident["ip"] = free_ips.pop(0)
                     recs.append(VmRecord(name=name, vm_id=vm_id, state=state, http_port=port, ports=json.dumps(ports) if ports else None,
                                          rundir=str(self.run_root / vm_id), **ident, **common))

@@ -191,6 +191,15 @@ class PeerInfo(BaseModel):
     added_at: datetime
 
 
+class LentAddress(BaseModel):
+    """An address of this host's range kept for a VM that migrated to a peer."""
+
+    ip: str
+    vm: str
+    to_host: str = Field(description="the peer it moved to (it may have moved on since)")
+    lent_at: datetime
+
+
 class MigrateRequest(BaseModel):
     to: str = Field(description="a peer host's name (see 'vmstream peer list')")
     mode: Literal["auto", "live", "delta"] = "auto"

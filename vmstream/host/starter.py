@@ -173,14 +173,14 @@ class Starter:
 
         return keep
 
-    def remove_row(self, name: str) -> None:
-        self.registry.delete(name)
+    def remove_row(self, name: str, lent_to: str | None = None) -> None:
+        self.registry.delete(name, lent_to)
         self._procs.pop(name, None)
 
-    async def remove(self, rec: VmRecord) -> None:
-        """Stop a VM's QEMU (removing its run dir) and drop its row."""
+    async def remove(self, rec: VmRecord, lent_to: str | None = None) -> None:
+        """Stop a VM's QEMU (removing its run dir) and drop its row (lent_to: see VmRegistry.delete)."""
         await self.proc(rec).stop()
-        self.remove_row(rec.name)
+        self.remove_row(rec.name, lent_to)
 
     def image_boot(self, image: LiveImage) -> dict[str, Any]:
         """The row fields that give an image's clones its machine: kernel (or the
