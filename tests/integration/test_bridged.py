@@ -8,6 +8,11 @@ to it, when it migrates to the other host.
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
+import os
+import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.hosts import bridged_host, fuse_mounts, http_get, our_qemu_pids, taps, vm_ip
-from vmstream.net.links import unique_prefix
-from vmstream.net.testbed import TestBed
+from vmstream.host.network import BridgedNet
+from vmstream.net.links import in_netns, unique_prefix
+from vmstream.net.testbed import HOST_BRIDGE, UPLINK, TestBed
 
 
 @pytest.fixture
@@ -79,6 +85,57 @@ def test_bridged_vms_keep_their_address_and_connection_when_they_move(bed: TestB
     for host in (a, b):
         assert not our_qemu_pids(host.home) and not fuse_mounts(host.home)
     assert not taps(bed.hosts["a"].netns) and not taps(bed.hosts["b"].netns), "every VM's tap was removed"
+
+
+def _fdb_port(netns: str, mac: str) -> str | None:
+    """The port a bridge in netns sends frames for mac to (None: it does not know the MAC)."""
+    out = subprocess.run(["bridge", "-n", netns, "fdb", "show"], capture_output=True, text=True, check=True).stdout
+    ports = [line.split()[2] for line in out.splitlines() if line.startswith(mac) and "master" in line]
+    return ports[0] if ports else None
+
+
+def _attach(netns: str, tap: str) -> int:
+    """Open a tap as QEMU does (its carrier comes up, so its bridge port forwards); the fd."""
+    with in_netns(netns):
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+    fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", tap.encode(), 0x0002 | 0x1000 | 0x4000))  # TUNSETIFF: TAP, NO_PI, VNET_HDR
+    return fd
+
+
+def _wait_forwarding(netns: str, dev: str) -> None:
+    deadline = time.monotonic() + 5
+    while "state forwarding" not in subprocess.run(["bridge", "-n", netns, "link", "show", "dev", dev],
+                                                   capture_output=True, text=True, check=False).stdout:
+        assert time.monotonic() < deadline, f"{dev} in {netns} never forwarded"
+        time.sleep(0.05)
+
+
+def test_a_claim_points_the_segment_at_the_arriving_host(bed: TestBed) -> None:
+    """What the destination does the moment the source stops a VM (BridgedNet.claim): its
+    bridge sends the VM's MAC to the VM's tap, and the fabric learns the host's port."""
+    nets = {h: BridgedNet(HOST_BRIDGE, bed.hosts[h].netns, *[ipaddress.IPv4Address(f"{bed.subnet}.{i}") for i in (10, 20)],
+                          24, None) for h in ("a", "b")}
+    mac, vm_id = "52:54:00:12:34:56", "claimtest0001"
+    held = []
+    for h, net in nets.items():
+        net.create_tap(vm_id)
+        held.append(_attach(bed.hosts[h].netns, BridgedNet.tap_name(vm_id)))  # as QEMU holds it: the port forwards
+    try:
+        for h in nets:  # a new link's carrier comes up within a second (the kernel's link watch)
+            for dev in (BridgedNet.tap_name(vm_id), UPLINK):
+                _wait_forwarding(bed.hosts[h].netns, dev)
+        nets["a"].claim(vm_id, mac)  # as if the VM ran on host a
+        assert _fdb_port(bed.fabric, mac) == bed.hosts["a"].fabric_port
+        assert _fdb_port(bed.hosts["a"].netns, mac) == BridgedNet.tap_name(vm_id)
+        nets["b"].claim(vm_id, mac)  # it moves to host b
+        assert _fdb_port(bed.fabric, mac) == bed.hosts["b"].fabric_port, "the fabric sends its frames to host b"
+        assert _fdb_port(bed.hosts["b"].netns, mac) == BridgedNet.tap_name(vm_id), "host b's bridge sends them to its tap"
+    finally:
+        for fd in held:
+            os.close(fd)
+        for net in nets.values():
+            net.remove_tap(vm_id)
+    assert not taps(bed.hosts["a"].netns) and not taps(bed.hosts["b"].netns)
 
 
 def test_bad_bridge_settings_are_refused(bed: TestBed, tmp_path: Path) -> None:

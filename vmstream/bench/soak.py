@@ -4,8 +4,9 @@ Two agents on a network test bed (as `bench migrate`: VMs on bridges, a client n
 sending requests to each VM throughout its move, over a kept-alive connection and new
 ones). A booted VM moves live and a clone moves by delta, in turn, back and forth, every
 fourth move of each while its guest rewrites memory at 20 MB/s; after each move the
-guest's memcheck region is verified on its new host. Every `clone_every` moves a clone
-of the image is started on host a, verified and destroyed (clone_cycles). A guest that
+guest's memcheck region is verified on its new host. Between the moves, `clone_cycles`
+clones of the image in all are started on host a one at a time, verified and destroyed
+(spread evenly: 1000 over 200 moves is 5 after each). A guest that
 stops answering after a move is counted (guest_panics, its console kept), destroyed and
 made again, so one loss does not end the run.
 
@@ -54,8 +55,13 @@ def _make(clients: dict[str, AgentClient], kind: str, memory_mib: int, n: int) -
 
 
 def _clone_cycle(client: AgentClient, n: int) -> int:
-    """Start a clone of the image, verify its memory, destroy it; its bad pages."""
-    vm = client.call("POST", f"/v1/live-images/{IMAGE}/start", json={"count": 1, "name": f"soak-cycle-{n}"})["vms"][0]["name"]
+    """Start a clone of the image, verify its memory, destroy it; its bad pages (-1: the
+    check failed, -2: the clone did not start)."""
+    try:
+        vm = client.call("POST", f"/v1/live-images/{IMAGE}/start", json={"count": 1, "name": f"soak-cycle-{n}"})["vms"][0]["name"]
+    except VmstreamError as exc:
+        say(f"clone cycle {n}: the clone did not start: {exc}")
+        return -2
     try:
         verify = ask(client, vm, "memcheck-verify")
         return int(verify["result"]["bad_pages"]) if verify.get("ok") else -1
@@ -63,12 +69,12 @@ def _clone_cycle(client: AgentClient, n: int) -> int:
         client.call("DELETE", f"/v1/vms/{vm}")
 
 
-def measure(work: Path, moves: int, memory_mib: int = 256, clone_every: int = 10) -> dict[str, Any]:
+def measure(work: Path, moves: int, memory_mib: int = 256, clone_cycles: int = 1000) -> dict[str, Any]:
     t0 = time.monotonic()
     prefix = unique_prefix("vs")
     records: list[dict[str, Any]] = []
     out: dict[str, Any] = {"meta": {"memory_mib": memory_mib, "host": platform.node(), "cpus": os.cpu_count(),
-                                    "moves": moves, "clone_every": clone_every}}
+                                    "moves": moves, "clone_cycles": clone_cycles}}
     with TestBed(prefix) as bed, agents(bed, work) as clients:
         a = clients["a"]
         out["meta"]["accel"] = a.call("GET", "/v1/info")["accelerator"]
@@ -78,7 +84,7 @@ def measure(work: Path, moves: int, memory_mib: int = 256, clone_every: int = 10
         made = {"live": 0, "delta": 0}
         vms = {kind: _make(clients, kind, memory_mib, 0) for kind in ("live", "delta")}
         at = {"live": "a", "delta": "a"}
-        cycles, cycle_bad, start_stats = 0, 0, None
+        cycles, cycle_bad, cycle_failed, start_stats = 0, 0, 0, None
         for i in range(moves):
             kind = "live" if i % 2 == 0 else "delta"
             vm = vms[kind]
@@ -102,25 +108,28 @@ def measure(work: Path, moves: int, memory_mib: int = 256, clone_every: int = 10
                     clients[at[kind]].call("DELETE", f"/v1/vms/{vm}")
                 made[kind] += 1
                 vms[kind], at[kind] = _make(clients, kind, memory_mib, made[kind]), "a"
-            if clone_every and (i + 1) % clone_every == 0:
+            while cycles < clone_cycles * (i + 1) // moves:
                 bad = _clone_cycle(a, cycles)
                 cycles += 1
                 cycle_bad += max(bad, 0)
+                cycle_failed += bad < 0
+                if cycles % 100 == 0:
+                    say(f"{cycles} clone cycles, {cycle_failed} failed, {cycle_bad} bad pages")
             if i == 1:  # both VMs moved once: the agents' steady state starts here
                 start_stats = {h: agent_stats(c) for h, c in clients.items()}
         end_stats = {h: agent_stats(c) for h, c in clients.items()}
     out["meta"]["elapsed_s"] = round(time.monotonic() - t0, 1)
     out["meta"]["left_behind"] = namespaces_with_prefix(prefix)
     out["records"] = records
-    out["clone_cycles"], out["clone_cycle_bad_pages"] = cycles, cycle_bad
+    out["clone_cycles"], out["clone_cycle_bad_pages"], out["clone_cycle_failures"] = cycles, cycle_bad, cycle_failed
     out["agents_start"], out["agents_end"] = start_stats or end_stats, end_stats
     return out
 
 
-def run(bench: Bench, moves: int = 200, memory_mib: int = 256, clone_every: int = 10) -> dict[str, Any]:
+def run(bench: Bench, moves: int = 200, memory_mib: int = 256, clone_cycles: int = 1000) -> dict[str, Any]:
     say(f"soak: {moves} moves of a {memory_mib} MiB booted VM (live) and a clone (delta) in turn between two agents, "
-        f"memcheck after each, a clone started and destroyed every {clone_every} moves")
-    raw = measure(bench.scratch / "soak", moves, memory_mib, clone_every)
+        f"memcheck after each, and {clone_cycles} clones started, verified and destroyed between them")
+    raw = measure(bench.scratch / "soak", moves, memory_mib, clone_cycles)
     rec = raw["records"]
     done = [r for r in rec if r.get("client_gap_ms") is not None]
     lost = [r for r in rec if r.get("guest_error") or (r.get("serial_tail") and "Kernel panic" in r["serial_tail"])]
@@ -138,6 +147,7 @@ def run(bench: Bench, moves: int = 200, memory_mib: int = 256, clone_every: int 
         "stalls_over_1s": sum(1 for r in done if r["client_gap_ms"] >= 1000),
         "max_client_gap_ms": max((r["client_gap_ms"] for r in done), default=None),
         "clone_cycles": raw["clone_cycles"],
+        "clone_cycle_failures": raw["clone_cycle_failures"],  # clones that did not start or whose memcheck could not run
         "agent_fds_start": start["fds"], "agent_fds_end": end["fds"],
         "agent_threads_start": start["threads"], "agent_threads_end": end["threads"],
         "agent_rss_start_bytes": start["rss_bytes"], "agent_rss_end_bytes": end["rss_bytes"],
@@ -151,7 +161,8 @@ def run(bench: Bench, moves: int = 200, memory_mib: int = 256, clone_every: int 
 
 def render(res: dict[str, Any]) -> tuple[str, Any]:
     rows = [[k, str(res[k])] for k in ("live_moves", "failed_moves", "guest_panics", "memcheck_bad_pages", "lost_connections",
-                                       "stalls_over_1s", "max_client_gap_ms", "clone_cycles")]
+                                       "stalls_over_1s", "max_client_gap_ms", "clone_cycles",
+                                       "clone_cycle_failures")]
     for key in ("fds", "threads", "rss_bytes"):
         s, e = res["agents"]["start"]["a"][key], res["agents"]["end"]["a"][key]
         rows.append([f"agent a {key}: after the first moves -> at the end", f"{s} -> {e} ({(e - s) / s:+.1%})" if s else f"{s} -> {e}"])

@@ -180,13 +180,14 @@ def migrate(out: OutOpt = DEFAULT_OUT, memory_mib: MemOpt = 256, as_json: JsonOp
 def soak(
     out: OutOpt = DEFAULT_OUT, memory_mib: MemOpt = 256,
     moves: Annotated[int, typer.Option("--moves", min=2, help="Moves in all, live and delta in turn.")] = 200,
-    clone_every: Annotated[int, typer.Option("--clone-every", min=0, help="A clone started and destroyed every N moves (0: none).")] = 10,
+    clone_cycles: Annotated[int, typer.Option("--clone-cycles", min=0,
+                                              help="Clones started, verified and destroyed in all, spread over the moves.")] = 1000,
     as_json: JsonOpt = False,
 ) -> None:
     """Many live moves in a row, memcheck after each: guest losses, lost connections, agent leaks."""
     from vmstream.bench import soak as b
 
-    _run(b, out, as_json, moves=moves, memory_mib=memory_mib, clone_every=clone_every)
+    _run(b, out, as_json, moves=moves, memory_mib=memory_mib, clone_cycles=clone_cycles)
 
 
 @bench_app.command("openstack")

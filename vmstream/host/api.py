@@ -264,6 +264,10 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
         await incoming_vms.announce(name)
         return {"announced": name}
 
+    @app.post("/v1/migrations/incoming/{name}/claim", dependencies=v1)
+    async def incoming_claim(name: str) -> dict[str, bool]:
+        return {"claimed": await incoming_vms.claim(name)}
+
     @app.delete("/v1/migrations/incoming/{name}", dependencies=v1)
     async def remove_incoming(name: str) -> dict[str, str]:
         await incoming_vms.remove(name)

@@ -149,6 +149,16 @@ class IncomingVms:
     async def announce(self, name: str) -> None:
         await LocalTarget(self.starter.proc(self.registry.get(name))).announce()
 
+    async def claim(self, name: str) -> bool:
+        """The source has stopped the VM: take its frames here (BridgedNet.claim). False on a
+        slirp host, where a VM's address is its host's and there is nothing to move."""
+        self._get(name)
+        rec = self.registry.get(name)
+        if self.starter.net is None or not rec.ip:
+            return False
+        await asyncio.to_thread(self.starter.net.claim, rec.vm_id, rec.mac)
+        return True
+
     async def remove(self, name: str) -> None:
         """The source gave up: remove the half-started VM (never a running one)."""
         inc = self.incoming.pop(name, None)

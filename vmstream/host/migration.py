@@ -74,6 +74,9 @@ class RemoteTarget:
         with contextlib.suppress(VmstreamError):
             await self.peer.call("POST", f"/v1/migrations/incoming/{self.vm}/announce")
 
+    async def claim_network(self) -> None:
+        await self.peer.call("POST", f"/v1/migrations/incoming/{self.vm}/claim")
+
     async def remove(self) -> None:
         with contextlib.suppress(VmstreamError):
             await self.peer.call("DELETE", f"/v1/migrations/incoming/{self.vm}")
@@ -192,7 +195,7 @@ class Migrations:
                     assert answer.host is not None and answer.port is not None
                     job.result = await migrate_delta(proc, rec.memory_bytes, (answer.host, answer.port),
                                                      netns=self.starter.vm_netns, progress=report, cancel=job.cancel,
-                                                     on_failure=target.remove)
+                                                     on_failure=target.remove, on_paused=target.claim_network)
                     await target.wait_running(60.0)
                 await self.starter.remove(rec, lent_to=job.to)  # its address stays its own: not handed to a clone here
                 job.state = "completed"

@@ -17,12 +17,15 @@ and its home host keeps it lent meanwhile (VmRegistry.delete, docs/migration.md)
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import socket
+import struct
 import subprocess
 from dataclasses import dataclass
 
 from vmstream.errors import InvalidInput
-from vmstream.net.links import NETNS_DIR
+from vmstream.net.links import NETNS_DIR, in_netns
 from vmstream.settings import Settings
 
 
@@ -56,6 +59,30 @@ class BridgedNet:
 
     def remove_tap(self, vm_id: str) -> None:
         _run(["ip", "link", "del", self.tap_name(vm_id)], self.netns, check=False)
+
+    def claim(self, vm_id: str, mac: str) -> None:
+        """Make frames for an arriving VM come here while it is between hosts (its source
+        stopped, this QEMU not yet running): this bridge sends its MAC to its tap, where they
+        wait for the guest, and a RARP from this bridge teaches the switches on the segment
+        this host's port. Without it, frames sent during the switch-over go to the stopped
+        source and are lost (a new connection's SYN then waits 1 s for its retransmission).
+        The guest's own announce, once it runs, confirms the same."""
+        cmd = ["bridge", *(["-n", self.netns] if self.netns else []),  # -n: no 'ip netns exec' fork, this is downtime
+               "fdb", "replace", mac, "dev", self.tap_name(vm_id), "master", "dynamic"]
+        _run(cmd, None)
+        ctx = in_netns(self.netns) if self.netns else contextlib.nullcontext()
+        with ctx:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        with sock:
+            sock.bind((self.bridge, 0x8035))  # ETH_P_RARP: the frame's protocol (0 would be dropped)
+            sock.send(rarp_frame(mac))
+
+
+def rarp_frame(mac: str) -> bytes:
+    """A broadcast RARP request from mac, as QEMU's announce-self sends for a NIC."""
+    hw = bytes.fromhex(mac.replace(":", ""))
+    payload = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 3, hw, bytes(4), hw, bytes(4))
+    return (b"\xff" * 6 + hw + struct.pack("!H", 0x8035) + payload).ljust(60, b"\0")
 
 
 def _run(args: list[str], netns: str | None, check: bool = True) -> None:

@@ -29,13 +29,14 @@ import mmap
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import numpy as np
 
 from vmstream.capture.guestmem import PAGE, PageRuns, allocate, find_ram_mapping, private_page_runs, read_runs, runs_of, write_runs
-from vmstream.migrate.live import ensure_running
-from vmstream.migrate.target import ANNOUNCE, remove_target, wait_running
+from vmstream.migrate.live import ensure_running, side_task_outcome
+from vmstream.migrate.target import ANNOUNCE, LocalTarget, remove_target, wait_running
 from vmstream.migrate.types import MigrationCancelled, MigrationError, MigrationResult, NetworkSwitch, NoSwitch, Progress, ProgressCallback
 from vmstream.net.links import in_netns
 from vmstream.qemu.machine import MachineSpec, QemuProcess
@@ -201,12 +202,15 @@ async def migrate_delta(
     src: QemuProcess, memory_bytes: int, target: tuple[str, int], *, netns: str | None,
     switch: NetworkSwitch | None = None, progress: ProgressCallback | None = None,
     cancel: asyncio.Event | None = None, on_failure: Callable[[], object] | None = None,
+    on_paused: Callable[[], Coroutine[Any, Any, None]] | None = None,
 ) -> MigrationResult:
     """Send a clone's private pages and device state to a DeltaTarget.
 
     On return the VM runs on the destination and the source is paused; the
-    caller stops it. On failure the source runs again (cont) and the error
-    says why; on_failure (e.g. DeltaTarget.abort) removes the destination.
+    caller stops it. On failure the source runs again (cont, and announces
+    itself if on_paused ran) and the error says why; on_failure (e.g.
+    DeltaTarget.abort) removes the destination. on_paused runs alongside the
+    rest once the source is stopped (e.g. RemoteTarget.claim_network).
     """
     switch = switch or NoSwitch()
     loop = asyncio.get_running_loop()
@@ -215,6 +219,7 @@ async def migrate_delta(
     pid = src.pid
     sent = 0
     paused = opened = done = False
+    claim: asyncio.Task[None] | None = None
     devstate = src.rundir / DEVSTATE
     buf1: mmap.mmap | None = None
     buf2: mmap.mmap | None = None
@@ -259,6 +264,9 @@ async def migrate_delta(
                 t_pause = time.perf_counter()
                 await sq.execute("stop")
                 paused = True
+                if on_paused is not None:
+                    claim = asyncio.create_task(on_paused())
+                    claim.add_done_callback(lambda t: t.cancelled() or t.exception())
                 await sq.execute("xen-save-devices-state", {"filename": str(devstate), "live": False})
                 marks = {"devstate_saved": time.perf_counter()}
                 runs_now = private_page_runs(pid, addr, memory_bytes)
@@ -306,6 +314,7 @@ async def migrate_delta(
                 done = True
                 downtime_ms = (time.perf_counter() - t_pause) * 1000
             await asyncio.to_thread(switch.commit)
+            claim_error = await side_task_outcome(claim) if claim is not None else None
             report("completed", 2, 0)
     except BaseException as exc:
         if done:
@@ -320,6 +329,8 @@ async def migrate_delta(
                     await res
         if paused:
             await ensure_running(src)
+            if claim is not None:  # the destination had taken the VM's frames: back here
+                await LocalTarget(src).announce()
         if isinstance(exc, (OSError, EOFError, TimeoutError)) and not isinstance(exc, MigrationError):
             raise MigrationError(f"the delta migration failed: {exc!r}; the VM keeps running on the source") from exc
         if isinstance(exc, MigrationError) and not isinstance(exc, MigrationCancelled):
@@ -334,7 +345,8 @@ async def migrate_delta(
     return MigrationResult(
         mode="delta", total_s=round(time.perf_counter() - t0, 3), downtime_ms=round(downtime_ms, 2),
         bytes_sent=sent, rounds=2, private_bytes=private_bytes,
-        details={"round1_bytes": runs1.pages * PAGE, "round2_bytes": cruns.pages * PAGE, "devstate_bytes": len(dev),
+        details={"claim_error": claim_error,
+                 "round1_bytes": runs1.pages * PAGE, "round2_bytes": cruns.pages * PAGE, "devstate_bytes": len(dev),
                  # where the pause went: ms from the stop to each step (then the destination's answer)
                  "pause_ms": {k: round((v - t_pause) * 1000, 1) for k, v in marks.items()}},
     )

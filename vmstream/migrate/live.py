@@ -153,6 +153,8 @@ async def migrate_live(
                     await sq.execute("migrate-start-postcopy")
                     started_postcopy = True
                 await asyncio.sleep(opts.poll_s)
+            claim = asyncio.create_task(dst.claim_network())  # the source is stopped: frames wait at the destination
+            claim.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if we fail before _outcome
             if not opened:  # QEMU switched over before the window opened: open it at once
                 await asyncio.to_thread(switch.open)
                 opened = True
@@ -163,6 +165,7 @@ async def migrate_live(
             await asyncio.to_thread(switch.commit)
             await dst.announce()
             switch_ms = (time.perf_counter() - t_run) * 1000
+            claim_error = await side_task_outcome(claim)
             # post-copy: the source keeps serving page requests until every page is over
             while (state := str(last.get("status", ""))) != "completed":
                 if state in ("failed", "postcopy-paused", "cancelled"):
@@ -191,9 +194,20 @@ async def migrate_live(
         mode="live", total_s=round(time.perf_counter() - t0, 3), downtime_ms=float(last.get("downtime", 0)),
         bytes_sent=int(ram.get("transferred", 0)), rounds=int(ram.get("dirty-sync-count", 0)),
         postcopy=started_postcopy, setup_ms=last.get("setup-time"), switch_ms=round(switch_ms, 2),
-        details={"t_switch_seen": t_switch, "t_running_seen": t_running, "total_time_ms": last.get("total-time"),
+        details={"claim_error": claim_error,
+                 "t_switch_seen": t_switch, "t_running_seen": t_running, "total_time_ms": last.get("total-time"),
                  "ram_total": ram.get("total"), "postcopy_requests": ram.get("postcopy-requests"), "mbps": ram.get("mbps")},
     )
+
+
+async def side_task_outcome(task: asyncio.Task[None]) -> str | None:
+    """Wait for a side task of the switch-over; its error as text (it is not worth failing a move
+    whose VM already runs on the destination: the guest's own announce follows)."""
+    try:
+        await task
+    except Exception as exc:
+        return str(exc) or type(exc).__name__
+    return None
 
 
 async def _roll_back(src: QemuProcess, dst: Target, switch: NetworkSwitch, opened: bool) -> None:

@@ -113,5 +113,8 @@ class LocalTarget:
             async with self.proc.qmp() as qmp:
                 await qmp.execute("announce-self", ANNOUNCE)
 
+    async def claim_network(self) -> None:
+        """Nothing: a local target's network is moved by the caller's NetworkSwitch."""
+
     async def remove(self) -> None:
         await remove_target(self.proc)

@@ -86,6 +86,10 @@ class Target(Protocol):
 
     async def announce(self) -> None: ...
 
+    async def claim_network(self) -> None:
+        """The source has stopped: frames for the VM should wait at the destination now."""
+        ...
+
     async def remove(self) -> None: ...
 
 
