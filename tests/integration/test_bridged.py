@@ -8,10 +8,10 @@ to it, when it migrates to the other host.
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import ipaddress
 import os
-import struct
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.hosts import bridged_host, fuse_mounts, http_get, our_qemu_pids, taps, vm_ip
-from vmstream.host.network import BridgedNet
+from vmstream.host.network import BridgedNet, pack_frames, unpack_frames
 from vmstream.net.links import in_netns, unique_prefix
 from vmstream.net.testbed import HOST_BRIDGE, UPLINK, TestBed
 
@@ -94,14 +94,6 @@ def _fdb_port(netns: str, mac: str) -> str | None:
     return ports[0] if ports else None
 
 
-def _attach(netns: str, tap: str) -> int:
-    """Open a tap as QEMU does (its carrier comes up, so its bridge port forwards); the fd."""
-    with in_netns(netns):
-        fd = os.open("/dev/net/tun", os.O_RDWR)
-    fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", tap.encode(), 0x0002 | 0x1000 | 0x4000))  # TUNSETIFF: TAP, NO_PI, VNET_HDR
-    return fd
-
-
 def _wait_forwarding(netns: str, dev: str) -> None:
     deadline = time.monotonic() + 5
     while "state forwarding" not in subprocess.run(["bridge", "-n", netns, "link", "show", "dev", dev],
@@ -110,16 +102,39 @@ def _wait_forwarding(netns: str, dev: str) -> None:
         time.sleep(0.05)
 
 
-def test_a_claim_points_the_segment_at_the_arriving_host(bed: TestBed) -> None:
-    """What the destination does the moment the source stops a VM (BridgedNet.claim): its
-    bridge sends the VM's MAC to the VM's tap, and the fabric learns the host's port."""
+def _send_from_client(bed: TestBed, dst: bytes, payload: bytes) -> bytes:
+    """One raw frame from the client namespace (ethertype 0x88b5, local experimental); the client's MAC."""
+    with in_netns(bed.client):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    with sock:
+        sock.bind(("eth0", 0x88B5))
+        own = sock.getsockname()[4]
+        sock.send(dst + own + b"\x88\xb5" + payload.ljust(46, b"\0"))
+    return bytes(own)
+
+
+def _read_all(fd: int) -> list[bytes]:
+    os.set_blocking(fd, False)
+    out = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            out.append(os.read(fd, 70000))
+    return out
+
+
+def test_a_claim_and_the_frames_kept_for_a_moved_vm(bed: TestBed) -> None:
+    """What the agents do around a move's switch-over, on real bridges and taps: the destination's
+    claim (BridgedNet.claim) makes its bridge send the VM's MAC to the VM's tap and teaches the
+    fabric its port; the source reads what reached the VM's tap meanwhile (read_queued: frames
+    for the VM only) and the destination delivers it to its tap (deliver) without teaching the
+    fabric a wrong port for the sender."""
     nets = {h: BridgedNet(HOST_BRIDGE, bed.hosts[h].netns, *[ipaddress.IPv4Address(f"{bed.subnet}.{i}") for i in (10, 20)],
                           24, None) for h in ("a", "b")}
     mac, vm_id = "52:54:00:12:34:56", "claimtest0001"
-    held = []
+    fds = {}
     for h, net in nets.items():
         net.create_tap(vm_id)
-        held.append(_attach(bed.hosts[h].netns, BridgedNet.tap_name(vm_id)))  # as QEMU holds it: the port forwards
+        fds[h] = net.open_tap(vm_id)  # as QEMU holds it: the port forwards
     try:
         for h in nets:  # a new link's carrier comes up within a second (the kernel's link watch)
             for dev in (BridgedNet.tap_name(vm_id), UPLINK):
@@ -127,11 +142,24 @@ def test_a_claim_points_the_segment_at_the_arriving_host(bed: TestBed) -> None:
         nets["a"].claim(vm_id, mac)  # as if the VM ran on host a
         assert _fdb_port(bed.fabric, mac) == bed.hosts["a"].fabric_port
         assert _fdb_port(bed.hosts["a"].netns, mac) == BridgedNet.tap_name(vm_id)
-        nets["b"].claim(vm_id, mac)  # it moves to host b
+        _read_all(fds["a"])  # what the claims flooded
+        # the VM is stopped for its move: a frame for it, and a broadcast, wait on host a's tap
+        client_mac = _send_from_client(bed, bytes.fromhex(mac.replace(":", "")), b"kept for the vm")
+        _send_from_client(bed, b"\xff" * 6, b"for everyone")
+        time.sleep(0.2)
+        nets["b"].claim(vm_id, mac)  # it runs on host b now
         assert _fdb_port(bed.fabric, mac) == bed.hosts["b"].fabric_port, "the fabric sends its frames to host b"
         assert _fdb_port(bed.hosts["b"].netns, mac) == BridgedNet.tap_name(vm_id), "host b's bridge sends them to its tap"
+        kept = nets["a"].read_queued(fds["a"], mac)
+        assert len(kept) == 1 and b"kept for the vm" in kept[0], "only the frame for the VM is kept, not the broadcast"
+        _read_all(fds["b"])
+        assert nets["b"].deliver(unpack_frames(pack_frames(kept))) == 1
+        time.sleep(0.2)
+        assert any(b"kept for the vm" in f for f in _read_all(fds["b"])), "host b's tap got the kept frame"
+        client_port = _fdb_port(bed.fabric, ":".join(f"{x:02x}" for x in client_mac))
+        assert client_port == "cl0", f"the fabric still knows the client at its own port, not {client_port}"
     finally:
-        for fd in held:
+        for fd in fds.values():
             os.close(fd)
         for net in nets.values():
             net.remove_tap(vm_id)

@@ -52,8 +52,8 @@ class FullRestoreSpec:
     def memory_file(self) -> Path | None:
         return self.spec.memory_file
 
-    def command(self, rundir: Path) -> list[str]:
-        return [*self.spec.command(rundir), "-incoming", f"exec:cat {self.state_file}"]
+    def command(self, rundir: Path, tap_fd: int | None = None) -> list[str]:
+        return [*self.spec.command(rundir, tap_fd), "-incoming", f"exec:cat {self.state_file}"]
 
 
 @dataclass

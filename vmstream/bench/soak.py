@@ -97,7 +97,8 @@ def measure(work: Path, moves: int, memory_mib: int = 256, clone_cycles: int = 1
                      "failed_requests": 0, "reset_connections": 0, "memcheck_bad_pages": None, "downtime_ms": None}
             else:
                 at[kind] = other(at[kind])
-            r.update(move=i + 1, mode=kind, load=load, vm=vm, t=round(time.monotonic() - t0, 1))
+            r.update(move=i + 1, mode=kind, load=load, vm=vm, t=round(time.monotonic() - t0, 1),
+                     rss_mib={h: round(agent_stats(c)["rss_bytes"] / (1 << 20), 1) for h, c in clients.items()})
             records.append(r)
             gap = r.get("client_gap_ms")
             say(f"move {i + 1}/{moves}: {kind}/{load} {vm} -> {at[kind]}: "

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vmstream import __version__
 from vmstream.errors import InvalidInput, NotFound, VmstreamError
 from vmstream.host.manager import HostManager
+from vmstream.host.network import MAX_FRAMES_BODY, unpack_frames
 from vmstream.host.schemas import (
     BootRequest,
     BootSource,
@@ -263,6 +264,17 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
     async def incoming_announce(name: str) -> dict[str, str]:
         await incoming_vms.announce(name)
         return {"announced": name}
+
+    @app.post("/v1/vms/{name}/frames", dependencies=v1,
+              openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
+                  "schema": {"type": "string", "format": "binary", "maxLength": MAX_FRAMES_BODY}}}}})
+    async def deliver_frames(name: str, request: Request) -> dict[str, int]:
+        """Frames a VM's old host kept for it while it moved (vmstream.host.network.pack_frames)."""
+        body = await request.body()
+        if len(body) > MAX_FRAMES_BODY:
+            raise InvalidInput(f"a frame list of {len(body)} bytes: at most {MAX_FRAMES_BODY}")
+        rec = manager.registry.get(name)
+        return {"delivered": await manager.starter.deliver_frames(rec, unpack_frames(body))}
 
     @app.post("/v1/migrations/incoming/{name}/claim", dependencies=v1)
     async def incoming_claim(name: str) -> dict[str, bool]:

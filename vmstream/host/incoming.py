@@ -99,8 +99,8 @@ class IncomingVms:
 
         async with operation(f"prepare incoming ({mode})", vm=rec.name), self.starter.starting(rec, abort) as proc:
             tap = self.starter.tap_for(rec.vm_id, rec.ip) if rec.ip else None  # its own address, on this host's bridge
-            if tap is not None and self.starter.net is not None:
-                self.starter.net.create_tap(rec.vm_id)
+            if tap is not None:
+                self.starter.make_tap(rec.vm_id, proc)
             common: dict[str, Any] = {"vm_id": rec.vm_id, "http_port": rec.http_port, "kernel": guest.kernel,
                                       "initrd": guest.initrd, "tap": tap,
                                       "forwards": forwards(rec)}

@@ -18,7 +18,9 @@ and its home host keeps it lent meanwhile (VmRegistry.delete, docs/migration.md)
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
+import os
 import socket
 import struct
 import subprocess
@@ -76,6 +78,87 @@ class BridgedNet:
         with sock:
             sock.bind((self.bridge, 0x8035))  # ETH_P_RARP: the frame's protocol (0 would be dropped)
             sock.send(rarp_frame(mac))
+
+
+    def open_tap(self, vm_id: str) -> int:
+        """A descriptor of a VM's tap, for its QEMU (fd=) and kept by the agent too. Frames that
+        reach the tap while the VM is stopped for a move wait in the tap's queue; with this
+        descriptor the source hands them to the destination once the VM runs there (read_queued),
+        instead of losing them when the tap goes (a new connection's SYN lost costs it 1 s)."""
+        ctx = in_netns(self.netns) if self.netns else contextlib.nullcontext()
+        with ctx:  # a tap is found by name in the opener's namespace
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", self.tap_name(vm_id).encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+        except OSError as exc:
+            os.close(fd)
+            raise InvalidInput(f"cannot open tap {self.tap_name(vm_id)}: {exc.strerror}") from None
+        return fd
+
+    @staticmethod
+    def read_queued(fd: int, mac: str) -> list[bytes]:
+        """The frames for mac waiting on a moved VM's tap, each with its offload header
+        (struct virtio_net_hdr: GSO, checksum). Broadcasts are left: every host got them.
+        Reads at most a tap queue's worth."""
+        want = bytes.fromhex(mac.replace(":", ""))
+        hdr_len = struct.unpack("i", fcntl.ioctl(fd, TUNGETVNETHDRSZ, bytes(4)))[0]
+        os.set_blocking(fd, False)
+        frames = []
+        for _ in range(MAX_QUEUED_FRAMES):
+            try:
+                data = os.read(fd, 65536 + hdr_len)
+            except BlockingIOError:
+                break
+            if data[hdr_len:hdr_len + 6] == want:
+                frames.append(data[:VIRTIO_NET_HDR_LEN] + data[hdr_len:])
+        return frames
+
+    def deliver(self, frames: list[bytes]) -> int:
+        """Send frames (as read_queued gives them) from this host's bridge device: its table sends
+        them to the VM's tap, and a bridge learns nothing from what it sends itself (so the
+        senders' MACs are not taught a wrong port); how many the kernel took."""
+        ctx = in_netns(self.netns) if self.netns else contextlib.nullcontext()
+        with ctx:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        sent = 0
+        with sock:
+            sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+            for f in frames:
+                if len(f) < VIRTIO_NET_HDR_LEN + 14:
+                    continue
+                proto = int.from_bytes(f[VIRTIO_NET_HDR_LEN + 12:VIRTIO_NET_HDR_LEN + 14], "big")
+                with contextlib.suppress(OSError):  # a frame the kernel will not take is lost, as it was before
+                    sock.sendto(f, (self.bridge, proto))
+                    sent += 1
+        return sent
+
+
+TUNSETIFF, TUNGETVNETHDRSZ = 0x400454CA, 0x800454D7
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+SOL_PACKET, PACKET_VNET_HDR = 263, 15
+MAX_QUEUED_FRAMES = 4096  # a tap's queue holds 1000 (txqueuelen)
+MAX_FRAMES_BODY = 32 << 20  # what one POST /v1/vms/{name}/frames may carry
+VIRTIO_NET_HDR_LEN = 10  # struct virtio_net_hdr; a tap's may be 12 (num_buffers), which a packet socket does not take
+
+
+def pack_frames(frames: list[bytes]) -> bytes:
+    """Frames as one body between agents: each a 4-byte big-endian length, then its bytes."""
+    return b"".join(len(f).to_bytes(4, "big") + f for f in frames)
+
+
+def unpack_frames(body: bytes) -> list[bytes]:
+    """The frames of a pack_frames body; InvalidInput naming the problem if it is not one."""
+    frames, pos = [], 0
+    while pos < len(body):
+        n = int.from_bytes(body[pos:pos + 4], "big")
+        if pos + 4 > len(body) or n > 65536 + VIRTIO_NET_HDR_LEN or pos + 4 + n > len(body):
+            raise InvalidInput(f"bad frame list at byte {pos}: each frame is a 4-byte big-endian length "
+                               f"(at most {65536 + VIRTIO_NET_HDR_LEN}) and that many bytes")
+        frames.append(body[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    if len(frames) > MAX_QUEUED_FRAMES:
+        raise InvalidInput(f"{len(frames)} frames: at most {MAX_QUEUED_FRAMES} at a time")
+    return frames
 
 
 def rarp_frame(mac: str) -> bytes:

@@ -12,7 +12,10 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import socket
+import time
+import tracemalloc
 
 import uvicorn
 
@@ -46,6 +49,8 @@ def run_agent(settings: Settings, port: int = 0) -> None:
         assert server is not None
         server.should_exit = True
 
+    if tracemalloc.is_tracing():  # PYTHONTRACEMALLOC=N: each SIGUSR2 writes where the agent's memory went
+        signal.signal(signal.SIGUSR2, lambda *_: tracemalloc.take_snapshot().dump(str(data_dir / f"tracemalloc-{time.time():.0f}.snap")))
     manager = HostManager(settings)
     app = create_app(manager, agent_token(data_dir), request_exit)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)

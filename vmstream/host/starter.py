@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -60,6 +61,7 @@ class Starter:
         self.images = images
         self.net = registry.net  # None: slirp, each VM on a port of 127.0.0.1
         self._procs: dict[str, QemuProcess] = {}
+        self._tap_fds: dict[str, int] = {}  # vm_id -> our descriptor of its tap (BridgedNet.open_tap)
 
     # ---- what this host runs -----------------------------------------------------
 
@@ -138,11 +140,40 @@ class Starter:
         return MachineSpec.guest_announce
 
     async def launch(self, rec: VmRecord, proc: QemuProcess, spec: MachineSpec) -> None:
-        """Start a VM's QEMU; on a bridged host its tap first (QEMU attaches to it by name)."""
-        if spec.tap is not None and self.net is not None:
-            self.net.create_tap(rec.vm_id)
+        """Start a VM's QEMU; on a bridged host its tap first."""
+        if spec.tap is not None:
+            self.make_tap(rec.vm_id, proc)
         proc.start(spec)
         self.registry.update(rec.name, pid=proc.pid)
+
+    def make_tap(self, vm_id: str, proc: QemuProcess) -> None:
+        """A VM's tap on this host's bridge, and a descriptor of it that its QEMU gets (fd=)
+        and the agent keeps, to hand on what waits on it after the VM moved (queued_frames)."""
+        if self.net is None:
+            return
+        self.net.create_tap(vm_id)
+        self._close_tap_fd(vm_id)
+        proc.tap_fd = self._tap_fds[vm_id] = self.net.open_tap(vm_id)
+
+    def _close_tap_fd(self, vm_id: str) -> None:
+        fd = self._tap_fds.pop(vm_id, None)
+        if fd is not None:
+            os.close(fd)
+
+    async def queued_frames(self, rec: VmRecord) -> list[bytes]:
+        """After a move: the frames that reached the VM's tap here while it was stopped
+        (BridgedNet.read_queued), for its new host to deliver; none without a bridge, or for a
+        VM adopted after an agent restart (its descriptor went with the old agent)."""
+        fd = self._tap_fds.get(rec.vm_id)
+        if fd is None or self.net is None:
+            return []
+        return await asyncio.to_thread(self.net.read_queued, fd, rec.mac)
+
+    async def deliver_frames(self, rec: VmRecord, frames: list[bytes]) -> int:
+        """Give a VM that moved here the frames its old host kept for it (BridgedNet.deliver)."""
+        if self.net is None or not rec.ip:
+            raise InvalidInput(f"VM {rec.name} is not on a bridge here: there is nothing to deliver frames through")
+        return await asyncio.to_thread(self.net.deliver, frames)
 
     @contextlib.asynccontextmanager
     async def starting(
@@ -174,8 +205,10 @@ class Starter:
         return keep
 
     def remove_row(self, name: str, lent_to: str | None = None) -> None:
-        self.registry.delete(name, lent_to)
+        rec = self.registry.delete(name, lent_to)
         self._procs.pop(name, None)
+        if rec is not None:
+            self._close_tap_fd(rec.vm_id)
 
     async def remove(self, rec: VmRecord, lent_to: str | None = None) -> None:
         """Stop a VM's QEMU (removing its run dir) and drop its row (lent_to: see VmRegistry.delete)."""

@@ -35,10 +35,10 @@ class IncomingSpec(MachineSpec):
 
     send_configuration: bool = True
 
-    def command(self, rundir: Path) -> list[str]:
+    def command(self, rundir: Path, tap_fd: int | None = None) -> list[str]:
         base = {f.name: getattr(self, f.name) for f in dataclasses.fields(MachineSpec)}
         base["incoming"] = False
-        cmd = MachineSpec(**base).command(rundir)
+        cmd = MachineSpec(**base).command(rundir, tap_fd)
         cmd += ["-incoming", "defer"]
         if not self.send_configuration:
             cmd += ["-global", "migration.send-configuration=off"]

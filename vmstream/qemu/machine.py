@@ -137,7 +137,9 @@ class MachineSpec:
     # other VMs' forwarded ports listen; forwards into the guest work either way.
     outbound: bool = False
 
-    def command(self, rundir: Path) -> list[str]:
+    def command(self, rundir: Path, tap_fd: int | None = None) -> list[str]:
+        """tap_fd: an open descriptor of the tap for QEMU to use instead of opening it by name
+        (the agent keeps its own copy: see BridgedNet.open_tap)."""
         size = _qemu_size(self.memory_bytes)
         if self.memory_file is None:
             backend = f"memory-backend-ram,id=mem,size={size}"
@@ -152,7 +154,8 @@ class MachineSpec:
             if not self.outbound:
                 netdev += ",restrict=on"
         else:
-            netdev = f"tap,id=net0,ifname={self.tap.ifname},script=no,downscript=no"
+            netdev = (f"tap,id=net0,fd={tap_fd}" if tap_fd is not None
+                      else f"tap,id=net0,ifname={self.tap.ifname},script=no,downscript=no")
         cmd = [
             shutil.which(QEMU_BINARY) or QEMU_BINARY,
             "-name", f"vmstream-{self.vm_id},debug-threads=on",
@@ -289,6 +292,7 @@ class QemuProcess:
         self.rundir = rundir
         self.pid = pid
         self._popen: subprocess.Popen[bytes] | None = None
+        self.tap_fd: int | None = None  # given to QEMU at start (fd=) when set; owned by whoever set it
 
     @property
     def marker(self) -> str:
@@ -337,10 +341,11 @@ class QemuProcess:
         if spec.memory_file is not None and (shim := clone_shim_library(self.rundir.parent.parent / "lib")) is not None:
             env = {**os.environ, "LD_PRELOAD": str(shim), "VMSTREAM_NOTHP": "1" if spec.nothp else "0"}
         with open(self.log_path, "ab") as log:
+            fd = self.tap_fd if self.tap_fd is not None and spec.tap is not None else None
             self._popen = subprocess.Popen(
-                spec.command(self.rundir),
+                spec.command(self.rundir, fd),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True, env=env,
+                start_new_session=True, close_fds=True, env=env, pass_fds=(fd,) if fd is not None else (),
             )
         self.pid = self._popen.pid
 
