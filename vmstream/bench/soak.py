@@ -13,7 +13,8 @@ made again, so one loss does not end the run.
 Figures: moves, guest_panics, memcheck_bad_pages, lost_connections (requests that failed
 and connections reset), stalls_over_1s (moves whose client waited 1 s or more: a lost
 SYN's retransmission), clone_cycles, and each agent's open files, threads and RSS after
-the first round of moves and at the end (a leak grows with the moves).
+a tenth of the moves (the agents' caches, pools and heaps have warmed up by then) and at
+the end (a leak grows with the moves); each move's record has both agents' RSS.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def measure(work: Path, moves: int, memory_mib: int = 256, clone_cycles: int = 1
                 cycle_failed += bad < 0
                 if cycles % 100 == 0:
                     say(f"{cycles} clone cycles, {cycle_failed} failed, {cycle_bad} bad pages")
-            if i == 1:  # both VMs moved once: the agents' steady state starts here
+            if i == max(1, moves // 10) - 1:  # after a tenth of the run: the agents have warmed up
                 start_stats = {h: agent_stats(c) for h, c in clients.items()}
         end_stats = {h: agent_stats(c) for h, c in clients.items()}
     out["meta"]["elapsed_s"] = round(time.monotonic() - t0, 1)

@@ -8,6 +8,8 @@ second agent on the same data dir refuses to start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import fcntl
 import json
 import logging
@@ -25,8 +27,16 @@ from vmstream.host.api import create_app
 from vmstream.host.manager import HostManager
 from vmstream.settings import Settings
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt
+
 
 def run_agent(settings: Settings, port: int = 0) -> None:
+    # A fixed threshold: blocks of 128 KiB or more (migration pages, device state) always come
+    # from mmap and go back to the kernel when freed. glibc's default raises the threshold after
+    # each such free, so later ones stay in the heap and the agent's RSS only grew (bench soak:
+    # 145 -> 172 MiB over 40 moves by default, 118 -> 133 MiB with the threshold fixed).
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 << 10)
     data_dir = private_dir(settings.home)
     os.umask(0o077)  # what the agent, memfs and QEMU make in it is their owner's alone too
     # the operation log: stderr, which the CLI points at agent.log when it starts the agent
