@@ -125,3 +125,47 @@ def test_a_full_store_during_a_capture(tmp_path: Path) -> None:
         cli.run("agent", "stop", "--destroy-vms")
         subprocess.run(["umount", str(store)], check=False)
         assert not our_qemu_pids(tmp_path / "home")
+
+
+def _incoming_running(peer: Cli, name: str, timeout: float = 120) -> None:
+    url, headers, _ = peer.agent()
+    deadline = time.monotonic() + timeout
+    while True:
+        r = httpx.get(f"{url}/v1/migrations/incoming/{name}", headers=headers, timeout=10)
+        if r.status_code == 200 and r.json()["running"]:
+            return
+        assert time.monotonic() < deadline, f"the move of {name} never reached its end on the peer: {r.text}"
+        time.sleep(0.2)
+
+
+def test_agent_killed_mid_migration_leaves_the_vm_running_on_one_host(
+    cli: Cli, base_image: BaseImage, peer_host: Cli, vms: VmFactory,
+) -> None:
+    """The source agent SIGKILLed while a live move runs (throttled to take seconds); its QEMU goes
+    on sending without it. Restarted before the move ends: the move is undone (the peer's half
+    removed) and the VM runs at home. Killed again and restarted after the move reached its end:
+    the VM runs on the peer only. Either way its memory is intact and no QEMU is left over."""
+    peer_host.json("list")
+    cli.json("peer", "add", "b", "--home", str(peer_host.home))
+    src: dict[str, Any] = cli.json("boot", "migkill", "--memory", "256M")
+    vms.names.append("migkill")
+    assert cli.ask("migkill", "memcheck-fill 64 4242")["ok"]
+    move = {"method": "POST", "path": "/v1/vms/migkill/migrate", "json": {"to": "b", "mode": "live", "max_bandwidth_mbps": 40}}
+
+    _kill_agent_when(cli, "migrate to b vm=migkill: started", 0.5, move)
+    _no_leftovers(cli)  # the next agent: the move was under way, so it is undone
+    assert cli.json("show", "migkill")["state"] == "running"
+    assert "migkill" not in {v["name"] for v in peer_host.json("list")}
+    assert not our_qemu_pids(peer_host.home), "the peer's half of the move is removed"
+    assert status(src["endpoint"])["hostname"] == "migkill"
+    assert cli.ask("migkill", "memcheck-verify")["result"]["bad_pages"] == 0
+
+    _kill_agent_when(cli, "migrate to b vm=migkill: started", 0.5, move)
+    _incoming_running(peer_host, "migkill")  # the source QEMU sent it all, the peer's QEMU runs it
+    _no_leftovers(cli)  # the next agent: the VM lives on the peer, this host's copy goes
+    assert "migkill" not in {v["name"] for v in cli.json("list")}
+    vms.names.remove("migkill")
+    moved = peer_host.json("show", "migkill")
+    assert moved["state"] == "running", moved
+    assert peer_host.ask("migkill", "memcheck-verify")["result"]["bad_pages"] == 0
+    assert peer_host.run("destroy", "migkill").returncode == 0

@@ -60,6 +60,8 @@ class VmRecord(Base):
     # this host's vm_id, port and guest files), since it differs from a booted VM's.
     spec: Mapped[str | None] = mapped_column(Text, nullable=True)
     migrated_from: Mapped[str | None] = mapped_column(String, nullable=True)
+    # The peer a migration under way is moving it to: a restarted agent asks it where the VM runs.
+    migrating_to: Mapped[str | None] = mapped_column(String, nullable=True)
     # A disk guest: the qcow2 overlay it runs on now, and the file its first overlay
     # was made on (a base disk image, or its live image's disk layer).
     disk: Mapped[str | None] = mapped_column(String, nullable=True)

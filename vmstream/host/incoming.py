@@ -23,7 +23,7 @@ from vmstream.host.registry import VmRegistry, forwards
 from vmstream.host.schemas import IncomingAnswer, IncomingRequest, IncomingStatus, VmInfo
 from vmstream.host.starter import Starter
 from vmstream.host.state import VmState
-from vmstream.host.tasks import Tasks, operation
+from vmstream.host.tasks import Tasks, log, operation
 from vmstream.image import ImageRepository, LiveImage
 from vmstream.memfs.mount import MemfsMount
 from vmstream.migrate import DeltaTarget, LocalTarget, live_target_spec, prepare_live_target
@@ -130,7 +130,8 @@ class IncomingVms:
     async def status(self, name: str) -> IncomingStatus:
         inc = self._get(name)
         alive = await inc.target.alive()
-        return IncomingStatus(name=name, state=self.registry.get(name).state, alive=alive,
+        running = alive and await self.starter.qemu_status(self.starter.proc(self.registry.get(name))) == "running"
+        return IncomingStatus(name=name, state=self.registry.get(name).state, alive=alive, running=running,
                               reason="" if alive else await inc.target.exit_reason())
 
     async def running(self, name: str, timeout: float) -> VmInfo:
@@ -172,9 +173,18 @@ class IncomingVms:
                 self.starter.remove_row(name)
 
     async def _expire(self, inc: Incoming) -> None:
+        """An incoming VM the source never confirmed: removed after INCOMING_TIMEOUT_S, unless
+        its QEMU runs the guest (the source's QEMU finished sending it, and then the source's
+        agent went quiet): that is the only copy running, so it is kept as this host's."""
         while self.incoming.get(inc.name) is inc:
             if time.monotonic() > inc.deadline:
-                await self.remove(inc.name)
+                if await self.starter.qemu_status(self.starter.proc(self.registry.get(inc.name))) == "running":
+                    self.registry.set_state(inc.name, VmState.RUNNING, only_if=[VmState.INCOMING])
+                    self.incoming.pop(inc.name, None)
+                    log.warning("VM %s arrived and runs here, but its source never confirmed the move: kept as this host's",
+                                inc.name)
+                else:
+                    await self.remove(inc.name)
                 return
             await asyncio.sleep(1.0)
 

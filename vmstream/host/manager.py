@@ -123,9 +123,18 @@ class HostManager:
             log.info("removed what unfinished captures left: %s", ", ".join(leftovers))
         for rec in self.registry.all(pooled=True):
             proc = self.starter.proc(rec)
-            if rec.state in (VmState.STARTING, VmState.INCOMING, VmState.POOLED, VmState.STOPPING):
+            if rec.state == VmState.INCOMING and proc.alive() and await self.starter.qemu_status(proc) == "running":
+                # it arrived whole (its QEMU runs it) before this agent died: the only running copy
+                self.registry.set_state(rec.name, VmState.RUNNING, only_if=[VmState.INCOMING])
+                log.info("kept %s, which had arrived by migration and runs here", rec.name)
+                adopted += 1
+            elif rec.state in (VmState.STARTING, VmState.INCOMING, VmState.POOLED, VmState.STOPPING):
                 await self.starter.remove(rec)
                 removed += 1
+            elif rec.state == VmState.MIGRATING and proc.alive():
+                log.info("VM %s was moving to %s when the agent stopped: %s", rec.name, rec.migrating_to,
+                         await self.migrations.recover(rec))
+                adopted += self.registry.find(rec.name) is not None
             elif proc.alive():
                 adopted += 1
                 if rec.state == VmState.CAPTURING and (was := await self.starter.resume_if_paused(proc)):

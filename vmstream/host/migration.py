@@ -83,6 +83,21 @@ class RemoteTarget:
             await self.peer.call("DELETE", f"/v1/migrations/incoming/{self.vm}")
 
 
+async def _where(peer: AsyncApiClient, name: str) -> str | None:
+    """Where a peer has a VM: 'running' (its own row), 'incoming-running' (migrated in, QEMU
+    running, not yet confirmed), 'incoming' (still arriving), or None."""
+    try:
+        st = await peer.call("GET", f"/v1/migrations/incoming/{name}")
+        return "incoming-running" if st.get("running") else "incoming"
+    except NotFound:
+        pass
+    try:
+        await peer.call("GET", f"/v1/vms/{name}")
+    except NotFound:
+        return None
+    return "running"  # in whatever state: the move reached it (it may have moved on since), so this copy is stale
+
+
 @dataclass
 class Job:
     """One outgoing migration."""
@@ -139,7 +154,7 @@ class Migrations:
             raise InvalidInput(f"VM {vm} is a disk guest: its disk is local to this host, and moving disks is not supported yet")
         peer = self.peers.client(to)  # NotFound before anything changes
         try:
-            rec = self.registry.begin(vm, Op.MIGRATE, VmState.MIGRATING)
+            rec = self.registry.begin(vm, Op.MIGRATE, VmState.MIGRATING, migrating_to=to)
         except BaseException:
             await peer.aclose()
             raise
@@ -206,7 +221,8 @@ class Migrations:
         except BaseException as exc:
             if prepared and job.result is None:
                 await target.remove()  # a no-op if the library already removed it
-            self.registry.set_state(rec.name, VmState.RUNNING, only_if=[VmState.MIGRATING])
+            if self.registry.set_state(rec.name, VmState.RUNNING, only_if=[VmState.MIGRATING]):
+                self.registry.update(rec.name, migrating_to=None)
             job.state = "cancelled" if isinstance(exc, (MigrationCancelled, asyncio.CancelledError)) else "failed"
             job.error = str(exc) or type(exc).__name__
             if job.state == "failed" and not isinstance(exc, MigrationError):
@@ -232,6 +248,36 @@ class Migrations:
             log.warning("could not hand %d frames of VM %s to its new host: %s", len(frames), rec.name, exc)
             return 0
         return int(answer.get("delivered", 0))
+
+    async def recover(self, rec: VmRecord) -> str:
+        """A move the agent that died was making: find out where the VM runs and keep it there
+        only. The destination has it running (or has all of it: the source QEMU finished
+        sending): this host's copy goes. It has not: its half is removed there and the VM runs
+        here again. The peer cannot be asked: a source that had stopped stays paused (the
+        operator decides, the error says how), one still running keeps running. What was done."""
+        proc, name, to = self.starter.proc(rec), rec.name, rec.migrating_to
+        status = await self.starter.qemu_status(proc)
+        if to:
+            try:
+                async with self.peers.client(to) as peer:
+                    there = await _where(peer, name)
+                    if there == "incoming-running" or (there == "incoming" and status == "postmigrate"):
+                        await peer.call("POST", f"/v1/migrations/incoming/{name}/running", params={"timeout": 30})
+                        there = "running"
+                    if there == "running":
+                        await self.starter.remove(rec, lent_to=to)
+                        return f"runs on {to}: its copy here is removed"
+                    if there == "incoming":
+                        await peer.call("DELETE", f"/v1/migrations/incoming/{name}")
+            except VmstreamError as exc:
+                if status not in ("running", None):
+                    self.registry.set_state(name, VmState.PAUSED, only_if=[VmState.MIGRATING])
+                    return (f"left paused: peer {to} could not be asked whether it runs there ({exc}); if it does not, "
+                            f"'vmstream unpause {name}', else 'vmstream destroy {name}'")
+        was = await self.starter.resume_if_paused(proc)  # a migration still under way is cancelled first
+        self.registry.set_state(name, VmState.RUNNING, only_if=[VmState.MIGRATING])
+        self.registry.update(name, migrating_to=None)
+        return f"runs here again{f' (QEMU was {was})' if was else ''}"
 
     async def shutdown(self) -> None:
         for job in self.jobs.values():

@@ -95,14 +95,16 @@ class VmRegistry:
                     setattr(rec, k, v)
                 s.commit()
 
-    def begin(self, name: str, op: Op, to: VmState) -> VmRecord:
-        """Check that the VM's state allows op and move it to `to`, in one step."""
+    def begin(self, name: str, op: Op, to: VmState, **values: Any) -> VmRecord:
+        """Check that the VM's state allows op and move it to `to` (with other fields' values), in one step."""
         with self.session() as s:
             rec = s.get(VmRecord, name)
             if rec is None or rec.state == VmState.POOLED:
                 raise _no_vm(name)
             check(name, rec.state, op)
             rec.state = to
+            for k, v in values.items():
+                setattr(rec, k, v)
             s.commit()
             return rec
 

@@ -246,4 +246,5 @@ class IncomingStatus(BaseModel):
     name: str
     state: str
     alive: bool
+    running: bool = Field(False, description="its QEMU runs the guest: the migration reached its end here")
     reason: str = ""
