@@ -133,6 +133,13 @@ class FakeStarter(Starter):
     async def qemu_status(proc: Any) -> str | None:
         return "paused" if proc.vm_id in FakeStarter.paused else "running"
 
+    @staticmethod
+    async def resume_if_paused(proc: Any) -> str | None:
+        if proc.vm_id not in FakeStarter.paused:
+            return None
+        FakeStarter.paused.discard(proc.vm_id)
+        return "paused"
+
     async def capture(self, rec: VmRecord, proc: Any, stage: Path, root_memory: Path | None,
                       flatten_above: int | None) -> tuple[CaptureResult, list[Path]]:
         self._maybe_fail("capture", rec.name)
