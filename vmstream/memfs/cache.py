@@ -17,6 +17,8 @@ serves wrong bytes.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import struct
@@ -121,7 +123,8 @@ class ChunkCache:
             if near_full and self._where.get(cid, (None,))[0] == sid and len(self._segments) > 1:
                 lo, hi = min(self._segments), max(self._segments)
                 if sid < lo + max(1, (hi - lo + 1) // _PROMOTE_FROM):
-                    self._append(cid, data)  # used again: it outlives its old segment
+                    with contextlib.suppress(OSError):  # a full disk: it stays where it is
+                        self._append(cid, data)  # used again: it outlives its old segment
         return data
 
     def _forget(self, cid: str) -> None:
@@ -141,19 +144,39 @@ class ChunkCache:
             for cid, data in chunks:
                 if cid in self._where:
                     self._where.move_to_end(cid)
-                else:
+                    continue
+                try:
+                    self._append(cid, data)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or len(self._segments) < 2:
+                        raise
+                    # the disk filled before the bound: it is the bound now, and the oldest goes
+                    self.capacity = min(self.capacity, self.bytes)
+                    self._drop(min(self._segments))
                     self._append(cid, data)
             while self.bytes > self.capacity and len(self._segments) > 1:
                 self._drop(min(self._segments))
 
     def _append(self, cid: str, data: bytes) -> None:
-        """Under the lock: data first, then its index record."""
+        """Under the lock: data first, then its index record. A write the disk cannot take whole
+        (it filled up) is undone and raises OSError: kept in part, a chunk's missing tail would
+        read back as zeros once a later chunk extends the file, and be served as its content."""
         head = self._segments[max(self._segments)] if self._segments else None
         if head is None or (head.size and head.size + len(data) > self.segment_bytes):
             head = self._open(head.id + 1 if head else 1)
         offset = head.size
-        os.pwrite(head.fd, data, offset)
-        os.write(head.index, _RECORD.pack(bytes.fromhex(cid), offset, len(data)))
+        index_at = os.lseek(head.index, 0, os.SEEK_END)
+        try:
+            if os.pwrite(head.fd, data, offset) != len(data):
+                raise OSError(errno.ENOSPC, f"the host cache took only part of a {len(data)}-byte chunk")
+            record = _RECORD.pack(bytes.fromhex(cid), offset, len(data))
+            if os.write(head.index, record) != len(record):
+                raise OSError(errno.ENOSPC, "the host cache took only part of an index record")
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(head.fd, offset)
+                os.ftruncate(head.index, index_at)
+            raise
         head.size += len(data)
         head.chunks.append(cid)
         self.bytes += len(data)
