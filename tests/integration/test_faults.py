@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from tests.hosts import Cli, our_qemu_pids, status
+from tests.hosts import Cli, fuse_mounts, our_qemu_pids, status
 from tests.integration.conftest import BaseImage, VmFactory, vm_qemu_pids
 
 
@@ -169,3 +169,26 @@ def test_agent_killed_mid_migration_leaves_the_vm_running_on_one_host(
     assert moved["state"] == "running", moved
     assert peer_host.ask("migkill", "memcheck-verify")["result"]["bad_pages"] == 0
     assert peer_host.run("destroy", "migkill").returncode == 0
+
+
+def test_a_full_chunk_cache_disk_while_a_clone_streams(cli: Cli, base_image: BaseImage, tmp_path: Path) -> None:
+    """Host B streams the base image from host A into a chunk cache whose disk (a 12 MiB tmpfs) is
+    far smaller than the image's 48 MiB of random pages, with the cache's bound left at 8G: the disk
+    fills during the fill. The clone runs with its memory intact and the cache stays on its disk."""
+    url, headers, _ = cli.agent()
+    home = tmp_path / "host-b"
+    cache = home / "cache"
+    cache.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "vmstream-test-cache", str(cache)], check=True)
+    b = Cli(home, {"VMSTREAM_STORE": f"peer:{url}/v1/store", "VMSTREAM_PEER_TOKEN": headers["Authorization"].split()[1]})
+    try:
+        [clone] = b.json("live-image", "start", base_image.name, "--name", "cachefull")["vms"]
+        verify = b.ask(clone["name"], "memcheck-verify")
+        assert verify["ok"] and verify["result"]["bad_pages"] == 0, verify
+        assert b.json("show", clone["name"])["state"] == "running"
+        stats = b.json("host")["memfs"]["images"][base_image.name]
+        assert stats["fetched_bytes"] > 12 << 20, f"it fetched more than the cache's disk holds: {stats}"
+    finally:
+        b.run("agent", "stop", "--destroy-vms")
+        subprocess.run(["umount", "--lazy", str(cache)], check=False)
+    assert not our_qemu_pids(home) and not fuse_mounts(home)
