@@ -11,8 +11,6 @@ import signal
 import time
 from typing import Any
 
-import pytest
-
 from tests.hosts import our_qemu_pids, vm_ip
 from vmstream.migrate.client import ClientStats, LoadClient
 
@@ -152,9 +150,6 @@ def test_delta_migration_of_a_clone(hosts: Hosts) -> None:
                 hosts.cli(host).run("destroy", vm)
 
 
-# Failed once in five full-suite runs, right after a benchmark run, cause not found (docs/notes.md):
-# one retry keeps CI from failing on it while it is open.
-@pytest.mark.flaky(reruns=1)
 def test_destination_killed_mid_migration_leaves_source_serving(hosts: Hosts) -> None:
     vm = hosts.base
     src = hosts.host_of(vm)
@@ -183,9 +178,6 @@ def test_destination_killed_mid_migration_leaves_source_serving(hosts: Hosts) ->
     verify(hosts, vm)
 
 
-# Failed once in five full-suite runs, right after a benchmark run, cause not found (docs/notes.md):
-# one retry keeps CI from failing on it while it is open.
-@pytest.mark.flaky(reruns=1)
 def test_cancel_and_unreachable_destination(hosts: Hosts) -> None:
     vm = hosts.base
     src = hosts.host_of(vm)
