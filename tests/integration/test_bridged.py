@@ -72,9 +72,16 @@ def test_bridged_vms_keep_their_address_and_connection_when_they_move(bed: TestB
         assert vm_ip(c3) not in {vm_ip(v) for v in (src, c1, c2)}, c3
         with bed.connect(vm_ip(c1), 80) as s1:
             assert http_get(s1, keep_alive=False) == c1["name"], "the moved VM still answers at its address"
-        # destroyed on B, it gives the address back to A (B knows A as a peer)
-        b.json("peer", "add", "a", "--home", str(a.home))
+        # destroyed on B, which does not know A: the address stays lent until A asks its peers
         assert b.run("destroy", c1["name"]).returncode == 0
+        time.sleep(1.0)
+        assert [r["vm"] for r in a.json("peer", "lent")] == [c1["name"]]
+        assert a.json("peer", "lent", "--reconcile") == [], "no peer has the VM: its address is given back"
+        # destroyed on B, which knows A now: B gives the address back itself
+        assert a.json("migrate", c3["name"], "--to", "b")["state"] == "completed"
+        assert [r["vm"] for r in a.json("peer", "lent")] == [c3["name"]]
+        b.json("peer", "add", "a", "--home", str(a.home))
+        assert b.run("destroy", c3["name"]).returncode == 0
         deadline = time.monotonic() + 30
         while a.json("peer", "lent") and time.monotonic() < deadline:
             time.sleep(0.2)

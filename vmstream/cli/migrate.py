@@ -75,9 +75,16 @@ def peer_remove(name: str) -> None:
 
 
 @peer_app.command("lent")
-def peer_lent(as_json: JsonOpt = False) -> None:
+def peer_lent(
+    as_json: JsonOpt = False,
+    reconcile: Annotated[bool, typer.Option("--reconcile", help="First give back addresses whose VM no peer has any more.")] = False,
+) -> None:
     """This host's addresses kept for VMs that migrated to peers (bridged hosts): not handed
     out again until the VM comes back or the host it ends on reports it destroyed."""
+    if reconcile:
+        released = _client().call("POST", "/v1/addresses/lent/reconcile")["released"]
+        if not as_json:
+            out.print(f"given back: {', '.join(released) or 'none'}")
     lent = _client().call("GET", "/v1/addresses/lent")
     if as_json:
         print(json.dumps(lent, indent=2))

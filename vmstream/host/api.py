@@ -229,6 +229,11 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
     async def lent_addresses() -> list[LentAddress]:
         return [LentAddress(ip=r.ip, vm=r.vm, to_host=r.to_host, lent_at=r.lent_at) for r in manager.registry.lent()]
 
+    @app.post("/v1/addresses/lent/reconcile", dependencies=v1)
+    async def reconcile_lent() -> dict[str, list[str]]:
+        """Ask the peers: an address lent to a VM none of them has is given back."""
+        return {"released": await manager.reconcile_lent()}
+
     @app.delete("/v1/addresses/lent/{ip}", dependencies=v1)
     async def release_address(ip: str, vm: str) -> dict[str, str]:
         """A peer reports VM vm, which left with address ip, destroyed: ip may be handed out again."""

@@ -71,6 +71,7 @@ BOOT_PROBE_S = 0.25
 # Memory chunks of 64 KiB: a page fault on a cold host fetches 16 pages, not 64
 # (an idle 256 MiB clone touches scattered pages), and 16 GiB is 256 K chunks.
 MEMORY_CHUNK = 64 << 10
+LENT_RECONCILE_S = 300.0  # how often a host asks its peers about the VMs it lent addresses to
 
 StarterFactory = Callable[[Settings, VmRegistry, ImageRepository], Starter]
 
@@ -117,6 +118,8 @@ class HostManager:
         if self.settings.gc_interval_s > 0 and not isinstance(self.store.backend, PeerBackend):
             self.tasks.spawn(self._gc_loop(), "store GC")
         self.tasks.spawn(self.memory.run(), "memory policy")
+        if self.starter.net is not None:
+            self.tasks.spawn(self._lent_loop(), "lent addresses")
         if any(r.parent_image for r in self.registry.all(pooled=True)):
             await self.memfs.ensure()  # clones' memory: a no-op if the daemon outlived the agent
         if leftovers := self.images.remove_leftovers():
@@ -435,6 +438,28 @@ class HostManager:
         if dropped:
             log.info("dropped the memory of captures that never committed: %s", ", ".join(dropped))
         return dropped
+
+    async def reconcile_lent(self) -> list[str]:
+        """Give back lent addresses whose VM no peer has any more (the host it ended on could
+        not tell this one when it was destroyed). One a peer that cannot be asked might have
+        stays lent. The addresses given back."""
+        freed = []
+        for row in self.registry.lent():
+            if await self.peers.has_vm(row.vm) is False and self.registry.release(row.ip, row.vm):
+                freed.append(row.ip)
+        if freed:
+            log.info("gave back addresses lent to VMs no peer has: %s", ", ".join(freed))
+        return freed
+
+    async def _lent_loop(self) -> None:
+        """Now and then, reconcile_lent: a lent address whose VM is gone does not stay lent for good."""
+        while True:
+            await asyncio.sleep(LENT_RECONCILE_S)
+            if self.registry.lent():
+                try:
+                    await self.reconcile_lent()
+                except Exception:  # the next round tries again; the agent goes on
+                    log.exception("reconciling lent addresses failed")
 
     async def _gc_loop(self) -> None:
         """Run the store GC every gc_interval_s (a store shared by hosts may run it on each)."""

@@ -78,3 +78,21 @@ class Peers:
                 log.warning("could not give address %s of VM %s back to peer %s (%s): it stays lent there", ip, vm, peer.name, exc)
 
         await asyncio.gather(*(one(p) for p in self.list()))
+
+    async def has_vm(self, vm: str) -> bool | None:
+        """Whether any peer has VM vm (its own, or arriving); None if a peer could not be asked."""
+        async def one(peer: PeerInfo) -> bool | None:
+            try:
+                async with self.client(peer.name) as client:
+                    for path in (f"/v1/vms/{vm}", f"/v1/migrations/incoming/{vm}"):
+                        try:
+                            await client.call("GET", path)
+                            return True
+                        except NotFound:
+                            pass
+                    return False
+            except (VmstreamError, httpx.HTTPError, OSError):
+                return None
+
+        answers = await asyncio.gather(*(one(p) for p in self.list()))
+        return True if True in answers else None if None in answers else False
