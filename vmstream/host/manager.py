@@ -280,12 +280,12 @@ class HostManager:
         rec = self.registry.begin(name, Op.DESTROY, VmState.STOPPING)
         async with operation("destroy", vm=name):
             await self.starter.remove(rec)
-        if self._borrowed(rec):
-            self.tasks.spawn(self.peers.release_address(rec.ip, rec.name), "give back address", vm=name)  # type: ignore[arg-type]
+        if (ip := self._borrowed(rec)) is not None:
+            self.tasks.spawn(self.peers.release_address(ip, rec.name), "give back address", vm=name)
 
-    def _borrowed(self, rec: VmRecord) -> bool:
-        """A VM that came by migration with an address of another host's range (lent by it)."""
-        return bool(rec.ip) and not self.registry.owns(rec.ip)  # type: ignore[arg-type]
+    def _borrowed(self, rec: VmRecord) -> str | None:
+        """The address of a VM that came by migration with one of another host's range (lent by it)."""
+        return rec.ip if rec.ip and not self.registry.owns(rec.ip) else None
 
     async def pause(self, name: str) -> VmInfo:
         """Stop a VM's vCPUs: it keeps its memory, devices and connections, uses no CPU and
@@ -313,7 +313,8 @@ class HostManager:
         recs = self.registry.all()
         await self.pool.drain()
         await asyncio.gather(*(self.starter.remove(r) for r in recs))
-        await asyncio.gather(*(self.peers.release_address(r.ip, r.name) for r in recs if self._borrowed(r)))  # type: ignore[arg-type]
+        borrowed = [(ip, r.name) for r in recs if (ip := self._borrowed(r)) is not None]
+        await asyncio.gather(*(self.peers.release_address(ip, vm) for ip, vm in borrowed))
         await self.memfs.stop()
         return len(recs)
 

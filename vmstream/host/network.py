@@ -66,9 +66,9 @@ class BridgedNet:
         """Make frames for an arriving VM come here while it is between hosts (its source
         stopped, this QEMU not yet running): this bridge sends its MAC to its tap, where they
         wait for the guest, and a RARP from this bridge teaches the switches on the segment
-        this host's port. Without it, frames sent during the switch-over go to the stopped
-        source and are lost (a new connection's SYN then waits 1 s for its retransmission).
-        The guest's own announce, once it runs, confirms the same."""
+        this host's port. Without it, frames keep going to the stopped source until the
+        guest's own announce, tens of milliseconds later; what reached the source meanwhile
+        is handed on (Starter.queued_frames), and the guest's announce confirms the claim."""
         cmd = ["bridge", *(["-n", self.netns] if self.netns else []),  # -n: no 'ip netns exec' fork, this is downtime
                "fdb", "replace", mac, "dev", self.tap_name(vm_id), "master", "dynamic"]
         _run(cmd, None)
@@ -76,9 +76,8 @@ class BridgedNet:
         with ctx:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
         with sock:
-            sock.bind((self.bridge, 0x8035))  # ETH_P_RARP: the frame's protocol (0 would be dropped)
+            sock.bind((self.bridge, 0x8035))  # ETH_P_RARP, the frame's own type
             sock.send(rarp_frame(mac))
-
 
     def open_tap(self, vm_id: str) -> int:
         """A descriptor of a VM's tap, for its QEMU (fd=) and kept by the agent too. Frames that
