@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -82,7 +83,7 @@ class MemfsMount:
             self._popen.stdin.close()
             self.pid_file.write_text(str(self._popen.pid))
             deadline = time.monotonic() + START_TIMEOUT_S
-            while not (is_mounted(self.mountpoint) and self.control.exists()):
+            while not (is_mounted(self.mountpoint) and _accepts(self.control)):
                 if self._popen.poll() is not None:
                     tail = self.log_file.read_text(errors="replace").strip().splitlines()[-3:]
                     raise MemfsError(f"the memory filesystem (memfs) failed to start: {' / '.join(tail)}")
@@ -136,3 +137,15 @@ class MemfsMount:
         except (FileNotFoundError, IndexError):
             return True
         return state == "Z"
+
+
+def _accepts(path: Path) -> bool:
+    """Whether a daemon listens on the unix socket path: the file alone is not enough (it exists
+    from the daemon's bind, before its listen, and after a daemon died), and a request sent in
+    between is refused (seen in CI: two clones on a new host, one refused)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
