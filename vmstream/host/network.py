@@ -27,7 +27,7 @@ import subprocess
 from dataclasses import dataclass
 
 from vmstream.errors import InvalidInput
-from vmstream.net.links import NETNS_DIR, in_netns
+from vmstream.net.links import NETNS_DIR, in_netns_if
 from vmstream.settings import Settings
 
 
@@ -72,8 +72,7 @@ class BridgedNet:
         cmd = ["bridge", *(["-n", self.netns] if self.netns else []),  # -n: no 'ip netns exec' fork, this is downtime
                "fdb", "replace", mac, "dev", self.tap_name(vm_id), "master", "dynamic"]
         _run(cmd, None)
-        ctx = in_netns(self.netns) if self.netns else contextlib.nullcontext()
-        with ctx:
+        with in_netns_if(self.netns):
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
         with sock:
             sock.bind((self.bridge, 0x8035))  # ETH_P_RARP, the frame's own type
@@ -84,8 +83,7 @@ class BridgedNet:
         reach the tap while the VM is stopped for a move wait in the tap's queue; with this
         descriptor the source hands them to the destination once the VM runs there (read_queued),
         instead of losing them when the tap goes (a new connection's SYN lost costs it 1 s)."""
-        ctx = in_netns(self.netns) if self.netns else contextlib.nullcontext()
-        with ctx:  # a tap is found by name in the opener's namespace
+        with in_netns_if(self.netns):  # a tap is found by name in the opener's namespace
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
         try:
             fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", self.tap_name(vm_id).encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
@@ -116,8 +114,7 @@ class BridgedNet:
         """Send frames (as read_queued gives them) from this host's bridge device: its table sends
         them to the VM's tap, and a bridge learns nothing from what it sends itself (so the
         senders' MACs are not taught a wrong port); how many the kernel took."""
-        ctx = in_netns(self.netns) if self.netns else contextlib.nullcontext()
-        with ctx:
+        with in_netns_if(self.netns):
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
         sent = 0
         with sock:

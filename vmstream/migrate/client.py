@@ -9,14 +9,13 @@ afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from vmstream.net.links import in_netns
+from vmstream.net.links import in_netns_if
 
 
 @dataclass
@@ -94,8 +93,7 @@ class LoadClient:
             t.start()
 
     def _connect(self) -> socket.socket:
-        ctx = in_netns(self.netns) if self.netns else contextlib.nullcontext()
-        with ctx:
+        with in_netns_if(self.netns):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self.timeout_s)

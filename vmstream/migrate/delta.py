@@ -38,7 +38,7 @@ from vmstream.capture.guestmem import PAGE, PageRuns, allocate, find_ram_mapping
 from vmstream.migrate.live import ensure_running, side_task_outcome
 from vmstream.migrate.target import ANNOUNCE, LocalTarget, remove_target, wait_running
 from vmstream.migrate.types import MigrationCancelled, MigrationError, MigrationResult, NetworkSwitch, NoSwitch, Progress, ProgressCallback
-from vmstream.net.links import in_netns
+from vmstream.net.links import in_netns_if
 from vmstream.qemu.machine import MachineSpec, QemuProcess
 
 HEADER = struct.Struct("!4sQQ")  # kind, run count, byte count
@@ -121,8 +121,7 @@ class DeltaTarget:
         try:
             async with self.dst.qmp():
                 pass  # QEMU is up and has mapped the image
-            ctx = in_netns(self.netns) if self.netns else contextlib.nullcontext()
-            with ctx:
+            with in_netns_if(self.netns):
                 self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             self.listener.bind((self.listen_ip, 0))
             self.listener.listen(1)
@@ -230,8 +229,7 @@ async def migrate_delta(
             progress(Progress(mode="delta", status=status, elapsed_s=round(time.perf_counter() - t0, 3),
                               bytes_sent=sent, remaining_bytes=remaining, rounds=rounds))
 
-    ctx = in_netns(netns) if netns else contextlib.nullcontext()
-    with ctx:
+    with in_netns_if(netns):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         with sock:

@@ -19,7 +19,7 @@ from qemu.qmp import QMPError
 
 from vmstream.errors import QemuError
 from vmstream.migrate.types import MigrationError
-from vmstream.net.links import in_netns
+from vmstream.net.links import in_netns_if
 from vmstream.qemu.machine import MachineSpec, QemuProcess
 
 
@@ -61,8 +61,7 @@ def live_target_spec(source: MachineSpec, **changes: Any) -> IncomingSpec:
 
 def free_port(ip: str, netns: str | None) -> int:
     """A free TCP port on ip inside netns (the destination host's migration port)."""
-    ctx = in_netns(netns) if netns else contextlib.nullcontext()
-    with ctx:
+    with in_netns_if(netns):
         sock = socket.socket()
     with sock:
         sock.bind((ip, 0))

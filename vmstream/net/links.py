@@ -207,6 +207,11 @@ def in_netns(name: str) -> Iterator[None]:
         os.close(own)
 
 
+def in_netns_if(name: str | None) -> contextlib.AbstractContextManager[None]:
+    """in_netns(name), or this thread's own namespace when name is None."""
+    return in_netns(name) if name else contextlib.nullcontext()
+
+
 def namespaces_with_prefix(prefix: str) -> list[str]:
     """Namespaces whose name starts with prefix: what a test session checks is gone at its end."""
     if not NETNS_DIR.is_dir():
