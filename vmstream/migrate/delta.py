@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from vmstream.capture.guestmem import PAGE, PageRuns, allocate, find_ram_mapping, private_page_runs, read_runs, runs_of, write_runs
-from vmstream.migrate.live import ensure_running, side_task_outcome
+from vmstream.migrate.live import ensure_running, side_task_outcome, start_side_task
 from vmstream.migrate.target import ANNOUNCE, LocalTarget, remove_target, wait_running
 from vmstream.migrate.types import MigrationCancelled, MigrationError, MigrationResult, NetworkSwitch, NoSwitch, Progress, ProgressCallback
 from vmstream.net.links import in_netns_if
@@ -263,8 +263,7 @@ async def migrate_delta(
                 await sq.execute("stop")
                 paused = True
                 if on_paused is not None:
-                    claim = asyncio.create_task(on_paused())
-                    claim.add_done_callback(lambda t: t.cancelled() or t.exception())
+                    claim = start_side_task(on_paused())
                 await sq.execute("xen-save-devices-state", {"filename": str(devstate), "live": False})
                 marks = {"devstate_saved": time.perf_counter()}
                 runs_now = private_page_runs(pid, addr, memory_bytes)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,8 +154,7 @@ async def migrate_live(
                     await sq.execute("migrate-start-postcopy")
                     started_postcopy = True
                 await asyncio.sleep(opts.poll_s)
-            claim = asyncio.create_task(dst.claim_network())  # the source is stopped: frames wait at the destination
-            claim.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if we fail before _outcome
+            claim = start_side_task(dst.claim_network())  # the source is stopped: frames wait at the destination
             if not opened:  # QEMU switched over before the window opened: open it at once
                 await asyncio.to_thread(switch.open)
                 opened = True
@@ -198,6 +198,14 @@ async def migrate_live(
                  "t_switch_seen": t_switch, "t_running_seen": t_running, "total_time_ms": last.get("total-time"),
                  "ram_total": ram.get("total"), "postcopy_requests": ram.get("postcopy-requests"), "mbps": ram.get("mbps")},
     )
+
+
+def start_side_task(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """A side task of the switch-over, its error retrieved even if the move fails before
+    side_task_outcome waits for it."""
+    task = asyncio.create_task(coro)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
 
 
 async def side_task_outcome(task: asyncio.Task[None]) -> str | None:
