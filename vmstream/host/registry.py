@@ -168,7 +168,8 @@ class VmRegistry:
                 used = set(s.scalars(select(VmRecord.http_port)))
                 for forwards in s.scalars(select(VmRecord.ports).where(VmRecord.ports.is_not(None))):
                     used.update(int(h) for h in json.loads(forwards or "{}").values())
-                used_ips = set(s.scalars(select(VmRecord.ip))) | set(s.scalars(select(LentAddressRecord.ip)))
+                lent_ips = set(s.scalars(select(LentAddressRecord.ip)))
+                used_ips = set(s.scalars(select(VmRecord.ip))) | lent_ips
                 back = (identity or {}).get("ip")
                 if back:  # a VM coming back with an address this host lent it: its row holds it now
                     lent = s.get(LentAddressRecord, back)
@@ -183,7 +184,7 @@ class VmRegistry:
                     ident = dict(identity or {"hostname": name, "mac": random_mac(), "vmgenid": str(uuid.uuid4())})
                     if self.net is not None and not ident.get("ip"):
                         if not free_ips:
-                            n_lent = len(set(s.scalars(select(LentAddressRecord.ip))))
+                            n_lent = len(lent_ips)
                             lent_note = f" ({n_lent} of them lent to VMs that migrated away: GET /v1/addresses/lent)" if n_lent else ""
                             raise Conflict(f"no free VM address left in {self.net.first}-{self.net.last} "
                                            f"(VMSTREAM_VM_ADDRESSES){lent_note}: destroy a VM or give this host a larger range")
