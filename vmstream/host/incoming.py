@@ -130,7 +130,7 @@ class IncomingVms:
     async def status(self, name: str) -> IncomingStatus:
         inc = self._get(name)
         alive = await inc.target.alive()
-        running = alive and await self.starter.qemu_status(self.starter.proc(self.registry.get(name))) == "running"
+        running = alive and await self._runs(name)
         return IncomingStatus(name=name, state=self.registry.get(name).state, alive=alive, running=running,
                               reason="" if alive else await inc.target.exit_reason())
 
@@ -149,6 +149,10 @@ class IncomingVms:
 
     async def announce(self, name: str) -> None:
         await LocalTarget(self.starter.proc(self.registry.get(name))).announce()
+
+    async def _runs(self, name: str) -> bool:
+        """Whether the incoming VM's QEMU runs the guest: the migration reached its end here."""
+        return await self.starter.qemu_status(self.starter.proc(self.registry.get(name))) == "running"
 
     async def claim(self, name: str) -> bool:
         """The source has stopped the VM: take its frames here (BridgedNet.claim). False on a
@@ -178,7 +182,7 @@ class IncomingVms:
         agent went quiet): that is the only copy running, so it is kept as this host's."""
         while self.incoming.get(inc.name) is inc:
             if time.monotonic() > inc.deadline:
-                if await self.starter.qemu_status(self.starter.proc(self.registry.get(inc.name))) == "running":
+                if await self._runs(inc.name):
                     self.registry.set_state(inc.name, VmState.RUNNING, only_if=[VmState.INCOMING])
                     self.incoming.pop(inc.name, None)
                     log.warning("VM %s arrived and runs here, but its source never confirmed the move: kept as this host's",
