@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +36,7 @@ class Memfs:
 
     def request(self, cmd: str, **args: Any) -> dict[str, Any]:
         with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(60)  # a test fails rather than hangs
             s.connect(str(self.control))
             s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
             answer = b""
@@ -169,6 +172,90 @@ def test_a_peer_gone_for_good_is_a_clear_error(tmp_path: Path) -> None:
                 assert "gave up" in stats["last_error"], stats
             finally:
                 os.close(fd)
+
+
+def _abort_fuse_connection(minor: int) -> None:
+    control = Path("/sys/fs/fuse/connections")
+    if not (control / str(minor)).exists():
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(control)], check=False)
+    (control / str(minor) / "abort").write_text("1")
+
+
+def _memfs_pid(fs: Memfs) -> int:
+    return int(fs.request("stats")["pid"])
+
+
+def test_memfs_killed_under_readers_loses_no_read(tmp_path: Path) -> None:
+    """SIGKILL of the serving daemon, five times, while four readers fault pages in through
+    a 20 ms link (so reads are in flight at each kill): the supervisor keeps the mount and
+    starts another daemon, which has the kernel resend what the dead one left unanswered.
+    Every read gets the right bytes, none fails, none waits for ever."""
+    backend, content = _image(tmp_path, chunks=256)
+    with serve(peer_app(ChunkStore(backend), writable=False)) as url, DelayProxy(int(url.rsplit(":", 1)[1]), rtt_ms=20) as proxy, \
+            memfs(tmp_path, f"peer:{proxy.url}/v1/store") as fs:
+        fd = os.open(fs.mount / "img", os.O_RDONLY)
+        connection = os.minor(os.fstat(fd).st_dev)
+        stop = threading.Event()
+        reads, wrong, failed = [0], [], []
+        done = False
+
+        def reader(seed: int) -> None:
+            rng = random.Random(seed)
+            while not stop.is_set():
+                off = rng.randrange(len(content) // 4096) * 4096
+                try:
+                    if os.pread(fd, 4096, off) != content[off : off + 4096]:
+                        wrong.append(off)
+                except OSError as exc:
+                    failed.append(exc)
+                reads[0] += 1
+
+        threads = [threading.Thread(target=reader, args=(k,), daemon=True) for k in range(4)]
+        try:
+            for t in threads:
+                t.start()
+            for kill in range(5):  # an error here (a request timed out) still ends the connection below
+                time.sleep(0.3)
+                pid = _memfs_pid(fs)
+                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while True:
+                    with contextlib.suppress(OSError):
+                        if _memfs_pid(fs) != pid:
+                            break
+                    assert time.monotonic() < deadline, f"no daemon after kill {kill + 1}: {(tmp_path / 'memfs.log').read_text()}"
+                    time.sleep(0.01)
+                fs.request("drop-cache")  # the readers fault again, from the store
+                fs.request("invalidate", image="img")
+            time.sleep(0.3)
+            done = True
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=20)
+            hung = any(t.is_alive() for t in threads)
+            if hung or not done:  # end the connection, or this test would hang (or leak memfs) instead of failing
+                _abort_fuse_connection(connection)
+            os.close(fd)
+        assert not hung, "a read never came back: the dead daemon's requests were not resent"
+        assert not wrong and not failed, (wrong[:3], failed[:3])
+        assert reads[0] > 100 and fs.request("stats")["restarts"] == 5
+        assert is_mounted(fs.mount)
+
+
+def test_memfs_stops_and_unmounts_on_sigterm_to_its_supervisor(tmp_path: Path) -> None:
+    _, content = _image(tmp_path, chunks=4)
+    with memfs(tmp_path, f"local:{tmp_path / 'host-a'}") as fs:
+        assert (fs.mount / "img").read_bytes() == content
+        supervisor = int(next(line.split()[-1].rstrip(")") for line in (tmp_path / "memfs.log").read_text().splitlines()
+                              if "supervisor pid" in line))
+        daemon = _memfs_pid(fs)
+        os.kill(supervisor, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while is_mounted(fs.mount) or Path(f"/proc/{daemon}").exists():
+            assert time.monotonic() < deadline, "memfs did not stop"
+            time.sleep(0.05)
+        assert not fs.control.exists()
 
 
 def test_a_sequential_reader_gets_every_byte_and_few_requests(tmp_path: Path) -> None:

@@ -1,10 +1,18 @@
-"""The memfs daemon: mounts the filesystem and answers a control socket.
+"""The memfs daemon: mounts the filesystem, serves it, and answers a control socket.
 
     python -m vmstream.memfs.daemon --mount DIR --store SPEC --cache DIR
         --cache-bytes N --control SOCK
 
+The process started is a small supervisor: it mounts, answers the kernel's INIT, keeps the
+/dev/fuse descriptor, and forks the daemon that serves (the store, the caches, the request
+loop, the control socket). If that daemon dies, the mount does not: the supervisor forks
+another, which asks the kernel to resend what the dead one had read and not answered
+(vmstream.memfs.fuse), so clones faulting their memory meanwhile wait a moment and go on.
+It stops when the daemon is told to (shutdown, SIGTERM to the supervisor) or the mount goes
+away, and gives up after RESTART_LIMIT deaths within RESTART_WINDOW_S.
+
 Control protocol: one JSON object per line in, one per line out:
-    {"cmd": "stats"}                         host and per-image counters
+    {"cmd": "stats"}                         host and per-image counters, pid, restarts
     {"cmd": "prefetch", "image": I, "chunks": [...], "wait": bool,
      "pack": {"key": K, "entries": [[index, offset, length], ...]}}   pack: optional,
                                              the working set as one store object, streamed
@@ -31,25 +39,33 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-import pyfuse3
 import trio
 
+from vmstream.memfs import fuse
 from vmstream.memfs.cache import ChunkCache
 from vmstream.memfs.fs import MemFs
 from vmstream.store import ChunkStore, RetryPolicy
 from vmstream.store.spec import open_backend
 
 log = logging.getLogger("vmstream.memfs")
+FSNAME = "vmstream-memfs"
+RESTART_LIMIT = 10  # deaths within RESTART_WINDOW_S after which the supervisor gives up and unmounts
+RESTART_WINDOW_S = 60.0
+EXIT_SIGNALLED = 3  # the daemon got SIGTERM or SIGINT itself (not through the supervisor): start another
 
 
 class Daemon:
-    def __init__(self, fs: MemFs, control: Path) -> None:
+    def __init__(self, fs: MemFs, session: fuse.Session, control: Path, restarts: int = 0) -> None:
         self.fs = fs
+        self.session = session
         self.control = control
+        self.restarts = restarts  # daemons before this one on the mount
         self.cancel: trio.CancelScope | None = None
         self.nursery: trio.Nursery | None = None
+        self.signalled = False
 
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
@@ -57,6 +73,9 @@ class Daemon:
         if cmd == "stats":
             return {
                 "ok": True,
+                "pid": os.getpid(),
+                "restarts": self.restarts,
+                "requests": self.session.requests,
                 "cache_bytes": fs.cache.bytes,
                 "cache_capacity": fs.cache.capacity,
                 "images": {name: f.stats() for name, f in fs.files.items()},
@@ -74,7 +93,7 @@ class Daemon:
             return {"ok": True}
         try:
             f = await fs.image(image)
-        except pyfuse3.FUSEError:
+        except fuse.FuseError:
             return {"ok": False, "error": f"no memory of image '{image}' in the store"}
         if cmd == "prefetch":
             assert self.nursery is not None
@@ -105,7 +124,7 @@ class Daemon:
             return {"ok": True, "chunks": sorted(touched, key=touched.__getitem__)}
         if cmd == "invalidate":
             with contextlib.suppress(OSError):  # from a thread: inline it can deadlock with the kernel
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, f.inode, False)
+                await trio.to_thread.run_sync(self.session.invalidate_inode, f.inode)
             return {"ok": True}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
@@ -136,6 +155,7 @@ class Daemon:
         await trio.serve_listeners(self.serve_client, [listener])
 
     async def run(self) -> None:
+        self.fs.session = self.session
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             self.fs.nursery = nursery
@@ -143,9 +163,17 @@ class Daemon:
                 self.cancel = scope
                 await nursery.start(self.serve_control)
                 nursery.start_soon(self.fs.background)
-                nursery.start_soon(_on_signals, scope.cancel)
-                await pyfuse3.main(min_tasks=4, max_tasks=64)
+                nursery.start_soon(_on_signals, self._signalled)
+                if self.restarts:
+                    self.session.resend()
+                    log.info("serving again after %d restart(s): the kernel resends what the last daemon left unanswered", self.restarts)
+                await self.session.serve(self.fs)
             nursery.cancel_scope.cancel()
+
+    def _signalled(self) -> None:
+        self.signalled = True
+        assert self.cancel is not None
+        self.cancel.cancel()
 
 
 async def _on_signals(stop: Callable[[], Awaitable[None] | None]) -> None:
@@ -155,26 +183,61 @@ async def _on_signals(stop: Callable[[], Awaitable[None] | None]) -> None:
             return
 
 
-def _no_kernel_read_around(mount: Path) -> None:
-    """Set the mount's kernel read-ahead to 0.
+def _serve(args: argparse.Namespace, token: str | None, fd: int, inodes: Path, restarts: int) -> int:
+    """The daemon, in a process forked by the supervisor: its exit code says what next."""
+    store = ChunkStore(open_backend(args.store, token), retry=RetryPolicy(attempts=args.retry_attempts, deadline=args.retry_deadline))
+    try:
+        fs = MemFs(store, ChunkCache(args.cache, args.cache_bytes), args.read_ahead_chunks, inodes)
+        daemon = Daemon(fs, fuse.Session(fd), args.control, restarts)
+        trio.run(daemon.run)
+        return EXIT_SIGNALLED if daemon.signalled else 0
+    finally:
+        store.close()
 
-    Clones fault their memory in page by page, and each fault that misses would
-    otherwise read 128 KiB around it, so an idle clone pulled ~30% more chunks
-    than it touched. The daemon's own sequential read-ahead (whole chunks) is kept.
-    Found through /proc/self/mountinfo: stat() on the mount would wait for this
-    daemon, which is not serving yet.
-    """
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and fields[4] == str(mount.absolute()):
-                knob = Path(f"/sys/class/bdi/{fields[2]}/read_ahead_kb")
-                try:
-                    knob.write_text("0")
-                except OSError as exc:
-                    log.warning("could not turn off kernel read-ahead on %s (%s): clones fetch more", mount, exc)
-                return
-    log.warning("mount %s not found in /proc/self/mountinfo; kernel read-ahead left on", mount)
+
+def _supervise(serve: Callable[[int], int]) -> int:
+    """Fork serve(restarts) until it ends on purpose; 0, or 1 when it kept dying."""
+    stopping = False
+    child = 0
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    deaths: list[float] = []
+    while True:
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
+            try:
+                code = serve(len(deaths))
+            except BaseException:
+                log.exception("memfs daemon failed")
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        child = pid
+        if stopping:
+            os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        child = 0
+        code = os.waitstatus_to_exitcode(status)
+        if stopping or code == 0:
+            return 0
+        now = time.monotonic()
+        deaths = [t for t in deaths if now - t < RESTART_WINDOW_S] + [now]
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
+        if len(deaths) > RESTART_LIMIT:
+            log.error("memfs daemon %d %s, the %dth time in %.0fs: giving up", pid, how, len(deaths), RESTART_WINDOW_S)
+            return 1
+        log.warning("memfs daemon %d %s: starting another on the same mount", pid, how)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,20 +254,22 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     token = sys.stdin.readline().strip() or None if args.token_stdin else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s memfs %(levelname)s %(message)s")
-    store = ChunkStore(open_backend(args.store, token), retry=RetryPolicy(attempts=args.retry_attempts, deadline=args.retry_deadline))
-    fs = MemFs(store, ChunkCache(args.cache, args.cache_bytes), args.read_ahead_chunks)
     args.mount.mkdir(parents=True, exist_ok=True)
-    options = set(pyfuse3.default_options) | {"fsname=vmstream-memfs"}
-    pyfuse3.init(fs, str(args.mount), options)
-    log.info("mounted %s (pid %d)", args.mount, os.getpid())
-    _no_kernel_read_around(args.mount)
+    inodes = args.control.with_name(args.control.stem + ".inodes")
+    inodes.unlink(missing_ok=True)  # a new mount: the kernel holds no inode yet
+    fd = fuse.mount(args.mount, FSNAME)
+    code = 1
     try:
-        trio.run(Daemon(fs, args.control).run)
+        fuse.answer_init(fd)
+        log.info("mounted %s (supervisor pid %d)", args.mount, os.getpid())
+        code = _supervise(functools.partial(_serve, args, token, fd, inodes))
     finally:
-        pyfuse3.close(unmount=True)
+        fuse.unmount(args.mount, lazy=True)
+        os.close(fd)
         args.control.unlink(missing_ok=True)
-        store.close()
+        inodes.unlink(missing_ok=True)
         log.info("unmounted %s", args.mount)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

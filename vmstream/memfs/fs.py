@@ -17,6 +17,7 @@ first clone touched it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -26,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyfuse3
 import trio
 
 from vmstream.memfs import memory_ref
 from vmstream.memfs.cache import ChunkCache
+from vmstream.memfs.fuse import ROOT_INODE, Attr, FsStats, FuseError, Session
 from vmstream.store import BackendUnavailable, ChunkMap, ChunkRef, ChunkStore, ObjectNotFound, StoreError
 from vmstream.store.store import chunk_id
 
@@ -105,15 +106,24 @@ class ImageFile:
         }
 
 
-class MemFs(pyfuse3.Operations):
-    def __init__(self, store: ChunkStore, cache: ChunkCache, read_ahead_chunks: int = 16) -> None:
-        super().__init__()
+class MemFs:
+    """The filesystem's operations (vmstream.memfs.fuse.Operations) and its chunk traffic.
+
+    Inode numbers outlive the daemon: the kernel keeps those it was given for as long as
+    the mount lives, so each is written to the inodes file before it is first answered,
+    and a daemon that takes over the mount reads them back."""
+
+    def __init__(self, store: ChunkStore, cache: ChunkCache, read_ahead_chunks: int = 16,
+                 inodes: Path | None = None) -> None:
         self.store = store
         self.read_ahead_chunks = read_ahead_chunks  # chunks fetched ahead of a sequential reader
         self.cache = cache
         self.files: dict[str, ImageFile] = {}
         self.by_inode: dict[int, ImageFile] = {}
-        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self.session: Session | None = None  # set by the daemon: notifications go through it
+        self._inodes_file = inodes
+        self._known: dict[str, int] = _read_inodes(inodes) if inodes is not None else {}
+        self._next_inode = max(self._known.values(), default=ROOT_INODE) + 1
         self._inflight: dict[str, trio.Event] = {}
         self._fetch_limit = trio.CapacityLimiter(16)  # demand: a clone's faults
         self._prefetch_limit = trio.CapacityLimiter(PREFETCH_LANES)  # prefetch and read-ahead
@@ -134,89 +144,78 @@ class MemFs(pyfuse3.Operations):
         try:
             chunk_map = await trio.to_thread.run_sync(self.store.get_ref, memory_ref(name))
         except ObjectNotFound:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+            raise FuseError(errno.ENOENT) from None
         except StoreError as exc:
             log.error("cannot load the chunk map of %s: %s", name, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from exc
+            raise FuseError(errno.EIO) from exc
         found = self.files.get(name)  # another task may have loaded it meanwhile
         if found is None:
-            found = ImageFile(name, self._next_inode, chunk_map)
-            self._next_inode += 1
+            found = ImageFile(name, self._inode_of(name), chunk_map)
             self.files[name] = found
             self.by_inode[found.inode] = found
         return found
+
+    def _inode_of(self, name: str) -> int:
+        """The image's inode number: the one a previous daemon gave it, or a new one, written
+        down before the kernel hears of it."""
+        inode = self._known.get(name)
+        if inode is None:
+            inode, self._next_inode = self._next_inode, self._next_inode + 1
+            self._known[name] = inode
+            if self._inodes_file is not None:
+                with open(self._inodes_file, "a") as out:
+                    out.write(f"{inode} {name}\n")
+        return inode
+
+    async def file(self, inode: int) -> ImageFile:
+        """The file of an inode the kernel holds, loaded again if a previous daemon gave it out."""
+        found = self.by_inode.get(inode)
+        if found is not None:
+            return found
+        name = next((n for n, i in self._known.items() if i == inode), None)
+        if name is None:
+            raise FuseError(errno.ENOENT)
+        return await self.image(name)
 
     def forget_image(self, name: str) -> None:
         f = self.files.pop(name, None)
         if f is not None:
             self.by_inode.pop(f.inode, None)
 
-    def _attr(self, inode: int, size: int, mode: int) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = inode
-        a.st_mode = mode
-        a.st_nlink = 1
-        a.st_size = size
-        a.st_uid = os.getuid()
-        a.st_gid = os.getgid()
-        a.st_blksize = 4096
-        a.st_blocks = (size + 511) // 512
-        a.attr_timeout = 3600  # images are immutable
-        a.entry_timeout = 3600
-        return a
-
     # ---- FUSE operations -------------------------------------------------------------
 
-    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        if inode == pyfuse3.ROOT_INODE:
-            return self._attr(inode, 0, stat.S_IFDIR | 0o755)
-        f = self.by_inode.get(inode)
-        if f is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attr(inode, f.chunk_map.size, stat.S_IFREG | 0o644)
+    async def getattr(self, inode: int) -> Attr:
+        if inode == ROOT_INODE:
+            return Attr(inode, stat.S_IFDIR | 0o755, 0)
+        f = await self.file(inode)
+        return Attr(inode, stat.S_IFREG | 0o644, f.chunk_map.size)
 
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        if parent_inode != pyfuse3.ROOT_INODE:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        if parent != ROOT_INODE:
+            raise FuseError(errno.ENOENT)
         f = await self.image(os.fsdecode(name))
-        return self._attr(f.inode, f.chunk_map.size, stat.S_IFREG | 0o644)
+        return Attr(f.inode, stat.S_IFREG | 0o644, f.chunk_map.size)
 
-    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+    async def statfs(self) -> FsStats:
         """What df shows; it also tells a program (the clone QEMUs' shim) that a file is on memfs."""
-        st = pyfuse3.StatvfsData()
-        st.f_bsize = st.f_frsize = 4096
-        st.f_blocks = sum(f.chunk_map.size for f in self.files.values()) // 4096
-        st.f_bfree = st.f_bavail = 0  # read-only
-        st.f_files = len(self.files)
-        st.f_ffree = st.f_favail = 0
-        st.f_namemax = 255
-        return st
+        return FsStats(blocks=sum(f.chunk_map.size for f in self.files.values()) // 4096, files=len(self.files))
 
-    async def opendir(self, inode: int, ctx: Any) -> int:
-        if inode != pyfuse3.ROOT_INODE:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
-
-    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+    async def readdir(self, inode: int, offset: int) -> list[tuple[bytes, Attr]]:
+        if inode != ROOT_INODE:
+            raise FuseError(errno.ENOTDIR)
         refs = await trio.to_thread.run_sync(self.store.list_refs)
         names = sorted(r.split("/")[1] for r in refs if r.startswith("images/") and r.endswith("/memory"))
-        for i, name in enumerate(names[start_id:], start_id + 1):
+        out = []
+        for name in names[offset:]:
             f = await self.image(name)
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), await self.getattr(f.inode), i):
-                break
+            out.append((os.fsencode(name), Attr(f.inode, stat.S_IFREG | 0o644, f.chunk_map.size)))
+        return out
 
-    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        if inode not in self.by_inode:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        fi = pyfuse3.FileInfo(fh=inode)
-        fi.keep_cache = True  # the page cache copy is shared by every clone of the image
-        return fi
+    async def open(self, inode: int, flags: int) -> None:
+        await self.file(inode)  # write opens too: QEMU opens its mem-path read-write; writes are refused
 
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        f = self.by_inode[fh]
+    async def read(self, inode: int, off: int, size: int) -> bytes:
+        f = await self.file(inode)
         cm = f.chunk_map
         end = min(off + size, cm.size)
         if off >= end:
@@ -296,18 +295,18 @@ class MemFs(pyfuse3.Operations):
         if size and self._store(f, index * cm.chunk_size + hi, parts[0] if len(parts) == 1 else b"".join(parts)):
             f.pushed_chunks += i - index
 
-    @staticmethod
-    def _store(f: ImageFile, offset: int, data: bytes | memoryview) -> bool:
+    def _store(self, f: ImageFile, offset: int, data: bytes | memoryview) -> bool:
         """notify_store: the pages of data into f's page cache at offset."""
+        if self.session is None:
+            return False
         try:
-            pyfuse3.notify_store(f.inode, offset, data)  # type: ignore[arg-type]  # any buffer: it takes the buffer protocol
+            self.session.notify_store(f.inode, offset, data)
             return True
         except OSError as exc:  # ENOENT: the kernel holds no inode for it (nobody has it open)
             log.debug("image %s: %d bytes at %d not pushed to the page cache: %s", f.name, len(data), offset, exc)
             return False
 
-    @staticmethod
-    def _store_pages(batch: list[tuple[ImageFile, int, bytes | memoryview]]) -> None:
+    def _store_pages(self, batch: list[tuple[ImageFile, int, bytes | memoryview]]) -> None:
         """notify_store each run of consecutive chunks of a file at once (up to 4 MiB):
         one system call and one pass over the pages' locks for the run."""
         runs: list[tuple[ImageFile, int, list[bytes | memoryview]]] = []
@@ -324,7 +323,7 @@ class MemFs(pyfuse3.Operations):
                 payload = _ZEROS[: sum(map(len, datas))]  # a run of zero chunks: no copy to make
             else:
                 payload = b"".join(datas)
-            if MemFs._store(f, index * f.chunk_map.chunk_size, payload):
+            if self._store(f, index * f.chunk_map.chunk_size, payload):
                 f.pushed_chunks += len(datas)
 
     def _follow(self, f: ImageFile, index: int) -> None:
@@ -371,7 +370,7 @@ class MemFs(pyfuse3.Operations):
         f.cache_misses += 1
         got = await self._fetch(f, [ref], self._fetch_limit)
         if ref.id not in got:
-            raise pyfuse3.FUSEError(errno.EIO)
+            raise FuseError(errno.EIO)
         return got[ref.id]
 
     async def _fetch(self, f: ImageFile, refs: list[ChunkRef], limit: trio.CapacityLimiter) -> dict[str, bytes]:
@@ -569,3 +568,14 @@ class MemFs(pyfuse3.Operations):
             for _ in range(PREFETCH_LANES):
                 nursery.start_soon(lane)
         f.prefetch = {"state": "done", "chunks": len(order), "missing": missing, "seconds": round(time.monotonic() - t0, 3)}
+
+
+def _read_inodes(path: Path) -> dict[str, int]:
+    """The inodes file: "<inode> <image name>" per line, the names a previous daemon gave out."""
+    known: dict[str, int] = {}
+    with contextlib.suppress(FileNotFoundError), open(path) as lines:
+        for line in lines:
+            inode, _, name = line.rstrip("\n").partition(" ")
+            if inode.isdigit() and name:
+                known[name] = int(inode)
+    return known

@@ -2,7 +2,9 @@
 
 One owner: it starts the daemon (own session, so clones keep their memory
 if the agent dies), adopts a running one after an agent restart, talks to
-its control socket, and stops it, unmounting, when no VM needs it.
+its control socket, and stops it, unmounting, when no VM needs it. The
+process it starts is memfs's supervisor, which holds the mount and starts
+the serving daemon again if it dies (vmstream.memfs.daemon).
 """
 
 from __future__ import annotations
@@ -97,10 +99,17 @@ class MemfsMount:
             subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
 
     async def request(self, cmd: str, **args: Any) -> dict[str, Any]:
-        try:
-            reader, writer = await asyncio.open_unix_connection(str(self.control))
-        except OSError as exc:
-            raise MemfsError(f"memfs is not answering on {self.control}: {exc}") from exc
+        """One control request. While memfs's supervisor starts another daemon after one
+        died (tens of ms), the socket refuses: wait for it rather than fail a clone's start."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(self.control))
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline or self.pid() is None:
+                    raise MemfsError(f"memfs is not answering on {self.control}: {exc}") from exc
+                await asyncio.sleep(0.02)
         try:
             writer.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
             await writer.drain()
