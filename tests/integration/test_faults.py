@@ -1,4 +1,4 @@
-"""Real faults: the agent killed (SIGKILL) in the middle of its work.
+"""Real faults: the agent or memfs killed (SIGKILL) in the middle of their work, disks full.
 
 After each, the next command starts a new agent, which takes over what still runs: the
 VMs that ran keep running with their memory intact (memcheck), nothing half-made is
@@ -8,8 +8,11 @@ the work can be done again.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -192,3 +195,70 @@ def test_a_full_chunk_cache_disk_while_a_clone_streams(cli: Cli, base_image: Bas
         b.run("agent", "stop", "--destroy-vms")
         subprocess.run(["umount", "--lazy", str(cache)], check=False)
     assert not our_qemu_pids(home) and not fuse_mounts(home)
+
+
+def _memfs_request(home: Path, cmd: str, **args: Any) -> dict[str, Any]:
+    """Straight to a host's memfs control socket: what the test does to its caches, no agent needed."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(60)
+        s.connect(str(home / "memfs.sock"))
+        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        answer = b""
+        while not answer.endswith(b"\n"):
+            answer += s.recv(65536)
+    out: dict[str, Any] = json.loads(answer)
+    return out
+
+
+def test_memfs_and_the_agent_killed_under_faulting_clones(base_image: BaseImage, peer_host: Cli) -> None:
+    """Three clones on a host that streams the image from another verify their memory over and
+    over; before each of three SIGKILLs of the host's memfs daemon its caches are dropped, so
+    the clones are faulting pages in from the store when it dies. Then the agent is killed too.
+    memfs's supervisor keeps the mount and starts another daemon each time: every clone keeps
+    running, no check finds a bad page, and the checks made through the restarts all answer."""
+    image = base_image.name
+    names = [c["name"] for c in peer_host.json("live-image", "start", image, "--count", "3", "--name", "mfkill")["vms"]]
+    stop = threading.Event()
+    checks: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+
+    def verify(name: str) -> None:
+        while not stop.is_set():
+            proc = peer_host.run("guest", "ask", name, "memcheck-verify", "--timeout", "120", timeout=180)
+            if proc.returncode == 0:  # not while the agent is down: the clone is checked again after
+                checks[name].append(json.loads(proc.stdout))
+
+    threads = [threading.Thread(target=verify, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    try:
+        for kill in range(3):
+            time.sleep(1.5)
+            _memfs_request(peer_host.home, "drop-cache")
+            _memfs_request(peer_host.home, "invalidate", image=image)  # the clones' pages come from the store again
+            pid = int(_memfs_request(peer_host.home, "stats")["pid"])
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while True:
+                with contextlib.suppress(OSError):
+                    if int(_memfs_request(peer_host.home, "stats")["pid"]) != pid:
+                        break
+                assert time.monotonic() < deadline, f"memfs did not come back after kill {kill + 1}"
+                time.sleep(0.05)
+        time.sleep(1.5)
+        _memfs_request(peer_host.home, "invalidate", image=image)
+        os.kill(peer_host.agent()[2], signal.SIGKILL)
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=300)
+    listed = {v["name"]: v["state"] for v in peer_host.json("list")}  # the next agent adopts the clones
+    assert listed == dict.fromkeys(names, "running"), listed
+    for name in names:
+        final = peer_host.ask(name, "memcheck-verify")
+        assert final["ok"] and final["result"]["bad_pages"] == 0, final
+        assert checks[name] and all(c["ok"] and c["result"]["bad_pages"] == 0 for c in checks[name]), checks[name]
+    stats = peer_host.json("host")["memfs"]
+    assert stats["restarts"] == 3 and stats["images"][image]["errors"] == 0, stats
+    for name in names:
+        assert peer_host.run("destroy", name).returncode == 0

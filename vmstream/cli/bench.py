@@ -190,6 +190,19 @@ def soak(
     _run(b, out, as_json, moves=moves, memory_mib=memory_mib, clone_cycles=clone_cycles)
 
 
+@bench_app.command("memfs-kill")
+def memfs_kill(
+    out: OutOpt = DEFAULT_OUT, memory_mib: MemOpt = 256,
+    clones: Annotated[int, typer.Option("--clones", min=1, max=64, help="Clones faulting their memory in meanwhile.")] = 10,
+    kills: Annotated[int, typer.Option("--kills", min=1, help="SIGKILLs of the memfs daemon.")] = 10,
+    as_json: JsonOpt = False,
+) -> None:
+    """memfs's daemon killed again and again under clones streaming their memory: clones lost, bad pages, restart time."""
+    from vmstream.bench import memfskill as b
+
+    _run(b, out, as_json, clones=clones, kills=kills, memory_mib=memory_mib)
+
+
 @bench_app.command("openstack")
 def openstack(
     out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 3,

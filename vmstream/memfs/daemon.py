@@ -12,7 +12,8 @@ It stops when the daemon is told to (shutdown, SIGTERM to the supervisor) or the
 away, and gives up after RESTART_LIMIT deaths within RESTART_WINDOW_S.
 
 Control protocol: one JSON object per line in, one per line out:
-    {"cmd": "stats"}                         host and per-image counters, pid, restarts
+    {"cmd": "stats"}                         host and per-image counters, pid, restarts,
+                                             requests (this daemon's), resent (of those: a dead one's)
     {"cmd": "prefetch", "image": I, "chunks": [...], "wait": bool,
      "pack": {"key": K, "entries": [[index, offset, length], ...]}}   pack: optional,
                                              the working set as one store object, streamed
@@ -35,6 +36,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -76,6 +78,10 @@ class Daemon:
                 "pid": os.getpid(),
                 "restarts": self.restarts,
                 "requests": self.session.requests,
+                "resent": self.session.resent,
+                "inflight": len(self.session.inflight),
+                "oldest_inflight": self.session.oldest(),
+                "slow_requests": self.session.slow,
                 "cache_bytes": fs.cache.bytes,
                 "cache_capacity": fs.cache.capacity,
                 "images": {name: f.stats() for name, f in fs.files.items()},
@@ -195,49 +201,127 @@ def _serve(args: argparse.Namespace, token: str | None, fd: int, inodes: Path, r
         store.close()
 
 
-def _supervise(serve: Callable[[int], int]) -> int:
-    """Fork serve(restarts) until it ends on purpose; 0, or 1 when it kept dying."""
-    stopping = False
-    child = 0
+class Supervisor:
+    """Forks the serving daemon again and again, until one ends on purpose.
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        if child:
+    A daemon is taken for dead when its main thread is: a killed daemon whose other threads
+    wait in the kernel for a page lock (pushing into the page cache while a read of that page
+    is in flight) cannot finish dying until that read is answered, and only the next daemon
+    can answer it (the kernel resends it). So the next one starts as soon as the main thread
+    is gone, and the rest is reaped when it ends. A daemon that ends on purpose says so on a
+    pipe first; one that says nothing was killed or crashed."""
+
+    def __init__(self, serve: Callable[[int], int]) -> None:
+        self.serve = serve
+        self.stopping = False
+        self.child = 0
+        self.dying: set[int] = set()  # daemons whose main thread is gone, not yet reaped
+        self.deaths: list[float] = []
+
+    def stop(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
+        self.stopping = True
+        if self.child:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGTERM)
+                os.kill(self.child, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    deaths: list[float] = []
-    while True:
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = 1
+    def run(self) -> int:
+        """0 when a daemon ended on purpose (or the supervisor was told to stop), 1 when they kept dying."""
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        while True:
+            said, says = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(said)
+                self._daemon(says)
+            os.close(says)
+            self.child = pid
+            if self.stopping:
+                os.kill(pid, signal.SIGTERM)
             try:
-                code = serve(len(deaths))
-            except BaseException:
-                log.exception("memfs daemon failed")
+                code = self._wait(pid, said)
             finally:
-                logging.shutdown()
-                os._exit(code)
-        child = pid
-        if stopping:
-            os.kill(pid, signal.SIGTERM)
-        _, status = os.waitpid(pid, 0)
-        child = 0
-        code = os.waitstatus_to_exitcode(status)
-        if stopping or code == 0:
-            return 0
-        now = time.monotonic()
-        deaths = [t for t in deaths if now - t < RESTART_WINDOW_S] + [now]
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
-        if len(deaths) > RESTART_LIMIT:
-            log.error("memfs daemon %d %s, the %dth time in %.0fs: giving up", pid, how, len(deaths), RESTART_WINDOW_S)
-            return 1
-        log.warning("memfs daemon %d %s: starting another on the same mount", pid, how)
+                os.close(said)
+                self.child = 0
+            if self.stopping or code == 0:
+                return 0
+            now = time.monotonic()
+            self.deaths = [t for t in self.deaths if now - t < RESTART_WINDOW_S] + [now]
+            if code is None:
+                how = "was killed (threads of it still finish: reaped later)"
+            else:
+                how = f"exited with {code}" if code > 0 else f"was killed by signal {-code}"
+            if len(self.deaths) > RESTART_LIMIT:
+                log.error("memfs daemon %d %s, the %dth time in %.0fs: giving up", pid, how, len(self.deaths), RESTART_WINDOW_S)
+                return 1
+            log.warning("memfs daemon %d %s: starting another on the same mount", pid, how)
+
+    def _daemon(self, says: int) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        code = 1
+        try:
+            code = self.serve(len(self.deaths))
+        except BaseException:
+            log.exception("memfs daemon failed")
+        finally:
+            logging.shutdown()
+            with contextlib.suppress(OSError):
+                os.write(says, bytes([code]))
+            os._exit(code)
+
+    def _wait(self, pid: int, said: int) -> int | None:
+        """The daemon's exit code once its main thread is gone (None: killed, code unknown yet)."""
+        while True:
+            self.reap()
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            if _main_thread_gone(pid):
+                self.dying.add(pid)
+                os.set_blocking(said, False)
+                with contextlib.suppress(BlockingIOError):
+                    if told := os.read(said, 1):
+                        return told[0]
+                return None
+            time.sleep(0.005)
+
+    def reap(self) -> None:
+        for pid in list(self.dying):
+            with contextlib.suppress(ChildProcessError):
+                if not os.waitpid(pid, os.WNOHANG)[0]:
+                    continue
+            self.dying.discard(pid)
+
+
+def _main_thread_gone(pid: int) -> bool:
+    """Whether the process's main thread has exited (a zombie leader) while others still run."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+def _abort_connection(connection: str) -> None:
+    """End the FUSE connection (fusectl): requests a dying daemon holds fail instead of waiting for ever."""
+    control = Path("/sys/fs/fuse/connections")
+    if not (control / connection).exists():
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(control)], capture_output=True, check=False)
+    try:
+        (control / connection / "abort").write_text("1")
+    except OSError as exc:
+        log.warning("could not end FUSE connection %s (%s): a dying daemon may be left", connection, exc)
+
+
+def _connection_of(mount: Path) -> str | None:
+    """The FUSE connection's number (the mount's device minor), from /proc/self/mountinfo:
+    stat() on the mount would wait for a daemon."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == str(mount.absolute()):
+                return fields[2].split(":")[1]
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -258,13 +342,21 @@ def main(argv: list[str] | None = None) -> None:
     inodes = args.control.with_name(args.control.stem + ".inodes")
     inodes.unlink(missing_ok=True)  # a new mount: the kernel holds no inode yet
     fd = fuse.mount(args.mount, FSNAME)
+    connection = _connection_of(args.mount)
+    supervisor = Supervisor(functools.partial(_serve, args, token, fd, inodes))
     code = 1
     try:
         fuse.answer_init(fd)
         log.info("mounted %s (supervisor pid %d)", args.mount, os.getpid())
-        code = _supervise(functools.partial(_serve, args, token, fd, inodes))
+        code = supervisor.run()
     finally:
         fuse.unmount(args.mount, lazy=True)
+        deadline = time.monotonic() + 5
+        while supervisor.dying and time.monotonic() < deadline:
+            supervisor.reap()
+            time.sleep(0.05)
+        if supervisor.dying and connection is not None:  # stuck on requests no daemon will answer now
+            _abort_connection(connection)
         os.close(fd)
         args.control.unlink(missing_ok=True)
         inodes.unlink(missing_ok=True)

@@ -44,6 +44,7 @@ AHEAD_PIECE = 32  # chunks per fetch of a window: pushes start while the rest is
 CACHE_BATCH = 64  # chunks the host-cache writer takes per thread hop
 PUSH_BATCH = 32  # chunks a pusher takes per thread hop
 PUSHERS = 2  # threads pushing into the page cache at once (a 2-core host: both)
+PUSH_THREADS = 8  # threads for pushes in all: the pushers and sequential readers' pushes (_push_after)
 REST_WAIT_S = 0.02  # the longest a sequential reader's answer waits for what follows it to be pushed
 PUSH_AFTER_BYTES = 1 << 20  # pushed after a sequential reader's page before it is answered
 _ZERO = bytes(4 << 20)  # zero chunks are served and pushed from here (chunks are at most 4 MiB)
@@ -127,6 +128,10 @@ class MemFs:
         self._inflight: dict[str, trio.Event] = {}
         self._fetch_limit = trio.CapacityLimiter(16)  # demand: a clone's faults
         self._prefetch_limit = trio.CapacityLimiter(PREFETCH_LANES)  # prefetch and read-ahead
+        # Threads pushing into the page cache wait for the lock of any page a read is filling, and
+        # an abandoned push (see _push_after) keeps its thread until then: with threads of their
+        # own they can never take every thread from the fetches those reads wait for.
+        self._push_threads = trio.CapacityLimiter(PUSH_THREADS)
         self._push_send, self._push_recv = trio.open_memory_channel[tuple[ImageFile, int, bytes | memoryview]](1024)
         self._cache_send, self._cache_recv = trio.open_memory_channel[tuple[int, str, bytes]](1024)
         self._cache_lock = trio.Lock()  # a drop waits for the write under way
@@ -266,7 +271,7 @@ class MemFs:
         while True:
             batch = await _batch(self._push_recv, PUSH_BATCH)
             try:
-                await trio.to_thread.run_sync(self._store_pages, batch)
+                await trio.to_thread.run_sync(self._store_pages, batch, limiter=self._push_threads)
             finally:
                 for f, index, _ in batch:
                     f.pushing.discard(index)
@@ -279,7 +284,7 @@ class MemFs:
         Only pages after the one asked for are pushed, so two answers waiting like this
         never wait for each other's page; the wait is bounded anyway."""
         with trio.move_on_after(REST_WAIT_S):
-            await trio.to_thread.run_sync(self._store_after, f, index, hi, data, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(self._store_after, f, index, hi, data, abandon_on_cancel=True, limiter=self._push_threads)
 
     def _store_after(self, f: ImageFile, index: int, hi: int, data: bytes | memoryview) -> None:
         cm = f.chunk_map

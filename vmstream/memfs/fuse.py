@@ -27,6 +27,7 @@ import socket
 import stat
 import struct
 import subprocess
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ MINOR = 38  # the newest minor whose structs this module writes; the kernel spea
 READ_BUFFER = 1 << 16  # a request: at least FUSE_MIN_READ_BUFFER (8 KiB) and max_write + headers
 MAX_WRITE = 4096  # memfs takes no writes: the smallest the kernel allows
 MAX_PAGES = 32  # pages per READ (128 KiB, the kernel's default)
+SLOW_S = 5.0  # a request answered this late is logged
 
 # opcodes
 LOOKUP, FORGET, GETATTR, SETATTR = 1, 2, 3, 4
@@ -56,6 +58,7 @@ ASYNC_READ = 1 << 0
 PARALLEL_DIROPS = 1 << 18
 FLAG_MAX_PAGES = 1 << 22
 FOPEN_KEEP_CACHE = 1 << 1
+UNIQUE_RESEND = 1 << 63  # set by the kernel on a request it sends again
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding
 OUT_HEADER = struct.Struct("<IiQ")  # len, error, unique
@@ -122,6 +125,16 @@ class Session:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.requests = 0
+        self.resent = 0  # requests a dead daemon had read, resent by the kernel to this one
+        self.inflight: dict[int, tuple[int, int, float]] = {}  # unique -> opcode, inode, when read
+        self.slow = 0  # requests answered after SLOW_S or more
+
+    def oldest(self) -> dict[str, object] | None:
+        """The request waiting longest for its answer: a clone stuck on a fault shows here."""
+        if not self.inflight:
+            return None
+        unique, (opcode, inode, t0) = min(self.inflight.items(), key=lambda item: item[1][2])
+        return {"opcode": opcode, "inode": inode, "waiting_s": round(time.monotonic() - t0, 3), "resent": bool(unique & UNIQUE_RESEND)}
 
     # ---- notifications: from any thread ----------------------------------------------
 
@@ -180,12 +193,16 @@ class Session:
 
     async def _handle(self, ops: Operations, buf: bytes) -> None:
         _, opcode, unique, nodeid, *_ = IN_HEADER.unpack_from(buf)
+        if unique & UNIQUE_RESEND:
+            self.resent += 1
         body = memoryview(buf)[IN_HEADER.size :]
         handler = _HANDLERS.get(opcode)
         if handler is None:
             if opcode not in _NO_REPLY:
                 self._reply(unique, error=errno.EROFS if opcode in _WRITES else errno.ENOSYS)
             return
+        t0 = time.monotonic()
+        self.inflight[unique] = (opcode, nodeid, t0)
         try:
             parts = await handler(ops, nodeid, body)
         except FuseError as exc:
@@ -195,6 +212,11 @@ class Session:
             self._reply(unique, error=errno.EIO)
         else:
             self._reply(unique, *parts)
+        finally:
+            del self.inflight[unique]
+            if (took := time.monotonic() - t0) >= SLOW_S:
+                self.slow += 1
+                log.warning("FUSE request %d on inode %d took %.1fs", opcode, nodeid, took)
 
 
 def _entry(a: Attr) -> bytes:
