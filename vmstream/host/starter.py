@@ -25,7 +25,7 @@ from qemu.qmp import QMPError
 from vmstream.capture import CaptureResult, apply_delta, capture_vm
 from vmstream.errors import InvalidInput, QemuError
 from vmstream.guest import GuestArtifacts, build_guest
-from vmstream.guest.channel import ask_guest
+from vmstream.guest.channel import ask_guest, channel_errors
 from vmstream.guest.readiness import STATUS, Readiness, parse_readiness, probe
 from vmstream.host import disks, footprint
 from vmstream.host.db import VmRecord
@@ -62,6 +62,7 @@ class Starter:
         self.net = registry.net  # None: slirp, each VM on a port of 127.0.0.1
         self._procs: dict[str, QemuProcess] = {}
         self._tap_fds: dict[str, int] = {}  # vm_id -> our descriptor of its tap (BridgedNet.open_tap)
+        self._channels: dict[Path, asyncio.Lock] = {}  # a guest agent's channel -> one command at a time on it
 
     # ---- what this host runs -----------------------------------------------------
 
@@ -206,7 +207,9 @@ class Starter:
 
     def remove_row(self, name: str, lent_to: str | None = None) -> None:
         rec = self.registry.delete(name, lent_to)
-        self._procs.pop(name, None)
+        proc = self._procs.pop(name, None)
+        if proc is not None:
+            self._channels.pop(proc.agent_path, None)
         if rec is not None:
             self._close_tap_fd(rec.vm_id)
 
@@ -253,8 +256,18 @@ class Starter:
 
     async def ask(self, proc: QemuProcess, command: str, timeout: float,
                   expect: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
-        """One command to the in-guest agent."""
-        return await ask_guest(proc.agent_path, command, timeout, expect=expect)
+        """One command to the in-guest agent, after any other to it has its answer: the channel is one
+        stream, and two commands on it at once (a user's and the hooks watcher's) could each read
+        the other's answer. The wait counts in the timeout."""
+        lock = self._channels.setdefault(proc.agent_path, asyncio.Lock())
+        t0 = time.monotonic()
+        with channel_errors("the guest agent", proc.agent_path, f"'{command}'", timeout, " (another command to it had not been answered)"):
+            async with asyncio.timeout(timeout):
+                await lock.acquire()
+        try:
+            return await ask_guest(proc.agent_path, command, max(timeout - (time.monotonic() - t0), 0.1), expect=expect)
+        finally:
+            lock.release()
 
     @staticmethod
     def readiness(rec: VmRecord) -> Readiness:

@@ -108,11 +108,19 @@ int main(int argc, char **argv) {
              (unsigned long long)pages, (unsigned long long)seed);
     write_result(buf);
 
+    /* SIGUSR1 is taken only inside sigsuspend: with pause() a request that came while a
+       verification ran set the flag just before the wait and was never seen (the agent then
+       waited its 120 s for nothing). */
+    sigset_t usr1, waiting;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    sigprocmask(SIG_BLOCK, &usr1, &waiting);
+    sigdelset(&waiting, SIGUSR1);
     signal(SIGUSR1, on_usr1);
     unsigned long long verifications = 0;
     for (;;) {
-        pause();
-        if (!verify_requested) continue;
+        while (!verify_requested)
+            sigsuspend(&waiting);
         verify_requested = 0;
         uint64_t bad = 0, first_bad = UINT64_MAX;
         for (uint64_t p = 0; p < pages; p++) {
