@@ -23,6 +23,7 @@ import httpx
 
 from tests.hosts import Cli, fuse_mounts, our_qemu_pids, status
 from tests.integration.conftest import BaseImage, VmFactory, vm_qemu_pids
+from vmstream.bench.delay import DelayProxy
 
 
 def _kill_agent_when(cli: Cli, line: str, after_s: float, request: dict[str, Any]) -> dict[str, Any]:
@@ -262,3 +263,60 @@ def test_memfs_and_the_agent_killed_under_faulting_clones(base_image: BaseImage,
     assert stats["restarts"] == 3 and stats["images"][image]["errors"] == 0, stats
     for name in names:
         assert peer_host.run("destroy", name).returncode == 0
+
+
+def test_agent_killed_mid_gc(cli: Cli, base_image: BaseImage, vms: VmFactory) -> None:
+    """The agent dies while its store GC deletes two deleted images' packs (condemned by the run
+    before). Nothing the remaining images use is lost: the next GC finishes the work, and a
+    clone of the image in use, started with the host's caches dropped, has its memory intact."""
+    (clone,) = vms.clones(base_image.name, prefix="gckill")
+    for n in (1, 2):
+        cli.json("live-image", "create", clone["name"], f"gckill-img-{n}", "--flatten")
+    vms.destroy_all()
+    cli.json("host", "--gc", "--grace", "0")  # sweeps what earlier tests left: this run's work is the two images
+    for n in (1, 2):
+        cli.json("live-image", "delete", f"gckill-img-{n}")
+    assert cli.json("host", "--gc", "--grace", "0")["condemned"] >= 2
+    got = _kill_agent_when(cli, "store GC: started", 0.0, {"method": "POST", "path": "/v1/host/store/gc?grace=0"})
+    assert "error" in got or got["response"].status_code == 200, got
+    _no_leftovers(cli)
+    again = cli.json("host", "--gc", "--grace", "0")  # the next agent's GC completes what the killed one began
+    assert again["condemned"] == 0, again
+    final = cli.json("host", "--gc", "--grace", "0")
+    assert final["deleted"] == 0 and final["condemned"] == 0, f"a second run found work left: {final}"
+    cli.run("host", "--drop-cache")
+    (after,) = vms.clones(base_image.name, prefix="gckill-after")
+    verify = cli.ask(after["name"], "memcheck-verify")
+    assert verify["ok"] and verify["result"]["bad_pages"] == 0, verify
+
+
+def test_a_slow_peer_store_then_the_peer_gone_mid_stream(cli: Cli, base_image: BaseImage, tmp_path: Path) -> None:
+    """Host B streams from host A through a 50 ms link: a clone starts and its memory is whole.
+    Then B's caches are dropped, so the clone's pages must come from A again, and the link dies:
+    the next start on B fails with an error that names A and what was tried, leaves no half-made
+    clone, and the agent stops clean."""
+    url, headers, _ = cli.agent()
+    proxy = DelayProxy(int(url.rsplit(":", 1)[1]), rtt_ms=50).__enter__()
+    b = Cli(tmp_path / "host-b", {"VMSTREAM_STORE": f"peer:{proxy.url}/v1/store?bulk=off",
+                                  "VMSTREAM_PEER_TOKEN": headers["Authorization"].split()[1]})
+    try:
+        [clone] = b.json("live-image", "start", base_image.name, "--name", "slowpeer")["vms"]
+        verify = b.ask(clone["name"], "memcheck-verify")
+        assert verify["ok"] and verify["result"]["bad_pages"] == 0, verify
+        assert b.json("host")["memfs"]["images"][base_image.name]["fetched_bytes"] > 0
+        _memfs_request(b.home, "drop-cache")
+        _memfs_request(b.home, "invalidate", image=base_image.name)
+        proxy.__exit__(None, None, None)  # host A is gone
+        proc = b.run("live-image", "start", base_image.name, "--name", "orphan")
+        assert proc.returncode != 0, proc.stdout
+        message = " ".join(proc.stderr.split())
+        assert proxy.url.split("//")[1] in message and "gave up" in message, message
+        assert "Traceback" not in proc.stderr
+        listed = b.json("list")
+        assert not [v for v in listed if v["name"].startswith("orphan")], listed
+        assert len(vm_qemu_pids(b)) == sum(1 for v in listed if v["state"] == "running")
+    finally:
+        with contextlib.suppress(Exception):
+            proxy.__exit__(None, None, None)
+        b.run("agent", "stop", "--destroy-vms")
+    assert not our_qemu_pids(b.home) and not fuse_mounts(b.home)
