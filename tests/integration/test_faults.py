@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -24,6 +23,7 @@ import httpx
 from tests.hosts import Cli, fuse_mounts, our_qemu_pids, status
 from tests.integration.conftest import BaseImage, VmFactory, vm_qemu_pids
 from vmstream.bench.delay import DelayProxy
+from vmstream.memfs.mount import control_request
 
 
 def _kill_agent_when(cli: Cli, line: str, after_s: float, request: dict[str, Any]) -> dict[str, Any]:
@@ -200,15 +200,7 @@ def test_a_full_chunk_cache_disk_while_a_clone_streams(cli: Cli, base_image: Bas
 
 def _memfs_request(home: Path, cmd: str, **args: Any) -> dict[str, Any]:
     """Straight to a host's memfs control socket: what the test does to its caches, no agent needed."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(60)
-        s.connect(str(home / "memfs.sock"))
-        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-        answer = b""
-        while not answer.endswith(b"\n"):
-            answer += s.recv(65536)
-    out: dict[str, Any] = json.loads(answer)
-    return out
+    return control_request(home / "memfs.sock", cmd, **args)
 
 
 def test_memfs_and_the_agent_killed_under_faulting_clones(base_image: BaseImage, peer_host: Cli) -> None:

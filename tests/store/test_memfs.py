@@ -4,11 +4,9 @@ many ask, a working-set pack in one stream, a peer lost mid-stream or for good."
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +21,7 @@ from fastapi.responses import StreamingResponse
 
 from tests.store.conftest import PEER_TOKEN, peer_app, serve
 from vmstream.bench.delay import DelayProxy
-from vmstream.memfs.mount import is_mounted
+from vmstream.memfs.mount import control_request, is_mounted
 from vmstream.store import ChunkStore, LocalBackend
 
 CS = 64 << 10
@@ -35,15 +33,7 @@ class Memfs:
         self.mount, self.control = mount, control
 
     def request(self, cmd: str, **args: Any) -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(60)  # a test fails rather than hangs
-            s.connect(str(self.control))
-            s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-            answer = b""
-            while not answer.endswith(b"\n"):
-                answer += s.recv(65536)
-        out: dict[str, Any] = json.loads(answer)
-        return out
+        return control_request(self.control, cmd, **args)  # with a timeout: a test fails rather than hangs
 
     def stats(self) -> dict[str, Any]:
         image: dict[str, Any] = self.request("stats")["images"]["img"]

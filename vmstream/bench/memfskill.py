@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import threading
 import time
@@ -35,21 +34,14 @@ from vmstream.bench.migrate import ask, serial_tail
 from vmstream.bench.report import md_table, pyplot
 from vmstream.bench.stream import peer_host
 from vmstream.errors import VmstreamError
+from vmstream.memfs.mount import control_request
 
 FILL_MIB = 48
 
 
 def _memfs(home: Path, cmd: str, **args: Any) -> dict[str, Any]:
     """Straight to a host's memfs control socket (the bench's own fault injection)."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(60)
-        s.connect(str(home / "memfs.sock"))
-        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-        answer = b""
-        while not answer.endswith(b"\n"):
-            answer += s.recv(65536)
-    out: dict[str, Any] = json.loads(answer)
-    return out
+    return control_request(home / "memfs.sock", cmd, **args)
 
 
 def _kill_and_wait(home: Path, resent: list[int], timeout: float = 30.0) -> float:

@@ -158,3 +158,19 @@ def _accepts(path: Path) -> bool:
         except OSError:
             return False
     return True
+
+
+def control_request(control: Path, cmd: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
+    """One request on memfs's control socket, blocking: for tools and tests (the agent's is async)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(control))
+        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                raise MemfsError(f"memfs closed {control} before it answered {cmd!r}")
+            answer += chunk
+    out: dict[str, Any] = json.loads(answer)
+    return out
