@@ -216,7 +216,8 @@ class Supervisor:
         self.stopping = False
         self.child = 0
         self.dying: set[int] = set()  # daemons whose main thread is gone, not yet reaped
-        self.deaths: list[float] = []
+        self.deaths: list[float] = []  # within the last RESTART_WINDOW_S
+        self.restarts = 0  # daemons started after one died, in all
 
     def stop(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
         self.stopping = True
@@ -255,13 +256,14 @@ class Supervisor:
                 log.error("memfs daemon %d %s, the %dth time in %.0fs: giving up", pid, how, len(self.deaths), RESTART_WINDOW_S)
                 return 1
             log.warning("memfs daemon %d %s: starting another on the same mount", pid, how)
+            self.restarts += 1
 
     def _daemon(self, says: int) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         code = 1
         try:
-            code = self.serve(len(self.deaths))
+            code = self.serve(self.restarts)
         except BaseException:
             log.exception("memfs daemon failed")
         finally:
