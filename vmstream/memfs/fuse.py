@@ -166,8 +166,8 @@ class Session:
         try:
             os.writev(self.fd, [OUT_HEADER.pack(size, -error, unique), *parts])
         except OSError as exc:  # ENOENT: the request was interrupted meanwhile; ENODEV: unmounted
-            if exc.errno not in (errno.ENOENT, errno.ENODEV):
-                raise
+            if exc.errno not in (errno.ENOENT, errno.ENODEV):  # the kernel refused the answer: one request lost, not the daemon
+                log.error("the kernel refused the answer to request %#x (%d bytes): %s", unique, size, exc)
 
     async def serve(self, ops: Operations) -> None:
         """Read requests until the mount goes away (ENODEV), each answered in its own task."""
