@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,27 @@ def test_boot_serves_http_with_its_hostname(cli: Cli, base_vm: dict) -> None:
     assert shown["state"] == "running"
     fp = shown["footprint"]
     assert fp["pss_bytes"] > 0 and fp["resident_bytes"] >= fp["private_bytes"]
+
+
+def test_the_work_endpoint_serves_a_bounded_number_at_a_time(base_vm: dict) -> None:
+    """The demo guest's /work (a workload whose cost is waiting): twelve requests at once all
+    get their answer, at most four are in service at a time (the guest says how many were),
+    and the rest waited their turn."""
+    url = base_vm["endpoint"].rstrip("/") + "/work?ms=1000"
+    answers: list[dict] = []
+
+    def one() -> None:
+        answers.append(httpx.get(url, timeout=60).raise_for_status().json())
+
+    threads = [threading.Thread(target=one) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 12 and all(a["hostname"] == "base" and a["worked_ms"] == 1000 for a in answers), answers
+    assert max(a["in_service"] for a in answers) == 4, answers
+    assert sum(1 for a in answers if a["queued_ms"] >= 500) >= 4, "with four slots, some waited for one"
+    assert httpx.get(base_vm["endpoint"], timeout=30).json()["hostname"] == "base"  # the rest of the server is as before
 
 
 def test_openapi_is_served(cli: Cli, base_vm: dict) -> None:
