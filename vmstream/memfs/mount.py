@@ -113,7 +113,10 @@ class MemfsMount:
         try:
             writer.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
             await writer.drain()
-            answer: dict[str, Any] = json.loads(await reader.readline())
+            line = await reader.readline()
+            if not line:  # its daemon died under the request; the supervisor starts another
+                raise MemfsError(f"memfs closed {self.control} before it answered {cmd!r} (its daemon restarted?): try again")
+            answer: dict[str, Any] = json.loads(line)
             return answer
         finally:
             writer.close()
