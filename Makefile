@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
-APT_PACKAGES := qemu-system-x86 qemu-utils fuse3 libfuse3-dev pkg-config busybox-static linux-image-amd64 gcc libc6-dev cpio iproute2 debootstrap e2fsprogs
+APT_PACKAGES := qemu-system-x86 qemu-utils fuse3 libfuse3-dev pkg-config busybox-static linux-image-amd64 gcc libc6-dev cpio iproute2 debootstrap e2fsprogs haproxy
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: demo test install apt lint clean
