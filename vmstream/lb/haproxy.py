@@ -34,10 +34,7 @@ _NAME = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")  # what HAProxy accepts in a serv
 
 
 class HaproxyError(VmstreamError):
-    """HAProxy is missing, refused its configuration or a runtime command."""
-
-    exit_code = 6  # as a QEMU failure: a process of ours that would not do its part
-    http_status = 500
+    """HAProxy is missing, refused its configuration or a runtime command (exit 1, HTTP 500)."""
 
 
 @dataclass(frozen=True)
