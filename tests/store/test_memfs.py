@@ -166,9 +166,13 @@ def test_a_peer_gone_for_good_is_a_clear_error(tmp_path: Path) -> None:
 
 def _abort_fuse_connection(minor: int) -> None:
     control = Path("/sys/fs/fuse/connections")
-    if not (control / str(minor)).exists():
-        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(control)], check=False)
-    (control / str(minor) / "abort").write_text("1")
+    mounted = not (control / str(minor)).exists() and subprocess.run(
+        ["mount", "-t", "fusectl", "fusectl", str(control)], check=False).returncode == 0
+    try:
+        (control / str(minor) / "abort").write_text("1")
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(control)], check=False)
 
 
 def _memfs_pid(fs: Memfs) -> int:

@@ -307,12 +307,15 @@ def _main_thread_gone(pid: int) -> bool:
 def _abort_connection(connection: str) -> None:
     """End the FUSE connection (fusectl): requests a dying daemon holds fail instead of waiting for ever."""
     control = Path("/sys/fs/fuse/connections")
-    if not (control / connection).exists():
-        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(control)], capture_output=True, check=False)
+    mounted = not (control / connection).exists() and subprocess.run(
+        ["mount", "-t", "fusectl", "fusectl", str(control)], capture_output=True, check=False).returncode == 0
     try:
         (control / connection / "abort").write_text("1")
     except OSError as exc:
         log.warning("could not end FUSE connection %s (%s): a dying daemon may be left", connection, exc)
+    finally:
+        if mounted:  # ours: not left behind
+            subprocess.run(["umount", str(control)], capture_output=True, check=False)
 
 
 def _connection_of(mount: Path) -> str | None:
