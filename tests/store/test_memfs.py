@@ -21,6 +21,7 @@ from fastapi.responses import StreamingResponse
 
 from tests.store.conftest import PEER_TOKEN, peer_app, serve
 from vmstream.bench.delay import DelayProxy
+from vmstream.memfs import fuse
 from vmstream.memfs.mount import control_request, is_mounted
 from vmstream.store import ChunkStore, LocalBackend
 
@@ -164,17 +165,6 @@ def test_a_peer_gone_for_good_is_a_clear_error(tmp_path: Path) -> None:
                 os.close(fd)
 
 
-def _abort_fuse_connection(minor: int) -> None:
-    control = Path("/sys/fs/fuse/connections")
-    mounted = not (control / str(minor)).exists() and subprocess.run(
-        ["mount", "-t", "fusectl", "fusectl", str(control)], check=False).returncode == 0
-    try:
-        (control / str(minor) / "abort").write_text("1")
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(control)], check=False)
-
-
 def _memfs_pid(fs: Memfs) -> int:
     return int(fs.request("stats")["pid"])
 
@@ -229,7 +219,7 @@ def test_memfs_killed_under_readers_loses_no_read(tmp_path: Path) -> None:
                 t.join(timeout=20)
             hung = any(t.is_alive() for t in threads)
             if hung or not done:  # end the connection, or this test would hang (or leak memfs) instead of failing
-                _abort_fuse_connection(connection)
+                assert fuse.abort(connection), "the FUSE connection could not be ended: see the log"
             os.close(fd)
         assert not hung, "a read never came back: the dead daemon's requests were not resent"
         assert not wrong and not failed, (wrong[:3], failed[:3])

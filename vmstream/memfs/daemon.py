@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -49,6 +48,7 @@ import trio
 from vmstream.memfs import fuse
 from vmstream.memfs.cache import ChunkCache
 from vmstream.memfs.fs import MemFs
+from vmstream.memfs.mount import main_thread_gone
 from vmstream.store import ChunkStore, RetryPolicy
 from vmstream.store.spec import open_backend
 
@@ -279,7 +279,7 @@ class Supervisor:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 return os.waitstatus_to_exitcode(status)
-            if _main_thread_gone(pid):
+            if main_thread_gone(pid):
                 self.dying.add(pid)
                 os.set_blocking(said, False)
                 with contextlib.suppress(BlockingIOError):
@@ -294,39 +294,6 @@ class Supervisor:
                 if not os.waitpid(pid, os.WNOHANG)[0]:
                     continue
             self.dying.discard(pid)
-
-
-def _main_thread_gone(pid: int) -> bool:
-    """Whether the process's main thread has exited (a zombie leader) while others still run."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (FileNotFoundError, IndexError):
-        return True
-
-
-def _abort_connection(connection: str) -> None:
-    """End the FUSE connection (fusectl): requests a dying daemon holds fail instead of waiting for ever."""
-    control = Path("/sys/fs/fuse/connections")
-    mounted = not (control / connection).exists() and subprocess.run(
-        ["mount", "-t", "fusectl", "fusectl", str(control)], capture_output=True, check=False).returncode == 0
-    try:
-        (control / connection / "abort").write_text("1")
-    except OSError as exc:
-        log.warning("could not end FUSE connection %s (%s): a dying daemon may be left", connection, exc)
-    finally:
-        if mounted:  # ours: not left behind
-            subprocess.run(["umount", str(control)], capture_output=True, check=False)
-
-
-def _connection_of(mount: Path) -> str | None:
-    """The FUSE connection's number (the mount's device minor), from /proc/self/mountinfo:
-    stat() on the mount would wait for a daemon."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and fields[4] == str(mount.absolute()):
-                return fields[2].split(":")[1]
-    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -347,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     inodes = args.control.with_name(args.control.stem + ".inodes")
     inodes.unlink(missing_ok=True)  # a new mount: the kernel holds no inode yet
     fd = fuse.mount(args.mount, FSNAME)
-    connection = _connection_of(args.mount)
+    connection = fuse.connection_of(args.mount)
     supervisor = Supervisor(functools.partial(_serve, args, token, fd, inodes))
     code = 1
     try:
@@ -360,8 +327,8 @@ def main(argv: list[str] | None = None) -> None:
         while supervisor.dying and time.monotonic() < deadline:
             supervisor.reap()
             time.sleep(0.05)
-        if supervisor.dying and connection is not None:  # stuck on requests no daemon will answer now
-            _abort_connection(connection)
+        if supervisor.dying and connection is not None and not fuse.abort(connection):  # stuck on requests no daemon will answer now
+            log.warning("could not end FUSE connection %s: a dying daemon may be left", connection)
         os.close(fd)
         args.control.unlink(missing_ok=True)
         inodes.unlink(missing_ok=True)

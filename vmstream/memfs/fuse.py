@@ -341,3 +341,31 @@ def unmount(mountpoint: Path, lazy: bool = False) -> bool:
                                 capture_output=True, check=False)
         return result.returncode == 0
     return False
+
+
+def connection_of(mountpoint: Path) -> str | None:
+    """The mount's FUSE connection number (its device minor), from /proc/self/mountinfo:
+    stat() on the mount would wait for a daemon."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == str(mountpoint.absolute()):
+                return fields[2].split(":")[1]
+    return None
+
+
+def abort(connection: str | int) -> bool:
+    """End a FUSE connection through fusectl (mounted for the purpose, and unmounted after, if it
+    was not): every request waiting on it fails instead of waiting for ever. False if it could not."""
+    control = Path("/sys/fs/fuse/connections")
+    mounted = not (control / str(connection)).exists() and subprocess.run(
+        ["mount", "-t", "fusectl", "fusectl", str(control)], capture_output=True, check=False).returncode == 0
+    try:
+        (control / str(connection) / "abort").write_text("1")
+        return True
+    except OSError as exc:
+        log.warning("could not abort FUSE connection %s: %s", connection, exc)
+        return False
+    finally:
+        if mounted:  # ours: not left behind
+            subprocess.run(["umount", str(control)], capture_output=True, check=False)

@@ -144,11 +144,16 @@ class MemfsMount:
     def _exited(self, pid: int) -> bool:
         if self._popen is not None and self._popen.pid == pid:
             return self._popen.poll() is not None
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, IndexError):
-            return True
-        return state == "Z"
+        return main_thread_gone(pid)
+
+
+def main_thread_gone(pid: int) -> bool:
+    """Whether the process has exited or its main thread has (a zombie, maybe with threads that
+    still finish): what memfs's supervisor and the agent take for a dead process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return True
 
 
 def _accepts(path: Path) -> bool:
