@@ -197,10 +197,9 @@ backend {self.backend}
         deadline = time.monotonic() + timeout
         while (m := self.members().get(member)) is not None and (m.current or m.queued) and time.monotonic() < deadline:
             time.sleep(0.05)
-        self.command(f"set server {server} state maint")
         if m is not None and (m.current or m.queued):
             self.command(f"shutdown sessions server {server}")
-        self._delete(member, deadline=time.monotonic() + 10.0)
+        self._delete(member, deadline=time.monotonic() + 10.0)  # in maintenance first, then deleted
 
     def _delete(self, member: str, deadline: float | None = None) -> None:
         server = f"{self.backend}/{member}"
