@@ -130,17 +130,15 @@ static int serve(struct conn *c) {
 /* Start queued /work requests in arrival order while slots are free, and answer
    those whose time is up; returns the earliest time one is due (0: none). */
 static double schedule(double t) {
-    int busy = 0;
+    int busy = 0; /* in service: each answer says how many were, itself included */
+    for (int i = 0; i < MAX_CONNS; i++) busy += conns[i].fd >= 0 && conns[i].state == WORKING;
     for (int i = 0; i < MAX_CONNS; i++) {
         struct conn *c = &conns[i];
         if (c->fd < 0 || c->state != WORKING || t < c->due) continue;
-        int in_service = 0;
-        for (int j = 0; j < MAX_CONNS; j++) in_service += conns[j].fd >= 0 && conns[j].state == WORKING;
-        respond_work(c, t, in_service);
+        respond_work(c, t, busy--);
         c->state = IDLE;
         if (!c->keep || !serve(c)) drop(c);
     }
-    for (int i = 0; i < MAX_CONNS; i++) busy += conns[i].fd >= 0 && conns[i].state == WORKING;
     while (busy < WORK_SLOTS) {
         struct conn *first = NULL;
         for (int i = 0; i < MAX_CONNS; i++)
