@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # ---- QEMU
     accel: Literal["auto", "kvm", "tcg"] = Field("auto", description="Accelerator: auto probes KVM once and falls back to TCG.")
     clone_tb_mib: int = Field(8, ge=1, description="TCG translation cache (MiB) of a clone started anew; its used part is private memory.")
+    group_tb_mib: int = Field(32, ge=1, le=512, description="TCG translation cache (MiB) of a scaling group's members: serving, "
+                              "a guest runs more code than fits a clone's cache, and translating it again and again took "
+                              "~40% more CPU (bench autoscale).")
     clone_kernel_header_only: bool = Field(True, description="Clones get only the kernel's setup header (saves ~8 MiB per clone; "
                                            "a clone cannot reboot).")
     clone_nothp: bool = Field(True, description="Clones run with the no-transparent-huge-pages shim (keeps image pages shared).")

@@ -127,6 +127,10 @@ class Bench:
         """Destroy every VM and image carrying this run's tag; remove scratch files."""
         import shutil
 
+        with contextlib.suppress(Exception):  # a group first: it would start its members again
+            for group in self.call("GET", "/v1/groups"):
+                if group["name"].startswith(self.tag + "-"):
+                    self.call("DELETE", f"/v1/groups/{group['name']}", timeout=120)
         with contextlib.suppress(Exception):
             vms = [v["name"] for v in self.call("GET", "/v1/vms") if v["name"].startswith(self.tag + "-")]
             self.destroy(*reversed(vms))

@@ -161,6 +161,20 @@ def policy(out: OutOpt = DEFAULT_OUT, count: Annotated[int, typer.Option(help="C
 
 
 @bench_app.command()
+def autoscale(out: OutOpt = DEFAULT_OUT, memory_mib: MemOpt = 256,
+              low_rps: Annotated[float, typer.Option(min=0.5, help="Requests per second before the step and after the drop.")] = 5.0,
+              high_rps: Annotated[float, typer.Option(min=1, help="Requests per second during the step.")] = 110.0,
+              hold: Annotated[float, typer.Option(min=1, help="Seconds the step holds after the group reached its --max.")] = 15.0,
+              max_size: Annotated[int, typer.Option("--max", min=2, help="The groups' most members.")] = 10,
+              baseline: Annotated[bool, typer.Option(help="Also run the cold-boot baseline group.")] = True,
+              as_json: JsonOpt = False) -> None:
+    """A load step on a scaling group behind HAProxy: time to ten members, latency, failures; vs cold-booted members."""
+    from vmstream.bench import autoscale as b
+
+    _run(b, out, as_json, mib=memory_mib, low_rps=low_rps, high_rps=high_rps, hold_s=hold, max_size=max_size, baseline=baseline)
+
+
+@bench_app.command()
 def stream(out: OutOpt = DEFAULT_OUT, runs: RunsOpt = 5, as_json: JsonOpt = False) -> None:
     """Clones streaming memory from another host's store: warm, cold, cold with prefetch; 256 MiB vs 2 GiB."""
     from vmstream.bench import stream as b

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from vmstream.cli.bench import bench_app
 from vmstream.cli.context import client, settings
+from vmstream.cli.group import group_app
 from vmstream.cli.migrate import migrate, peer_app
 from vmstream.cli.openstack import openstack_app
 from vmstream.config import parse_size
@@ -32,6 +33,7 @@ app.add_typer(guest_app, name="guest")
 app.add_typer(agent_app, name="agent")
 app.add_typer(bench_app, name="bench")
 app.add_typer(peer_app, name="peer")
+app.add_typer(group_app, name="group")
 app.add_typer(openstack_app, name="openstack")
 app.command()(migrate)
 

@@ -28,6 +28,9 @@ from vmstream.host.schemas import (
     ClockReading,
     CreateImageRequest,
     ErrorBody,
+    GroupInfo,
+    GroupRequest,
+    GroupUpdate,
     GuestBuildRequest,
     GuestCommand,
     HostInfo,
@@ -207,6 +210,32 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
     @app.delete("/v1/live-images/{name}", dependencies=v1)
     async def delete_image(name: str) -> dict[str, str]:
         await manager.image_ops.delete(name)
+        return {"deleted": name}
+
+    # ---- scaling groups -----------------------------------------------------------
+    groups = manager.groups
+
+    @app.get("/v1/groups", dependencies=v1)
+    async def list_groups() -> list[GroupInfo]:
+        return groups.list()
+
+    @app.post("/v1/groups", dependencies=v1)
+    async def create_group(req: GroupRequest) -> GroupInfo:
+        """A group: its HAProxy on 127.0.0.1:port and min_size members, answering once they serve."""
+        return await groups.create(req)
+
+    @app.get("/v1/groups/{name}", dependencies=v1)
+    async def show_group(name: str) -> GroupInfo:
+        return groups.show(name)
+
+    @app.patch("/v1/groups/{name}", dependencies=v1)
+    async def update_group(name: str, req: GroupUpdate) -> GroupInfo:
+        return await groups.update(name, req)
+
+    @app.delete("/v1/groups/{name}", dependencies=v1)
+    async def delete_group(name: str) -> dict[str, str]:
+        """Its HAProxy stops (requests in flight finish), then its members are destroyed."""
+        await groups.delete(name)
         return {"deleted": name}
 
     # ---- migration: peers, the source's jobs, the destination's incoming VMs ----

@@ -68,10 +68,11 @@ class CloneStarter:
     async def start(
         self, image_name: str, count: int, prefix: str | None, params: dict[str, str] | None = None,
         user_data: bytes | None = None, prefetch: bool = True, pool: bool = True, names: list[str] | None = None,
-        memory_policy: MemoryPolicy | None = None,
+        memory_policy: MemoryPolicy | None = None, tb_mib: int | None = None,
     ) -> StartResult:
         """Start count clones in parallel (named PREFIX-N, or the names given, as a Nova
-        driver names its servers' VMs); all start, or none is left behind."""
+        driver names its servers' VMs); all start, or none is left behind. tb_mib: at least
+        this TCG translation cache (a group's members, which serve: vmstream.host.groups)."""
         t0 = time.perf_counter()
         params = params or {}
         check_params(params)
@@ -100,14 +101,14 @@ class CloneStarter:
         batch = Batch(len(recs), self.defer_hooks, in_burst=self.hooks.burst.begin())
         try:
             async with operation(f"start {len(recs)} clone(s)", vm=",".join(r.name for r in recs), image=image_name):
-                return await self._start(image, recs, t0, params, user_data, prefetch, pool, batch)
+                return await self._start(image, recs, t0, params, user_data, prefetch, pool, batch, tb_mib)
         finally:
             self.hooks.burst.end()
             batch.finish()
 
     async def _start(
         self, image: LiveImage, recs: list[VmRecord], t0: float, params: dict[str, str], user_data: bytes | None,
-        prefetch: bool, pool: bool, batch: Batch,
+        prefetch: bool, pool: bool, batch: Batch, tb_mib: int | None = None,
     ) -> StartResult:
         try:
             await self.memfs.ensure()
@@ -120,12 +121,14 @@ class CloneStarter:
         # for one after another (even 0.25 s apart) keep taking pooled QEMUs, while concurrent
         # starts (Nova spawning a batch server by server) are not held back for one
         alone = self.hooks.burst.in_flight == 1
+        if tb_mib is not None and image.guest.accel == "tcg" and self.pool.tb_mib_of(image.name) < tb_mib:
+            pool = False  # its pooled QEMUs have a smaller translation cache than these clones need
         if pool and len(recs) == 1 and alone:
             await self.pool.wait(image.name)
         taken = [self.pool.take(rec, image.name) if pool else (rec, False) for rec in recs]
         recs = [rec for rec, _ in taken]
         results = await asyncio.gather(
-            *(self._start_one(rec, image, t0, params, user_data, batch, pooled) for rec, pooled in taken),
+            *(self._start_one(rec, image, t0, params, user_data, batch, pooled, tb_mib) for rec, pooled in taken),
             return_exceptions=True,
         )
         if any(isinstance(r, BaseException) for r in results) and (why := await self._memfs_error(image)):
@@ -162,7 +165,7 @@ class CloneStarter:
 
     async def _start_one(
         self, rec: VmRecord, image: LiveImage, t0: float, params: dict[str, str], user_data: bytes | None,
-        batch: Batch, pooled: bool,
+        batch: Batch, pooled: bool, tb_mib: int | None = None,
     ) -> None:
         """QEMU on the image's memory, delta pages written in, device state loaded,
         new identity applied, and first HTTP answer; then hooks are watched.
@@ -179,10 +182,11 @@ class CloneStarter:
                 if image.guest.disk:  # its own overlay on the image's disk layer
                     await self.starter.overlay_disk(rec, self.images.image_dir(image) / disks.LAYER)
                 spec = self.starter.spec(rec, image)
-                if (tb_mib := self.pool.grown_tb_mib(image.name)) is not None and tb_mib > spec.tb_mib:
-                    # its start would overflow the cache and translate again what it dropped: a Debian
-                    # clone started anew used 0.43 CPU-s with 8 MiB, 0.30 with 24 (+6 MiB private)
-                    spec = dataclasses.replace(spec, tb_mib=tb_mib)
+                # its start would overflow the cache and translate again what it dropped: a Debian
+                # clone started anew used 0.43 CPU-s with 8 MiB, 0.30 with 24 (+6 MiB private)
+                needed = max(self.pool.grown_tb_mib(image.name) or 0, tb_mib or 0)
+                if needed > spec.tb_mib:
+                    spec = dataclasses.replace(spec, tb_mib=needed)
                 await self.starter.launch(rec, proc, spec)
                 mark("qemu_spawned")
             identity = CloneIdentity(rec.hostname, rec.mac, params, user_data, defer_hooks=batch.defer_hooks,

@@ -102,6 +102,37 @@ class LentAddressRecord(Base):
     lent_at: Mapped[datetime] = mapped_column(UtcDateTime, default=lambda: datetime.now(UTC))
 
 
+class GroupRecord(Base):
+    """A scaling group (vmstream.host.groups): its members are VMs of one live image behind
+    its own HAProxy; kept here so the group, and its balancer, outlive an agent restart."""
+
+    __tablename__ = "groups"
+
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    image: Mapped[str] = mapped_column(String)
+    min_size: Mapped[int] = mapped_column(Integer)
+    max_size: Mapped[int] = mapped_column(Integer)
+    target_inflight: Mapped[float] = mapped_column(Float)  # requests in service or queued, per member
+    port: Mapped[int] = mapped_column(Integer, unique=True)  # HAProxy listens on 127.0.0.1:port
+    member_port: Mapped[int] = mapped_column(Integer)  # the guest port members serve on
+    health_path: Mapped[str] = mapped_column(String)
+    member_maxconn: Mapped[int | None] = mapped_column(Integer, nullable=True)  # requests at a member at once; more wait in HAProxy
+    scale_in_delay_s: Mapped[float] = mapped_column(Float)
+    start: Mapped[str] = mapped_column(String)  # clone | boot (members cold-booted: a baseline)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=lambda: datetime.now(UTC))
+
+
+class GroupMemberRecord(Base):
+    """A VM of a group: starting (not yet in the balancer), serving, or leaving (draining)."""
+
+    __tablename__ = "group_members"
+
+    vm: Mapped[str] = mapped_column(String, primary_key=True)
+    group: Mapped[str] = mapped_column(String, index=True)
+    state: Mapped[str] = mapped_column(String)
+    since: Mapped[datetime] = mapped_column(UtcDateTime, default=lambda: datetime.now(UTC))
+
+
 def open_db(path: Path) -> sessionmaker:
     engine: Engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False})
 

@@ -39,6 +39,7 @@ from vmstream.guest.rootfs import build_rootfs
 from vmstream.host import disks, footprint, network
 from vmstream.host.clones import CloneStarter
 from vmstream.host.db import VmRecord, open_db
+from vmstream.host.groups import Groups
 from vmstream.host.hooks import HookWatcher
 from vmstream.host.images import ImageOps
 from vmstream.host.incoming import IncomingVms
@@ -52,7 +53,7 @@ from vmstream.host.starter import Starter
 from vmstream.host.state import Op, VmState, check
 from vmstream.host.tasks import Tasks, log, operation
 from vmstream.host.workingset import WorkingSets
-from vmstream.image import ImageRepository
+from vmstream.image import ImageRepository, LiveImage
 from vmstream.memfs import memory_ref
 from vmstream.memfs.mount import MemfsMount
 from vmstream.policy import MemoryPolicy, parse_floor, start_cost
@@ -99,6 +100,8 @@ class HostManager:
         self.migrations = Migrations(self.registry, self.starter, self.images, self.peers)
         self.incoming = IncomingVms(settings, self.registry, self.starter, self.images, self.memfs, self.tasks)
         self.memory = MemoryController(self.registry, self.starter)
+        self.groups = Groups(self.session, self.registry, self.starter, self.images, self.clones, self._boot_member,
+                             self.destroy, self.data_dir / "run", self.tasks, settings.group_tb_mib)
 
     async def info(self) -> HostInfo:
         guest = await asyncio.to_thread(self.starter.guest)
@@ -152,6 +155,7 @@ class HostManager:
                 self.registry.set_state(rec.name, VmState.EXITED)
                 exited += 1
         log.info("agent started: %d VM(s) adopted, %d exited, %d half-started removed", adopted, exited, removed)
+        await self.groups.reattach()  # after the VMs: a group's members are VMs
         return {"adopted": adopted, "exited": exited, "removed_half_started": removed}
 
     async def _adopt_run_state(self, name: str, proc: QemuProcess) -> None:
@@ -308,7 +312,13 @@ class HostManager:
                 self.registry.set_state(name, undo, only_if=[to])
                 raise
 
+    async def _boot_member(self, name: str, image: LiveImage) -> VmInfo:
+        """A cold-booted member of a group (--start boot): the image's guest, booted anew."""
+        return await self.boot(name, f"{image.guest.memory_bytes >> 20}M", image.guest.cpus)
+
     async def destroy_all(self) -> int:
+        """Every VM, and every group (its HAProxy and members), the memfs daemon too."""
+        await self.groups.delete_all()
         await self.migrations.shutdown()  # a VM being moved is back to running (or gone) first
         recs = self.registry.all()
         await self.pool.drain()

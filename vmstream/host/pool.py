@@ -162,6 +162,10 @@ class ClonePool:
             async with self._added:
                 self._added.notify_all()
 
+    def tb_mib_of(self, image_name: str) -> int:
+        """The translation cache (MiB) of the image's pooled QEMUs."""
+        return self._tb_mib.get(image_name, self.tb_mib)
+
     def grown_tb_mib(self, image_name: str) -> int | None:
         """The cache a run-through of this image showed it needs, where the default was too small
         (None: it fitted, or no pooled QEMU ran through yet). A clone's start runs the same paths."""

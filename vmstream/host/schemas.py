@@ -248,3 +248,67 @@ class IncomingStatus(BaseModel):
     alive: bool
     running: bool = Field(False, description="its QEMU runs the guest: the migration reached its end here")
     reason: str = ""
+
+
+class GroupUpdate(BaseModel):
+    """What a group's owner may change while it runs; the scaler goes by it from its next look."""
+
+    min_size: int | None = Field(None, ge=0, le=256)
+    max_size: int | None = Field(None, ge=1, le=256)
+    target_inflight: float | None = Field(None, gt=0, le=10_000, description="requests in service or waiting, per member")
+    scale_in_delay_s: float | None = Field(None, ge=0, le=86_400, description="load must stay low this long before members leave")
+
+
+class GroupRequest(BaseModel):
+    name: str
+    image: str = Field(description="the live image whose clones are the members")
+    min_size: int = Field(1, ge=0, le=256)
+    max_size: int = Field(10, ge=1, le=256)
+    target_inflight: float = Field(4.0, gt=0, le=10_000, description="requests in service or waiting, per member")
+    port: int = Field(ge=1024, le=65535, description="HAProxy listens on 127.0.0.1:port")
+    member_port: int = Field(80, ge=1, le=65535, description="the guest port members serve on")
+    health_path: str = Field("/", pattern=r"^/[\x21-\x7e]*$", max_length=200, description="HAProxy checks GET path (2xx/3xx: up)")
+    member_maxconn: int | None = Field(None, ge=1, le=10_000,
+                                       description="at most this many requests at a member at once; the rest wait in HAProxy")
+    scale_in_delay_s: float = Field(10.0, ge=0, le=86_400, description="load must stay low this long before members leave")
+    start: Literal["clone", "boot"] = Field("clone", description="members are clones of the image, or cold-booted VMs (a baseline)")
+
+
+class GroupMember(BaseModel):
+    name: str
+    state: str  # starting | serving | leaving
+    since: datetime
+    balancer_status: str | None  # HAProxy's: UP, DOWN, DRAIN, MAINT...
+    in_service: int  # requests at it now
+    served: int  # requests HAProxy sent it
+
+
+class GroupEvent(BaseModel):
+    at: datetime
+    action: str  # scale-out | scale-in | start-failed | lost
+    vms: list[str]
+    detail: str = ""
+
+
+class GroupInfo(BaseModel):
+    name: str
+    image: str
+    min_size: int
+    max_size: int
+    target_inflight: float
+    port: int
+    endpoint: str
+    member_port: int
+    health_path: str
+    member_maxconn: int | None
+    scale_in_delay_s: float
+    start: str
+    created_at: datetime
+    balancer_pid: int | None
+    members: list[GroupMember]
+    serving: int
+    load: int  # requests in service or waiting in HAProxy, at the scaler's last look
+    queued: int  # of which waiting in HAProxy's queue
+    wanted: int  # members the scaler wants
+    last_error: str | None
+    events: list[GroupEvent]

@@ -5,6 +5,6 @@ drained and removed at runtime through HAProxy's runtime API (no reloads, no dro
 connections), and its statistics are read for an autoscaler.
 """
 
-from vmstream.lb.haproxy import Balancer, HaproxyError, MemberStats
+from vmstream.lb.haproxy import BackendStats, Balancer, HaproxyError, MemberStats
 
-__all__ = ["Balancer", "HaproxyError", "MemberStats"]
+__all__ = ["BackendStats", "Balancer", "HaproxyError", "MemberStats"]

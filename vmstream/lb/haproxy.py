@@ -48,6 +48,19 @@ class MemberStats:
     total: int  # requests sent to it so far (stot)
 
 
+@dataclass(frozen=True)
+class BackendStats:
+    """What waits for any member (the backend's queue), and each member's figures."""
+
+    queued: int
+    members: dict[str, MemberStats]
+
+    @property
+    def load(self) -> int:
+        """Requests in service at members or waiting for one: what a group sizes itself by."""
+        return self.queued + sum(m.current + m.queued for m in self.members.values())
+
+
 class Balancer:
     """A group's HAProxy: listens on 127.0.0.1:port, balances to members by least connections."""
 
@@ -172,13 +185,15 @@ backend {self.backend}
                 out.append(chunk)
         return b"".join(out).decode(errors="replace")
 
-    def add(self, member: str, host: str, port: int) -> None:
+    def add(self, member: str, host: str, port: int, maxconn: int | None = None) -> None:
         """Put a member into rotation, health-checked (GET health_path every 200 ms). Add it once
-        it answers: HAProxy counts a new server up before its first check."""
+        it answers: HAProxy counts a new server up before its first check. maxconn: at most this
+        many requests at it at once; the rest wait in HAProxy's queue for any member."""
         if not _NAME.match(member):
             raise HaproxyError(f"member name '{member}' is not allowed: use letters, digits and . _ : - (at most 64)")
         server = f"{self.backend}/{member}"
-        answer = self.command(f"add server {server} {host}:{port} check inter 200ms fall 2 rise 1")
+        answer = self.command(f"add server {server} {host}:{port} check inter 200ms fall 2 rise 1"
+                              + (f" maxconn {maxconn}" if maxconn else ""))
         if "New server registered" not in answer:
             raise HaproxyError(f"HAProxy did not add member '{member}' to balancer '{self.name}': {_tail(answer)}")
         answer = self.command(f"enable health {server}; enable server {server}")
@@ -213,11 +228,20 @@ backend {self.backend}
             time.sleep(0.1)  # a connection still closing
 
     def members(self) -> dict[str, MemberStats]:
-        """The members and their figures, from `show stat` (CSV, read by its header)."""
-        text = self.command(f"show stat {self.backend} 4 -1")
-        rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
-        return {r["svname"]: MemberStats(r["svname"], r["status"], int(r["scur"] or 0), int(r["qcur"] or 0), int(r["stot"] or 0))
-                for r in rows if r.get("svname") and r["svname"] not in ("BACKEND", "FRONTEND")}
+        """The members and their figures."""
+        return self.stats().members
+
+    def stats(self) -> BackendStats:
+        """The backend's queue and its members' figures, from one `show stat` (CSV, read by its header)."""
+        text = self.command(f"show stat {self.backend} 6 -1")  # types 4|2: servers and the backend row
+        queued, members = 0, {}
+        for r in csv.DictReader(io.StringIO(text.lstrip("# "))):
+            name = r.get("svname")
+            if name == "BACKEND":
+                queued = int(r["qcur"] or 0)
+            elif name and name != "FRONTEND":
+                members[name] = MemberStats(name, r["status"], int(r["scur"] or 0), int(r["qcur"] or 0), int(r["stot"] or 0))
+        return BackendStats(queued, members)
 
 
 def _haproxy() -> str:

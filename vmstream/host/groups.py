@@ -1,0 +1,464 @@
+"""Scaling groups: VMs of one live image behind their own HAProxy, sized to their load.
+
+Each group has a row (vmstream.host.db.GroupRecord), a Balancer (vmstream.lb) listening on
+its port, and a scaler task that reads HAProxy's statistics every TICK_S:
+
+- the load is what is in service at members and what waits in HAProxy's queue;
+- the group wants ceil(load / target_inflight) members (the mean of the last few looks,
+  so one busy instant at low load does not add a VM), kept within [min_size, max_size];
+- more wanted than there are (serving + starting): the gap starts at once, as one batch
+  (clones start in parallel, from the clone pool), and each member joins the balancer when
+  it answers, so no request reaches a VM that is not ready;
+- fewer wanted, and for scale_in_delay_s on end: the extra members leave, drained first
+  (no new requests, those in service finish), then destroyed.
+
+Member rows (GroupMemberRecord) say what each VM is to its group, so an agent that restarts
+finds its groups, their HAProxy (which outlives the agent, as QEMU does) and their members,
+and puts right what it was doing: a member started but not yet added is added, one that was
+leaving leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import math
+import socket
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import sessionmaker
+
+from vmstream.config import check_name
+from vmstream.errors import Conflict, InvalidInput, NotFound
+from vmstream.host.clones import CloneStarter
+from vmstream.host.db import GroupMemberRecord, GroupRecord, VmRecord
+from vmstream.host.registry import VmRegistry, published
+from vmstream.host.schemas import GroupEvent, GroupInfo, GroupMember, GroupRequest, GroupUpdate
+from vmstream.host.starter import Starter
+from vmstream.host.state import VmState
+from vmstream.host.tasks import Tasks, log, operation
+from vmstream.image import ImageRepository, LiveImage
+from vmstream.lb import BackendStats, Balancer, HaproxyError
+from vmstream.policy import start_cost
+
+TICK_S = 0.2  # how often a scaler reads HAProxy's statistics
+SMOOTH_TICKS = 3  # looks averaged for the size wanted (0.6 s)
+RETRY_S = 5.0  # after a failed start, or a balancer that would not start, the scaler waits this long
+RECONCILE_TICKS = 5  # every this many looks, members whose VM is gone are dropped
+MAX_GROUP_NAME = 56  # members are NAME-N, and a VM name has at most 63 characters
+EVENTS_KEPT = 20
+
+Boot = Callable[[str, LiveImage], Awaitable[object]]
+Destroy = Callable[[str], Awaitable[None]]
+
+
+class MemberState:
+    STARTING = "starting"  # its VM is starting; not in the balancer yet
+    SERVING = "serving"  # in the balancer
+    LEAVING = "leaving"  # draining, then destroyed
+
+
+def wanted(loads: Sequence[float], target: float, min_size: int, max_size: int) -> int:
+    """The members a group wants for its recent loads (requests in service or waiting)."""
+    if not loads:
+        return min_size
+    need = math.ceil(sum(loads) / len(loads) / target - 1e-9)
+    return max(min_size, min(max_size, need))
+
+
+@dataclass
+class _Scaler:
+    """A group's running parts: its balancer, its scaler task and what it has seen."""
+
+    balancer: Balancer
+    loads: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=SMOOTH_TICKS))
+    history: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)  # (time, wanted)
+    starting: set[str] = field(default_factory=set)
+    leaving: set[str] = field(default_factory=set)
+    events: collections.deque[GroupEvent] = field(default_factory=lambda: collections.deque(maxlen=EVENTS_KEPT))
+    last_scale: float = 0.0
+    retry_after: float = 0.0
+    last: BackendStats | None = None
+    last_error: str | None = None
+    task: asyncio.Task[None] | None = None
+    work: set[asyncio.Task[None]] = field(default_factory=set)  # starts and leaves under way
+    ticks: int = 0
+
+    def event(self, action: str, vms: list[str], detail: str = "") -> None:
+        self.events.append(GroupEvent(at=datetime.now(UTC), action=action, vms=vms, detail=detail))
+
+
+class Groups:
+    """The host's scaling groups: create, change, delete, and the scaler of each."""
+
+    def __init__(self, session: sessionmaker, registry: VmRegistry, starter: Starter, images: ImageRepository,
+                 clones: CloneStarter, boot: Boot, destroy: Destroy, run_dir: Path, tasks: Tasks, tb_mib: int) -> None:
+        """tb_mib: the members' translation cache under TCG (VMSTREAM_GROUP_TB_MIB)."""
+        self.session = session
+        self.tb_mib = tb_mib
+        self.registry = registry
+        self.starter = starter
+        self.images = images
+        self.clones = clones
+        self.boot = boot
+        self.destroy_vm = destroy
+        self.run_dir = run_dir
+        self.tasks = tasks
+        self._scalers: dict[str, _Scaler] = {}
+        self._lock = asyncio.Lock()  # one create, change or delete at a time
+
+    # ---- rows ----------------------------------------------------------------------
+
+    def _row(self, name: str) -> GroupRecord:
+        with self.session() as s:
+            row = s.get(GroupRecord, name)
+        if row is None:
+            raise NotFound(f"no group named '{name}': see 'vmstream group list'")
+        return row
+
+    def _rows(self) -> list[GroupRecord]:
+        with self.session() as s:
+            return list(s.scalars(select(GroupRecord).order_by(GroupRecord.created_at)))
+
+    def _members(self, group: str) -> list[GroupMemberRecord]:
+        with self.session() as s:
+            return list(s.scalars(select(GroupMemberRecord).where(GroupMemberRecord.group == group).order_by(GroupMemberRecord.since)))
+
+    def _set_member(self, group: str, vm: str, state: str) -> None:
+        with self.session.begin() as s:
+            row = s.get(GroupMemberRecord, vm)
+            if row is None:
+                s.add(GroupMemberRecord(vm=vm, group=group, state=state))
+            else:
+                row.state = state
+
+    def _drop_member(self, vm: str) -> None:
+        with self.session.begin() as s:
+            s.execute(delete(GroupMemberRecord).where(GroupMemberRecord.vm == vm))
+
+    def member_of(self, vm: str) -> str | None:
+        """The group a VM belongs to, if any."""
+        with self.session() as s:
+            row = s.get(GroupMemberRecord, vm)
+        return row.group if row is not None else None
+
+    # ---- the operations ------------------------------------------------------------
+
+    async def create(self, req: GroupRequest) -> GroupInfo:
+        """Check everything, start the balancer and min_size members; on any failure nothing
+        is left (no row, no HAProxy, no member)."""
+        name = self._check_name(req.name)
+        async with self._lock, operation(f"create group {name}", image=req.image):
+            with self.session() as s:
+                if s.get(GroupRecord, name) is not None:
+                    raise Conflict(f"a group named '{name}' already exists: choose another name or delete it first")
+                if (other := s.scalars(select(GroupRecord).where(GroupRecord.port == req.port)).first()) is not None:
+                    raise Conflict(f"port {req.port} is group '{other.name}''s: choose another --port")
+            image = self.images.get(req.image)
+            row = GroupRecord(
+                name=name, image=req.image, min_size=req.min_size, max_size=req.max_size, target_inflight=req.target_inflight,
+                port=req.port, member_port=req.member_port, health_path=req.health_path, member_maxconn=req.member_maxconn,
+                scale_in_delay_s=req.scale_in_delay_s, start=req.start,
+            )
+            self._check(row, image)
+            _check_port_free(req.port)
+            with self.session.begin() as s:
+                s.add(row)
+            scaler = _Scaler(self._balancer(row))
+            try:
+                await asyncio.to_thread(scaler.balancer.start)
+                if row.min_size:
+                    await self._grow(row, scaler, row.min_size)
+            except BaseException:
+                await self._teardown(row, scaler)
+                raise
+            self._scalers[name] = scaler
+            scaler.last_scale = time.monotonic()
+            scaler.task = self.tasks.spawn(self._run(name), "group scaler")
+        return self.show(name)
+
+    def _check_name(self, name: str) -> str:
+        check_name(name, "group")
+        if len(name) > MAX_GROUP_NAME:
+            raise InvalidInput(f"group name '{name}' is {len(name)} characters: at most {MAX_GROUP_NAME} (members are NAME-N)")
+        return name
+
+    def _check(self, row: GroupRecord, image: LiveImage) -> None:
+        """What a group's settings must satisfy, with its image."""
+        if row.min_size > row.max_size:
+            raise InvalidInput(f"--min {row.min_size} is more than --max {row.max_size}: the smallest size cannot exceed the largest")
+        g = image.guest
+        if row.start == "boot" and (g.disk or g.append is not None or not g.kernel):
+            raise InvalidInput(f"image '{row.image}' is of a disk guest: a group of cold-booted members (--start boot) is for "
+                               "the demo guest only; use --start clone")
+        if row.member_port != 80 and self.starter.net is None and row.member_port not in g.guest_ports:
+            raise InvalidInput(f"image '{row.image}' does not publish guest port {row.member_port}: its clones could not be reached "
+                               f"on it. Boot its VM with --publish {row.member_port} and make the image again, or use --member-port 80")
+        cost = start_cost(g.memory_bytes, None, clone=row.start == "clone")
+        self.starter.admit([cost] * row.max_size, f"group '{row.name}' at its --max of {row.max_size} member(s)")
+
+    def _balancer(self, row: GroupRecord) -> Balancer:
+        return Balancer(row.name, self.run_dir / f"group-{row.name}", row.port, row.health_path)
+
+    async def update(self, name: str, req: GroupUpdate) -> GroupInfo:
+        """New sizes, target or delay; the scaler goes by them from its next look."""
+        async with self._lock:
+            row = self._row(name)
+            for key, value in req.model_dump(exclude_none=True).items():
+                setattr(row, key, value)
+            self._check(row, self.images.get(row.image))
+            with self.session.begin() as s:
+                s.merge(row)
+        log.info("group %s: now min %d, max %d, target %.1f in flight per member", name, row.min_size, row.max_size,
+                 row.target_inflight)
+        return self.show(name)
+
+    async def delete(self, name: str) -> None:
+        """Stop the scaler, then the balancer (requests in flight finish), then the members."""
+        async with self._lock, operation(f"delete group {name}"):
+            row = self._row(name)
+            scaler = self._scalers.pop(name, None) or _Scaler(self._balancer(row))
+            await self._teardown(row, scaler)
+
+    async def _teardown(self, row: GroupRecord, scaler: _Scaler) -> None:
+        if scaler.task is not None:
+            scaler.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scaler.task
+        for task in list(scaler.work):
+            task.cancel()
+        await asyncio.gather(*scaler.work, return_exceptions=True)
+        await asyncio.to_thread(scaler.balancer.stop)
+        vms = [m.vm for m in self._members(row.name)]
+        results = await asyncio.gather(*(self._destroy_member(vm) for vm in vms), return_exceptions=True)
+        failed = [f"{vm}: {r}" for vm, r in zip(vms, results, strict=True) if isinstance(r, BaseException)]
+        if failed:  # the row stays: a second delete tries again
+            raise Conflict(f"group '{row.name}': could not destroy member(s) {'; '.join(failed)}; try the delete again")
+        with self.session.begin() as s:
+            s.execute(delete(GroupRecord).where(GroupRecord.name == row.name))
+
+    async def _destroy_member(self, vm: str) -> None:
+        if self.registry.find(vm) is not None:
+            with contextlib.suppress(NotFound):
+                await self.destroy_vm(vm)
+        self._drop_member(vm)
+
+    async def delete_all(self) -> int:
+        """Every group (the agent stopping with its VMs destroyed)."""
+        rows = self._rows()
+        for row in rows:
+            await self.delete(row.name)
+        return len(rows)
+
+    async def reattach(self) -> None:
+        """At agent start: each group's balancer (kept if its HAProxy still runs), its members
+        put right, and its scaler."""
+        for row in self._rows():
+            scaler = _Scaler(self._balancer(row))
+            self._scalers[row.name] = scaler
+            try:
+                await self._restore(row, scaler)
+            except Exception as exc:  # the scaler tries again
+                scaler.last_error = f"at agent start: {exc}"
+                log.warning("group %s: %s", row.name, scaler.last_error)
+            scaler.last_scale = time.monotonic()
+            scaler.task = self.tasks.spawn(self._run(row.name), "group scaler")
+
+    async def _restore(self, row: GroupRecord, scaler: _Scaler) -> None:
+        kept = scaler.balancer.pid() is not None
+        if not kept:
+            await asyncio.to_thread(scaler.balancer.start)
+        in_balancer = set((await asyncio.to_thread(scaler.balancer.stats)).members)
+        for m in self._members(row.name):
+            rec = self.registry.find(m.vm)
+            if rec is None or rec.state not in (VmState.RUNNING, VmState.PAUSED):
+                log.info("group %s: member %s is gone (%s)", row.name, m.vm, rec.state if rec else "no VM")
+                await self._leave(row, scaler, m.vm)
+            elif m.state == MemberState.LEAVING:
+                await self._leave(row, scaler, m.vm)
+            elif m.vm not in in_balancer:
+                await asyncio.to_thread(self._add, row, scaler.balancer, rec)
+                self._set_member(row.name, m.vm, MemberState.SERVING)
+        known = {m.vm for m in self._members(row.name)}
+        for stray in in_balancer - known:
+            with contextlib.suppress(HaproxyError, OSError):
+                await asyncio.to_thread(scaler.balancer.remove, stray, 5.0)
+        log.info("group %s: balancer %s, %d member(s)", row.name, "kept" if kept else "started again", len(known))
+
+    # ---- the scaler ----------------------------------------------------------------
+
+    async def _run(self, name: str) -> None:
+        while True:
+            scaler = self._scalers.get(name)
+            if scaler is None:
+                return
+            try:
+                await self._tick(self._row(name), scaler)
+            except NotFound:
+                return
+            except Exception as exc:
+                if str(exc) != scaler.last_error:
+                    log.warning("group %s: %s", name, exc)
+                scaler.last_error = str(exc)
+                scaler.retry_after = time.monotonic() + RETRY_S
+            await asyncio.sleep(TICK_S)
+
+    async def _tick(self, row: GroupRecord, scaler: _Scaler) -> None:
+        now = time.monotonic()
+        if scaler.balancer.pid() is None:
+            if now < scaler.retry_after:
+                return
+            log.warning("group %s: its HAProxy is not running: starting it again", row.name)
+            await self._restore(row, scaler)
+        stats = await asyncio.to_thread(scaler.balancer.stats)
+        scaler.last = stats
+        scaler.ticks += 1
+        if scaler.ticks % RECONCILE_TICKS == 0:
+            await self._drop_gone(row, scaler)
+        scaler.loads.append(stats.load)
+        want = wanted(scaler.loads, row.target_inflight, row.min_size, row.max_size)
+        scaler.history.append((now, want))
+        while scaler.history and scaler.history[0][0] < now - row.scale_in_delay_s:
+            scaler.history.popleft()
+        members = [m for m in self._members(row.name) if m.state != MemberState.LEAVING and m.vm not in scaler.leaving]
+        have = len(members)
+        if want > have and now >= scaler.retry_after:
+            await self._grow(row, scaler, want - have, background=True)
+        elif not scaler.starting and have > row.min_size and now - scaler.last_scale >= row.scale_in_delay_s:
+            keep = max(w for _, w in scaler.history)
+            if keep < have:
+                for m in members[keep - have:]:  # the newest leave
+                    self._spawn_work(scaler, self._leave(row, scaler, m.vm), f"member {m.vm} leaving")
+                scaler.last_scale = now
+                scaler.event("scale-in", [m.vm for m in members[keep - have:]], f"{have} -> {keep} member(s)")
+
+    async def _drop_gone(self, row: GroupRecord, scaler: _Scaler) -> None:
+        """Members whose VM was destroyed or exited (not by the group) leave it."""
+        for m in self._members(row.name):
+            if m.vm in scaler.starting or m.vm in scaler.leaving:
+                continue
+            rec = self.registry.find(m.vm)
+            if rec is None or rec.state == VmState.EXITED:
+                log.warning("group %s: member %s is %s: it leaves the group", row.name, m.vm, "gone" if rec is None else "exited")
+                scaler.event("lost", [m.vm], "its VM is gone" if rec is None else "its VM exited")
+                self._spawn_work(scaler, self._leave(row, scaler, m.vm), f"member {m.vm} leaving")
+
+    def _spawn_work(self, scaler: _Scaler, coro: Coroutine[Any, Any, None], what: str) -> None:
+        task = self.tasks.spawn(coro, what)
+        scaler.work.add(task)
+        task.add_done_callback(scaler.work.discard)
+
+    def _new_names(self, group: str, count: int) -> list[str]:
+        taken = {r.name for r in self.registry.all()} | {m.vm for m in self._members(group)}
+        names: list[str] = []
+        index = 1
+        while len(names) < count:
+            if f"{group}-{index}" not in taken:
+                names.append(f"{group}-{index}")
+            index += 1
+        return names
+
+    async def _grow(self, row: GroupRecord, scaler: _Scaler, count: int, background: bool = False) -> None:
+        """Start count members as one batch; each joins the balancer once it answers."""
+        names = self._new_names(row.name, count)
+        for vm in names:
+            self._set_member(row.name, vm, MemberState.STARTING)
+        scaler.starting.update(names)
+        scaler.last_scale = time.monotonic()
+        scaler.event("scale-out", names, f"load {scaler.last.load if scaler.last else 0}, {len(names)} more")
+        if background:
+            self._spawn_work(scaler, self._start_members(row, scaler, names), f"group {row.name} starting members")
+        else:
+            await self._start_members(row, scaler, names, raise_errors=True)
+
+    async def _start_members(self, row: GroupRecord, scaler: _Scaler, names: list[str], raise_errors: bool = False) -> None:
+        try:
+            image = self.images.get(row.image)
+            if row.start == "clone":
+                await self.clones.start(row.image, len(names), None, names=names, tb_mib=self.tb_mib)
+            else:
+                await asyncio.gather(*(self.boot(vm, image) for vm in names))
+            for vm in names:
+                await asyncio.to_thread(self._add, row, scaler.balancer, self.registry.get(vm))
+                self._set_member(row.name, vm, MemberState.SERVING)
+                scaler.starting.discard(vm)
+        except BaseException as exc:
+            failed = [vm for vm in names if vm in scaler.starting]
+            scaler.starting.difference_update(failed)
+            scaler.retry_after = time.monotonic() + RETRY_S
+            if not isinstance(exc, asyncio.CancelledError):
+                scaler.last_error = f"starting {', '.join(failed)}: {exc}"
+                scaler.event("start-failed", failed, str(exc))
+                log.warning("group %s: %s", row.name, scaler.last_error)
+            await asyncio.shield(asyncio.gather(*(self._destroy_member(vm) for vm in failed), return_exceptions=True))
+            if raise_errors or isinstance(exc, asyncio.CancelledError):
+                raise
+
+    def _add(self, row: GroupRecord, balancer: Balancer, rec: VmRecord) -> None:
+        host, port = self._address(row, rec)
+        balancer.add(rec.name, host, port, maxconn=row.member_maxconn)
+
+    def _address(self, row: GroupRecord, rec: VmRecord) -> tuple[str, int]:
+        """Where a member serves: its own address on a bridged host, else its port forward on 127.0.0.1."""
+        if rec.ip:
+            return rec.ip, row.member_port
+        if row.member_port == 80:
+            return "127.0.0.1", rec.http_port
+        port = published(rec).get(row.member_port)
+        if port is None:
+            raise InvalidInput(f"member {rec.name} does not publish guest port {row.member_port}")
+        return "127.0.0.1", port
+
+    async def _leave(self, row: GroupRecord, scaler: _Scaler, vm: str) -> None:
+        """Drain a member (its requests in service finish), then destroy it."""
+        scaler.leaving.add(vm)
+        try:
+            self._set_member(row.name, vm, MemberState.LEAVING)
+            with contextlib.suppress(HaproxyError, OSError):  # not in the balancer (any more), or HAProxy is gone
+                await asyncio.to_thread(scaler.balancer.remove, vm)
+            await self._destroy_member(vm)
+        finally:
+            scaler.leaving.discard(vm)
+
+    # ---- reading -------------------------------------------------------------------
+
+    def list(self) -> list[GroupInfo]:
+        return [self.show(row.name) for row in self._rows()]
+
+    def show(self, name: str) -> GroupInfo:
+        row = self._row(name)
+        scaler = self._scalers.get(name)
+        stats = scaler.last if scaler else None
+        members = []
+        for m in self._members(name):
+            figures = stats.members.get(m.vm) if stats else None
+            members.append(GroupMember(
+                name=m.vm, state=m.state, since=m.since, balancer_status=figures.status if figures else None,
+                in_service=figures.current if figures else 0, served=figures.total if figures else 0,
+            ))
+        return GroupInfo(
+            name=row.name, image=row.image, min_size=row.min_size, max_size=row.max_size, target_inflight=row.target_inflight,
+            port=row.port, endpoint=f"http://127.0.0.1:{row.port}/", member_port=row.member_port, health_path=row.health_path,
+            member_maxconn=row.member_maxconn, scale_in_delay_s=row.scale_in_delay_s, start=row.start, created_at=row.created_at,
+            balancer_pid=scaler.balancer.pid() if scaler else None, members=members,
+            serving=sum(m.state == MemberState.SERVING for m in members),
+            load=stats.load if stats else 0, queued=stats.queued if stats else 0,
+            wanted=wanted(scaler.loads, row.target_inflight, row.min_size, row.max_size) if scaler else row.min_size,
+            last_error=scaler.last_error if scaler else None, events=list(scaler.events) if scaler else [],
+        )
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as HAProxy binds: a port in TIME_WAIT is free
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise Conflict(f"port {port} on 127.0.0.1 is in use ({exc.strerror}): choose another --port") from None
