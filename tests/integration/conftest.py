@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.hosts import Cli, fuse_mounts, our_qemu_pids, status
+from tests.procs import pids_mentioning
 
 
 def vm_qemu_pids(cli: Cli) -> set[int]:
@@ -38,6 +39,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
         left = our_qemu_pids(home)
         assert not left, f"QEMU processes left behind: {left}"
         assert not fuse_mounts(home), f"FUSE mounts left behind: {fuse_mounts(home)}"
+        assert not pids_mentioning(home, b"haproxy"), f"HAProxy left behind: {pids_mentioning(home, b'haproxy')}"
         run = home / "run"
         assert not run.exists() or not any(run.iterdir()), f"run dirs left behind: {list(run.iterdir())}"
 

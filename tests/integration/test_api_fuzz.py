@@ -36,7 +36,7 @@ enabled = false
 
 [[operations]]
 include-method = "POST"
-include-path-regex = "^/v1/(vms|live-images|live-images/\\\\{name\\\\}/start|guest/build)$"
+include-path-regex = "^/v1/(vms|live-images|live-images/\\\\{name\\\\}/start|guest/build|groups)$"
 generation.max-examples = 8
 """
 

@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import math
+import shutil
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -243,6 +244,7 @@ class Groups:
             raise Conflict(f"group '{row.name}': could not destroy member(s) {'; '.join(failed)}; try the delete again")
         with self.session.begin() as s:
             s.execute(delete(GroupRecord).where(GroupRecord.name == row.name))
+        await asyncio.to_thread(shutil.rmtree, scaler.balancer.run_dir, True)  # its configuration, socket and log
 
     async def _destroy_member(self, vm: str) -> None:
         if self.registry.find(vm) is not None:

@@ -267,7 +267,8 @@ class GroupRequest(BaseModel):
     target_inflight: float = Field(4.0, gt=0, le=10_000, description="requests in service or waiting, per member")
     port: int = Field(ge=1024, le=65535, description="HAProxy listens on 127.0.0.1:port")
     member_port: int = Field(80, ge=1, le=65535, description="the guest port members serve on")
-    health_path: str = Field("/", pattern=r"^/[\x21-\x7e]*$", max_length=200, description="HAProxy checks GET path (2xx/3xx: up)")
+    health_path: str = Field("/", pattern=r"^/[A-Za-z0-9._~!$&()*+,;=:@/%?-]*$", max_length=200,
+                             description="HAProxy checks GET path (2xx/3xx: up)")
     member_maxconn: int | None = Field(None, ge=1, le=10_000,
                                        description="at most this many requests at a member at once; the rest wait in HAProxy")
     scale_in_delay_s: float = Field(10.0, ge=0, le=86_400, description="load must stay low this long before members leave")
