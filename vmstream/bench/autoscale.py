@@ -18,9 +18,12 @@ import asyncio
 import contextlib
 import json
 import math
+import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vmstream.bench.common import Bench, say
@@ -124,16 +127,21 @@ def _one(bench: Bench, image: str, start: str, *, work_ms: int, low_rps: float, 
         "name": group, "image": image, "port": port, "min_size": 1, "max_size": max_size, "target_inflight": target,
         "member_maxconn": maxconn, "scale_in_delay_s": delay_s, "start": start}, timeout=600)
     say(f"{start}: group {group} on port {port} with 1 member after {time.perf_counter() - t_create:.2f} s")
+    def members() -> tuple[int, int]:
+        g = bench.call("GET", f"/v1/groups/{group}")
+        return g["serving"], len(g["members"])
+
     try:
-        return asyncio.run(_drive(bench, group, port, work_ms=work_ms, low_rps=low_rps, high_rps=high_rps, pre_s=pre_s,
+        return asyncio.run(_drive(members, port, work_ms=work_ms, low_rps=low_rps, high_rps=high_rps, pre_s=pre_s,
                                   hold_s=hold_s, max_size=max_size, max_hold_s=max_hold_s, delay_s=delay_s))
     finally:
         with contextlib.suppress(Exception):
             bench.call("DELETE", f"/v1/groups/{group}", timeout=120)
 
 
-async def _drive(bench: Bench, group: str, port: int, *, work_ms: int, low_rps: float, high_rps: float, pre_s: float,
+async def _drive(members: Callable[[], tuple[int, int]], port: int, *, work_ms: int, low_rps: float, high_rps: float, pre_s: float,
                  hold_s: float, max_size: int, max_hold_s: float, delay_s: float) -> dict[str, Any]:
+    """The load step through the group's port; members() says (serving, all) of the group now."""
     run = Run()
     t0 = time.monotonic()
     step = pre_s
@@ -143,8 +151,8 @@ async def _drive(bench: Bench, group: str, port: int, *, work_ms: int, low_rps: 
     async def poll() -> None:
         while not stop.is_set():
             with contextlib.suppress(Exception):
-                g = await asyncio.to_thread(bench.call, "GET", f"/v1/groups/{group}")
-                run.members.append((time.monotonic() - t0, g["serving"], len(g["members"])))
+                serving, total = await asyncio.to_thread(members)
+                run.members.append((time.monotonic() - t0, serving, total))
             await asyncio.sleep(POLL_S)
 
     poller = asyncio.create_task(poll())
@@ -240,7 +248,10 @@ def _figures(run: Run, step: float, drop: float, back: float | None, reached: fl
 
 def run(bench: Bench, mib: int = 256, work_ms: int = 200, low_rps: float = 5.0, high_rps: float = 110.0, pre_s: float = 8.0,
         hold_s: float = 15.0, max_size: int = 10, target: float = 2.0, maxconn: int = 4, delay_s: float = 5.0,
-        baseline: bool = True, max_hold_s: float = 150.0) -> dict[str, Any]:
+        baseline: bool = True, max_hold_s: float = 150.0, openstack: Path | None = None, computes: int = 2,
+        keep: bool = False) -> dict[str, Any]:
+    """The clone group, the cold-boot baseline group, and (openstack: the deployment's state dir)
+    the same step on a group of Nova servers."""
     facts = bench.facts()
     say(f"autoscale: {mib} MiB demo guest, GET /work?ms={work_ms} (4 at a time per VM), {low_rps:g} -> {high_rps:g} req/s, "
         f"groups of 1..{max_size}, target {target:g} in flight per member")
@@ -260,6 +271,11 @@ def run(bench: Bench, mib: int = 256, work_ms: int = 200, low_rps: float = 5.0, 
         say(f"cold-boot group: {max_size} serving {cold['scale_out_to_10_s']} s after the step, "
             f"{cold['failed_requests']} failed, {cold['reset_requests']} reset")
     bench.delete_image(image)
+    nova = None
+    if openstack is not None:
+        nova = run_openstack(openstack, computes, keep, **kw)
+        say(f"Nova group: {max_size} ACTIVE and serving {nova['openstack_active_10_s']} s after the step, on "
+            f"{nova['openstack_hosts_at_10']}, {nova['openstack_failed_requests']} failed, {nova['openstack_reset_requests']} reset")
     base_s = cold["scale_out_to_10_s"] if cold else None
     ours = clone["scale_out_to_10_s"]
     return {
@@ -272,7 +288,7 @@ def run(bench: Bench, mib: int = 256, work_ms: int = 200, low_rps: float = 5.0, 
         "failed_requests": clone["failed_requests"], "reset_requests": clone["reset_requests"], "scale_in_s": clone["scale_in_s"],
         "baseline_failed_requests": cold["failed_requests"] if cold else None,
         "baseline_reset_requests": cold["reset_requests"] if cold else None,
-        "clone": clone, "baseline": cold,
+        "clone": clone, "baseline": cold, **(nova or {}),
     }
 
 
@@ -296,6 +312,15 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
          "met" if res["failed_requests"] == 0 and res["reset_requests"] == 0 else "**missed**"],
         ["back to 1 member after the drop", fmt_s(res["scale_in_s"]), "-", "-"],
     ]
+    if "nova" in res:
+        spread = res["openstack_hosts_at_10"]
+        rows += [
+            ["on OpenStack: 10 Nova servers ACTIVE and serving after the step", fmt_s(res["openstack_active_10_s"]),
+             ">= 2 computes", "met" if len(spread) >= 2 else "**missed**"],
+            ["on OpenStack: where the 10 ran", ", ".join(f"{h} {n}" for h, n in sorted(spread.items())) or "-", "-", "-"],
+            ["on OpenStack: failed / reset requests", f"{res['openstack_failed_requests']} / {res['openstack_reset_requests']}",
+             "0 / 0", "met" if res["openstack_failed_requests"] == 0 and res["openstack_reset_requests"] == 0 else "**missed**"],
+        ]
     md = (
         f"A group of the {res['memory_mib']} MiB demo guest ({res['accelerator']}, {res['host_cpus']} host cores) behind its "
         f"HAProxy serves `GET /work?ms={res['work_ms']}` (4 at a time per VM: {4000 / res['work_ms']:.0f} req/s each). An open-loop "
@@ -312,7 +337,8 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
            f"{b['reset_requests']} reset; p99 during the step {fmt_s(b['step_p99_s'])}." if b else "")
     )
     plt = pyplot()
-    runs = [("clones", c)] + ([("cold-booted members (baseline)", b)] if b else [])
+    runs = [("clones", c)] + ([("cold-booted members (baseline)", b)] if b else []) \
+        + ([("Nova servers of the live image (OpenStack)", res["nova"])] if "nova" in res else [])
     fig, axes = plt.subplots(len(runs), 1, figsize=(9, 3.6 * len(runs)), squeeze=False)
     for ax, (label, r) in zip(axes[:, 0], runs, strict=True):
         t = [x["t"] - r["step_s"] for x in r["buckets"]]
@@ -336,3 +362,80 @@ def render(res: dict[str, Any]) -> tuple[str, Any]:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return md, fig
+
+
+# ---- on OpenStack: the members are Nova servers ------------------------------------------------
+
+def run_openstack(root: Path, computes: int = 2, keep: bool = False, work_ms: int = 200, low_rps: float = 5.0,
+                  high_rps: float = 110.0, pre_s: float = 8.0, hold_s: float = 15.0, max_size: int = 10, target: float = 2.0,
+                  maxconn: int = 4, delay_s: float = 5.0, max_hold_s: float = 150.0) -> dict[str, Any]:
+    """The same step on a group whose members are Nova servers of a live image (vmstream.openstack.autoscale),
+    on the one-machine deployment (brought up if need be, with `computes` vmstream computes)."""
+    from vmstream.bench.openstack import Cluster, deployment
+    from vmstream.lb import Balancer
+    from vmstream.openstack.autoscale import NovaGroup, NovaGroupSpec
+    from vmstream.openstack.deploy.cloud import Cloud
+    from vmstream.openstack.nova.translate import vm_name
+
+    with deployment(root, computes, keep) as dep, Cloud(dep.credentials()) as cloud:
+        agents = {a.host: a for a in (c.agent for c in dep.computes) if a is not None}
+        cluster = Cluster(cloud, agents)
+        flavor, demo = cloud.ensure_flavor(), cloud.ensure_demo_image()
+        made: list[str] = []
+        live_id: str | None = None
+        try:
+            say(f"openstack autoscale: a source server of the demo guest, its live image ({len(agents)} computes)")
+            src = cluster.batch("as-src", demo, flavor, 1)
+            made += src.ids
+            live_id = cloud.live_image(src.ids[0], "as-live")
+
+            def locate(server: dict[str, Any]) -> tuple[str, int] | None:
+                host = server.get("OS-EXT-SRV-ATTR:host")
+                if host not in agents:
+                    return None
+                vm = cluster.agent(host, "GET", f"/v1/vms/{vm_name(server['id'])}")
+                if vm["state"] != "running":
+                    return None
+                return "127.0.0.1", int(vm["endpoint"].rstrip("/").rsplit(":", 1)[1])
+
+            port = _free_port()
+            spec = NovaGroupSpec("as-group", live_id, flavor, 1, max_size, target, maxconn, delay_s)
+            group = NovaGroup(cloud, spec, Balancer("as-group", root / "lb", port), locate)
+            t_create = time.perf_counter()
+            group.start()
+            say(f"group on port {port} with 1 Nova server serving after {time.perf_counter() - t_create:.2f} s")
+            spread: dict[str, int] = {}
+            active_at: list[float] = []
+
+            def members() -> tuple[int, int]:
+                serving = len(group.serving())
+                if serving >= max_size and not active_at:
+                    active_at.append(time.monotonic())
+                    spread.update(group.hosts())
+                return serving, len(group.members)
+
+            try:
+                t0 = time.monotonic()
+                res = asyncio.run(_drive(members, port, work_ms=work_ms, low_rps=low_rps, high_rps=high_rps, pre_s=pre_s,
+                                         hold_s=hold_s, max_size=max_size, max_hold_s=max_hold_s, delay_s=delay_s))
+            finally:
+                group.close()
+                shutil.rmtree(root / "lb", ignore_errors=True)
+        finally:
+            with contextlib.suppress(Exception):
+                if made:
+                    cloud.delete_servers(made)
+            if live_id:
+                with contextlib.suppress(Exception):
+                    cloud.delete_image(live_id)
+            cluster.close()
+    res["active_10_s"] = round(active_at[0] - t0 - pre_s, 3) if active_at else None
+    res["hosts_at_10"] = spread
+    return {
+        "bench": "autoscale-openstack", "computes": sorted(agents), "work_ms": work_ms, "low_rps": low_rps, "high_rps": high_rps,
+        "max_size": max_size, "target_inflight": target, "member_maxconn": maxconn, "scale_in_delay_s": delay_s,
+        "openstack_scale_out_to_10_s": res["scale_out_to_10_s"], "openstack_active_10_s": res["active_10_s"],
+        "openstack_hosts_at_10": spread, "openstack_failed_requests": res["failed_requests"],
+        "openstack_reset_requests": res["reset_requests"], "openstack_p99_recovered_s": res["p99_recovered_s"],
+        "openstack_scale_in_s": res["scale_in_s"], "nova": res,
+    }

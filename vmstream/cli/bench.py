@@ -167,11 +167,20 @@ def autoscale(out: OutOpt = DEFAULT_OUT, memory_mib: MemOpt = 256,
               hold: Annotated[float, typer.Option(min=1, help="Seconds the step holds after the group reached its --max.")] = 15.0,
               max_size: Annotated[int, typer.Option("--max", min=2, help="The groups' most members.")] = 10,
               baseline: Annotated[bool, typer.Option(help="Also run the cold-boot baseline group.")] = True,
+              openstack: Annotated[bool, typer.Option(help="Also run the step on a group of Nova servers, on the one-machine "
+                                                           "deployment (brought up if need be, taken down after).")] = False,
+              computes: Annotated[int, typer.Option(min=2, max=8, help="vmstream computes, if the bench brings it up.")] = 2,
+              state_dir: Annotated[Path | None, typer.Option("--dir", help="The deployment's state folder (default: "
+                                                             "VMSTREAM_OPENSTACK_DIR or <data dir>/openstack).")] = None,
+              keep: Annotated[bool, typer.Option(help="Leave a deployment the bench brought up running.")] = False,
               as_json: JsonOpt = False) -> None:
     """A load step on a scaling group behind HAProxy: time to ten members, latency, failures; vs cold-booted members."""
     from vmstream.bench import autoscale as b
+    from vmstream.cli.context import settings
 
-    _run(b, out, as_json, mib=memory_mib, low_rps=low_rps, high_rps=high_rps, hold_s=hold, max_size=max_size, baseline=baseline)
+    root = (state_dir or settings().openstack_state) if openstack else None
+    _run(b, out, as_json, mib=memory_mib, low_rps=low_rps, high_rps=high_rps, hold_s=hold, max_size=max_size, baseline=baseline,
+         openstack=root, computes=computes, keep=keep)
 
 
 @bench_app.command()

@@ -1,16 +1,11 @@
 """Scaling groups: VMs of one live image behind their own HAProxy, sized to their load.
 
 Each group has a row (vmstream.host.db.GroupRecord), a Balancer (vmstream.lb) listening on
-its port, and a scaler task that reads HAProxy's statistics every TICK_S:
-
-- the load is what is in service at members and what waits in HAProxy's queue;
-- the group wants ceil(load / target_inflight) members (the mean of the last few looks,
-  so one busy instant at low load does not add a VM), kept within [min_size, max_size];
-- more wanted than there are (serving + starting): the gap starts at once, as one batch
-  (clones start in parallel, from the clone pool), and each member joins the balancer when
-  it answers, so no request reaches a VM that is not ready;
-- fewer wanted, and for scale_in_delay_s on end: the extra members leave, drained first
-  (no new requests, those in service finish), then destroyed.
+its port, and a scaler task that reads HAProxy's statistics every TICK_S and sizes the group by
+them (vmstream.lb.scaling: requests in service or waiting, per member, against the target).
+Members that are wanted start at once, as one batch (clones start in parallel), and each joins
+the balancer when it answers, so no request reaches a VM that is not ready; members that are
+no longer wanted leave drained (no new requests, those in service finish), then destroyed.
 
 Member rows (GroupMemberRecord) say what each VM is to its group, so an agent that restarts
 finds its groups, their HAProxy (which outlives the agent, as QEMU does) and their members,
@@ -23,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import math
+import hashlib
 import shutil
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,10 +42,10 @@ from vmstream.host.state import VmState
 from vmstream.host.tasks import Tasks, log, operation
 from vmstream.image import ImageRepository, LiveImage
 from vmstream.lb import BackendStats, Balancer, HaproxyError
+from vmstream.lb.scaling import Sizer
 from vmstream.policy import start_cost
 
 TICK_S = 0.2  # how often a scaler reads HAProxy's statistics
-SMOOTH_TICKS = 3  # looks averaged for the size wanted (0.6 s)
 RETRY_S = 5.0  # after a failed start, or a balancer that would not start, the scaler waits this long
 RECONCILE_TICKS = 5  # every this many looks, members whose VM is gone are dropped
 MAX_GROUP_NAME = 56  # members are NAME-N, and a VM name has at most 63 characters
@@ -66,25 +61,15 @@ class MemberState:
     LEAVING = "leaving"  # draining, then destroyed
 
 
-def wanted(loads: Sequence[float], target: float, min_size: int, max_size: int) -> int:
-    """The members a group wants for its recent loads (requests in service or waiting)."""
-    if not loads:
-        return min_size
-    need = math.ceil(sum(loads) / len(loads) / target - 1e-9)
-    return max(min_size, min(max_size, need))
-
-
 @dataclass
 class _Scaler:
     """A group's running parts: its balancer, its scaler task and what it has seen."""
 
     balancer: Balancer
-    loads: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=SMOOTH_TICKS))
-    history: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)  # (time, wanted)
+    sizer: Sizer = field(default_factory=Sizer)
     starting: set[str] = field(default_factory=set)
     leaving: set[str] = field(default_factory=set)
     events: collections.deque[GroupEvent] = field(default_factory=lambda: collections.deque(maxlen=EVENTS_KEPT))
-    last_scale: float = 0.0
     retry_after: float = 0.0
     last: BackendStats | None = None
     last_error: str | None = None
@@ -181,7 +166,7 @@ class Groups:
                 await self._teardown(row, scaler)
                 raise
             self._scalers[name] = scaler
-            scaler.last_scale = time.monotonic()
+            scaler.sizer.last_change = time.monotonic()
             scaler.task = self.tasks.spawn(self._run(name), "group scaler")
         return self.show(name)
 
@@ -206,7 +191,9 @@ class Groups:
         self.starter.admit([cost] * row.max_size, f"group '{row.name}' at its --max of {row.max_size} member(s)")
 
     def _balancer(self, row: GroupRecord) -> Balancer:
-        return Balancer(row.name, self.run_dir / f"group-{row.name}", row.port, row.health_path)
+        # a short directory: HAProxy takes a runtime socket path of at most 97 characters
+        short = hashlib.sha256(row.name.encode()).hexdigest()[:8]
+        return Balancer(row.name, self.run_dir / f"lb-{short}", row.port, row.health_path)
 
     async def update(self, name: str, req: GroupUpdate) -> GroupInfo:
         """New sizes, target or delay; the scaler goes by them from its next look."""
@@ -270,7 +257,7 @@ class Groups:
             except Exception as exc:  # the scaler tries again
                 scaler.last_error = f"at agent start: {exc}"
                 log.warning("group %s: %s", row.name, scaler.last_error)
-            scaler.last_scale = time.monotonic()
+            scaler.sizer.last_change = time.monotonic()
             scaler.task = self.tasks.spawn(self._run(row.name), "group scaler")
 
     async def _restore(self, row: GroupRecord, scaler: _Scaler) -> None:
@@ -324,22 +311,16 @@ class Groups:
         scaler.ticks += 1
         if scaler.ticks % RECONCILE_TICKS == 0:
             await self._drop_gone(row, scaler)
-        scaler.loads.append(stats.load)
-        want = wanted(scaler.loads, row.target_inflight, row.min_size, row.max_size)
-        scaler.history.append((now, want))
-        while scaler.history and scaler.history[0][0] < now - row.scale_in_delay_s:
-            scaler.history.popleft()
         members = [m for m in self._members(row.name) if m.state != MemberState.LEAVING and m.vm not in scaler.leaving]
-        have = len(members)
-        if want > have and now >= scaler.retry_after:
-            await self._grow(row, scaler, want - have, background=True)
-        elif not scaler.starting and have > row.min_size and now - scaler.last_scale >= row.scale_in_delay_s:
-            keep = max(w for _, w in scaler.history)
-            if keep < have:
-                for m in members[keep - have:]:  # the newest leave
-                    self._spawn_work(scaler, self._leave(row, scaler, m.vm), f"member {m.vm} leaving")
-                scaler.last_scale = now
-                scaler.event("scale-in", [m.vm for m in members[keep - have:]], f"{have} -> {keep} member(s)")
+        change = scaler.sizer.look(now, stats.load, len(members), len(scaler.starting), target=row.target_inflight,
+                                   min_size=row.min_size, max_size=row.max_size, scale_in_delay_s=row.scale_in_delay_s)
+        if change > 0 and now >= scaler.retry_after:
+            await self._grow(row, scaler, change, background=True)
+        elif change < 0:
+            leaving = members[change:]  # the newest leave
+            for m in leaving:
+                self._spawn_work(scaler, self._leave(row, scaler, m.vm), f"member {m.vm} leaving")
+            scaler.event("scale-in", [m.vm for m in leaving], f"{len(members)} -> {len(members) + change} member(s)")
 
     async def _drop_gone(self, row: GroupRecord, scaler: _Scaler) -> None:
         """Members whose VM was destroyed or exited (not by the group) leave it."""
@@ -373,7 +354,6 @@ class Groups:
         for vm in names:
             self._set_member(row.name, vm, MemberState.STARTING)
         scaler.starting.update(names)
-        scaler.last_scale = time.monotonic()
         scaler.event("scale-out", names, f"load {scaler.last.load if scaler.last else 0}, {len(names)} more")
         if background:
             self._spawn_work(scaler, self._start_members(row, scaler, names), f"group {row.name} starting members")
@@ -452,7 +432,7 @@ class Groups:
             balancer_pid=scaler.balancer.pid() if scaler else None, members=members,
             serving=sum(m.state == MemberState.SERVING for m in members),
             load=stats.load if stats else 0, queued=stats.queued if stats else 0,
-            wanted=wanted(scaler.loads, row.target_inflight, row.min_size, row.max_size) if scaler else row.min_size,
+            wanted=scaler.sizer.wanted(row.target_inflight, row.min_size, row.max_size) if scaler else row.min_size,
             last_error=scaler.last_error if scaler else None, events=list(scaler.events) if scaler else [],
         )
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from vmstream.errors import VmstreamError
 
 START_TIMEOUT_S = 10.0
+MAX_SOCKET_PATH = 97  # HAProxy 2.6's limit for a stats socket's path
 STOP_GRACE_S = 10.0
 _NAME = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")  # what HAProxy accepts in a server name
 
@@ -114,11 +115,16 @@ backend {self.backend}
     def start(self) -> None:
         """Write the configuration, check it, start HAProxy and wait for its runtime socket."""
         binary = _haproxy()
+        if len(str(self.socket)) > MAX_SOCKET_PATH:
+            raise HaproxyError(f"the runtime socket of balancer '{self.name}' would be {self.socket}, longer than the "
+                               f"{MAX_SOCKET_PATH} characters HAProxy takes: use a data dir with a shorter path")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config.write_text(self.render())
-        check = subprocess.run([binary, "-c", "-q", "-f", str(self.config)], capture_output=True, text=True, check=False)
+        check = subprocess.run([binary, "-c", "-f", str(self.config)], capture_output=True, text=True, check=False)
         if check.returncode != 0:
-            raise HaproxyError(f"HAProxy refused the configuration of balancer '{self.name}': {_tail(check.stderr or check.stdout)}")
+            said = [line for line in (check.stderr or check.stdout).splitlines()
+                    if line.strip() and "Error(s) found in configuration" not in line and "Fatal errors found" not in line]
+            raise HaproxyError(f"HAProxy refused the configuration of balancer '{self.name}': {_tail(chr(10).join(said))}")
         with open(self.log_file, "ab") as log:
             self._popen = subprocess.Popen([binary, "-db", "-f", str(self.config)], stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, start_new_session=True)
