@@ -91,9 +91,10 @@ async def _request(port: int, path: str, shot: Shot, t0: float) -> None:
                 await writer.wait_closed()
 
 
-async def _generate(port: int, path: str, phases: list[Phase], run: Run, t0: float, stop_at: asyncio.Event) -> None:
-    """Open loop: requests at evenly spaced times, each phase at its rate, sent whatever the answers do."""
-    tasks: set[asyncio.Task[None]] = set()
+async def _generate(port: int, path: str, phases: list[Phase], run: Run, t0: float, stop_at: asyncio.Event,
+                    pending: set[asyncio.Task[None]]) -> None:
+    """Open loop: requests at evenly spaced times, each phase at its rate, sent whatever the answers
+    do (the requests still out are left in pending)."""
     for phase in phases:
         n = 0
         while not stop_at.is_set():
@@ -106,10 +107,9 @@ async def _generate(port: int, path: str, phases: list[Phase], run: Run, t0: flo
             shot = Shot(sent=time.monotonic() - t0)
             run.shots.append(shot)
             task = asyncio.create_task(_request(port, path, shot, t0))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            pending.add(task)
+            task.add_done_callback(pending.discard)
             n += 1
-    await asyncio.gather(*tasks)
 
 
 def _free_port() -> int:
@@ -160,7 +160,8 @@ async def _drive(members: Callable[[], tuple[int, int]], port: int, *, work_ms: 
     # takes longer to get there), at most max_hold_s
     high = Phase("step", step, step + max_hold_s, high_rps)
     phases = [Phase("low", 0.0, step, low_rps), high]
-    gen = asyncio.create_task(_generate(port, path, phases, run, t0, stop))
+    pending: set[asyncio.Task[None]] = set()
+    gen = asyncio.create_task(_generate(port, path, phases, run, t0, stop, pending))
 
     reached: float | None = None
     while reached is None and time.monotonic() - t0 < step + max_hold_s:
@@ -170,10 +171,11 @@ async def _drive(members: Callable[[], tuple[int, int]], port: int, *, work_ms: 
     if high.end - (time.monotonic() - t0) > 0:
         say(f"  {max_size} members answering {(reached or 0) - step:.2f} s after the step; holding until t={high.end:.0f} s")
     await gen
-    # the drop: back to the low rate until the group is back at its minimum (plus a little)
+    # the drop: back to the low rate (the step's requests still out finish meanwhile) until the
+    # group is back at its minimum, plus a little
     drop = time.monotonic() - t0
-    after = Phase("drop", drop, drop + delay_s + 60.0, low_rps)
-    gen = asyncio.create_task(_generate(port, path, [after], run, t0, stop))
+    after = Phase("drop", drop, drop + delay_s + 60.0 + max_hold_s, low_rps)
+    gen = asyncio.create_task(_generate(port, path, [after], run, t0, stop, pending))
     back: float | None = None
     while time.monotonic() - t0 < after.end:
         await asyncio.sleep(0.1)
@@ -182,6 +184,7 @@ async def _drive(members: Callable[[], tuple[int, int]], port: int, *, work_ms: 
             after.end = min(after.end, back + 3.0)
     stop.set()
     await gen
+    await asyncio.gather(*pending)
     await poller
     return _figures(run, step, drop, back, reached, max_size, [*phases, after])
 

@@ -32,11 +32,14 @@ SECTIONS = [
     ("migrate", "Migration between hosts", migrate),
     ("policy", "Memory policy: limits, bursts, what comes back", policy),
 ]
-# Benches `bench all` does not run (the Debian guest needs debootstrap and adds ~5 min), but whose
+# Benches `bench all` does not run (the Debian guest needs debootstrap and adds ~5 min; autoscale brings
+# OpenStack up), but whose
 # latest output in the same out dir goes into the document, under the command that wrote it.
 SEPARATE = [
     ("clone-debian", "Debian disk guest: cold boot vs clone vs QEMU save/restore, burst of 10",
      "vmstream bench clone --guest debian --out docs/bench"),
+    ("autoscale", "Autoscaling: a load step on a group of clones behind HAProxy, vs cold-booted members, and through Nova",
+     "vmstream bench autoscale --openstack --out docs/bench"),
 ]
 
 
