@@ -87,17 +87,22 @@ class NovaGroup:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._retry_after = 0.0
+        self._awaiting = 0  # servers asked of Nova that its server list does not show yet
+        self.server_group: str | None = None
 
     # ---- life ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """HAProxy, then min_size servers serving; on failure nothing is left."""
+        """HAProxy, a server group that spreads the members over hosts (soft anti-affinity),
+        then min_size servers serving; on failure nothing is left."""
         self.balancer.start()
         try:
+            self.server_group = self.cloud.create_server_group(self.spec.name)
             if self.spec.min_size:
                 self._grow(self.spec.min_size)
         except BaseException:
-            self.close()
+            with contextlib.suppress(Exception):  # the error that stopped the start is the one to tell
+                self.close()
             raise
         self.sizer.last_change = time.monotonic()
         loop = threading.Thread(target=self._run, name=f"group {self.spec.name}", daemon=True)
@@ -116,6 +121,9 @@ class NovaGroup:
             self.cloud.delete_servers(ids)
         with self._lock:
             self.members.clear()
+        if self.server_group is not None:
+            self.cloud.delete_server_group(self.server_group)
+            self.server_group = None
 
     def serving(self) -> list[Member]:
         with self._lock:
@@ -146,9 +154,9 @@ class NovaGroup:
         self.last = stats
         with self._lock:
             members = [m for m in self.members.values() if m.state != "leaving"]
-            starting = sum(m.state == "starting" for m in members)
+            starting = sum(m.state == "starting" for m in members) + self._awaiting
         s = self.spec
-        change = self.sizer.look(now, stats.load, len(members), starting, target=s.target_inflight, min_size=s.min_size,
+        change = self.sizer.look(now, stats.load, len(members) + self._awaiting, starting, target=s.target_inflight, min_size=s.min_size,
                                  max_size=s.max_size, scale_in_delay_s=s.scale_in_delay_s)
         if change > 0 and now >= self._retry_after:
             self._background(self._grow, change)
@@ -175,41 +183,57 @@ class NovaGroup:
             LOG.warning("group %s: %s", self.spec.name, self.last_error)
 
     def _grow(self, count: int) -> None:
-        """One POST /servers for count servers; each joins the balancer once ACTIVE."""
+        """One POST /servers for count servers (members of the group's server group); each joins
+        the balancer once ACTIVE. Until Nova lists them, they count as awaited, so the scaler
+        does not ask for them again."""
         s = self.spec
-        reservation = self.cloud.create_servers(s.name, s.image, s.flavor, count=count, metadata={"vmstream_group": s.name})
-        self.events.append({"at": time.time(), "action": "scale-out", "count": count, "reservation": reservation})
-        deadline = time.monotonic() + START_TIMEOUT_S
-        added: set[str] = set()
-        while True:
-            servers = self.cloud.servers(reservation_id=reservation)
-            with self._lock:
+        with self._lock:
+            self._awaiting += count
+        seen: set[str] = set()
+        try:
+            reservation = self.cloud.create_servers(s.name, s.image, s.flavor, count=count, metadata={"vmstream_group": s.name},
+                                                    server_group=self.server_group)
+            self.events.append({"at": time.time(), "action": "scale-out", "count": count, "reservation": reservation})
+            deadline = time.monotonic() + START_TIMEOUT_S
+            added: set[str] = set()
+            while True:
+                servers = self.cloud.servers(reservation_id=reservation)
+                with self._lock:
+                    for srv in servers:
+                        if srv["id"] not in seen:
+                            seen.add(srv["id"])
+                            self._awaiting -= 1
+                            self.members.setdefault(srv["id"], Member(srv["id"]))
                 for srv in servers:
-                    self.members.setdefault(srv["id"], Member(srv["id"]))
-            for srv in servers:
-                if srv["id"] in added:
-                    continue
-                if srv["status"] == "ERROR":
-                    with self._lock:
-                        self.members.pop(srv["id"], None)
-                    added.add(srv["id"])
-                    with contextlib.suppress(DeployError):
-                        self.cloud.request("compute", "DELETE", f"/servers/{srv['id']}")
-                    raise DeployError(f"server {srv['id']} of group {s.name} went to ERROR: "
-                                      f"{(srv.get('fault') or {}).get('message', 'no fault given')}")
-                if srv["status"] == "ACTIVE" and (where := self.locate(srv)) is not None:
-                    with self._lock:
-                        member = self.members[srv["id"]]
-                        member.host = srv.get("OS-EXT-SRV-ATTR:host")
-                    self.balancer.add(member.name, where[0], where[1], maxconn=s.member_maxconn)
-                    with self._lock:
-                        member.state = "serving"
-                    added.add(srv["id"])
-            if (len(servers) == count and len(added) == count) or self._stop.is_set():
-                return
-            if time.monotonic() > deadline:
-                raise DeployError(f"group {s.name}: {count - len(added)} server(s) not ACTIVE within {START_TIMEOUT_S:.0f}s")
-            time.sleep(NOVA_POLL_S)
+                    if srv["id"] not in added:
+                        self._join(srv, added)
+                if (len(servers) == count and len(added) == count) or self._stop.is_set():
+                    return
+                if time.monotonic() > deadline:
+                    raise DeployError(f"group {s.name}: {count - len(added)} server(s) not ACTIVE within {START_TIMEOUT_S:.0f}s")
+                time.sleep(NOVA_POLL_S)
+        finally:
+            with self._lock:
+                self._awaiting -= count - len(seen)
+
+    def _join(self, srv: dict[str, Any], added: set[str]) -> None:
+        """A server of a batch into the balancer once ACTIVE and located; one in ERROR is deleted."""
+        if srv["status"] == "ERROR":
+            with self._lock:
+                self.members.pop(srv["id"], None)
+            added.add(srv["id"])
+            with contextlib.suppress(DeployError):
+                self.cloud.request("compute", "DELETE", f"/servers/{srv['id']}")
+            raise DeployError(f"server {srv['id']} of group {self.spec.name} went to ERROR: "
+                              f"{(srv.get('fault') or {}).get('message', 'no fault given')}")
+        if srv["status"] == "ACTIVE" and (where := self.locate(srv)) is not None:
+            with self._lock:
+                member = self.members[srv["id"]]
+                member.host = srv.get("OS-EXT-SRV-ATTR:host")
+            self.balancer.add(member.name, where[0], where[1], maxconn=self.spec.member_maxconn)
+            with self._lock:
+                member.state = "serving"
+            added.add(srv["id"])
 
     def _leave(self, member: Member) -> None:
         with contextlib.suppress(HaproxyError, OSError):

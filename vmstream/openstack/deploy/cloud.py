@@ -153,16 +153,28 @@ class Cloud:
         return image_id
 
     def create_servers(self, name: str, image: str, flavor: str, count: int = 1, host: str | None = None,
-                       metadata: dict[str, str] | None = None) -> str:
+                       metadata: dict[str, str] | None = None, server_group: str | None = None) -> str:
         """POST /servers with min_count = max_count = count and no network; returns the
-        reservation. host: put them on that compute (admin's `nova:HOST` availability zone)."""
+        reservation. host: put them on that compute (admin's `nova:HOST` availability zone);
+        server_group: members of that server group (its policy places them)."""
         server: dict[str, Any] = {"name": name, "imageRef": image, "flavorRef": flavor, "networks": "none",
                                   "min_count": count, "max_count": count, "return_reservation_id": True}
         if host:
             server["availability_zone"] = f"nova:{host}"
         if metadata:
             server["metadata"] = metadata
-        return str(self.json("compute", "POST", "/servers", json={"server": server}, microversion="2.37")["reservation_id"])
+        body: dict[str, Any] = {"server": server}
+        if server_group:
+            body["os:scheduler_hints"] = {"group": server_group}
+        return str(self.json("compute", "POST", "/servers", json=body, microversion="2.37")["reservation_id"])
+
+    def create_server_group(self, name: str, policy: str = "soft-anti-affinity") -> str:
+        """A server group (its policy: where Nova places its members); returns its id."""
+        body = {"server_group": {"name": name, "policy": policy}}
+        return str(self.json("compute", "POST", "/os-server-groups", json=body, microversion="2.64")["server_group"]["id"])
+
+    def delete_server_group(self, group_id: str) -> None:
+        self.request("compute", "DELETE", f"/os-server-groups/{group_id}", expect=(204, 404))
 
     def live_image(self, server_id: str, name: str, timeout: float = 300.0) -> str:
         """`openstack server image create`: the Glance image's id once it is active and marked
@@ -187,9 +199,9 @@ class Cloud:
         self.request("image", "DELETE", f"/v2/images/{image_id}")
 
     def delete_servers(self, ids: list[str], timeout: float = 300.0) -> None:
-        """Delete servers and wait until Nova lists none of them."""
+        """Delete servers and wait until Nova lists none of them (one already gone is fine)."""
         for server_id in ids:
-            self.request("compute", "DELETE", f"/servers/{server_id}")
+            self.request("compute", "DELETE", f"/servers/{server_id}", expect=(202, 204, 404))
         gone = set(ids)
         self.wait_servers(lambda ss: not gone & {s["id"] for s in ss}, "deleted", timeout=timeout)
 

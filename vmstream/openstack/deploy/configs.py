@@ -183,6 +183,7 @@ def ml2_conf() -> str:
 
 
 WEIGHER = "vmstream.openstack.nova.weigher.LiveImageCacheWeigher"
+SPREAD_WEIGHT = 20  # Nova's soft_anti_affinity_weight_multiplier (default 1.0) against the cache weigher's 10
 
 
 def nova_conf(layout: Layout, secrets: Secrets, vmstream: bool = False) -> str:
@@ -193,7 +194,10 @@ def nova_conf(layout: Layout, secrets: Secrets, vmstream: bool = False) -> str:
     nova_auth = _password_auth("nova", secrets.services["nova"])
     extra: Ini = {}
     if vmstream:
-        extra = {"filter_scheduler": {"weight_classes": f"nova.scheduler.weights.all_weighers,{WEIGHER}"},
+        # a server group asking for soft anti-affinity (a scaling group's members) spreads over hosts
+        # even where only one holds the image: its weigher outweighs the cache weigher's 10
+        extra = {"filter_scheduler": {"weight_classes": f"nova.scheduler.weights.all_weighers,{WEIGHER}",
+                                      "soft_anti_affinity_weight_multiplier": SPREAD_WEIGHT},
                  "image_cache": {"manager_interval": 60}}
     return render_ini({
         "DEFAULT": {"transport_url": transport_url(secrets), "state_path": str(layout.nova), "my_ip": HOST,

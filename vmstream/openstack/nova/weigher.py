@@ -85,6 +85,7 @@ class LiveImageCacheWeigher(weights.BaseHostWeigher):  # type: ignore[misc]  # N
         spare = int(host_state.free_ram_mb)
         if available is not None and str(available).isdigit():
             spare = min(spare, int(available))
-        running = [inst.image_ref for inst in (host_state.instances or {}).values()]
+        # a multi-create in a server group adds stubs (a uuid only) for the servers it placed so far
+        running = [inst.image_ref for inst in (host_state.instances or {}).values() if inst.obj_attr_is_set("image_ref")]
         return translate.cache_weight(image_id, str(stats.get(translate.HELD_STAT, "")), running, spare,
                                       int(spec_obj.memory_mb))
