@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,3 +104,39 @@ def taps(netns: str) -> list[str]:
     """The tap devices in a namespace (a bridged agent makes one per VM)."""
     out = subprocess.run(["ip", "-n", netns, "-o", "link", "show", "type", "tun"], capture_output=True, text=True).stdout
     return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if line.strip()]
+
+
+class Load:
+    """Threads sending the demo guest's GET /work?ms=300 to 127.0.0.1:port (a group's HAProxy)
+    back to back; every answer kept."""
+
+    def __init__(self, port: int, threads: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/work?ms=300"
+        self.answers: list[tuple[int, str]] = []  # (status, hostname or error)
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as http:
+            while not self.stop.is_set():
+                try:
+                    r = http.get(self.url)
+                    self.answers.append((r.status_code, r.json()["hostname"] if r.status_code == 200 else r.text[:100]))
+                except httpx.HTTPError as exc:
+                    self.answers.append((0, repr(exc)))
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+    def hosts(self) -> set[str]:
+        return {h for status, h in list(self.answers) if status == 200}
+
+    def failures(self) -> list[tuple[int, str]]:
+        return [a for a in list(self.answers) if a[0] != 200]

@@ -5,7 +5,6 @@ the group, its balancer and its members kept across an agent restart; delete rem
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.hosts import Cli
+from tests.hosts import Cli, Load
 from tests.integration.conftest import BaseImage
 from tests.procs import pids_mentioning
 
@@ -35,41 +34,6 @@ def _wait(what: str, check: Any, timeout: float = 60.0) -> Any:
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
     return value
-
-
-class Load:
-    """Threads sending GET /work?ms=300 through the group's port back to back; every answer kept."""
-
-    def __init__(self, port: int, threads: int) -> None:
-        self.url = f"http://127.0.0.1:{port}/work?ms=300"
-        self.answers: list[tuple[int, str]] = []  # (status, hostname or error)
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=30) as http:
-            while not self.stop.is_set():
-                try:
-                    r = http.get(self.url)
-                    self.answers.append((r.status_code, r.json()["hostname"] if r.status_code == 200 else r.text[:100]))
-                except httpx.HTTPError as exc:
-                    self.answers.append((0, repr(exc)))
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
-
-    def hosts(self) -> set[str]:
-        return {h for status, h in list(self.answers) if status == 200}
-
-    def failures(self) -> list[tuple[int, str]]:
-        return [a for a in list(self.answers) if a[0] != 200]
 
 
 @pytest.fixture
