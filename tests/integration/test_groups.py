@@ -123,3 +123,35 @@ def test_group_bad_input_is_refused_and_leaves_nothing(cli: Cli, base_image: Bas
     assert "bad" not in {g["name"] for g in cli.json("group", "list")}
     assert {v["name"] for v in cli.json("list")} == before_vms
     assert _haproxies(cli) == before_haproxy
+
+
+def test_group_members_spread_over_a_peer_host(cli: Cli, base_image: BaseImage, peer_host: Cli) -> None:
+    """--hosts local,hostb: members alternate between this host and a peer (which reads the image
+    from this host's store); both serve through this host's HAProxy; delete removes the peer's too."""
+    assert cli.run("peer", "add", "hostb", "--home", str(peer_host.home)).returncode == 0
+    port = _free_port()
+    try:
+        g = cli.json("group", "create", "spread", "--image", base_image.name, "--port", str(port), "--min", "3", "--max", "3",
+                     "--hosts", "local,hostb")
+        assert sorted(m["host"] for m in g["members"]) == ["hostb", "local", "local"], g["members"]
+        on_b = {m["name"] for m in g["members"] if m["host"] == "hostb"}
+        assert on_b <= {v["name"] for v in peer_host.json("list")}
+        with Load(port, threads=3) as load:
+            _wait("all three members answering", lambda: len(load.hosts()) >= 3)
+        assert load.hosts() == {m["name"] for m in g["members"]} and load.failures() == []
+        # the peer's member destroyed behind the group's back: it leaves, and the group starts another
+        peer_host.run("destroy", next(iter(on_b)))
+        g = _wait("the lost member replaced", lambda: (g := cli.json("group", "show", "spread"))["serving"] == 3
+                  and next(iter(on_b)) not in {m["name"] for m in g["members"]} and g)
+        assert any(e["action"] == "lost" for e in g["events"]), g["events"]
+    finally:
+        cli.run("group", "delete", "spread")
+        cli.run("peer", "remove", "hostb")
+    assert not {v["name"] for v in peer_host.json("list")} & {"spread-1", "spread-2", "spread-3", "spread-4"}
+
+
+def test_group_hosts_must_be_local_or_peers(cli: Cli, base_image: BaseImage) -> None:
+    proc = cli.run("group", "create", "nowhere", "--image", base_image.name, "--port", str(_free_port()), "--hosts",
+                   "local,no-such-peer")
+    assert proc.returncode == 3 and "no-such-peer" in proc.stderr and "peer add" in proc.stderr, proc.stderr
+    assert "nowhere" not in {g["name"] for g in cli.json("group", "list")}

@@ -35,9 +35,9 @@ def _show(g: dict[str, Any]) -> None:
               f"{g['serving']} serving of {g['min_size']}..{g['max_size']}, wants {g['wanted']}; "
               f"load {g['load']} ({g['queued']} queued), target {g['target_inflight']:g} per member")
     if g["members"]:
-        t = Table("member", "state", "balancer", "in service", "served")
+        t = Table("member", "host", "state", "balancer", "in service", "served")
         for m in g["members"]:
-            t.add_row(m["name"], m["state"], m["balancer_status"] or "-", str(m["in_service"]), str(m["served"]))
+            t.add_row(m["name"], m["host"], m["state"], m["balancer_status"] or "-", str(m["in_service"]), str(m["served"]))
         out.print(t)
     if g["last_error"]:
         out.print(f"[red]last error:[/red] {g['last_error']}")
@@ -57,11 +57,15 @@ def group_create(
         help="At most this many requests at a member at once; the rest wait in HAProxy for the next free member.")] = None,
     scale_in_delay: DelayOpt = None,
     start: Annotated[str, typer.Option(help="Members are 'clone's of the image, or cold-'boot'ed VMs (a baseline).")] = "clone",
+    hosts: Annotated[str, typer.Option(
+        help="Where members run, comma-separated: 'local' (this host) and peers ('vmstream peer list') that share its "
+             "store; each new member goes to the one with the fewest.")] = "local",
     as_json: JsonOpt = False,
 ) -> None:
     """Create a group: its HAProxy and --min members; returns once they serve."""
     body: dict[str, Any] = {"name": name, "image": image, "port": port, "member_port": member_port, "health_path": health_path,
-                            "member_maxconn": member_maxconn, "start": start}
+                            "member_maxconn": member_maxconn, "start": start,
+                            "hosts": [h.strip() for h in hosts.split(",") if h.strip()]}
     for key, value in (("min_size", min_size), ("max_size", max_size), ("target_inflight", target_inflight),
                        ("scale_in_delay_s", scale_in_delay)):
         if value is not None:

@@ -119,6 +119,7 @@ class GroupRecord(Base):
     member_maxconn: Mapped[int | None] = mapped_column(Integer, nullable=True)  # requests at a member at once; more wait in HAProxy
     scale_in_delay_s: Mapped[float] = mapped_column(Float)
     start: Mapped[str] = mapped_column(String)  # clone | boot (members cold-booted: a baseline)
+    hosts: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: where members run, "local" and peers; NULL: local
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=lambda: datetime.now(UTC))
 
 
@@ -130,6 +131,7 @@ class GroupMemberRecord(Base):
     vm: Mapped[str] = mapped_column(String, primary_key=True)
     group: Mapped[str] = mapped_column(String, index=True)
     state: Mapped[str] = mapped_column(String)
+    host: Mapped[str | None] = mapped_column(String, nullable=True)  # the peer it runs on; NULL: this host
     since: Mapped[datetime] = mapped_column(UtcDateTime, default=lambda: datetime.now(UTC))
 
 

@@ -19,9 +19,12 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import json
+import math
 import shutil
 import socket
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,9 +35,10 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import sessionmaker
 
 from vmstream.config import check_name
-from vmstream.errors import Conflict, InvalidInput, NotFound
+from vmstream.errors import Conflict, InvalidInput, NotFound, VmstreamError
 from vmstream.host.clones import CloneStarter
 from vmstream.host.db import GroupMemberRecord, GroupRecord, VmRecord
+from vmstream.host.peers import Peers
 from vmstream.host.registry import VmRegistry, published
 from vmstream.host.schemas import GroupEvent, GroupInfo, GroupMember, GroupRequest, GroupUpdate
 from vmstream.host.starter import Starter
@@ -50,6 +54,7 @@ RETRY_S = 5.0  # after a failed start, or a balancer that would not start, the s
 RECONCILE_TICKS = 5  # every this many looks, members whose VM is gone are dropped
 MAX_GROUP_NAME = 56  # members are NAME-N, and a VM name has at most 63 characters
 EVENTS_KEPT = 20
+LOCAL = "local"  # this host, among a group's hosts
 
 Boot = Callable[[str, LiveImage], Awaitable[object]]
 Destroy = Callable[[str], Awaitable[None]]
@@ -85,9 +90,11 @@ class Groups:
     """The host's scaling groups: create, change, delete, and the scaler of each."""
 
     def __init__(self, session: sessionmaker, registry: VmRegistry, starter: Starter, images: ImageRepository,
-                 clones: CloneStarter, boot: Boot, destroy: Destroy, run_dir: Path, tasks: Tasks, tb_mib: int) -> None:
+                 clones: CloneStarter, boot: Boot, destroy: Destroy, peers: Peers, run_dir: Path, tasks: Tasks,
+                 tb_mib: int) -> None:
         """tb_mib: the members' translation cache under TCG (VMSTREAM_GROUP_TB_MIB)."""
         self.session = session
+        self.peers = peers
         self.tb_mib = tb_mib
         self.registry = registry
         self.starter = starter
@@ -117,23 +124,18 @@ class Groups:
         with self.session() as s:
             return list(s.scalars(select(GroupMemberRecord).where(GroupMemberRecord.group == group).order_by(GroupMemberRecord.since)))
 
-    def _set_member(self, group: str, vm: str, state: str) -> None:
+    def _set_member(self, group: str, vm: str, state: str, host: str | None = None) -> None:
+        """A member's state (host: the peer a new member runs on; None: this host)."""
         with self.session.begin() as s:
             row = s.get(GroupMemberRecord, vm)
             if row is None:
-                s.add(GroupMemberRecord(vm=vm, group=group, state=state))
+                s.add(GroupMemberRecord(vm=vm, group=group, state=state, host=host))
             else:
                 row.state = state
 
     def _drop_member(self, vm: str) -> None:
         with self.session.begin() as s:
             s.execute(delete(GroupMemberRecord).where(GroupMemberRecord.vm == vm))
-
-    def member_of(self, vm: str) -> str | None:
-        """The group a VM belongs to, if any."""
-        with self.session() as s:
-            row = s.get(GroupMemberRecord, vm)
-        return row.group if row is not None else None
 
     # ---- the operations ------------------------------------------------------------
 
@@ -151,7 +153,7 @@ class Groups:
             row = GroupRecord(
                 name=name, image=req.image, min_size=req.min_size, max_size=req.max_size, target_inflight=req.target_inflight,
                 port=req.port, member_port=req.member_port, health_path=req.health_path, member_maxconn=req.member_maxconn,
-                scale_in_delay_s=req.scale_in_delay_s, start=req.start,
+                scale_in_delay_s=req.scale_in_delay_s, start=req.start, hosts=json.dumps(req.hosts),
             )
             self._check(row, image)
             _check_port_free(req.port)
@@ -187,8 +189,18 @@ class Groups:
         if row.member_port != 80 and self.starter.net is None and row.member_port not in g.guest_ports:
             raise InvalidInput(f"image '{row.image}' does not publish guest port {row.member_port}: its clones could not be reached "
                                f"on it. Boot its VM with --publish {row.member_port} and make the image again, or use --member-port 80")
+        hosts = _hosts(row)
+        peers = {p.name for p in self.peers.list()}
+        if unknown := [h for h in hosts if h != LOCAL and h not in peers]:
+            raise NotFound(f"--hosts names {', '.join(unknown)}, which is neither 'local' nor a peer of this host: "
+                           "add it with 'vmstream peer add NAME URL --token TOKEN', or leave it out")
+        if len(set(hosts)) != len(hosts):
+            raise InvalidInput(f"--hosts names a host twice: {', '.join(hosts)}")
+        if row.start == "boot" and hosts != [LOCAL]:
+            raise InvalidInput("--start boot members are booted on this host only: leave out --hosts")
         cost = start_cost(g.memory_bytes, None, clone=row.start == "clone")
-        self.starter.admit([cost] * row.max_size, f"group '{row.name}' at its --max of {row.max_size} member(s)")
+        here = math.ceil(row.max_size / len(hosts)) if LOCAL in hosts else 0  # members go where there are fewest
+        self.starter.admit([cost] * here, f"group '{row.name}' at its --max of {row.max_size} member(s) ({here} on this host)")
 
     def _balancer(self, row: GroupRecord) -> Balancer:
         # a short directory: HAProxy takes a runtime socket path of at most 97 characters
@@ -224,8 +236,9 @@ class Groups:
             task.cancel()
         await asyncio.gather(*scaler.work, return_exceptions=True)
         await asyncio.to_thread(scaler.balancer.stop)
-        vms = [m.vm for m in self._members(row.name)]
-        results = await asyncio.gather(*(self._destroy_member(vm) for vm in vms), return_exceptions=True)
+        members = self._members(row.name)
+        vms = [m.vm for m in members]
+        results = await asyncio.gather(*(self._destroy_member(m.vm, m.host) for m in members), return_exceptions=True)
         failed = [f"{vm}: {r}" for vm, r in zip(vms, results, strict=True) if isinstance(r, BaseException)]
         if failed:  # the row stays: a second delete tries again
             raise Conflict(f"group '{row.name}': could not destroy member(s) {'; '.join(failed)}; try the delete again")
@@ -233,11 +246,30 @@ class Groups:
             s.execute(delete(GroupRecord).where(GroupRecord.name == row.name))
         await asyncio.to_thread(shutil.rmtree, scaler.balancer.run_dir, True)  # its configuration, socket and log
 
-    async def _destroy_member(self, vm: str) -> None:
-        if self.registry.find(vm) is not None:
-            with contextlib.suppress(NotFound):
-                await self.destroy_vm(vm)
+    async def _destroy_member(self, vm: str, host: str | None) -> None:
+        """Destroy a member's VM, here or on its peer, and forget it."""
+        if host is None:
+            if self.registry.find(vm) is not None:
+                with contextlib.suppress(NotFound):
+                    await self.destroy_vm(vm)
+        else:
+            async with self.peers.client(host) as peer:
+                with contextlib.suppress(NotFound):
+                    await peer.call("DELETE", f"/v1/vms/{vm}")
         self._drop_member(vm)
+
+    async def _look_up(self, row: GroupRecord, m: GroupMemberRecord) -> tuple[str, tuple[str, int]] | None:
+        """A member's VM: its state and where it serves, on this host or its peer; None if it is
+        gone. A peer that cannot be asked raises (the member is kept: HAProxy's checks decide)."""
+        if m.host is None:
+            rec = self.registry.find(m.vm)
+            return None if rec is None else (rec.state, self._address(row, rec))
+        async with self.peers.client(m.host) as peer:
+            try:
+                vm = await peer.call("GET", f"/v1/vms/{m.vm}")
+            except NotFound:
+                return None
+        return vm["state"], _peer_address(vm, row.member_port, m.host)
 
     async def delete_all(self) -> int:
         """Every group (the agent stopping with its VMs destroyed)."""
@@ -266,14 +298,14 @@ class Groups:
             await asyncio.to_thread(scaler.balancer.start)
         in_balancer = set((await asyncio.to_thread(scaler.balancer.stats)).members)
         for m in self._members(row.name):
-            rec = self.registry.find(m.vm)
-            if rec is None or rec.state not in (VmState.RUNNING, VmState.PAUSED):
-                log.info("group %s: member %s is gone (%s)", row.name, m.vm, rec.state if rec else "no VM")
-                await self._leave(row, scaler, m.vm)
+            found = await self._look_up(row, m)
+            if found is None or found[0] not in (VmState.RUNNING, VmState.PAUSED):
+                log.info("group %s: member %s is gone (%s)", row.name, m.vm, found[0] if found else "no VM")
+                await self._leave(row, scaler, m)
             elif m.state == MemberState.LEAVING:
-                await self._leave(row, scaler, m.vm)
+                await self._leave(row, scaler, m)
             elif m.vm not in in_balancer:
-                await asyncio.to_thread(self._add, row, scaler.balancer, rec)
+                await asyncio.to_thread(scaler.balancer.add, m.vm, *found[1], maxconn=row.member_maxconn)
                 self._set_member(row.name, m.vm, MemberState.SERVING)
         known = {m.vm for m in self._members(row.name)}
         for stray in in_balancer - known:
@@ -319,7 +351,7 @@ class Groups:
         elif change < 0:
             leaving = members[change:]  # the newest leave
             for m in leaving:
-                self._spawn_work(scaler, self._leave(row, scaler, m.vm), f"member {m.vm} leaving")
+                self._spawn_work(scaler, self._leave(row, scaler, m), f"member {m.vm} leaving")
             scaler.event("scale-in", [m.vm for m in leaving], f"{len(members)} -> {len(members) + change} member(s)")
 
     async def _drop_gone(self, row: GroupRecord, scaler: _Scaler) -> None:
@@ -327,11 +359,14 @@ class Groups:
         for m in self._members(row.name):
             if m.vm in scaler.starting or m.vm in scaler.leaving:
                 continue
-            rec = self.registry.find(m.vm)
-            if rec is None or rec.state == VmState.EXITED:
-                log.warning("group %s: member %s is %s: it leaves the group", row.name, m.vm, "gone" if rec is None else "exited")
-                scaler.event("lost", [m.vm], "its VM is gone" if rec is None else "its VM exited")
-                self._spawn_work(scaler, self._leave(row, scaler, m.vm), f"member {m.vm} leaving")
+            try:
+                found = await self._look_up(row, m)
+            except VmstreamError:  # its peer cannot be asked now: HAProxy's checks keep requests away meanwhile
+                continue
+            if found is None or found[0] == VmState.EXITED:
+                log.warning("group %s: member %s is %s: it leaves the group", row.name, m.vm, "gone" if found is None else "exited")
+                scaler.event("lost", [m.vm], "its VM is gone" if found is None else "its VM exited")
+                self._spawn_work(scaler, self._leave(row, scaler, m), f"member {m.vm} leaving")
 
     def _spawn_work(self, scaler: _Scaler, coro: Coroutine[Any, Any, None], what: str) -> None:
         task = self.tasks.spawn(coro, what)
@@ -351,8 +386,9 @@ class Groups:
     async def _grow(self, row: GroupRecord, scaler: _Scaler, count: int, background: bool = False) -> None:
         """Start count members as one batch; each joins the balancer once it answers."""
         names = self._new_names(row.name, count)
-        for vm in names:
-            self._set_member(row.name, vm, MemberState.STARTING)
+        places = self._place(row, count)
+        for vm, host in zip(names, places, strict=True):
+            self._set_member(row.name, vm, MemberState.STARTING, None if host == LOCAL else host)
         scaler.starting.update(names)
         scaler.event("scale-out", names, f"load {scaler.last.load if scaler.last else 0}, {len(names)} more")
         if background:
@@ -360,15 +396,32 @@ class Groups:
         else:
             await self._start_members(row, scaler, names, raise_errors=True)
 
+    def _place(self, row: GroupRecord, count: int) -> list[str]:
+        """Where each of count new members runs: the host (of the group's) with the fewest, in turn."""
+        hosts = _hosts(row)
+        load = dict.fromkeys(hosts, 0)
+        for m in self._members(row.name):
+            if m.state != MemberState.LEAVING and (m.host or LOCAL) in load:
+                load[m.host or LOCAL] += 1
+        places = []
+        for _ in range(count):
+            host = min(hosts, key=lambda h: load[h])  # ties: the first named
+            load[host] += 1
+            places.append(host)
+        return places
+
     async def _start_members(self, row: GroupRecord, scaler: _Scaler, names: list[str], raise_errors: bool = False) -> None:
+        members = {m.vm: m for m in self._members(row.name) if m.vm in names}
+        by_host: dict[str | None, list[str]] = {}
+        for vm in names:
+            by_host.setdefault(members[vm].host, []).append(vm)
         try:
-            image = self.images.get(row.image)
-            if row.start == "clone":
-                await self.clones.start(row.image, len(names), None, names=names, tb_mib=self.tb_mib)
-            else:
-                await asyncio.gather(*(self.boot(vm, image) for vm in names))
+            await asyncio.gather(*(self._start_on(row, host, vms) for host, vms in by_host.items()))
             for vm in names:
-                await asyncio.to_thread(self._add, row, scaler.balancer, self.registry.get(vm))
+                found = await self._look_up(row, members[vm])
+                if found is None:
+                    raise NotFound(f"member {vm} is gone")
+                await asyncio.to_thread(scaler.balancer.add, vm, *found[1], maxconn=row.member_maxconn)
                 self._set_member(row.name, vm, MemberState.SERVING)
                 scaler.starting.discard(vm)
         except BaseException as exc:
@@ -379,13 +432,22 @@ class Groups:
                 scaler.last_error = f"starting {', '.join(failed)}: {exc}"
                 scaler.event("start-failed", failed, str(exc))
                 log.warning("group %s: %s", row.name, scaler.last_error)
-            await asyncio.shield(asyncio.gather(*(self._destroy_member(vm) for vm in failed), return_exceptions=True))
+            await asyncio.shield(asyncio.gather(*(self._destroy_member(vm, members[vm].host) for vm in failed),
+                                                return_exceptions=True))
             if raise_errors or isinstance(exc, asyncio.CancelledError):
                 raise
 
-    def _add(self, row: GroupRecord, balancer: Balancer, rec: VmRecord) -> None:
-        host, port = self._address(row, rec)
-        balancer.add(rec.name, host, port, maxconn=row.member_maxconn)
+    async def _start_on(self, row: GroupRecord, host: str | None, names: list[str]) -> None:
+        """Start members as one batch on this host (clones, or cold boots) or on a peer (clones,
+        through its API: the peer reads the image from the store it shares with this host)."""
+        if host is not None:
+            async with self.peers.client(host) as peer:
+                await peer.call("POST", f"/v1/live-images/{row.image}/start", json={"count": len(names), "names": names})
+        elif row.start == "clone":
+            await self.clones.start(row.image, len(names), None, names=names, tb_mib=self.tb_mib)
+        else:
+            image = self.images.get(row.image)
+            await asyncio.gather(*(self.boot(vm, image) for vm in names))
 
     def _address(self, row: GroupRecord, rec: VmRecord) -> tuple[str, int]:
         """Where a member serves: its own address on a bridged host, else its port forward on 127.0.0.1."""
@@ -398,16 +460,16 @@ class Groups:
             raise InvalidInput(f"member {rec.name} does not publish guest port {row.member_port}")
         return "127.0.0.1", port
 
-    async def _leave(self, row: GroupRecord, scaler: _Scaler, vm: str) -> None:
+    async def _leave(self, row: GroupRecord, scaler: _Scaler, m: GroupMemberRecord) -> None:
         """Drain a member (its requests in service finish), then destroy it."""
-        scaler.leaving.add(vm)
+        scaler.leaving.add(m.vm)
         try:
-            self._set_member(row.name, vm, MemberState.LEAVING)
+            self._set_member(row.name, m.vm, MemberState.LEAVING)
             with contextlib.suppress(HaproxyError, OSError):  # not in the balancer (any more), or HAProxy is gone
-                await asyncio.to_thread(scaler.balancer.remove, vm)
-            await self._destroy_member(vm)
+                await asyncio.to_thread(scaler.balancer.remove, m.vm)
+            await self._destroy_member(m.vm, m.host)
         finally:
-            scaler.leaving.discard(vm)
+            scaler.leaving.discard(m.vm)
 
     # ---- reading -------------------------------------------------------------------
 
@@ -422,19 +484,40 @@ class Groups:
         for m in self._members(name):
             figures = stats.members.get(m.vm) if stats else None
             members.append(GroupMember(
-                name=m.vm, state=m.state, since=m.since, balancer_status=figures.status if figures else None,
+                name=m.vm, host=m.host or LOCAL, state=m.state, since=m.since, balancer_status=figures.status if figures else None,
                 in_service=figures.current if figures else 0, served=figures.total if figures else 0,
             ))
         return GroupInfo(
             name=row.name, image=row.image, min_size=row.min_size, max_size=row.max_size, target_inflight=row.target_inflight,
             port=row.port, endpoint=f"http://127.0.0.1:{row.port}/", member_port=row.member_port, health_path=row.health_path,
-            member_maxconn=row.member_maxconn, scale_in_delay_s=row.scale_in_delay_s, start=row.start, created_at=row.created_at,
+            member_maxconn=row.member_maxconn, scale_in_delay_s=row.scale_in_delay_s, start=row.start, hosts=_hosts(row),
+            created_at=row.created_at,
             balancer_pid=scaler.balancer.pid() if scaler else None, members=members,
             serving=sum(m.state == MemberState.SERVING for m in members),
             load=stats.load if stats else 0, queued=stats.queued if stats else 0,
             wanted=scaler.sizer.wanted(row.target_inflight, row.min_size, row.max_size) if scaler else row.min_size,
             last_error=scaler.last_error if scaler else None, events=list(scaler.events) if scaler else [],
         )
+
+
+def _hosts(row: GroupRecord) -> list[str]:
+    hosts: list[str] = json.loads(row.hosts) if row.hosts else [LOCAL]
+    return hosts
+
+
+def _peer_address(vm: dict[str, Any], member_port: int, peer: str) -> tuple[str, int]:
+    """Where a peer's VM serves member_port, from its VmInfo: its own address (a bridged host),
+    or its port forward on the peer's 127.0.0.1, which only a balancer on the same machine reaches."""
+    url = urllib.parse.urlsplit(vm["endpoint"])
+    host = url.hostname or "127.0.0.1"
+    if url.port is None:  # http://IP/: the VM's own address
+        return host, member_port
+    if member_port == 80:
+        return host, url.port
+    port = vm.get("ports", {}).get(str(member_port))
+    if port is None:
+        raise InvalidInput(f"member {vm['name']} on peer {peer} does not publish guest port {member_port}")
+    return host, int(port)
 
 
 def _check_port_free(port: int) -> None:

@@ -101,7 +101,7 @@ class HostManager:
         self.incoming = IncomingVms(settings, self.registry, self.starter, self.images, self.memfs, self.tasks)
         self.memory = MemoryController(self.registry, self.starter)
         self.groups = Groups(self.session, self.registry, self.starter, self.images, self.clones, self._boot_member,
-                             self.destroy, self.data_dir / "run", self.tasks, settings.group_tb_mib)
+                             self.destroy, self.peers, self.data_dir / "run", self.tasks, settings.group_tb_mib)
 
     async def info(self) -> HostInfo:
         guest = await asyncio.to_thread(self.starter.guest)

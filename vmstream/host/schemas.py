@@ -273,10 +273,14 @@ class GroupRequest(BaseModel):
                                        description="at most this many requests at a member at once; the rest wait in HAProxy")
     scale_in_delay_s: float = Field(10.0, ge=0, le=86_400, description="load must stay low this long before members leave")
     start: Literal["clone", "boot"] = Field("clone", description="members are clones of the image, or cold-booted VMs (a baseline)")
+    hosts: list[str] = Field(["local"], min_length=1, max_length=16,
+                             description="where members run: 'local' (this host) and peer names; each new member goes to the one "
+                                         "with the fewest")
 
 
 class GroupMember(BaseModel):
     name: str
+    host: str  # 'local' or the peer it runs on
     state: str  # starting | serving | leaving
     since: datetime
     balancer_status: str | None  # HAProxy's: UP, DOWN, DRAIN, MAINT...
@@ -304,6 +308,7 @@ class GroupInfo(BaseModel):
     member_maxconn: int | None
     scale_in_delay_s: float
     start: str
+    hosts: list[str]
     created_at: datetime
     balancer_pid: int | None
     members: list[GroupMember]
