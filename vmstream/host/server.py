@@ -41,6 +41,7 @@ def run_agent(settings: Settings, port: int = 0) -> None:
     os.umask(0o077)  # what the agent, memfs and QEMU make in it is their owner's alone too
     # the operation log: stderr, which the CLI points at agent.log when it starts the agent
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request to peers (a group's checks: every second)
     lock = open(data_dir / "agent.lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
