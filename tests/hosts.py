@@ -140,3 +140,11 @@ class Load:
 
     def failures(self) -> list[tuple[int, str]]:
         return [a for a in list(self.answers) if a[0] != 200]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

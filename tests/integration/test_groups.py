@@ -12,16 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.hosts import Cli, Load
+from tests.hosts import Cli, Load, free_port
 from tests.integration.conftest import BaseImage
 from tests.procs import pids_mentioning
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _haproxies(cli: Cli) -> list[int]:
@@ -39,7 +32,7 @@ def _wait(what: str, check: Any, timeout: float = 60.0) -> Any:
 @pytest.fixture
 def group(cli: Cli, base_image: BaseImage) -> Iterator[tuple[str, int]]:
     """A group of base-img clones, 1..3 members, 1 request in flight per member; deleted after."""
-    name, port = "grp", _free_port()
+    name, port = "grp", free_port()
     cli.json("group", "create", name, "--image", base_image.name, "--port", str(port), "--min", "1", "--max", "3",
              "--target-inflight", "1", "--member-maxconn", "2", "--scale-in-delay", "2")
     try:
@@ -89,7 +82,7 @@ def test_group_outlives_an_agent_restart_and_serves_meanwhile(cli: Cli, group: t
 
 
 def test_group_delete_removes_its_haproxy_and_members(cli: Cli, base_image: BaseImage) -> None:
-    port = _free_port()
+    port = free_port()
     g = cli.json("group", "create", "gone", "--image", base_image.name, "--port", str(port), "--min", "2", "--max", "2")
     assert g["serving"] == 2 and g["balancer_pid"] in _haproxies(cli)
     assert cli.json("group", "delete", "gone") == {"deleted": "gone"}
@@ -115,7 +108,7 @@ def test_group_bad_input_is_refused_and_leaves_nothing(cli: Cli, base_image: Bas
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         given = dict(zip(args[::2], args[1::2], strict=True))
-        port = str(busy.getsockname()[1]) if given.get("--port") == "PORT_IN_USE" else str(_free_port())
+        port = str(busy.getsockname()[1]) if given.get("--port") == "PORT_IN_USE" else str(free_port())
         given = {"--image": base_image.name, "--port": port, **{k: v for k, v in given.items() if k != "--port"}}
         proc = cli.run("group", "create", "bad", *[x for kv in given.items() for x in kv])
     assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
@@ -130,7 +123,7 @@ def test_group_members_spread_over_a_peer_host(cli: Cli, base_image: BaseImage, 
     from this host's store); both serve through this host's HAProxy; delete removes the peer's too."""
     peer_host.json("list")  # its agent runs
     assert cli.run("peer", "add", "hostb", "--home", str(peer_host.home)).returncode == 0
-    port = _free_port()
+    port = free_port()
     try:
         g = cli.json("group", "create", "spread", "--image", base_image.name, "--port", str(port), "--min", "3", "--max", "3",
                      "--hosts", "local,hostb")
@@ -158,7 +151,7 @@ def test_group_members_spread_over_a_peer_host(cli: Cli, base_image: BaseImage, 
 
 
 def test_group_hosts_must_be_local_or_peers(cli: Cli, base_image: BaseImage) -> None:
-    proc = cli.run("group", "create", "nowhere", "--image", base_image.name, "--port", str(_free_port()), "--hosts",
+    proc = cli.run("group", "create", "nowhere", "--image", base_image.name, "--port", str(free_port()), "--hosts",
                    "local,no-such-peer")
     assert proc.returncode == 3 and "no-such-peer" in proc.stderr and "peer add" in proc.stderr, proc.stderr
     assert "nowhere" not in {g["name"] for g in cli.json("group", "list")}

@@ -5,14 +5,13 @@ leaves no server, server group or HAProxy."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.hosts import Load
+from tests.hosts import Load, free_port
 from tests.openstack.conftest import OpenStack, agent_call, demo_image
 from tests.procs import pids_mentioning
 from vmstream.lb import Balancer
@@ -20,13 +19,6 @@ from vmstream.openstack.autoscale import NovaGroup, NovaGroupSpec
 from vmstream.openstack.nova.translate import vm_name
 
 pytestmark = pytest.mark.openstack
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +46,7 @@ def test_a_nova_group_spreads_over_computes_under_load_and_shrinks_after(vmstrea
         vm = agent_call(openstack, host, "GET", f"/v1/vms/{vm_name(server['id'])}")
         return ("127.0.0.1", int(vm["endpoint"].rstrip("/").rsplit(":", 1)[1])) if vm["state"] == "running" else None
 
-    port = _free_port()
+    port = free_port()
     spec = NovaGroupSpec("as-test", live_image[0], live_image[1], min_size=1, max_size=3, target_inflight=1,
                          member_maxconn=2, scale_in_delay_s=2)
     with openstack.cloud() as cloud:
