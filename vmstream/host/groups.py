@@ -293,25 +293,40 @@ class Groups:
             scaler.task = self.tasks.spawn(self._run(row.name), "group scaler")
 
     async def _restore(self, row: GroupRecord, scaler: _Scaler) -> None:
+        """The group's HAProxy running (kept, or started again: dynamic members do not survive
+        HAProxy), members that were leaving gone, the others in it, strays out of it."""
         kept = scaler.balancer.pid() is not None
         if not kept:
             await asyncio.to_thread(scaler.balancer.start)
-        in_balancer = set((await asyncio.to_thread(scaler.balancer.stats)).members)
         for m in self._members(row.name):
-            found = await self._look_up(row, m)
-            if found is None or found[0] not in (VmState.RUNNING, VmState.PAUSED):
-                log.info("group %s: member %s is gone (%s)", row.name, m.vm, found[0] if found else "no VM")
+            if m.state == MemberState.LEAVING:
                 await self._leave(row, scaler, m)
-            elif m.state == MemberState.LEAVING:
-                await self._leave(row, scaler, m)
-            elif m.vm not in in_balancer:
-                await asyncio.to_thread(scaler.balancer.add, m.vm, *found[1], maxconn=row.member_maxconn)
-                self._set_member(row.name, m.vm, MemberState.SERVING)
+        stats = await asyncio.to_thread(scaler.balancer.stats)
+        await self._reconcile(row, scaler, stats)
         known = {m.vm for m in self._members(row.name)}
-        for stray in in_balancer - known:
+        for stray in set(stats.members) - known:
             with contextlib.suppress(HaproxyError, OSError):
                 await asyncio.to_thread(scaler.balancer.remove, stray, 5.0)
         log.info("group %s: balancer %s, %d member(s)", row.name, "kept" if kept else "started again", len(known))
+
+    async def _reconcile(self, row: GroupRecord, scaler: _Scaler, stats: BackendStats) -> None:
+        """Members whose VM is gone or exited (not by the group) leave it; members missing from
+        HAProxy (an agent that died between a start and its add, a peer that could not be asked
+        then) are added again. A peer that cannot be asked now is asked again next time."""
+        for m in self._members(row.name):
+            if m.vm in scaler.starting or m.vm in scaler.leaving or m.state == MemberState.LEAVING:
+                continue
+            try:
+                found = await self._look_up(row, m)
+            except VmstreamError:
+                continue
+            if found is None or found[0] == VmState.EXITED:
+                log.warning("group %s: member %s is %s: it leaves the group", row.name, m.vm, "gone" if found is None else "exited")
+                scaler.event("lost", [m.vm], "its VM is gone" if found is None else "its VM exited")
+                self._spawn_work(scaler, self._leave(row, scaler, m), f"member {m.vm} leaving")
+            elif m.vm not in stats.members:
+                await asyncio.to_thread(scaler.balancer.add, m.vm, *found[1], maxconn=row.member_maxconn)
+                self._set_member(row.name, m.vm, MemberState.SERVING)
 
     # ---- the scaler ----------------------------------------------------------------
 
@@ -321,9 +336,11 @@ class Groups:
             if scaler is None:
                 return
             try:
-                await self._tick(self._row(name), scaler)
-            except NotFound:
+                row = self._row(name)
+            except NotFound:  # deleted
                 return
+            try:
+                await self._tick(row, scaler)
             except Exception as exc:
                 if str(exc) != scaler.last_error:
                     log.warning("group %s: %s", name, exc)
@@ -342,7 +359,7 @@ class Groups:
         scaler.last = stats
         scaler.ticks += 1
         if scaler.ticks % RECONCILE_TICKS == 0:
-            await self._drop_gone(row, scaler)
+            await self._reconcile(row, scaler, stats)
         members = [m for m in self._members(row.name) if m.state != MemberState.LEAVING and m.vm not in scaler.leaving]
         change = scaler.sizer.look(now, stats.load, len(members), len(scaler.starting), target=row.target_inflight,
                                    min_size=row.min_size, max_size=row.max_size, scale_in_delay_s=row.scale_in_delay_s)
@@ -353,20 +370,6 @@ class Groups:
             for m in leaving:
                 self._spawn_work(scaler, self._leave(row, scaler, m), f"member {m.vm} leaving")
             scaler.event("scale-in", [m.vm for m in leaving], f"{len(members)} -> {len(members) + change} member(s)")
-
-    async def _drop_gone(self, row: GroupRecord, scaler: _Scaler) -> None:
-        """Members whose VM was destroyed or exited (not by the group) leave it."""
-        for m in self._members(row.name):
-            if m.vm in scaler.starting or m.vm in scaler.leaving:
-                continue
-            try:
-                found = await self._look_up(row, m)
-            except VmstreamError:  # its peer cannot be asked now: HAProxy's checks keep requests away meanwhile
-                continue
-            if found is None or found[0] == VmState.EXITED:
-                log.warning("group %s: member %s is %s: it leaves the group", row.name, m.vm, "gone" if found is None else "exited")
-                scaler.event("lost", [m.vm], "its VM is gone" if found is None else "its VM exited")
-                self._spawn_work(scaler, self._leave(row, scaler, m), f"member {m.vm} leaving")
 
     def _spawn_work(self, scaler: _Scaler, coro: Coroutine[Any, Any, None], what: str) -> None:
         task = self.tasks.spawn(coro, what)

@@ -1,7 +1,8 @@
 """A scaling group of Nova servers (vmstream.openstack.autoscale) on the real deployment (2
 vmstream computes): load through its HAProxy adds servers of the live image, spread over both
 computes by the group's soft-anti-affinity server group; without load it shrinks back; close
-leaves no server, server group or HAProxy."""
+leaves no server, server group or HAProxy. (Named to sort after test_deploy.py: the session's
+vmstream deployment must not start before that module's FakeDriver one, on the same ports.)"""
 
 from __future__ import annotations
 
