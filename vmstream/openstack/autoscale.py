@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from vmstream.errors import VmstreamError
 from vmstream.lb import BackendStats, Balancer, HaproxyError
 from vmstream.lb.scaling import Sizer
@@ -117,13 +119,15 @@ class NovaGroup:
         self.balancer.stop()
         with self._lock:
             ids = list(self.members)
-        if ids:
-            self.cloud.delete_servers(ids)
-        with self._lock:
-            self.members.clear()
-        if self.server_group is not None:
-            self.cloud.delete_server_group(self.server_group)
-            self.server_group = None
+        try:
+            if ids:
+                self.cloud.delete_servers(ids)
+        finally:
+            with self._lock:
+                self.members.clear()
+            if self.server_group is not None:
+                self.cloud.delete_server_group(self.server_group)
+                self.server_group = None
 
     def serving(self) -> list[Member]:
         with self._lock:
@@ -142,7 +146,7 @@ class NovaGroup:
         while not self._stop.is_set():
             try:
                 self._tick()
-            except (VmstreamError, OSError) as exc:
+            except (VmstreamError, OSError, httpx.HTTPError) as exc:
                 if str(exc) != self.last_error:
                     LOG.warning("group %s: %s", self.spec.name, exc)
                 self.last_error = str(exc)
@@ -177,7 +181,7 @@ class NovaGroup:
     def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
         try:
             fn(*args)
-        except (VmstreamError, OSError) as exc:
+        except (VmstreamError, OSError, httpx.HTTPError) as exc:
             self.last_error = f"{fn.__name__}: {exc}"
             self._retry_after = time.monotonic() + RETRY_S
             LOG.warning("group %s: %s", self.spec.name, self.last_error)
