@@ -23,7 +23,7 @@ from functools import cache
 from pathlib import Path
 
 from qemu.qmp import QMPClient, QMPError
-from qemu.qmp.qmp_client import NegotiationError
+from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
 from vmstream.errors import QemuError
 from vmstream.qemu.preload import clone_shim_library
@@ -389,8 +389,9 @@ class QemuProcess:
             except QMPError as exc:
                 # QEMU binds the socket a moment before it listens: refused means "not yet".
                 # Right after another client left, or while QEMU loads an incoming
-                # migration, the handshake can fail: that too is worth another try.
-                transient = isinstance(getattr(exc, "exc", None), (ConnectionRefusedError, NegotiationError, EOFError))
+                # migration, the handshake can fail (seen once in CI, on an incoming QEMU: a first
+                # message that was not the greeting): that too is worth another try.
+                transient = isinstance(getattr(exc, "exc", None), (ConnectionRefusedError, NegotiationError, GreetingError, EOFError))
                 if not transient or not self.alive() or time.monotonic() > deadline:
                     raise QemuError(f"cannot talk QMP to VM {self.vm_id}: {exc}") from exc
                 await asyncio.sleep(0.002)
