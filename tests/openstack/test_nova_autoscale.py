@@ -16,8 +16,7 @@ from tests.hosts import Load, free_port
 from tests.openstack.conftest import OpenStack, agent_call, demo_image
 from tests.procs import pids_mentioning
 from vmstream.lb import Balancer
-from vmstream.openstack.autoscale import NovaGroup, NovaGroupSpec
-from vmstream.openstack.nova.translate import vm_name
+from vmstream.openstack.autoscale import NovaGroup, NovaGroupSpec, agent_locator
 
 pytestmark = pytest.mark.openstack
 
@@ -40,18 +39,15 @@ def test_a_nova_group_spreads_over_computes_under_load_and_shrinks_after(vmstrea
                                                                           live_image: tuple[str, str]) -> None:
     openstack = vmstream_openstack
 
-    def locate(server: dict[str, Any]) -> tuple[str, int] | None:
-        host = server.get("OS-EXT-SRV-ATTR:host")
-        if host not in ("compute1", "compute2"):
-            return None
-        vm = agent_call(openstack, host, "GET", f"/v1/vms/{vm_name(server['id'])}")
-        return ("127.0.0.1", int(vm["endpoint"].rstrip("/").rsplit(":", 1)[1])) if vm["state"] == "running" else None
+    def vm_on(host: str, name: str) -> dict[str, Any] | None:
+        vm: dict[str, Any] | None = agent_call(openstack, host, "GET", f"/v1/vms/{name}") if host in ("compute1", "compute2") else None
+        return vm
 
     port = free_port()
     spec = NovaGroupSpec("as-test", live_image[0], live_image[1], min_size=1, max_size=3, target_inflight=1,
                          member_maxconn=2, scale_in_delay_s=2)
     with openstack.cloud() as cloud:
-        group = NovaGroup(cloud, spec, Balancer("as-test", openstack.state / "lb", port), locate)
+        group = NovaGroup(cloud, spec, Balancer("as-test", openstack.state / "lb", port), agent_locator(vm_on))
         group.start()
         try:
             assert len(group.serving()) == 1 and group.server_group is not None

@@ -14,6 +14,7 @@ from vmstream.capture.guestmem import runs_of
 from vmstream.config import check_name, parse_memory, parse_size
 from vmstream.errors import InvalidInput
 from vmstream.guest import cpio
+from vmstream.lb.members import serving_address
 
 
 @pytest.mark.parametrize(("text", "value"), [("256M", 256 << 20), ("1G", 1 << 30), ("512MiB", 512 << 20), ("128", 128 << 20)])
@@ -254,3 +255,12 @@ def test_the_agent_installer_carries_the_native_agent_and_the_shell_fallback() -
     portable = agent_installer(native=False)
     assert "VMSTREAM_NATIVE_EOF" not in portable and len(portable) < 50_000
     assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0
+
+
+def test_serving_address_reads_the_agents_view_of_a_vm() -> None:
+    slirp = {"name": "web-1", "endpoint": "http://127.0.0.1:41234/", "ports": {"8080": 41300}}
+    assert serving_address(slirp, 80) == ("127.0.0.1", 41234)
+    assert serving_address(slirp, 8080) == ("127.0.0.1", 41300)
+    assert serving_address({"name": "web-2", "endpoint": "http://10.0.0.7/", "ports": {}}, 8080) == ("10.0.0.7", 8080)
+    with pytest.raises(InvalidInput, match="web-1 on peer b does not publish guest port 9000"):
+        serving_address(slirp, 9000, " on peer b")

@@ -376,9 +376,8 @@ def run_openstack(root: Path, computes: int = 2, keep: bool = False, work_ms: in
     on the one-machine deployment (brought up if need be, with `computes` vmstream computes)."""
     from vmstream.bench.openstack import Cluster, deployment
     from vmstream.lb import Balancer
-    from vmstream.openstack.autoscale import NovaGroup, NovaGroupSpec
+    from vmstream.openstack.autoscale import NovaGroup, NovaGroupSpec, agent_locator
     from vmstream.openstack.deploy.cloud import Cloud
-    from vmstream.openstack.nova.translate import vm_name
 
     with deployment(root, computes, keep) as dep, Cloud(dep.credentials()) as cloud:
         agents = {a.host: a for a in (c.agent for c in dep.computes) if a is not None}
@@ -392,18 +391,13 @@ def run_openstack(root: Path, computes: int = 2, keep: bool = False, work_ms: in
             made += src.ids
             live_id = cloud.live_image(src.ids[0], "as-live")
 
-            def locate(server: dict[str, Any]) -> tuple[str, int] | None:
-                host = server.get("OS-EXT-SRV-ATTR:host")
-                if host not in agents:
-                    return None
-                vm = cluster.agent(host, "GET", f"/v1/vms/{vm_name(server['id'])}")
-                if vm["state"] != "running":
-                    return None
-                return "127.0.0.1", int(vm["endpoint"].rstrip("/").rsplit(":", 1)[1])
+            def vm_on(host: str, name: str) -> dict[str, Any] | None:
+                vm: dict[str, Any] | None = cluster.agent(host, "GET", f"/v1/vms/{name}") if host in agents else None
+                return vm
 
             port = _free_port()
             spec = NovaGroupSpec("as-group", live_id, flavor, 1, max_size, target, maxconn, delay_s)
-            group = NovaGroup(cloud, spec, Balancer("as-group", root / "lb", port), locate)
+            group = NovaGroup(cloud, spec, Balancer("as-group", root / "lb", port), agent_locator(vm_on))
             t_create = time.perf_counter()
             group.start()
             say(f"group on port {port} with 1 Nova server serving after {time.perf_counter() - t_create:.2f} s")

@@ -24,7 +24,6 @@ import math
 import shutil
 import socket
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,15 +36,16 @@ from sqlalchemy.orm import sessionmaker
 from vmstream.config import check_name
 from vmstream.errors import Conflict, InvalidInput, NotFound, VmstreamError
 from vmstream.host.clones import CloneStarter
-from vmstream.host.db import GroupMemberRecord, GroupRecord, VmRecord
+from vmstream.host.db import GroupMemberRecord, GroupRecord
 from vmstream.host.peers import Peers
-from vmstream.host.registry import VmRegistry, published
-from vmstream.host.schemas import GroupEvent, GroupInfo, GroupMember, GroupRequest, GroupUpdate
+from vmstream.host.registry import VmRegistry
+from vmstream.host.schemas import GroupEvent, GroupInfo, GroupMember, GroupRequest, GroupUpdate, VmInfo
 from vmstream.host.starter import Starter
 from vmstream.host.state import VmState
 from vmstream.host.tasks import Tasks, log, operation
 from vmstream.image import ImageRepository, LiveImage
 from vmstream.lb import BackendStats, Balancer, HaproxyError
+from vmstream.lb.members import serving_address
 from vmstream.lb.scaling import Sizer
 from vmstream.policy import start_cost
 
@@ -56,7 +56,7 @@ MAX_GROUP_NAME = 56  # members are NAME-N, and a VM name has at most 63 characte
 EVENTS_KEPT = 20
 LOCAL = "local"  # this host, among a group's hosts
 
-Boot = Callable[[str, LiveImage], Awaitable[object]]
+Boot = Callable[[str, LiveImage], Awaitable[VmInfo]]
 Destroy = Callable[[str], Awaitable[None]]
 
 
@@ -263,13 +263,16 @@ class Groups:
         gone. A peer that cannot be asked raises (the member is kept: HAProxy's checks decide)."""
         if m.host is None:
             rec = self.registry.find(m.vm)
-            return None if rec is None else (rec.state, self._address(row, rec))
-        async with self.peers.client(m.host) as peer:
-            try:
-                vm = await peer.call("GET", f"/v1/vms/{m.vm}")
-            except NotFound:
+            if rec is None:
                 return None
-        return vm["state"], _peer_address(vm, row.member_port, m.host)
+            vm = self.starter.info(rec).model_dump(mode="json")
+        else:
+            async with self.peers.client(m.host) as peer:
+                try:
+                    vm = await peer.call("GET", f"/v1/vms/{m.vm}")
+                except NotFound:
+                    return None
+        return vm["state"], serving_address(vm, row.member_port, _on(m.host))
 
     async def delete_all(self) -> int:
         """Every group (the agent stopping with its VMs destroyed)."""
@@ -419,12 +422,12 @@ class Groups:
         for vm in names:
             by_host.setdefault(members[vm].host, []).append(vm)
         try:
-            await asyncio.gather(*(self._start_on(row, host, vms) for host, vms in by_host.items()))
+            started: dict[str, dict[str, Any]] = {}  # the members' VmInfo, as their start answered
+            for batch in await asyncio.gather(*(self._start_on(row, host, vms) for host, vms in by_host.items())):
+                started.update((vm["name"], vm) for vm in batch)
             for vm in names:
-                found = await self._look_up(row, members[vm])
-                if found is None:
-                    raise NotFound(f"member {vm} is gone")
-                await asyncio.to_thread(scaler.balancer.add, vm, *found[1], maxconn=row.member_maxconn)
+                where = serving_address(started[vm], row.member_port, _on(members[vm].host))
+                await asyncio.to_thread(scaler.balancer.add, vm, *where, maxconn=row.member_maxconn)
                 self._set_member(row.name, vm, MemberState.SERVING)
                 scaler.starting.discard(vm)
         except BaseException as exc:
@@ -440,28 +443,20 @@ class Groups:
             if raise_errors or isinstance(exc, asyncio.CancelledError):
                 raise
 
-    async def _start_on(self, row: GroupRecord, host: str | None, names: list[str]) -> None:
+    async def _start_on(self, row: GroupRecord, host: str | None, names: list[str]) -> list[dict[str, Any]]:
         """Start members as one batch on this host (clones, or cold boots) or on a peer (clones,
-        through its API: the peer reads the image from the store it shares with this host)."""
+        through its API: the peer reads the image from the store it shares with this host); the
+        VMs as the agent API describes them."""
         if host is not None:
             async with self.peers.client(host) as peer:
-                await peer.call("POST", f"/v1/live-images/{row.image}/start", json={"count": len(names), "names": names})
-        elif row.start == "clone":
-            await self.clones.start(row.image, len(names), None, names=names, tb_mib=self.tb_mib)
-        else:
-            image = self.images.get(row.image)
-            await asyncio.gather(*(self.boot(vm, image) for vm in names))
-
-    def _address(self, row: GroupRecord, rec: VmRecord) -> tuple[str, int]:
-        """Where a member serves: its own address on a bridged host, else its port forward on 127.0.0.1."""
-        if rec.ip:
-            return rec.ip, row.member_port
-        if row.member_port == 80:
-            return "127.0.0.1", rec.http_port
-        port = published(rec).get(row.member_port)
-        if port is None:
-            raise InvalidInput(f"member {rec.name} does not publish guest port {row.member_port}")
-        return "127.0.0.1", port
+                answer = await peer.call("POST", f"/v1/live-images/{row.image}/start", json={"count": len(names), "names": names})
+            vms: list[dict[str, Any]] = answer["vms"]
+            return vms
+        if row.start == "clone":
+            result = await self.clones.start(row.image, len(names), None, names=names, tb_mib=self.tb_mib)
+            return [vm.model_dump(mode="json") for vm in result.vms]
+        image = self.images.get(row.image)
+        return [vm.model_dump(mode="json") for vm in await asyncio.gather(*(self.boot(vm, image) for vm in names))]
 
     async def _leave(self, row: GroupRecord, scaler: _Scaler, m: GroupMemberRecord) -> None:
         """Drain a member (its requests in service finish), then destroy it."""
@@ -508,19 +503,9 @@ def _hosts(row: GroupRecord) -> list[str]:
     return hosts
 
 
-def _peer_address(vm: dict[str, Any], member_port: int, peer: str) -> tuple[str, int]:
-    """Where a peer's VM serves member_port, from its VmInfo: its own address (a bridged host),
-    or its port forward on the peer's 127.0.0.1, which only a balancer on the same machine reaches."""
-    url = urllib.parse.urlsplit(vm["endpoint"])
-    host = url.hostname or "127.0.0.1"
-    if url.port is None:  # http://IP/: the VM's own address
-        return host, member_port
-    if member_port == 80:
-        return host, url.port
-    port = vm.get("ports", {}).get(str(member_port))
-    if port is None:
-        raise InvalidInput(f"member {vm['name']} on peer {peer} does not publish guest port {member_port}")
-    return host, int(port)
+def _on(host: str | None) -> str:
+    """' on peer P' for a member on a peer, '' for one here (for errors)."""
+    return f" on peer {host}" if host else ""
 
 
 def _check_port_free(port: int) -> None:

@@ -26,9 +26,11 @@ import httpx
 
 from vmstream.errors import VmstreamError
 from vmstream.lb import BackendStats, Balancer, HaproxyError
+from vmstream.lb.members import serving_address
 from vmstream.lb.scaling import Sizer
 from vmstream.openstack.deploy.cloud import Cloud
 from vmstream.openstack.deploy.errors import DeployError
+from vmstream.openstack.nova.translate import vm_name
 
 LOG = logging.getLogger(__name__)
 TICK_S = 0.2
@@ -37,6 +39,18 @@ START_TIMEOUT_S = 600.0
 RETRY_S = 5.0
 
 Locate = Callable[[dict[str, Any]], "tuple[str, int] | None"]
+
+
+def agent_locator(vm_on: Callable[[str, str], dict[str, Any] | None]) -> Locate:
+    """A Locate for servers the vmstream driver runs: vm_on(compute, vm name) is that compute's
+    agent's view of the VM (GET /v1/vms/NAME), or None for a compute it does not know; the
+    server serves once its VM runs, where the agent says (vmstream.lb.members)."""
+    def locate(server: dict[str, Any]) -> tuple[str, int] | None:
+        host = server.get("OS-EXT-SRV-ATTR:host")
+        vm = vm_on(host, vm_name(server["id"])) if host else None
+        return serving_address(vm, 80) if vm is not None and vm["state"] == "running" else None
+
+    return locate
 
 
 @dataclass
