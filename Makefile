@@ -7,6 +7,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 APT_PACKAGES := qemu-system-x86 qemu-utils fuse3 libfuse3-dev pkg-config busybox-static linux-image-amd64 gcc libc6-dev cpio iproute2 debootstrap e2fsprogs haproxy
+# what only the tests drive: a real Prometheus, and Debian's headless Chromium with its driver (the dashboard)
+TEST_APT_PACKAGES := prometheus chromium chromium-driver
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: demo test install apt lint clean
@@ -15,6 +17,7 @@ demo: install
 	$(VENV)/bin/vmstream demo --clones 10
 
 test: install
+	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(TEST_APT_PACKAGES)"
 	$(VENV)/bin/pytest
 
 install: apt $(VENV)/.installed

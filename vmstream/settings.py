@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vmstream.errors import InvalidInput
 
-SECRET = ("peer_token",)  # shown as '***' by `vmstream info`
+SECRET = ("peer_token", "metrics_token")  # shown as '***' by `vmstream info`
 
 
 def _default_home() -> Path:
@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     openstack_dir: Path | None = Field(None, description="The state folder of the one-machine OpenStack (configs, databases, "
                                        "logs, PIDs, credentials). Empty: <home>/openstack.")
 
+    # ---- observability
+    metrics_token: str | None = Field(None, description="A read-only token for Prometheus: it may scrape /metrics and watch the "
+                                      "dashboard, nothing else (the agent token works there too).")
+
     # ---- guests
     debian_mirror: str = Field("http://deb.debian.org/debian", description="The Debian mirror `vmstream guest rootfs` debootstraps from.")
 
@@ -89,7 +93,7 @@ class Settings(BaseSettings):
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().absolute()
 
-    @field_validator("bridge", "netns", "vm_gateway", "peer_token", "openstack_dir", mode="before")
+    @field_validator("bridge", "netns", "vm_gateway", "peer_token", "metrics_token", "openstack_dir", mode="before")
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return v or None

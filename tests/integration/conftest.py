@@ -9,6 +9,7 @@ no run dir, no socket.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import pytest
 
 from tests.hosts import Cli, fuse_mounts, our_qemu_pids, status
 from tests.procs import pids_mentioning
+
+SCRAPE_TOKEN = "scrape-" + secrets.token_hex(8)  # the session agent's read-only token for /metrics
 
 
 def vm_qemu_pids(cli: Cli) -> set[int]:
@@ -31,7 +34,7 @@ def vm_qemu_pids(cli: Cli) -> set[int]:
 @pytest.fixture(scope="session")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
     home = tmp_path_factory.mktemp("vmstream-home")
-    c = Cli(home)
+    c = Cli(home, {"VMSTREAM_METRICS_TOKEN": SCRAPE_TOKEN})
     try:
         yield c
     finally:

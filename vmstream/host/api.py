@@ -5,23 +5,30 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vmstream import __version__
 from vmstream.errors import InvalidInput, NotFound, VmstreamError
 from vmstream.host.manager import HostManager
+from vmstream.host.metrics import AgentMetrics
 from vmstream.host.network import MAX_FRAMES_BODY, unpack_frames
+from vmstream.host.observe import Observer
 from vmstream.host.schemas import (
     BootRequest,
     BootSource,
@@ -55,6 +62,36 @@ from vmstream.store.bulk import BulkServer
 
 # what any route may answer instead (VmstreamError's statuses, and 401 for the token), in one shape
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 422, 500, 503)}
+WATCH_POLL_S = 0.25  # how often a dashboard's stream looks for a change (a counter: no query)
+WATCH_MIN_S = 0.5  # at most two updates a second during a burst
+WATCH_IDLE_S = 5.0  # an update at least this often (memory moves without the VMs changing)
+
+
+class CountRequests:
+    """Every API request counted by method, route (its template, not the path: /v1/vms/{name})
+    and status, and timed (vmstream_api_requests_total, vmstream_api_request_duration_seconds)."""
+
+    def __init__(self, app: ASGIApp, metrics: AgentMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0, status = time.perf_counter(), 500
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.api_requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.api_latency.labels(scope["method"], route).observe(time.perf_counter() - t0)
 
 
 def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]) -> FastAPI:
@@ -76,11 +113,20 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
             await manager.shutdown()
 
     app = FastAPI(title="vmstream host agent", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES)
+    app.add_middleware(CountRequests, metrics=manager.metrics)
+    observer = Observer(manager)
+    scrape_token = manager.settings.metrics_token
 
     def auth(authorization: str = Header("")) -> None:
         if not secrets.compare_digest(authorization, f"Bearer {token}"):
             raise HTTPException(401, "missing or wrong agent token: the CLI reads it from the data dir",
                                 headers={"WWW-Authenticate": "Bearer"})
+
+    def read_auth(authorization: str = Header("")) -> None:
+        """The agent token, or the read-only scrape token (VMSTREAM_METRICS_TOKEN) where one is set."""
+        if scrape_token and secrets.compare_digest(authorization, f"Bearer {scrape_token}"):
+            return
+        auth(authorization)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -105,6 +151,49 @@ def create_app(manager: HostManager, token: str, on_shutdown: Callable[[], None]
         return {"ok": True, "pid": os.getpid(), "version": __version__}
 
     v1 = [Depends(auth)]
+
+    # ---- what an operator watches: Prometheus metrics and the dashboard ----------
+    @app.get("/metrics", dependencies=[Depends(read_auth)], response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
+    async def metrics() -> Response:
+        """Prometheus's text format: VMs by state, per-VM memory, host memory, memfs, migrations, API requests."""
+        return Response(await observer.metrics(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/dashboard")
+
+    @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        """The dashboard page (no data in it: it asks for the token, then reads /v1/dashboard/*)."""
+        return HTMLResponse(resources.files("vmstream.host").joinpath("dashboard.html").read_text())
+
+    async def dashboard_state() -> dict[str, Any]:
+        snap = await observer.snapshot()
+        starts = [[round(s.at, 3), round(s.seconds, 4), s.image, s.vm] for s in manager.metrics.recent_starts]
+        return {**snap.to_dict(), "starts": starts, "agent": {"pid": os.getpid(), "version": __version__}}
+
+    @app.get("/v1/dashboard/state", dependencies=[Depends(read_auth)])
+    async def dashboard_now() -> dict[str, Any]:
+        """All the dashboard shows, now: host, peers, images, VMs with their memory, groups, migrations, clone starts."""
+        return await dashboard_state()
+
+    @app.get("/v1/dashboard/events", dependencies=[Depends(read_auth)], response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+    async def dashboard_events() -> StreamingResponse:
+        """Server-sent events: the dashboard's state when VMs change (at most every WATCH_MIN_S), else every WATCH_IDLE_S."""
+
+        async def events() -> AsyncIterator[str]:
+            seen, sent = -1, 0.0
+            while True:
+                now = time.monotonic()
+                version = manager.registry.version + manager.metrics.events
+                if (version != seen and now - sent >= WATCH_MIN_S) or now - sent >= WATCH_IDLE_S:
+                    seen, sent = version, now
+                    yield f"data: {json.dumps(await dashboard_state(), separators=(',', ':'))}\n\n"
+                await asyncio.sleep(WATCH_POLL_S)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
     # other hosts stream this host's chunks (PeerBackend), with the same token
     app.include_router(peer_router(manager.store, auth, bulk_port=lambda: bulk.port if bulk else None), prefix="/v1/store")
 

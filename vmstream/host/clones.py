@@ -17,6 +17,7 @@ from vmstream.guest.identity import CloneIdentity, check_params, check_user_data
 from vmstream.host import disks
 from vmstream.host.db import VmRecord
 from vmstream.host.hooks import Batch, HookWatcher
+from vmstream.host.metrics import AgentMetrics
 from vmstream.host.pool import ClonePool
 from vmstream.host.registry import VmRegistry
 from vmstream.host.schemas import StartResult
@@ -36,8 +37,9 @@ HTTP_HEDGE_S = 0.2  # a single clone's status probe unanswered this long after i
 class CloneStarter:
     def __init__(
         self, settings: Settings, registry: VmRegistry, starter: Starter, images: ImageRepository, memfs: MemfsMount,
-        pool: ClonePool, hooks: HookWatcher, working_sets: WorkingSets, tasks: Tasks,
+        pool: ClonePool, hooks: HookWatcher, working_sets: WorkingSets, tasks: Tasks, metrics: AgentMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or AgentMetrics()
         self.defer_hooks = settings.batch_defer_hooks
         self.registry = registry
         self.starter = starter
@@ -138,6 +140,7 @@ class CloneStarter:
             self.tasks.spawn(self.working_sets.record(image), "working-set recording", image=image.name)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
+            self.metrics.clones_failed(len(recs))
             await asyncio.gather(*(self.starter.remove(r) for r in recs if self.registry.exists(r.name)), return_exceptions=True)
             raise errors[0]
         # refilled once a burst is over, not after each start, when other starts run beside this
@@ -230,6 +233,7 @@ class CloneStarter:
             mark("http_answered" if probed else "ready")
             ready_s = phases["http_answered" if probed else "ready"]
             self.registry.update(rec.name, state=VmState.RUNNING, ready_s=ready_s, phases=json.dumps(phases))
+            self.metrics.clone_started(image.name, rec.name, ready_s, phases)
         self.tasks.spawn(self.hooks.after_start(rec, proc, batch), "clone hooks", vm=rec.name)
 
     async def _answer(self, rec: VmRecord, proc: QemuProcess, http: asyncio.Task[None], hedge: bool) -> None:

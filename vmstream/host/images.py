@@ -18,6 +18,7 @@ from pathlib import Path
 from vmstream.config import check_name
 from vmstream.errors import Conflict, QemuError
 from vmstream.host import disks
+from vmstream.host.metrics import AgentMetrics
 from vmstream.host.pool import ClonePool
 from vmstream.host.registry import VmRegistry, published
 from vmstream.host.schemas import ImageInfo, VmInfo, WarmResult
@@ -38,7 +39,9 @@ FLATTEN_FRACTION = 0.5
 class ImageOps:
     def __init__(
         self, registry: VmRegistry, starter: Starter, images: ImageRepository, store: ChunkStore, memfs: MemfsMount, pool: ClonePool,
+        metrics: AgentMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or AgentMetrics()
         self.registry = registry
         self.starter = starter
         self.images = images
@@ -121,6 +124,7 @@ class ImageOps:
                 if ref is not None:
                     await asyncio.to_thread(self.store.delete_ref, ref)
                 raise
+        self.metrics.image_created(image.pause_ms)
         return self.info(image)
 
     async def _store_memory(self, path: Path, ref: str, image: str) -> None:

@@ -44,6 +44,7 @@ from vmstream.host.hooks import HookWatcher
 from vmstream.host.images import ImageOps
 from vmstream.host.incoming import IncomingVms
 from vmstream.host.memory import MemoryController
+from vmstream.host.metrics import AgentMetrics
 from vmstream.host.migration import Migrations
 from vmstream.host.peers import Peers
 from vmstream.host.pool import ClonePool
@@ -89,15 +90,16 @@ class HostManager:
         self.images = ImageRepository(self.data_dir / "images", self.memfs.mountpoint, self.store.backend)
         self.session = open_db(self.data_dir / "state.db")
         self.tasks = Tasks()
+        self.metrics = AgentMetrics()
         self.registry = VmRegistry(self.session, self.data_dir / "run", network.from_settings(settings))
         self.starter = starter(settings, self.registry, self.images)
         self.pool = ClonePool(settings, self.registry, self.starter, self.images, self.tasks)
         self.hooks = HookWatcher(self.registry, self.starter)
         self.clones = CloneStarter(settings, self.registry, self.starter, self.images, self.memfs, self.pool, self.hooks,
-                                   WorkingSets(self.images, self.memfs, self.store), self.tasks)
-        self.image_ops = ImageOps(self.registry, self.starter, self.images, self.store, self.memfs, self.pool)
+                                   WorkingSets(self.images, self.memfs, self.store), self.tasks, self.metrics)
+        self.image_ops = ImageOps(self.registry, self.starter, self.images, self.store, self.memfs, self.pool, self.metrics)
         self.peers = Peers(self.session)
-        self.migrations = Migrations(self.registry, self.starter, self.images, self.peers)
+        self.migrations = Migrations(self.registry, self.starter, self.images, self.peers, self.metrics)
         self.incoming = IncomingVms(settings, self.registry, self.starter, self.images, self.memfs, self.tasks)
         self.memory = MemoryController(self.registry, self.starter)
         self.groups = Groups(self.session, self.registry, self.starter, self.images, self.clones, self._boot_member,
@@ -209,20 +211,25 @@ class HostManager:
             accel=accel.accel, parent_image=None, ready=str(readiness), publish=ports, balloon=self.starter.settings.balloon,
             memory_policy=policy_json,
         )
-        async with operation("boot", vm=name), self.starter.starting(rec) as proc:
-            if base is not None:
-                await self.starter.overlay_disk(rec, base)
-            if user_data is not None:
-                seed = Path(rec.rundir) / disks.SEED  # the run dir: made with the disk's overlay
-                await asyncio.to_thread(write_seed, seed, user_data, rec.vm_id, rec.hostname)
-                rec.seed = str(seed)
-                self.registry.update(name, seed=rec.seed)
-            spec = self.starter.spec(rec)
-            if guest_agent == "portable":
-                spec = dataclasses.replace(spec, extra_append=("vmstream.agent=sh",))
-            await self.starter.launch(rec, proc, spec)
-            await self.starter.wait_ready(rec, proc, timeout, attempt_s=BOOT_PROBE_S)
-            self.registry.update(name, state=VmState.RUNNING, ready_s=asyncio.get_running_loop().time() - t0)
+        try:
+            async with operation("boot", vm=name), self.starter.starting(rec) as proc:
+                if base is not None:
+                    await self.starter.overlay_disk(rec, base)
+                if user_data is not None:
+                    seed = Path(rec.rundir) / disks.SEED  # the run dir: made with the disk's overlay
+                    await asyncio.to_thread(write_seed, seed, user_data, rec.vm_id, rec.hostname)
+                    rec.seed = str(seed)
+                    self.registry.update(name, seed=rec.seed)
+                spec = self.starter.spec(rec)
+                if guest_agent == "portable":
+                    spec = dataclasses.replace(spec, extra_append=("vmstream.agent=sh",))
+                await self.starter.launch(rec, proc, spec)
+                await self.starter.wait_ready(rec, proc, timeout, attempt_s=BOOT_PROBE_S)
+                self.registry.update(name, state=VmState.RUNNING, ready_s=asyncio.get_running_loop().time() - t0)
+        except BaseException:
+            self.metrics.boots.labels("failed").inc()
+            raise
+        self.metrics.boots.labels("ok").inc()
         return self.starter.info(self.registry.get(name))
 
     async def _disk_base(self, disk: str) -> Path:

@@ -32,6 +32,7 @@ from vmstream.agentapi import AsyncApiClient
 from vmstream.errors import Conflict, InvalidInput, NotFound, VmstreamError
 from vmstream.host.db import VmRecord
 from vmstream.host.machines import machine_to_dict
+from vmstream.host.metrics import AgentMetrics
 from vmstream.host.network import pack_frames
 from vmstream.host.peers import Peers
 from vmstream.host.registry import VmRegistry
@@ -136,7 +137,9 @@ def _live_options(max_bandwidth_mbps: float | None) -> LiveOptions:
 class Migrations:
     """This host's outgoing migrations, one job per VM (kept after it ends, for status)."""
 
-    def __init__(self, registry: VmRegistry, starter: Starter, images: ImageRepository, peers: Peers) -> None:
+    def __init__(self, registry: VmRegistry, starter: Starter, images: ImageRepository, peers: Peers,
+                 metrics: AgentMetrics | None = None) -> None:
+        self.metrics = metrics or AgentMetrics()
         self.registry = registry
         self.starter = starter
         self.images = images
@@ -231,6 +234,9 @@ class Migrations:
                 raise
         finally:
             job.ended = time.perf_counter()
+            r = job.result if job.state == "completed" else None
+            self.metrics.migration_ended(job.mode or job.requested_mode, job.state, r.bytes_sent if r else 0,
+                                         r.downtime_ms if r else None, job.ended - job.started)
             await peer.aclose()
 
     async def _hand_on_frames(self, rec: VmRecord, peer: AsyncApiClient) -> int:

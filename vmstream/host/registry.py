@@ -57,6 +57,7 @@ def random_mac() -> str:
 
 class VmRegistry:
     def __init__(self, session: sessionmaker[Session], run_root: Path, net: BridgedNet | None) -> None:
+        self.version = 0  # bumped by every write: watchers (the dashboard) see a change without a query
         self.session = session
         self.run_root = run_root
         self.net = net
@@ -94,6 +95,7 @@ class VmRegistry:
                 for k, v in values.items():
                     setattr(rec, k, v)
                 s.commit()
+                self.version += 1
 
     def begin(self, name: str, op: Op, to: VmState, **values: Any) -> VmRecord:
         """Check that the VM's state allows op and move it to `to` (with other fields' values), in one step."""
@@ -106,6 +108,7 @@ class VmRegistry:
             for k, v in values.items():
                 setattr(rec, k, v)
             s.commit()
+            self.version += 1
             return rec
 
     def set_state(self, name: str, state: VmState, only_if: Iterable[VmState] | None = None) -> bool:
@@ -116,6 +119,7 @@ class VmRegistry:
                 return False
             rec.state = state
             s.commit()
+            self.version += 1
             return True
 
     def delete(self, name: str, lent_to: str | None = None) -> VmRecord | None:
@@ -129,6 +133,7 @@ class VmRegistry:
                 if lent_to and rec.ip and self.owns(rec.ip):
                     s.merge(LentAddressRecord(ip=rec.ip, vm=name, to_host=lent_to))
                 s.commit()
+                self.version += 1
         if rec is not None and rec.ip and self.net is not None:
             self.net.remove_tap(rec.vm_id)
         return rec
@@ -151,6 +156,7 @@ class VmRegistry:
                 return False
             s.delete(row)
             s.commit()
+            self.version += 1
             return True
 
     async def reserve(
@@ -194,6 +200,7 @@ class VmRegistry:
                 s.add_all(recs)
                 try:
                     s.commit()
+                    self.version += 1
                 except IntegrityError as exc:
                     raise Conflict(f"VM names {names} are already taken") from exc
                 return recs
@@ -228,4 +235,5 @@ class VmRegistry:
             for f, v in fields.items():
                 setattr(rec, f, v)
             s.commit()
+            self.version += 1
             return rec

@@ -84,6 +84,7 @@ class Daemon:
                 "slow_requests": self.session.slow,
                 "cache_bytes": fs.cache.bytes,
                 "cache_capacity": fs.cache.capacity,
+                "fetch_seconds": fs.fetch_seconds.to_dict(),
                 "images": {name: f.stats() for name, f in fs.files.items()},
             }
         if cmd == "drop-cache":

@@ -49,6 +49,25 @@ REST_WAIT_S = 0.02  # the longest a sequential reader's answer waits for what fo
 PUSH_AFTER_BYTES = 1 << 20  # pushed after a sequential reader's page before it is answered
 _ZERO = bytes(4 << 20)  # zero chunks are served and pushed from here (chunks are at most 4 MiB)
 _ZEROS = memoryview(_ZERO)  # slices of it are views, not copies
+# fetch latency buckets (s): a 64 KiB chunk from a local store or a loopback peer takes ~1 ms, a ranged MiB ~5
+FETCH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass
+class Latencies:
+    """A histogram of fetch times, kept here and turned into the agent's Prometheus one
+    (vmstream.host.observe): counts per bucket (the last one: over the largest), not cumulative."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(FETCH_BUCKETS) + 1))
+    total_s: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        i = next((i for i, le in enumerate(FETCH_BUCKETS) if seconds <= le), len(FETCH_BUCKETS))
+        self.counts[i] += 1
+        self.total_s += seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"buckets": list(FETCH_BUCKETS), "counts": list(self.counts), "sum": self.total_s}
 
 
 async def _batch(recv: trio.MemoryReceiveChannel[Any], most: int) -> list[Any]:
@@ -127,6 +146,7 @@ class MemFs:
         self._next_inode = max(self._known.values(), default=ROOT_INODE) + 1
         self._inflight: dict[str, trio.Event] = {}
         self._fetch_limit = trio.CapacityLimiter(16)  # demand: a clone's faults
+        self.fetch_seconds = Latencies()  # each ranged read from the store (one or more adjacent chunks)
         self._prefetch_limit = trio.CapacityLimiter(PREFETCH_LANES)  # prefetch and read-ahead
         # Threads pushing into the page cache wait for the lock of any page a read is filling, and
         # an abandoned push (see _push_after) keeps its thread until then: with threads of their
@@ -405,7 +425,9 @@ class MemFs:
             to_write: list[tuple[str, bytes]] = []
             try:
                 async with limit:
+                    t0 = time.perf_counter()
                     results = await trio.to_thread.run_sync(self.store.read_chunks, list(mine.values()))
+                    self.fetch_seconds.observe(time.perf_counter() - t0)
                 for ref, result in zip(mine.values(), results, strict=True):
                     if isinstance(result, StoreError):
                         f.errors += 1
