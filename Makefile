@@ -22,13 +22,19 @@ test: install
 
 install: apt $(VENV)/.installed
 
-# Installs only what is missing, so it costs a dpkg query when all is there.
+# Installs only what is missing, so it costs a dpkg query when all is there. Packages that
+# ship a service (haproxy, prometheus) must not start it: vmstream runs its own instances on
+# loopback, so a policy-rc.d forbids starts during the install (one already there is kept).
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:" $$missing; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  policy=/usr/sbin/policy-rc.d; ours=; \
+	  if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy && chmod 755 $$policy && ours=1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; rc=$$?; \
+	  if [ -n "$$ours" ]; then rm -f $$policy; fi; \
+	  exit $$rc; \
 	fi
 
 $(VENV)/.installed: pyproject.toml
